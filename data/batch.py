@@ -1,0 +1,99 @@
+"""The packed microbatch: the one contract between the loader (data/), the engine (parallel/) and the loop (train/).
+
+Shape legend: T = packed tokens, S = samples packed together, N = ViT patch rows, P = 1176 (3 * 2 * 14 * 14).
+
+A microbatch holds S whole samples back to back (no padding between them, no cross-sample attention):
+
+    input_ids      (T,)    int64   token ids; vision blocks hold grid_t*grid_h*grid_w/4 pad tokens each
+    labels         (T,)    int64   ALREADY SHIFTED: labels[t] is the token predicted at position t, i.e.
+                                   input_ids[t+1] when that token is supervised, else -100. The last position
+                                   of every sample is -100 (nothing follows it within the sample).
+    position_ids   (3, T)  int64   M-RoPE (temporal, height, width) ids, restarting at 0 for every sample
+                                   (model.position_ids, Qwen's reference algorithm)
+    cu_seqlens     (S+1,)  int32   sample boundaries, cu_seqlens[0] = 0, cu_seqlens[-1] = T
+    max_seqlen     int             longest sample
+    pixel_values   (N_img, P) float32  image patch rows, images concatenated in placeholder order
+    image_grid_thw (I, 3)  int64   one (1, h/14, w/14) row per image, placeholder order
+    pixel_values_videos (N_vid, P) float32  video patch rows, videos in placeholder order
+    video_grid_thw (K, 3)  int64   one (frames/2, h/14, w/14) row per video
+    sample_keys    list[str]       "<shard>/<key>" of each packed sample, in order
+
+A microbatch with no image has pixel_values of shape (0, P) and image_grid_thw of shape (0, 3) (same for
+video); the model then runs a zero-weighted dummy ViT pass so every rank runs the same vision graph.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+import torch
+
+PATCH_DIM = 3 * 2 * 14 * 14
+
+
+@dataclass
+class PackedBatch:
+    input_ids: torch.Tensor
+    labels: torch.Tensor
+    position_ids: torch.Tensor
+    cu_seqlens: torch.Tensor
+    max_seqlen: int
+    pixel_values: torch.Tensor = field(default_factory=lambda: torch.zeros(0, PATCH_DIM))
+    image_grid_thw: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 3, dtype=torch.long))
+    pixel_values_videos: torch.Tensor = field(default_factory=lambda: torch.zeros(0, PATCH_DIM))
+    video_grid_thw: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 3, dtype=torch.long))
+    sample_keys: list[str] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.input_ids.numel())
+
+    @property
+    def num_supervised(self) -> int:
+        return int((self.labels != -100).sum())
+
+    @property
+    def num_patches(self) -> int:
+        return int(self.pixel_values.shape[0] + self.pixel_values_videos.shape[0])
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first inconsistent field."""
+        T = self.input_ids.numel()
+        if self.labels.shape != (T,):
+            raise ValueError(f"labels shape {tuple(self.labels.shape)} != ({T},)")
+        if self.position_ids.shape != (3, T):
+            raise ValueError(f"position_ids shape {tuple(self.position_ids.shape)} != (3, {T})")
+        if int(self.cu_seqlens[0]) != 0 or int(self.cu_seqlens[-1]) != T:
+            raise ValueError(f"cu_seqlens must run from 0 to {T}, got {self.cu_seqlens.tolist()}")
+        for px, grid, name in (
+            (self.pixel_values, self.image_grid_thw, "image"),
+            (self.pixel_values_videos, self.video_grid_thw, "video"),
+        ):
+            rows = int(grid.prod(-1).sum()) if grid.numel() else 0
+            if px.shape[0] != rows:
+                raise ValueError(f"{name}: {px.shape[0]} pixel rows but grids give {rows}")
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> PackedBatch:
+        kw = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            kw[f.name] = v.to(device, non_blocking=non_blocking) if isinstance(v, torch.Tensor) else v
+        return PackedBatch(**kw)
+
+    def model_inputs(self) -> dict:
+        """Keyword arguments for model.qwen2_vl.Qwen2VL.forward."""
+        return {
+            "input_ids": self.input_ids,
+            "labels": self.labels,
+            "position_ids": self.position_ids,
+            "cu_seqlens": self.cu_seqlens,
+            "max_seqlen": self.max_seqlen,
+            "pixel_values": self.pixel_values,
+            "image_grid_thw": self.image_grid_thw,
+            "pixel_values_videos": self.pixel_values_videos,
+            "video_grid_thw": self.video_grid_thw,
+        }
+
+    def as_dict(self) -> dict:
+        """Plain dict (for torch.save dumps and DataLoader collation)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}

@@ -1,0 +1,254 @@
+"""Qwen2-VL as plain single-device modules: ViT + merger + Qwen2 decoder with M-RoPE, on packed input.
+
+Shape legend: T = packed tokens (several samples back to back), D = LLM width, H = query heads,
+Hkv = kv heads, Dh = head dim, N = ViT patches, M = merged vision tokens, V = vocab.
+
+Pipeline-friendly (torchtitan style): decoder layers live in a ModuleDict keyed by their global index; the
+top modules (visual, embed_tokens, norm, lm_head) may be set to None by a pipeline split, and forward then
+takes/returns hidden states instead of ids/loss. The forward is a loop over whatever layers remain.
+
+The batch (one packed microbatch, see data/batch.py for the producer's contract):
+  input_ids (T,) int64, position_ids (3, T) int64, cu_seqlens (S+1,) int32, max_seqlen int,
+  pixel_values (N_img, 1176) + image_grid_thw (I, 3), pixel_values_videos (N_vid, 1176) + video_grid_thw (K, 3),
+  labels (T,) int64 already shifted (-100 = unsupervised).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from model.attention import varlen_attention
+from model.config import ModelConfig, TextConfig
+from model.loss import lm_loss
+from model.vision import VisionTransformer, rotate_half
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # fp32 statistics, then back to the input dtype before the weight (as Qwen2).
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class MRotary(nn.Module):
+    """Multimodal rotary embedding: the head_dim/2 frequencies are split into (temporal, height, width)
+    sections; section i reads its angle from position stream i."""
+
+    def __init__(self, cfg: TextConfig) -> None:
+        super().__init__()
+        dim = cfg.head_dim
+        self.register_buffer(
+            "inv_freq", 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float) / dim)), persistent=False
+        )
+        self.section = list(cfg.mrope_section)
+
+    def forward(self, position_ids_3T: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs_3TF = position_ids_3T.to(self.inv_freq.device, torch.float)[..., None] * self.inv_freq
+        freqs_TF = torch.cat([chunk[i % 3] for i, chunk in enumerate(freqs_3TF.split(self.section, dim=-1))], dim=-1)
+        emb_TDh = torch.cat([freqs_TF, freqs_TF], dim=-1)
+        return emb_TDh.cos().to(dtype), emb_TDh.sin().to(dtype)
+
+
+def apply_rope(x_THDh: torch.Tensor, cos_TDh: torch.Tensor, sin_TDh: torch.Tensor) -> torch.Tensor:
+    return x_THDh * cos_TDh[:, None, :] + rotate_half(x_THDh) * sin_TDh[:, None, :]
+
+
+class Attention(nn.Module):
+    """Causal GQA with qkv bias; attention stays within each packed sample (cu_seqlens)."""
+
+    def __init__(self, cfg: TextConfig, backend: str) -> None:
+        super().__init__()
+        self.head_dim, self.backend = cfg.head_dim, backend
+        D, Dh = cfg.hidden_size, cfg.head_dim
+        self.q_proj = nn.Linear(D, cfg.num_heads * Dh, bias=True)
+        self.k_proj = nn.Linear(D, cfg.num_kv_heads * Dh, bias=True)
+        self.v_proj = nn.Linear(D, cfg.num_kv_heads * Dh, bias=True)
+        self.o_proj = nn.Linear(cfg.num_heads * Dh, D, bias=False)
+
+    def forward(self, x_TD, rope, cu_seqlens, max_seqlen: int) -> torch.Tensor:
+        T = x_TD.shape[0]
+        # -1 heads: under tensor parallelism each rank holds a slice of the heads.
+        q_THDh = apply_rope(self.q_proj(x_TD).view(T, -1, self.head_dim), *rope)
+        k_THDh = apply_rope(self.k_proj(x_TD).view(T, -1, self.head_dim), *rope)
+        v_THDh = self.v_proj(x_TD).view(T, -1, self.head_dim)
+        o_THDh = varlen_attention(q_THDh, k_THDh, v_THDh, cu_seqlens, max_seqlen, causal=True, backend=self.backend)
+        return self.o_proj(o_THDh.reshape(T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: TextConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: TextConfig, backend: str) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, backend)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x_TD, rope, cu_seqlens, max_seqlen: int) -> torch.Tensor:
+        x_TD = x_TD + self.self_attn(self.input_layernorm(x_TD), rope, cu_seqlens, max_seqlen)
+        return x_TD + self.mlp(self.post_attention_layernorm(x_TD))
+
+
+class Qwen2VL(nn.Module):
+    """The whole model (or, after a pipeline split, one stage of it)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        t = cfg.text
+        self.visual: VisionTransformer | None = VisionTransformer(cfg)
+        self.embed_tokens: nn.Embedding | None = nn.Embedding(t.vocab_size, t.hidden_size)
+        self.layers = nn.ModuleDict({str(i): DecoderLayer(t, cfg.attn_backend) for i in range(t.num_layers)})
+        self.norm: RMSNorm | None = RMSNorm(t.hidden_size, t.rms_norm_eps)
+        self.lm_head: nn.Linear | None = nn.Linear(t.hidden_size, t.vocab_size, bias=False)
+        if t.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.rotary = MRotary(t)
+        self.init_weights()
+
+    # ------------------------------------------------------------------------------------ init
+    @torch.no_grad()
+    def init_weights(self, std: float = 0.02) -> None:
+        """Qwen2-style init: normal(0, std) for linear/conv/embedding weights, zero biases, unit norms."""
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Conv3d)):
+                nn.init.normal_(m.weight, std=std)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Embedding):
+                nn.init.normal_(m.weight, std=std)
+            elif isinstance(m, (nn.LayerNorm, RMSNorm)):
+                nn.init.ones_(m.weight)
+                if getattr(m, "bias", None) is not None:
+                    nn.init.zeros_(m.bias)
+        rot = self.rotary
+        t = self.cfg.text
+        rot.inv_freq.copy_(1.0 / (t.rope_theta ** (torch.arange(0, t.head_dim, 2, dtype=torch.float) / t.head_dim)))
+        if self.visual is not None:
+            v = self.cfg.vision
+            d = v.head_dim // 2
+            self.visual.rotary.inv_freq.copy_(1.0 / (v.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float) / d)))
+
+    # ------------------------------------------------------------------------------------ embedding
+    def _dummy_vision(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """A 1-frame-pair, 2x2-patch blank image: the smallest input the ViT + merger accept."""
+        m = self.cfg.vision.spatial_merge_size
+        grid = torch.tensor([[1, m, m]])
+        pixels = torch.zeros(m * m, self.cfg.vision.patch_dim, device=device)
+        return pixels, grid
+
+    def embed(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        image_grid_thw: torch.Tensor | None = None,
+        pixel_values_videos: torch.Tensor | None = None,
+        video_grid_thw: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Token embeddings with vision embeddings scattered into the image/video pad positions.
+
+        NOTE: images and videos go through ONE ViT call (their segments never mix). When the microbatch has
+        no vision input, a blank 2x2 image runs instead and is added with weight zero, so every rank runs the
+        same vision graph and the vision parameters always get a (zero) gradient: no data-parallel rank waits
+        on a collective that another rank skipped.
+        """
+        assert self.embed_tokens is not None, "embed() runs on the first pipeline stage only"
+        ids_T = input_ids.reshape(-1)
+        h_TD = self.embed_tokens(ids_T)
+        if self.visual is None:
+            return h_TD
+        pix, grids, n_img_rows = [], [], 0
+        if pixel_values is not None and pixel_values.numel():
+            pix.append(pixel_values)
+            grids.append(image_grid_thw.reshape(-1, 3))
+            n_img_rows = pixel_values.shape[0]
+        if pixel_values_videos is not None and pixel_values_videos.numel():
+            pix.append(pixel_values_videos)
+            grids.append(video_grid_thw.reshape(-1, 3))
+        if not pix:
+            dummy_pix, dummy_grid = self._dummy_vision(h_TD.device)
+            v_MD = self.visual(dummy_pix.to(h_TD.dtype), dummy_grid)
+            return h_TD + 0.0 * v_MD.sum().to(h_TD.dtype)
+        v_MD = self.visual(torch.cat(pix).to(h_TD.dtype), torch.cat(grids).cpu())
+        merge = self.cfg.vision.spatial_merge_size ** 2
+        n_img_tok = n_img_rows // merge
+        for tok_id, emb_MD, kind in (
+            (self.cfg.image_token_id, v_MD[:n_img_tok], "image"),
+            (self.cfg.video_token_id, v_MD[n_img_tok:], "video"),
+        ):
+            mask_T = ids_T == tok_id
+            n_pad = int(mask_T.sum())
+            if n_pad != emb_MD.shape[0]:
+                raise ValueError(
+                    f"{kind} placeholders and {kind} embeddings differ: {n_pad} <|{kind}_pad|> tokens in input_ids, "
+                    f"{emb_MD.shape[0]} embeddings from the ViT (grid_thw product / {merge})"
+                )
+            if n_pad:
+                h_TD = h_TD.masked_scatter(mask_T[:, None], emb_MD.to(h_TD.dtype))
+        return h_TD
+
+    # ------------------------------------------------------------------------------------ forward
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        max_seqlen: int | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_grid_thw: torch.Tensor | None = None,
+        pixel_values_videos: torch.Tensor | None = None,
+        video_grid_thw: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        hidden_states: torch.Tensor | None = None,
+        **_: object,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """One packed microbatch through the modules this (stage of the) model holds.
+
+        Returns (loss_sum, n_supervised) when this stage has the head and labels are given; otherwise the
+        hidden states (T, D) (normalized when this stage holds the final norm).
+        """
+        if self.embed_tokens is not None:
+            h_TD = self.embed(input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
+        else:
+            if hidden_states is None:
+                raise ValueError("a stage without embed_tokens needs hidden_states from the previous stage")
+            h_TD = hidden_states
+        T = h_TD.shape[0]
+        if position_ids is None:
+            position_ids = torch.arange(T, device=h_TD.device).expand(3, -1)
+        if cu_seqlens is None:
+            cu_seqlens = torch.tensor([0, T], dtype=torch.int32, device=h_TD.device)
+        if max_seqlen is None:
+            max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+        rope = self.rotary(position_ids.reshape(3, -1), h_TD.dtype)
+        for layer in self.layers.values():
+            h_TD = layer(h_TD, rope, cu_seqlens, max_seqlen)
+        if self.norm is not None:
+            h_TD = self.norm(h_TD)
+        if self.lm_head is not None and labels is not None:
+            return lm_loss(h_TD, self.lm_head.weight, labels)
+        return h_TD
+
+    def logits(self, h_TD: torch.Tensor) -> torch.Tensor:
+        """Full logits (T, V): for parity checks and inference, never in training."""
+        assert self.lm_head is not None
+        return self.lm_head(h_TD)
