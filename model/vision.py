@@ -142,7 +142,9 @@ class PatchMerger(nn.Module):
         self.window_dim = cfg.embed_dim * cfg.spatial_merge_size**2
         self.ln_q = nn.LayerNorm(cfg.embed_dim, eps=cfg.layer_norm_eps)
         # Sequential keeps the checkpoint's names (mlp.0 / mlp.2).
-        self.mlp = nn.Sequential(nn.Linear(self.window_dim, self.window_dim), nn.GELU(), nn.Linear(self.window_dim, out_dim))
+        self.mlp = nn.Sequential(
+            nn.Linear(self.window_dim, self.window_dim), nn.GELU(), nn.Linear(self.window_dim, out_dim)
+        )
 
     def forward(self, x_NC: torch.Tensor) -> torch.Tensor:
         return self.mlp(self.ln_q(x_NC).view(-1, self.window_dim))
