@@ -1,0 +1,435 @@
+"""Videos for Qwen2-VL: decode from in-memory bytes, sample at 2 fps, resize under a token budget, patchify.
+
+Shape legend: F = sampled frames, H/W = resized height/width, C = 3, N = patch rows, P = 1176.
+
+Sampling is Qwen2-VL's (qwen-vl-utils 0.0.14 `smart_nframes` + `fetch_video`):
+
+    nframes   = floor2(clamp(total_frames / video_fps * fps, ceil2(min_frames), floor2(min(max_frames, total))))
+    indices   = round(linspace(0, total_frames - 1, nframes))           (torch.linspace, round half to even)
+    per frame = max(min(max_pixels, total_pixels / nframes * 2), int(min_pixels * 1.05))
+    (h, w)    = smart_resize(H, W, 28, min_pixels, per frame)            total_pixels = max_tokens * 28 * 28
+
+so a video yields at most `max_tokens` merged tokens (t/2 * h/28 * w/28) - except that the 1.05 x min_pixels
+floor can exceed the budget on long videos. There qwen-vl-utils overshoots; we keep the cap HARD: the frame
+count is lowered (an even number of evenly spaced frames, i.e. a lower effective fps) until the tokens fit, and
+`fps_used` records the rate actually sampled. Frames are resized with PIL bicubic (antialiased like the
+torchvision resize qwen-vl-utils uses; measured difference <= 2/255, see docs/storage_video.md), then
+CLIP-normalized and patchified by data.vision (transformers' row order).
+
+Decoding: backend "pyav" (default: in-process, bundled FFmpeg, frame-threaded) or "ffmpeg" (the imageio-ffmpeg
+binary in a subprocess). Every decode runs under a wall-clock watchdog (`decode_timeout_s`); a corrupt,
+truncated, zero-length, over-reporting (header claims frames the stream does not hold) or timed-out video
+raises VideoDecodeError, which the loader counts as a skip. Decoded, sampled, resized uint8 frames can be
+cached on local disk (data/video_cache.py) so a video is decoded once per node.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import subprocess
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from PIL import Image
+
+from data.vision import FACTOR, TEMPORAL_PATCH_SIZE, AspectRatioError, normalize, patchify, smart_resize
+
+BACKENDS = ("pyav", "ffmpeg")
+RESIZE_METHOD = "pil-bicubic-v1"  # part of the cache key: a change here must not reuse old frames
+
+
+class VideoDecodeError(ValueError):
+    """The video cannot be used: the loader counts a skip under `reason` (empty, open_failed, no_video_stream,
+    over_reporting, decode_failed, timeout, aspect_ratio, too_large)."""
+
+    def __init__(self, message: str, reason: str = "decode_failed"):
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass
+class VideoConfig:
+    """How videos are sampled, decoded and cached (recipe `data.video`). Defaults are Qwen2-VL's
+    (qwen-vl-utils: 2 fps, 4..768 frames, 128..768 merged tokens per frame)."""
+
+    fps: float = 2.0
+    """Frames sampled per second of video (before the token cap lowers it on long videos)."""
+    min_frames: int = 4
+    """Fewest frames sampled (rounded up to a multiple of 2), if the video has that many."""
+    max_frames: int = 768
+    """Most frames sampled (rounded down to a multiple of 2)."""
+    min_pixels: int = 128 * 28 * 28
+    """Smallest resized frame area (pixels); the 1.05 x floor of qwen-vl-utils applies."""
+    max_pixels: int = 768 * 28 * 28
+    """Largest resized frame area (pixels) before the per-video budget lowers it."""
+    max_tokens: int = 16384
+    """Hard cap on merged tokens per video (t/2 * h/28 * w/28): sets the per-video pixel budget
+    (max_tokens * 28 * 28) and, when the per-frame minimum would still exceed it, lowers the frame count."""
+    backend: str = "pyav"
+    """Decoder: "pyav" (in-process, default) or "ffmpeg" (imageio-ffmpeg binary, a subprocess)."""
+    decode_threads: int = 0
+    """FFmpeg decoding threads per video; 0 = FFmpeg's choice (all cores). Use 1-2 with many DataLoader
+    workers so workers do not oversubscribe the cores."""
+    decode_timeout_s: float = 60.0
+    """Wall-clock limit for one decode; past it the video is a counted skip (reason "timeout")."""
+    frame_count_tolerance: float = 0.02
+    """A header may claim at most this fraction more frames than the stream holds before the video counts as
+    over-reporting (a few frames of slack are common in real files)."""
+    cache_dir: str | None = None
+    """Local directory for the decode cache (data/video_cache.py); None = no cache."""
+    cache_max_bytes: int = 50 * 1024**3
+    """Size cap of the cache directory; least recently used entries are evicted past it."""
+    cache_trust_identity: bool = False
+    """Key the cache by the identity the caller passes (it must change whenever the bytes do, like an ETag)
+    instead of the content's sha256 (about 1.5 ms per MB). Leave False when identities are names."""
+    cache_wait_s: float = 0.0
+    """How long a process waits for another process that is decoding the same video before decoding it
+    itself; 0 = decode_timeout_s."""
+
+    def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ValueError(f"video.backend must be one of {BACKENDS}, got {self.backend!r}")
+        if not self.fps > 0:
+            raise ValueError(f"video.fps must be > 0, got {self.fps}")
+        if not 1 <= self.min_frames <= self.max_frames:
+            raise ValueError(f"video needs 1 <= min_frames <= max_frames, got {self.min_frames}, {self.max_frames}")
+        if not 0 < self.min_pixels <= self.max_pixels:
+            raise ValueError(f"video needs 0 < min_pixels <= max_pixels, got {self.min_pixels}, {self.max_pixels}")
+        floor_tokens = math.ceil(int(self.min_pixels * 1.05) / (FACTOR * FACTOR))
+        if self.max_tokens < floor_tokens:
+            raise ValueError(
+                f"video.max_tokens={self.max_tokens} is below one frame pair at min_pixels ({floor_tokens} tokens): "
+                "raise max_tokens or lower min_pixels"
+            )
+        if not self.decode_timeout_s > 0:
+            raise ValueError(f"video.decode_timeout_s must be > 0, got {self.decode_timeout_s}")
+        if self.decode_threads < 0:
+            raise ValueError(f"video.decode_threads must be >= 0, got {self.decode_threads}")
+        if self.cache_max_bytes <= 0:
+            raise ValueError(f"video.cache_max_bytes must be > 0, got {self.cache_max_bytes}")
+
+
+@dataclass
+class VideoClip:
+    """One processed video, ready for packing."""
+
+    pixel_values: torch.Tensor
+    """(grid_t * grid_h * grid_w, 1176) float32 rows in transformers' Qwen2-VL order."""
+    grid_thw: tuple[int, int, int]
+    """(frames / 2, h / 14, w / 14): the row for video_grid_thw."""
+    fps_used: float
+    """Frames per second of video actually sampled (lower than cfg.fps when the token cap bit)."""
+    frame_indices: list[int]
+    """Indices of the decoded frames used, in order (before the odd-count padding)."""
+
+    @property
+    def num_tokens(self) -> int:
+        """Merged tokens (<|video_pad|> count) this clip takes in the LLM sequence."""
+        t, h, w = self.grid_thw
+        return t * h * w // 4
+
+
+@dataclass
+class SamplingPlan:
+    nframes: int
+    indices: list[int]
+    height: int
+    width: int
+    fps_used: float
+    capped: bool = False
+    """True when the hard token cap lowered the frame count below Qwen's."""
+    native_hw: tuple[int, int] = (0, 0)
+    """Decoded frame size (height, width) before the resize."""
+
+
+@dataclass
+class SampledFrames:
+    """What the decode cache stores: sampled, resized uint8 frames plus how they were chosen."""
+
+    frames_FHWC: np.ndarray
+    frame_indices: list[int]
+    fps_used: float
+    meta: dict = field(default_factory=dict)
+
+
+def _floor2(x: float) -> int:
+    return math.floor(x / TEMPORAL_PATCH_SIZE) * TEMPORAL_PATCH_SIZE
+
+
+def _ceil2(x: float) -> int:
+    return math.ceil(x / TEMPORAL_PATCH_SIZE) * TEMPORAL_PATCH_SIZE
+
+
+def plan_sampling(total_frames: int, video_fps: float, height: int, width: int, cfg: VideoConfig) -> SamplingPlan:
+    """Which frames to keep and their resized size (pure: the parity tests check it against Qwen's formula)."""
+    if total_frames < 1 or not video_fps > 0:
+        raise VideoDecodeError(f"video has {total_frames} frames at {video_fps} fps", "decode_failed")
+    if total_frames < TEMPORAL_PATCH_SIZE:
+        nframes = total_frames  # one frame: patchify repeats it to fill the temporal patch
+    else:
+        min_frames = _ceil2(cfg.min_frames)
+        max_frames = _floor2(min(cfg.max_frames, total_frames))
+        n = total_frames / video_fps * cfg.fps
+        nframes = _floor2(min(min(max(n, min_frames), max_frames), total_frames))
+    total_pixels = cfg.max_tokens * FACTOR * FACTOR
+    per_frame = max(min(cfg.max_pixels, total_pixels / nframes * TEMPORAL_PATCH_SIZE), int(cfg.min_pixels * 1.05))
+    per_frame = min(cfg.max_pixels, per_frame)  # as fetch_video: the configured max_pixels wins over the floor
+    try:
+        h, w = smart_resize(height, width, FACTOR, cfg.min_pixels, per_frame)
+    except AspectRatioError as e:
+        raise VideoDecodeError(str(e), "aspect_ratio") from None
+    tokens_per_pair = (h // FACTOR) * (w // FACTOR)
+    capped = False
+    if _ceil2(nframes) // TEMPORAL_PATCH_SIZE * tokens_per_pair > cfg.max_tokens:
+        max_pairs = cfg.max_tokens // tokens_per_pair
+        if max_pairs < 1:
+            raise VideoDecodeError(
+                f"one frame pair at {h}x{w} is {tokens_per_pair} tokens > max_tokens={cfg.max_tokens}", "too_large"
+            )
+        nframes = min(nframes, max_pairs * TEMPORAL_PATCH_SIZE)
+        capped = True
+    idx = torch.linspace(0, total_frames - 1, nframes).round().long().tolist()
+    return SamplingPlan(nframes, idx, h, w, nframes / total_frames * video_fps, capped, (height, width))
+
+
+class _Deadline:
+    """Cooperative abort for an in-process decode: checked between packets, frames and reads."""
+
+    def __init__(self, seconds: float):
+        self.t_end = time.monotonic() + seconds
+        self.seconds = seconds
+        self.aborted = threading.Event()
+
+    def check(self) -> None:
+        if self.aborted.is_set() or time.monotonic() > self.t_end:
+            self.aborted.set()
+            raise VideoDecodeError(f"video decode exceeded {self.seconds:.1f}s", "timeout")
+
+
+class _DeadlineReader(io.RawIOBase):
+    """The video bytes as a file for PyAV, checking the deadline on every read and seek (FFmpeg calls these
+    from inside its demuxer, so a demuxer that loops over the input is stopped too)."""
+
+    def __init__(self, data: bytes, deadline: _Deadline):
+        self._b = io.BytesIO(data)
+        self._d = deadline
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        self._d.check()
+        return self._b.readinto(b)
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        self._d.check()
+        return self._b.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._b.tell()
+
+
+@dataclass
+class _Probe:
+    frames: int
+    """Frames the stream really holds (video packets with data): the total that sampling uses."""
+    reported: int
+    """Frames the container header claims (0 = unknown)."""
+    fps: float
+    height: int
+    width: int
+
+
+def _probe(data: bytes, deadline: _Deadline, cfg: VideoConfig) -> _Probe:
+    """Count the frames by demuxing without decoding (cheap), and reject over-reporting videos: a header that
+    claims more frames than the stream holds (beyond `frame_count_tolerance`) marks a broken or lying file."""
+    import av
+
+    try:
+        with av.open(_DeadlineReader(data, deadline), mode="r", metadata_errors="ignore") as c:
+            if not c.streams.video:
+                raise VideoDecodeError("no video stream", "no_video_stream")
+            s = c.streams.video[0]
+            reported = int(s.frames or 0)
+            rate = s.average_rate or s.guessed_rate or s.base_rate
+            height, width = int(s.codec_context.height), int(s.codec_context.width)
+            packets = 0
+            for p in c.demux(s):
+                if p.size:
+                    packets += 1
+                    if packets % 64 == 0:
+                        deadline.check()
+    except VideoDecodeError:
+        raise
+    except Exception as e:  # noqa: BLE001 - PyAV raises many types for broken input; all are a skip
+        raise VideoDecodeError(f"cannot open video: {type(e).__name__}: {e}", "open_failed") from None
+    if packets == 0:
+        raise VideoDecodeError("video stream holds no frames", "decode_failed")
+    if reported and packets < reported * (1.0 - cfg.frame_count_tolerance) - 1:
+        raise VideoDecodeError(
+            f"over-reporting video: header claims {reported} frames, stream holds {packets}", "over_reporting"
+        )
+    fps = float(rate) if rate else 0.0
+    if not fps > 0:
+        raise VideoDecodeError("video has no frame rate", "decode_failed")
+    if height <= 0 or width <= 0:
+        raise VideoDecodeError(f"video has a zero side: {height}x{width}", "decode_failed")
+    return _Probe(packets, reported, fps, height, width)
+
+
+def _resize(rgb_HWC: np.ndarray, h: int, w: int) -> np.ndarray:
+    if rgb_HWC.shape[0] == h and rgb_HWC.shape[1] == w:
+        return rgb_HWC
+    return np.asarray(Image.fromarray(rgb_HWC).resize((w, h), Image.BICUBIC))
+
+
+def _decode_pyav(data: bytes, plan: SamplingPlan, cfg: VideoConfig, deadline: _Deadline) -> np.ndarray:
+    import av
+
+    wanted: dict[int, int] = {}
+    for i in plan.indices:
+        wanted[i] = wanted.get(i, 0) + 1  # short videos repeat an index
+    out: list[np.ndarray] = []
+    last = plan.indices[-1]
+    try:
+        with av.open(_DeadlineReader(data, deadline), mode="r", metadata_errors="ignore") as c:
+            s = c.streams.video[0]
+            s.thread_type = "AUTO"
+            s.thread_count = cfg.decode_threads
+            i = -1
+            for frame in c.decode(s):
+                deadline.check()
+                i += 1
+                k = wanted.get(i, 0)
+                if k:
+                    img = _resize(frame.to_ndarray(format="rgb24"), plan.height, plan.width)
+                    out.extend([img] * k)
+                if i >= last:
+                    break
+    except VideoDecodeError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        raise VideoDecodeError(f"decode failed at frame {len(out)}: {type(e).__name__}: {e}", "decode_failed") from None
+    if len(out) < len(plan.indices):
+        raise VideoDecodeError(
+            f"over-reporting video: stream decoded to {i + 1} frames, sampling needs frame {last}", "over_reporting"
+        )
+    return np.stack(out)
+
+
+def _ffmpeg_exe() -> str:
+    import imageio_ffmpeg
+
+    return imageio_ffmpeg.get_ffmpeg_exe()
+
+
+def _decode_ffmpeg(data: bytes, plan: SamplingPlan, cfg: VideoConfig, deadline: _Deadline) -> np.ndarray:
+    """The ffmpeg binary decodes and selects the frames (select filter on the frame number), we resize with
+    the same PIL bicubic as the PyAV path so both backends give the same frames up to decoder differences."""
+    sel = "+".join(f"eq(n\\,{i})" for i in sorted(set(plan.indices)))
+    tmpdir = "/dev/shm" if os.path.isdir("/dev/shm") else None
+    with tempfile.NamedTemporaryFile(suffix=".video", dir=tmpdir) as f:
+        # A file, not stdin: MP4s with the index at the end need a seekable input.
+        f.write(data)
+        f.flush()
+        cmd = [_ffmpeg_exe(), "-nostdin", "-v", "error", "-threads", str(cfg.decode_threads), "-i", f.name,
+               "-map", "0:v:0", "-vf", f"select='{sel}'", "-fps_mode", "passthrough",
+               "-f", "rawvideo", "-pix_fmt", "rgb24", "pipe:1"]  # fmt: skip
+        remaining = max(0.01, deadline.t_end - time.monotonic())
+        try:
+            # subprocess.run kills the child when the timeout passes: a real bound on a stuck decoder.
+            r = subprocess.run(cmd, capture_output=True, timeout=remaining, check=False)
+        except subprocess.TimeoutExpired:
+            raise VideoDecodeError(f"ffmpeg decode exceeded {deadline.seconds:.1f}s", "timeout") from None
+    if r.returncode != 0:
+        raise VideoDecodeError(f"ffmpeg failed: {r.stderr.decode(errors='replace')[-300:].strip()}", "decode_failed")
+    raw = r.stdout
+    # Native size: the header's, which _probe read; the frames come out at that size.
+    H, W = plan.native_hw
+    per = H * W * 3
+    n_unique = len(set(plan.indices))
+    if len(raw) < per * n_unique:
+        raise VideoDecodeError(
+            f"over-reporting video: ffmpeg produced {len(raw) // per} of {n_unique} sampled frames", "over_reporting"
+        )
+    frames = np.frombuffer(raw[: per * n_unique], np.uint8).reshape(n_unique, H, W, 3)
+    by_index = {i: _resize(frames[j], plan.height, plan.width) for j, i in enumerate(sorted(set(plan.indices)))}
+    return np.stack([by_index[i] for i in plan.indices])
+
+
+def backend_version(backend: str) -> str:
+    """Version string of the decoder (part of the cache key: a new FFmpeg may decode differently)."""
+    if backend == "pyav":
+        import av
+
+        return f"pyav-{av.__version__}-libavcodec-{'.'.join(map(str, av.library_versions['libavcodec']))}"
+    import imageio_ffmpeg
+
+    return f"ffmpeg-{imageio_ffmpeg.get_ffmpeg_version()}"
+
+
+def decode_frames(data: bytes, cfg: VideoConfig) -> SampledFrames:
+    """Decode, sample and resize: uint8 frames (F, H, W, 3). Runs under the wall-clock watchdog."""
+    if not data:
+        raise VideoDecodeError("zero-length video", "empty")
+    deadline = _Deadline(cfg.decode_timeout_s)
+    result: list = []
+
+    def work() -> None:
+        try:
+            pr = _probe(data, deadline, cfg)
+            plan = plan_sampling(pr.frames, pr.fps, pr.height, pr.width, cfg)
+            fn = _decode_pyav if cfg.backend == "pyav" else _decode_ffmpeg
+            frames = fn(data, plan, cfg, deadline)
+            meta = {
+                "total_frames": pr.frames,
+                "reported_frames": pr.reported,
+                "video_fps": pr.fps,
+                "native_hw": [pr.height, pr.width],
+                "capped": plan.capped,
+            }
+            result.append(SampledFrames(frames, plan.indices, plan.fps_used, meta))
+        except BaseException as e:  # noqa: BLE001 - handed to the waiting caller
+            result.append(e)
+
+    # NOTE: the watchdog. The decode runs in a daemon thread; the caller waits at most decode_timeout_s (+ a
+    # small grace for the thread to notice) and then raises, whatever the decoder is doing. The thread itself
+    # stops at its next deadline check (every packet, frame and read); the ffmpeg backend's subprocess is
+    # killed at the deadline.
+    t = threading.Thread(target=work, name="video-decode", daemon=True)
+    t.start()
+    t.join(cfg.decode_timeout_s + 0.5)
+    if t.is_alive() or not result:
+        deadline.aborted.set()
+        raise VideoDecodeError(f"video decode exceeded {cfg.decode_timeout_s:.1f}s (watchdog)", "timeout")
+    r = result[0]
+    if isinstance(r, BaseException):
+        raise r
+    return r
+
+
+def frames_to_clip(sf: SampledFrames) -> VideoClip:
+    """Normalize + patchify sampled uint8 frames into transformers' pixel rows."""
+    rows_NP, grid = patchify(normalize(sf.frames_FHWC))
+    return VideoClip(rows_NP, grid, float(sf.fps_used), list(sf.frame_indices))
+
+
+def load_video(data: bytes, cfg: VideoConfig, identity: str | None = None) -> VideoClip:
+    """The loader's entry point: bytes of a video file -> VideoClip. `identity` (e.g. the storage ETag of the
+    object) keys the decode cache; None = the content hash. Raises VideoDecodeError for unusable videos."""
+    if cfg.cache_dir:
+        from data.video_cache import get_cache
+
+        sf = get_cache(cfg).get_or_decode(data, cfg, identity)
+    else:
+        sf = decode_frames(data, cfg)
+    return frames_to_clip(sf)
