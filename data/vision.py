@@ -35,11 +35,14 @@ def smart_resize(
     factor: int = FACTOR,
     min_pixels: int = DEFAULT_MIN_PIXELS,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    clamp_to_factor: bool = True,
 ) -> tuple[int, int]:
     """Qwen2-VL's naive dynamic resolution: sides rounded to multiples of `factor`, area within
     [min_pixels, max_pixels], aspect ratio kept as closely as possible.
 
-    Same arithmetic as qwen-vl-utils' smart_resize (and transformers' Qwen2-VL image processor).
+    Same arithmetic as qwen-vl-utils' smart_resize. `clamp_to_factor=False` gives transformers'
+    Qwen2VLImageProcessor arithmetic instead, which lacks qwen-vl-utils' max(factor, .) on the first rounding;
+    the two differ only when a side is under factor / 2 pixels (e.g. a 512x3 strip: 756x28 vs 504x28).
     """
     if min(height, width) <= 0:
         raise ValueError(f"image has a zero side: {height}x{width}")
@@ -48,8 +51,10 @@ def smart_resize(
             f"absolute aspect ratio must be smaller than {MAX_ASPECT_RATIO}, "
             f"got {max(height, width) / min(height, width):.1f} ({height}x{width})"
         )
-    h_bar = max(factor, round(height / factor) * factor)
-    w_bar = max(factor, round(width / factor) * factor)
+    h_bar = round(height / factor) * factor
+    w_bar = round(width / factor) * factor
+    if clamp_to_factor:
+        h_bar, w_bar = max(factor, h_bar), max(factor, w_bar)
     if h_bar * w_bar > max_pixels:
         beta = math.sqrt((height * width) / max_pixels)
         h_bar = max(factor, math.floor(height / beta / factor) * factor)
@@ -93,3 +98,46 @@ def patchify(
     x = x.permute(0, 3, 6, 4, 7, 2, 1, 5, 8)
     rows = x.reshape(gt * gh * gw, C * temporal_patch_size * patch_size * patch_size)
     return rows.contiguous(), (gt, gh, gw)
+
+
+# Rescale + normalize folded into one multiply-add per channel: (v / 255 - mean) / std = v * a + b.
+_NORM_A = np.asarray([1.0 / (255.0 * s) for s in CLIP_STD], dtype=np.float32)
+_NORM_B = np.asarray([-m / s for m, s in zip(CLIP_MEAN, CLIP_STD)], dtype=np.float32)
+
+
+def image_rows_u8(
+    pixels_HWC_u8: np.ndarray,
+    patch_size: int = PATCH_SIZE,
+    temporal_patch_size: int = TEMPORAL_PATCH_SIZE,
+    merge_size: int = MERGE_SIZE,
+    out: np.ndarray | None = None,
+) -> torch.Tensor:
+    """A resized uint8 RGB image (H, W, C) -> normalized pixel rows (N, P) float32, in patchify()'s row order.
+
+    Same rows as patchify(normalize(image[None]))[0] (to float32 rounding, < 1e-6), several times faster: the
+    uint8 image is rearranged first (1 byte per value), converted and normalized once into the first temporal
+    slot, and the second slot is a copy (an image is one frame repeated). `out`: an optional float32 (N, P)
+    array to write the rows into (the microbatch's pixel_values, so nothing is concatenated later).
+    """
+    x = np.asarray(pixels_HWC_u8)
+    H, W, C = x.shape
+    if x.dtype != np.uint8:
+        raise ValueError(f"expected a uint8 image, got {x.dtype}")
+    if H % (patch_size * merge_size) or W % (patch_size * merge_size):
+        raise ValueError(f"image size {H}x{W} is not a multiple of {patch_size * merge_size}")
+    m, p, T = merge_size, patch_size, temporal_patch_size
+    gh, gw = H // p, W // p
+    N = gh * gw
+    # (gh/m, m, p, gw/m, m, p, C) -> (gh/m, gw/m, m, m, C, p, p): merge window, patch in window, (C, ph, pw)
+    x_NCq = np.ascontiguousarray(x.reshape(gh // m, m, p, gw // m, m, p, C).transpose(0, 3, 1, 4, 6, 2, 5))
+    x_NC1q = x_NCq.reshape(N, C, 1, p * p)
+    if out is None:
+        out = np.empty((N, C * T * p * p), dtype=np.float32)
+    if out.shape != (N, C * T * p * p) or out.dtype != np.float32:
+        raise ValueError(f"out must be float32 of shape {(N, C * T * p * p)}, got {out.dtype} {out.shape}")
+    out_NCTq = out.reshape(N, C, T, p * p)
+    first = out_NCTq[:, :, 0:1]
+    np.multiply(x_NC1q, _NORM_A.reshape(1, C, 1, 1), out=first)
+    first += _NORM_B.reshape(1, C, 1, 1)
+    out_NCTq[:, :, 1:] = first
+    return torch.from_numpy(out)

@@ -1,0 +1,322 @@
+"""Sample JSON -> ChatML token ids and supervision mask, identical to Qwen2-VL's chat template + processor.
+
+Sample formats (docs/data.md has the user-facing description):
+
+    chat:      {"messages": [{"role": "system|user|assistant", "content": "text" | [item, ...]}, ...]}
+    pretrain:  {"content": "text" | [item, ...]}
+    items:     {"type": "text", "text": "..."}
+               {"type": "image", "image": "<member name | path | s3:// | oss:// URL>"}
+               {"type": "video", "video": "..."}
+               {"type": "box", "box": [x1, y1, x2, y2] | [[x1, y1, x2, y2], ...], "ref": "phrase"?, "image": i?}
+
+Rendering (Qwen2-VL-Instruct's chat template, written out in docs/design ARCHITECTURE.md):
+- a default system turn `<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n` when the first message
+  is not a system message (configurable);
+- each message `<|im_start|>{role}\\n` + content + `<|im_end|>\\n`; text items verbatim, nothing between items;
+- an image item `<|vision_start|>` + `<|image_pad|>` * (t*h*w/4) + `<|vision_end|>` (video: `<|video_pad|>`);
+- a box item `<|object_ref_start|>phrase<|object_ref_end|><|box_start|>(x1,y1),(x2,y2)<|box_end|>`, pixel
+  coordinates of the referenced image (default: the latest image before the box) scaled to [0, 1000).
+Pretraining samples are the items alone, followed by `<|endoftext|>` (configurable).
+
+Supervision (which tokens are targets): chat samples train on each assistant turn's content and its
+`<|im_end|>` (not the `<|im_start|>assistant\\n` header, not the `\\n` after `<|im_end|>`); pretraining samples on
+all text; `all` on every text token. Vision tokens (start, pads, end) never.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from data.tokenizer import SpecialIds, Tokenizer
+
+ROLES = ("system", "user", "assistant")
+TEXT, SPECIAL, VISION = 0, 1, 2
+
+
+class SkipSample(Exception):
+    """A sample that cannot be used; `reason` is the metrics key (skipped/<reason>)."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass
+class Item:
+    type: str  # text | image | video | box
+    value: object  # text: str; image/video: the media reference; box: list of [x1, y1, x2, y2]
+    ref: str | None = None  # box: the phrase
+    image: int | None = None  # box: index of the image the coordinates refer to
+
+
+@dataclass
+class ParsedSample:
+    kind: str  # chat | pretrain
+    turns: list[tuple[str, list[Item]]] = field(default_factory=list)  # chat: (role, items); pretrain: one turn
+    media: list[tuple[str, str]] = field(default_factory=list)  # (type, reference) in placeholder order
+
+
+def _items(content: object, where: str) -> list[Item]:
+    if isinstance(content, str):
+        return [Item("text", content)]
+    if not isinstance(content, list):
+        raise SkipSample(
+            "bad_format", f"{where}: content must be a string or a list of items, got {type(content).__name__}"
+        )
+    out = []
+    for i, it in enumerate(content):
+        if isinstance(it, str):
+            out.append(Item("text", it))
+            continue
+        if not isinstance(it, dict):
+            raise SkipSample("bad_format", f"{where}[{i}]: an item must be an object, got {type(it).__name__}")
+        # As the chat template: an item is an image/video when typed so or when it carries the key.
+        t = it.get("type")
+        if t is None:
+            t = next((k for k in ("image", "video", "text", "box") if k in it), None)
+        if t == "image_url":
+            t, it = "image", {"image": it.get("image_url")}
+        if t == "text":
+            if not isinstance(it.get("text"), str):
+                raise SkipSample("bad_format", f"{where}[{i}]: text item without a string 'text'")
+            out.append(Item("text", it["text"]))
+        elif t in ("image", "video"):
+            ref = it.get(t)
+            if isinstance(ref, dict):  # {"url": ...} as some OpenAI-style exports write it
+                ref = ref.get("url")
+            if not isinstance(ref, str) or not ref:
+                raise SkipSample("bad_format", f"{where}[{i}]: {t} item without a reference string")
+            out.append(Item(t, ref))
+        elif t == "box":
+            out.append(_box_item(it, f"{where}[{i}]"))
+        else:
+            raise SkipSample("unknown_content_type", f"{where}[{i}]: type {t!r} (known: text, image, video, box)")
+    return out
+
+
+def _box_item(it: dict, where: str) -> Item:
+    boxes = it.get("box")
+    if isinstance(boxes, list) and boxes and all(isinstance(v, (int, float)) for v in boxes):
+        boxes = [boxes]
+    ok = isinstance(boxes, list) and boxes and all(
+        isinstance(b, list) and len(b) == 4 and all(isinstance(v, (int, float)) and math.isfinite(v) for v in b)
+        for b in boxes
+    )
+    if not ok:
+        raise SkipSample("bad_box", f"{where}: 'box' must be [x1, y1, x2, y2] or a list of them, got {boxes!r}")
+    for b in boxes:
+        if b[2] < b[0] or b[3] < b[1]:
+            raise SkipSample("bad_box", f"{where}: box {b} has x2 < x1 or y2 < y1")
+    ref = it.get("ref", it.get("text"))
+    if ref is not None and not isinstance(ref, str):
+        raise SkipSample("bad_box", f"{where}: 'ref' must be a string")
+    img = it.get("image")
+    if img is not None and (not isinstance(img, int) or isinstance(img, bool) or img < 0):
+        raise SkipSample("bad_box", f"{where}: 'image' must be the 0-based index of an image of the sample")
+    return Item("box", boxes, ref, img)
+
+
+def parse_sample(obj: object, kind: str = "auto") -> ParsedSample:
+    """Validate and normalize a sample's JSON. Raises SkipSample naming what is wrong."""
+    if not isinstance(obj, dict):
+        raise SkipSample("bad_format", f"sample JSON must be an object, got {type(obj).__name__}")
+    if kind == "auto":
+        kind = "chat" if "messages" in obj else "pretrain" if "content" in obj else ""
+        if not kind:
+            raise SkipSample("bad_format", "sample has neither 'messages' (chat) nor 'content' (pretraining)")
+    if kind == "chat":
+        msgs = obj.get("messages")
+        if not isinstance(msgs, list):
+            raise SkipSample("bad_format", "'messages' must be a list")
+        if not msgs:
+            raise SkipSample("empty_conversation", "'messages' is empty")
+        turns = []
+        for i, m in enumerate(msgs):
+            if not isinstance(m, dict) or m.get("role") not in ROLES or "content" not in m:
+                raise SkipSample("bad_format", f"messages[{i}] must be {{'role': one of {ROLES}, 'content': ...}}")
+            turns.append((m["role"], _items(m["content"], f"messages[{i}].content")))
+    elif kind == "pretrain":
+        if "content" not in obj:
+            raise SkipSample("bad_format", "pretraining sample without 'content'")
+        turns = [("", _items(obj["content"], "content"))]
+        if not turns[0][1]:
+            raise SkipSample("empty_conversation", "'content' is empty")
+    else:
+        raise SkipSample("bad_format", f"unknown sample kind {kind!r}")
+    media = [(it.type, it.value) for _, items in turns for it in items if it.type in ("image", "video")]
+    return ParsedSample(kind, turns, media)
+
+
+def box_text(box: list[float], width: int, height: int) -> str:
+    """'(x1,y1),(x2,y2)' with pixel coordinates scaled to integers in [0, 1000) (Qwen2-VL paper, 2.2.1)."""
+
+    def norm(v: float, size: int) -> int:
+        return min(999, max(0, math.floor(v * 1000 / size)))
+
+    x1, y1, x2, y2 = box
+    return f"({norm(x1, width)},{norm(y1, height)}),({norm(x2, width)},{norm(y2, height)})"
+
+
+@dataclass
+class VisionInfo:
+    """What rendering needs to know about one media item (placeholder order)."""
+
+    type: str  # image | video
+    num_tokens: int  # t * h * w / 4
+    orig_size: tuple[int, int] | None  # (width, height) for images
+
+
+def render(
+    parsed: ParsedSample,
+    vision: list[VisionInfo],
+    sp: SpecialIds,
+    supervise: str = "auto",
+    default_system: str | None = "You are a helpful assistant.",
+    pretrain_eos: bool = True,
+) -> list[tuple[int, object, bool]]:
+    """Pieces (TEXT, str, supervised) | (SPECIAL, id, supervised) | (VISION, index, False), in order."""
+    if supervise not in ("auto", "assistant", "all"):
+        raise ValueError(f"supervise must be auto|assistant|all, got {supervise!r}")
+    every = supervise == "all" or (parsed.kind == "pretrain")
+    pieces: list[tuple[int, object, bool]] = []
+    vi = 0
+    images_seen: list[int] = []  # vision indices of the images so far (for boxes)
+
+    def emit_items(items: list[Item], sup: bool) -> None:
+        nonlocal vi
+        for it in items:
+            if it.type == "text":
+                if it.value:
+                    pieces.append((TEXT, it.value, sup))
+            elif it.type in ("image", "video"):
+                if it.type == "image":
+                    images_seen.append(vi)
+                pieces.append((VISION, vi, False))
+                vi += 1
+            else:  # box
+                target = images_seen[-1] if it.image is None and images_seen else None
+                if it.image is not None:
+                    all_images = [j for j, v in enumerate(vision) if v.type == "image"]
+                    if it.image >= len(all_images):
+                        raise SkipSample("bad_box", f"box refers to image {it.image}, sample has {len(all_images)}")
+                    target = all_images[it.image]
+                if target is None or vision[target].orig_size is None:
+                    raise SkipSample("bad_box", "box before any image: give 'image': <index>")
+                w, h = vision[target].orig_size
+                if it.ref is not None:
+                    pieces.append((SPECIAL, sp.object_ref_start, sup))
+                    if it.ref:
+                        pieces.append((TEXT, it.ref, sup))
+                    pieces.append((SPECIAL, sp.object_ref_end, sup))
+                for b in it.value:
+                    pieces.append((SPECIAL, sp.box_start, sup))
+                    pieces.append((TEXT, box_text(b, w, h), sup))
+                    pieces.append((SPECIAL, sp.box_end, sup))
+
+    if parsed.kind == "pretrain":
+        emit_items(parsed.turns[0][1], True)
+        if pretrain_eos:
+            pieces.append((SPECIAL, sp.endoftext, True))
+        return pieces
+
+    turns = parsed.turns
+    if turns[0][0] != "system" and default_system is not None:
+        turns = [("system", [Item("text", default_system)]), *turns]
+    for role, items in turns:
+        sup = every or role == "assistant"
+        pieces.append((SPECIAL, sp.im_start, every))
+        pieces.append((TEXT, role + "\n", every))
+        emit_items(items, sup)
+        pieces.append((SPECIAL, sp.im_end, sup))
+        pieces.append((TEXT, "\n", every))
+    return pieces
+
+
+def tokenize(
+    pieces: list[tuple[int, object, bool]], vision: list[VisionInfo], tok: Tokenizer
+) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids (L,) int64 and targets (L,) bool: whether each token is supervised (to be predicted).
+
+    Adjacent text pieces are joined and tokenized as one run (what the HF tokenizer sees between special
+    tokens); a token is supervised when its characters overlap a supervised piece.
+    """
+    sp = tok.special
+    runs: list[str] = []
+    run_spans: list[list[tuple[int, int]]] = []  # supervised character spans per run
+    layout: list[tuple[int, int, bool]] = []  # (kind, value, sup) with TEXT value = run index
+    cur: list[str] = []
+    cur_sup: list[tuple[int, int]] = []
+    cur_len = 0
+
+    def flush() -> None:
+        nonlocal cur, cur_sup, cur_len
+        if cur:
+            layout.append((TEXT, len(runs), False))
+            runs.append("".join(cur))
+            run_spans.append(cur_sup)
+        cur, cur_sup, cur_len = [], [], 0
+
+    for kind, value, sup in pieces:
+        if kind == TEXT:
+            s = value  # type: ignore[assignment]
+            if sup:
+                if cur_sup and cur_sup[-1][1] == cur_len:
+                    cur_sup[-1] = (cur_sup[-1][0], cur_len + len(s))
+                else:
+                    cur_sup.append((cur_len, cur_len + len(s)))
+            cur.append(s)
+            cur_len += len(s)
+        else:
+            flush()
+            layout.append((kind, value, sup))  # type: ignore[arg-type]
+    flush()
+
+    encoded = tok.encode_runs(runs)
+    ids_parts: list[np.ndarray] = []
+    tgt_parts: list[np.ndarray] = []
+    for kind, value, sup in layout:
+        if kind == TEXT:
+            ids, offsets = encoded[value]
+            ids_parts.append(np.asarray(ids, dtype=np.int64))
+            spans = run_spans[value]
+            t = np.zeros(len(ids), dtype=bool)
+            if spans:
+                off = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+                for a, b in spans:
+                    t |= (off[:, 1] > a) & (off[:, 0] < b)
+            tgt_parts.append(t)
+        elif kind == SPECIAL:
+            ids_parts.append(np.asarray([value], dtype=np.int64))
+            tgt_parts.append(np.asarray([sup], dtype=bool))
+        else:
+            v = vision[value]
+            pad = sp.image_pad if v.type == "image" else sp.video_pad
+            block = np.full(v.num_tokens + 2, pad, dtype=np.int64)
+            block[0], block[-1] = sp.vision_start, sp.vision_end
+            ids_parts.append(block)
+            tgt_parts.append(np.zeros(v.num_tokens + 2, dtype=bool))
+    if not ids_parts:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=bool)
+    return np.concatenate(ids_parts), np.concatenate(tgt_parts)
+
+
+def render_text(pieces: list[tuple[int, object, bool]], vision: list[VisionInfo], tok: Tokenizer) -> str:
+    """The rendered string with expanded pads (what transformers' processor would tokenize); for debugging."""
+    names = {v: k for k, v in vars(tok.special).items()}
+    from data.tokenizer import SPECIAL_TOKENS
+
+    out = []
+    for kind, value, _ in pieces:
+        if kind == TEXT:
+            out.append(value)
+        elif kind == SPECIAL:
+            out.append(SPECIAL_TOKENS[names[value]])
+        else:
+            v = vision[value]
+            pad = "<|image_pad|>" if v.type == "image" else "<|video_pad|>"
+            out.append("<|vision_start|>" + pad * v.num_tokens + "<|vision_end|>")
+    return "".join(out)

@@ -1,0 +1,102 @@
+"""Image decoding and Qwen2-VL's naive dynamic resolution.
+
+Shape legend: H/W = resized height/width, C = 3 channels, N = patch rows, P = 1176 (3 * 2 * 14 * 14).
+
+Pipeline per image, the same steps as transformers' Qwen2VLImageProcessorPil (and qwen-vl-utils):
+bytes -> PIL decode -> RGB (transparency composited onto white) -> smart_resize(h, w) -> PIL BICUBIC resize
+-> uint8 (H, W, C). The packing buffer keeps this uint8 image (8x smaller than its float32 patch rows);
+`data.vision.image_rows_u8` rescales, CLIP-normalizes and patchifies it when the microbatch is assembled.
+
+NOTE: no EXIF orientation is applied, as in transformers and qwen-vl-utils (the released models were trained
+that way); rotate photos when building shards if needed.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from data.vision import AspectRatioError, smart_resize
+
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+
+class ImageDecodeError(ValueError):
+    """Corrupt, truncated or unsupported image bytes (a counted skip in the loader)."""
+
+
+@dataclass
+class LoadedImage:
+    """A resized image ready for patchify."""
+
+    pixels_HWC: np.ndarray
+    """uint8 RGB, sides multiples of 28."""
+    grid_thw: tuple[int, int, int]
+    """(1, H/14, W/14)."""
+    orig_size: tuple[int, int]
+    """(width, height) before resizing: grounding boxes are normalized against it."""
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid_thw[0] * self.grid_thw[1] * self.grid_thw[2]
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_patches // 4
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """RGB, compositing any transparency onto white (what transformers and qwen-vl-utils do)."""
+    if "A" in img.getbands() or img.info.get("transparency") is not None:
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def decode_image(data: bytes) -> Image.Image:
+    """Fully decoded RGB PIL image; ImageDecodeError for anything PIL cannot decode completely."""
+    if not data:
+        raise ImageDecodeError("zero-length image")
+    try:
+        with warnings.catch_warnings():
+            # A decompression-bomb warning becomes an error: a 100+ MP "image" is not training data.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            img.load()  # decode now, so truncated files fail here and not later in a resize
+            return to_rgb(img)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageDecodeError(f"cannot decode image ({len(data)} bytes): {e}") from e
+
+
+def image_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from the header only, or None when it cannot be read (used by the shard indexer)."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            return img.size
+    except Exception:
+        return None
+
+
+def load_image(data: bytes, min_pixels: int, max_pixels: int) -> LoadedImage:
+    """Decode, convert to RGB and resize with smart_resize + PIL BICUBIC (transformers' PIL backend).
+
+    Raises ImageDecodeError (bad bytes) or AspectRatioError (aspect ratio > 200); both are counted skips.
+    """
+    img = decode_image(data)
+    w, h = img.size
+    # transformers' arithmetic (the parity target); differs from qwen-vl-utils only for sides < 14 px.
+    rh, rw = smart_resize(h, w, min_pixels=min_pixels, max_pixels=max_pixels, clamp_to_factor=False)
+    if (rw, rh) != (w, h):
+        img = img.resize((rw, rh), resample=Image.Resampling.BICUBIC)
+    pixels = np.asarray(img, dtype=np.uint8)
+    if pixels.ndim != 3 or pixels.shape[2] != 3:
+        raise ImageDecodeError(f"decoded image has shape {pixels.shape}, expected (H, W, 3)")
+    return LoadedImage(pixels, (1, rh // 14, rw // 14), (w, h))
+
+
+__all__ = ["AspectRatioError", "ImageDecodeError", "LoadedImage", "decode_image", "image_size", "load_image"]

@@ -1,0 +1,144 @@
+"""Best-fit packing of processed samples into microbatches under an LLM-token and a ViT-patch budget.
+
+Shape legend: T = packed tokens, S = samples in the microbatch, N = patch rows, P = 1176.
+
+The packer holds a buffer of samples (bounded by count and by patch rows). When it is full, one microbatch is
+formed: the OLDEST sample opens it (so no sample waits forever), then the largest buffered sample that still
+fits both remaining budgets is added, again and again, until nothing fits (best fit: each choice leaves the
+least room). Samples never share attention (cu_seqlens), positions restart per sample.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from data.batch import PATCH_DIM, PackedBatch
+from data.sample import Processed
+from data.vision import image_rows_u8
+
+
+@dataclass
+class Entry:
+    ref: tuple  # the sample reference the loader state stores (dataset, epoch, position)
+    sample: Processed
+    tokens: int = field(init=False)
+    patches: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.tokens = self.sample.num_tokens
+        self.patches = self.sample.num_patches
+
+
+class Packer:
+    """Best-fit over a buffer; `max_tokens` / `max_patches` are hard limits of every microbatch."""
+
+    def __init__(self, max_tokens: int, max_patches: int, buffer_size: int, buffer_patches: int) -> None:
+        self.max_tokens = max_tokens
+        self.max_patches = max_patches
+        self.buffer_size = buffer_size
+        self.buffer_patches = buffer_patches
+        self.entries: list[Entry] = []
+        self._patches = 0
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def add(self, entry: Entry) -> None:
+        if entry.tokens > self.max_tokens or entry.patches > self.max_patches:
+            raise ValueError(f"sample {entry.sample.key} ({entry.tokens} tokens, {entry.patches} patches) exceeds "
+                             f"the budget ({self.max_tokens}, {self.max_patches}); it should have been skipped")
+        self.entries.append(entry)
+        self._patches += entry.patches
+
+    def full(self) -> bool:
+        return len(self.entries) >= self.buffer_size or self._patches >= self.buffer_patches
+
+    def pop_bin(self) -> list[Entry]:
+        """Remove and return the samples of the next microbatch (in buffer order)."""
+        if not self.entries:
+            return []
+        tok = np.fromiter((e.tokens for e in self.entries), dtype=np.int64, count=len(self.entries))
+        pat = np.fromiter((e.patches for e in self.entries), dtype=np.int64, count=len(self.entries))
+        free = np.ones(len(self.entries), dtype=bool)
+        free[0] = False
+        chosen = [0]
+        rem_t, rem_p = self.max_tokens - int(tok[0]), self.max_patches - int(pat[0])
+        while True:
+            ok = free & (tok <= rem_t) & (pat <= rem_p)
+            if not ok.any():
+                break
+            j = int(np.argmax(np.where(ok, tok, -1)))  # largest that fits; ties -> oldest
+            chosen.append(j)
+            free[j] = False
+            rem_t -= int(tok[j])
+            rem_p -= int(pat[j])
+        chosen.sort()
+        picked = [self.entries[j] for j in chosen]
+        keep = set(chosen)
+        self.entries = [e for j, e in enumerate(self.entries) if j not in keep]
+        self._patches -= sum(e.patches for e in picked)
+        return picked
+
+
+def assemble(samples: list[Processed]) -> PackedBatch:
+    """Concatenate whole samples into one PackedBatch (images/videos in placeholder order)."""
+    lens = [s.num_tokens for s in samples]
+    cu = torch.zeros(len(samples) + 1, dtype=torch.int32)
+    cu[1:] = torch.cumsum(torch.tensor(lens, dtype=torch.int32), 0)
+    vid_rows = [r for s in samples for r in s.video_rows]
+    img_grids = [g for s in samples for g in s.image_grids]
+    vid_grids = [g for s in samples for g in s.video_grids]
+    return PackedBatch(
+        input_ids=torch.cat([s.input_ids for s in samples]),
+        labels=torch.cat([s.labels for s in samples]),
+        position_ids=torch.cat([s.position_ids for s in samples], dim=1),
+        cu_seqlens=cu,
+        max_seqlen=max(lens),
+        pixel_values=_image_rows(samples, img_grids),
+        image_grid_thw=torch.tensor(img_grids, dtype=torch.long).reshape(-1, 3),
+        pixel_values_videos=torch.cat(vid_rows) if vid_rows else torch.zeros(0, PATCH_DIM),
+        video_grid_thw=torch.tensor(vid_grids, dtype=torch.long).reshape(-1, 3),
+        sample_keys=[s.key for s in samples],
+    )
+
+
+def _image_rows(samples: list[Processed], grids: list[tuple[int, int, int]]) -> torch.Tensor:
+    """All images' pixel rows (N, P), written straight into one buffer (no per-image tensors to concatenate)."""
+    n = sum(t * h * w for t, h, w in grids)
+    out_NP = torch.empty(n, PATCH_DIM, dtype=torch.float32)
+    o = 0
+    for s in samples:
+        for im, (t, h, w) in zip(s.images, s.image_grids):
+            image_rows_u8(im, out=out_NP[o : o + t * h * w].numpy())
+            o += t * h * w
+    return out_NP
+
+
+def simulate(lengths: list[tuple[int, int]], max_tokens: int, max_patches: int, buffer_size: int) -> dict:
+    """Pack (tokens, patches) pairs as the loader would; returns efficiency figures (tests, benchmarks)."""
+    class _S:  # a stand-in with only the sizes
+        def __init__(self, t: int, p: int) -> None:
+            self.num_tokens, self.num_patches, self.key = t, p, ""
+
+    pk = Packer(max_tokens, max_patches, buffer_size, 1 << 62)
+    bins: list[int] = []
+    patches: list[int] = []
+    for t, p in lengths:
+        pk.add(Entry((), _S(t, p)))  # type: ignore[arg-type]
+        if pk.full():
+            b = pk.pop_bin()
+            bins.append(sum(e.tokens for e in b))
+            patches.append(sum(e.patches for e in b))
+    while len(pk):
+        b = pk.pop_bin()
+        bins.append(sum(e.tokens for e in b))
+        patches.append(sum(e.patches for e in b))
+    return {
+        "microbatches": len(bins),
+        "efficiency": sum(bins) / (len(bins) * max_tokens),
+        "patch_utilization": sum(patches) / (len(bins) * max_patches),
+        "min_fill": min(bins) / max_tokens,
+    }

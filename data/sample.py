@@ -1,0 +1,217 @@
+"""One raw sample (JSON + media bytes, or pre-tokenized text) -> one processed sample ready for packing.
+
+Shape legend: L = tokens of the sample, P = 1176 pixel-row length, N = patch rows.
+
+A processed sample keeps its images as resized uint8 (H, W, 3) arrays (normalized and patchified only when the
+microbatch is assembled, data.vision.image_rows_u8) and its videos as the float32 rows data.video returns.
+Everything here is a pure function of the raw bytes and the config, which is what lets the loader rebuild its
+buffers from sample references on resume.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from data.chatml import SkipSample, VisionInfo, parse_sample, render, tokenize
+from data.config import DataConfig
+from data.image import ImageDecodeError, load_image
+from data.storage import get_storage
+from data.tokenizer import Tokenizer
+from data.vision import AspectRatioError
+from model.position_ids import mrope_position_ids
+
+
+@dataclass
+class RawSample:
+    """What a source yields: a WebDataset sample (json + media members) or a pre-tokenized sequence."""
+
+    key: str
+    """'<dataset>/<shard>/<key>' (the id that appears in PackedBatch.sample_keys and in skip logs)."""
+    members: dict[str, bytes] | None = None
+    """Tar members of the sample by their name after '<key>.' (e.g. 'json', 'img0.jpg')."""
+    tokens: np.ndarray | None = None
+    """Indexed datasets: the token ids."""
+    root: str = ""
+    """The dataset's path, against which relative media paths resolve."""
+    nbytes: int = 0
+
+    def size_bytes(self) -> int:
+        if self.members is not None:
+            return sum(len(v) for v in self.members.values())
+        return 0 if self.tokens is None else int(self.tokens.nbytes)
+
+
+@dataclass
+class Processed:
+    """A sample ready to pack: tokens, labels (shifted), positions and its vision inputs."""
+
+    key: str
+    input_ids: torch.Tensor  # (L,) int64
+    labels: torch.Tensor  # (L,) int64, shifted within the sample; last = -100
+    position_ids: torch.Tensor  # (3, L) int64, from 0
+    images: list[np.ndarray] = field(default_factory=list)  # uint8 (H, W, 3) each
+    image_grids: list[tuple[int, int, int]] = field(default_factory=list)
+    video_rows: list[torch.Tensor] = field(default_factory=list)  # (N, P) float32 each
+    video_grids: list[tuple[int, int, int]] = field(default_factory=list)
+    truncated: bool = False
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.input_ids.numel())
+
+    @property
+    def num_patches(self) -> int:
+        return sum(t * h * w for t, h, w in self.image_grids) + sum(t * h * w for t, h, w in self.video_grids)
+
+    @property
+    def num_supervised(self) -> int:
+        return int((self.labels != -100).sum())
+
+
+
+def shift_labels(ids: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """labels[t] = ids[t+1] when token t+1 is a target, else -100; the last position is -100."""
+    labels = np.full(ids.shape[0], -100, dtype=np.int64)
+    if ids.shape[0] > 1:
+        labels[:-1] = np.where(targets[1:], ids[1:], -100)
+    return labels
+
+
+class SampleProcessor:
+    """Turns RawSamples into Processed samples under one DataConfig (one instance per worker)."""
+
+    def __init__(self, cfg: DataConfig, tokenizer: Tokenizer | None = None) -> None:
+        self.cfg = cfg
+        self.tok = tokenizer or Tokenizer.load(cfg.tokenizer)
+        self._video = None  # data.video, imported on the first video (it may be absent)
+
+    # ------------------------------------------------------------------ media
+    def _media_bytes(self, raw: RawSample, ref: str) -> tuple[bytes, str]:
+        """Bytes of a media reference: a member of the sample, a URL, or a path; plus an identity string."""
+        m = raw.members or {}
+        if ref in m:
+            return m[ref], f"{raw.key}.{ref}"
+        short_key = raw.key.rsplit("/", 1)[-1]
+        if ref.startswith(short_key + ".") and ref[len(short_key) + 1 :] in m:
+            return m[ref[len(short_key) + 1 :]], f"{raw.key}.{ref}"
+        if "://" in ref or os.path.isabs(ref):
+            url = ref
+        else:
+            url = f"{raw.root.rstrip('/')}/{ref}" if raw.root else ref
+        try:
+            st = get_storage(url, self.cfg.storage)
+            if "://" not in url and not st.exists(url):
+                raise FileNotFoundError(url)
+            return st.read(url), url
+        except (FileNotFoundError, KeyError) as e:
+            raise SkipSample("missing_media", f"{ref!r} is neither a member of the sample nor a readable file") from e
+        except Exception as e:  # noqa: BLE001 - one unreadable media URL skips its sample, not the job
+            raise SkipSample("media_read_error", f"cannot read {url!r}: {type(e).__name__}: {e}") from e
+
+    def _load_video(self, data: bytes, identity: str):
+        if self._video is None:
+            try:
+                import data.video as video_mod
+            except ModuleNotFoundError as e:
+                raise SkipSample("video_unavailable", "data/video.py is not installed") from e
+            self._video = video_mod
+        try:
+            return self._video.load_video(data, self.cfg.video, identity=identity)
+        except self._video.VideoDecodeError as e:
+            raise SkipSample(f"video_{getattr(e, 'reason', 'decode_failed')}", str(e)) from e
+        except AspectRatioError as e:
+            raise SkipSample("video_aspect_ratio", str(e)) from e
+
+    # ------------------------------------------------------------------ processing
+    def process(self, raw: RawSample, kind: str = "auto", supervise: str | None = None,
+                append_eod: bool = False) -> Processed:
+        """Raises SkipSample (reason + detail) for anything unusable."""
+        if raw.tokens is not None:
+            return self._process_tokens(raw, append_eod)
+        members = raw.members or {}
+        if "json" not in members:
+            raise SkipSample("missing_json", f"no .json member (members: {sorted(members)})")
+        try:
+            obj = json.loads(members["json"])
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise SkipSample("malformed_json", str(e)) from e
+        parsed = parse_sample(obj, kind)
+        cfg = self.cfg
+        vision: list[VisionInfo] = []
+        images, image_grids, video_rows, video_grids = [], [], [], []
+        patches = 0
+        for mtype, ref in parsed.media:
+            data, identity = self._media_bytes(raw, ref)
+            if mtype == "image":
+                try:
+                    img = load_image(data, cfg.min_pixels, cfg.max_pixels)
+                except AspectRatioError as e:
+                    raise SkipSample("aspect_ratio", str(e)) from e
+                except ImageDecodeError as e:
+                    raise SkipSample("bad_image", f"{ref}: {e}") from e
+                images.append(img.pixels_HWC)
+                image_grids.append(img.grid_thw)
+                vision.append(VisionInfo("image", img.num_tokens, img.orig_size))
+                patches += img.num_patches
+            else:
+                clip = self._load_video(data, identity)
+                grid = tuple(int(x) for x in clip.grid_thw)
+                rows = torch.as_tensor(clip.pixel_values, dtype=torch.float32)
+                video_rows.append(rows)
+                video_grids.append(grid)  # type: ignore[arg-type]
+                n = grid[0] * grid[1] * grid[2]
+                vision.append(VisionInfo("video", n // 4, None))
+                patches += n
+            if patches > cfg.patch_budget:
+                raise SkipSample("too_many_patches", f"{patches} ViT patches > max_patches {cfg.patch_budget}")
+        mode = supervise or cfg.supervise
+        pieces = render(parsed, vision, self.tok.special, mode, cfg.default_system, cfg.pretrain_eos)
+        ids, targets = tokenize(pieces, vision, self.tok)
+        truncated = False
+        if ids.shape[0] > cfg.max_tokens:
+            if cfg.overlong == "truncate" and not vision:
+                ids, targets, truncated = ids[: cfg.max_tokens], targets[: cfg.max_tokens], True
+            else:
+                raise SkipSample("overlong", f"{ids.shape[0]} tokens > max_tokens {cfg.max_tokens}")
+        labels = shift_labels(ids, targets)
+        if not (labels != -100).any():
+            raise SkipSample("no_supervised_tokens", f"nothing to train on under supervise={mode!r}")
+        ids_t = torch.from_numpy(ids)
+        sp = self.tok.special
+        pos = mrope_position_ids(
+            ids_t,
+            torch.tensor(image_grids) if image_grids else None,
+            torch.tensor(video_grids) if video_grids else None,
+            image_token_id=sp.image_pad,
+            video_token_id=sp.video_pad,
+        )
+        return Processed(raw.key, ids_t, torch.from_numpy(labels), pos, images, image_grids, video_rows,
+                         video_grids, truncated)
+
+    def _process_tokens(self, raw: RawSample, append_eod: bool) -> Processed:
+        ids = np.asarray(raw.tokens, dtype=np.int64)
+        if append_eod:
+            ids = np.concatenate([ids, np.asarray([self.tok.special.endoftext], dtype=np.int64)])
+        if ids.shape[0] == 0:
+            raise SkipSample("empty_conversation", "empty sequence")
+        if int(ids.max()) >= self.tok.vocab_size or int(ids.min()) < 0:
+            raise SkipSample("bad_token_ids", f"token ids outside [0, {self.tok.vocab_size}): wrong tokenizer?")
+        vis = np.isin(ids, [self.tok.special.image_pad, self.tok.special.video_pad])
+        if vis.any():
+            raise SkipSample("bad_token_ids", "pre-tokenized text holds vision pad tokens but no vision input")
+        truncated = False
+        if ids.shape[0] > self.cfg.max_tokens:
+            if self.cfg.overlong != "truncate":
+                raise SkipSample("overlong", f"{ids.shape[0]} tokens > max_tokens {self.cfg.max_tokens}")
+            ids, truncated = ids[: self.cfg.max_tokens], True
+        if ids.shape[0] < 2:
+            raise SkipSample("no_supervised_tokens", "a one-token sequence has nothing to predict")
+        labels = shift_labels(ids, np.ones(ids.shape[0], dtype=bool))
+        L = ids.shape[0]
+        pos = torch.arange(L, dtype=torch.long).expand(3, L).contiguous()
+        return Processed(raw.key, torch.from_numpy(ids), torch.from_numpy(labels), pos, truncated=truncated)

@@ -1,0 +1,247 @@
+"""Datasets as sequences of samples with random access: planning (main process), epoch order, reading (workers).
+
+A dataset is a list of shards (WebDataset tars with sidecar indexes, or blocks of a megatron indexed dataset).
+Epoch e of dataset d visits its shards in a seeded permutation; the concatenated sample sequence is cut into
+`dp_size * num_workers` contiguous slices, one per global worker, so each worker streams a few shards
+sequentially (object-store friendly) and every sample of the epoch is read by exactly one worker. A position in
+that sequence, (epoch, pos), is the sample reference the loader state stores: it maps back to (shard, index)
+and, through the sidecar index, to a byte range - random access for resume.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import numpy as np
+
+from data.config import DatasetSpec
+from data.indexed import IndexedText
+from data.sample import RawSample
+from data.shards import INDEX_SUFFIX, MANIFEST, ShardIndex, check_header, join_url, split_sample
+from data.storage import StorageConfig, get_storage
+
+INDEXED_BLOCK = 1024  # sequences per virtual shard of an indexed dataset (the unit of the epoch permutation)
+_M64 = (1 << 64) - 1
+
+
+def mix64(*xs: int) -> int:
+    """A 64-bit hash of integers (splitmix64 chained): the loader's only source of randomness.
+
+    Counter-based, so a random decision is a pure function of (seed, stream, counter) and the loader state need
+    not carry any RNG state.
+    """
+    h = 0x9E3779B97F4A7C15
+    for x in xs:
+        z = (h ^ (x & _M64)) + 0x9E3779B97F4A7C15 & _M64
+        z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9 & _M64
+        z = (z ^ (z >> 27)) * 0x94D049BB133111EB & _M64
+        h = z ^ (z >> 31)
+    return h
+
+
+def permutation(n: int, *key: int) -> np.ndarray:
+    """Seeded Fisher-Yates permutation of range(n), identical on every platform and numpy version."""
+    p = np.arange(n, dtype=np.int64)
+    for i in range(n - 1, 0, -1):
+        j = mix64(*key, i) % (i + 1)
+        p[i], p[j] = p[j], p[i]
+    return p
+
+
+@dataclass
+class ShardRef:
+    name: str
+    url: str
+    samples: int
+
+
+@dataclass
+class DatasetPlan:
+    """What every worker needs to know about a dataset (built once in the main process, pickled to workers)."""
+
+    index: int
+    spec: DatasetSpec
+    source: str  # "shards" | "indexed"
+    root: str
+    shards: list[ShardRef]
+
+    @property
+    def total(self) -> int:
+        return sum(s.samples for s in self.shards)
+
+    @property
+    def label(self) -> str:
+        return self.spec.label
+
+
+def plan_dataset(index: int, spec: DatasetSpec, storage: StorageConfig) -> DatasetPlan:
+    """Read a dataset's manifest (or list its shards) and return its plan. Raises ValueError with the fix."""
+    root = spec.path.rstrip("/")
+    st = get_storage(root + "/" if "://" in root else root, storage)
+    if spec.kind == "indexed" or (spec.kind == "auto" and st.exists(root + ".idx")):
+        idx = IndexedText(root, storage)
+        n = len(idx)
+        name = os.path.basename(root)
+        shards = [ShardRef(f"{name}@{b}", root, min(INDEXED_BLOCK, n - b)) for b in range(0, n, INDEXED_BLOCK)]
+        return DatasetPlan(index, spec, "indexed", root, shards)
+    man_url = join_url(root, MANIFEST)
+    if st.exists(man_url):
+        man = json.loads(st.read(man_url))
+        shards = [ShardRef(s["name"], join_url(root, s["name"]), int(s["samples"])) for s in man["shards"]]
+    else:
+        urls = [u for u in st.list(root + "/") if u.endswith(".tar")] if _is_dir(st, root) else []
+        if not urls:
+            raise ValueError(
+                f"dataset {spec.path!r}: no {MANIFEST} and no .tar shards found; make shards with "
+                "`python -m data.shards make ...` or index existing ones with `python -m data.shards index DIR`"
+            )
+        shards = []
+        for u in urls:
+            iu = u + INDEX_SUFFIX
+            if not st.exists(iu):
+                raise ValueError(f"shard {u} has no sidecar index {iu}: run `python -m data.shards index DIR`")
+            shards.append(ShardRef(os.path.basename(u), u, len(json.loads(st.read(iu))["samples"])))
+    shards = [s for s in shards if s.samples > 0]
+    if not shards:
+        raise ValueError(f"dataset {spec.path!r} has no samples")
+    return DatasetPlan(index, spec, "shards", root, shards)
+
+
+def _is_dir(st, root: str) -> bool:
+    return "://" in root or os.path.isdir(root[len("file://") :] if root.startswith("file://") else root)
+
+
+class EpochLayout:
+    """The sample sequence of one epoch: shards in a seeded order, and each global worker's slice of it."""
+
+    def __init__(self, plan: DatasetPlan, seed: int, epoch: int) -> None:
+        self.order = permutation(len(plan.shards), seed, plan.index, epoch, 0x5AD)
+        counts = np.asarray([plan.shards[i].samples for i in self.order], dtype=np.int64)
+        self.starts = np.concatenate([[0], np.cumsum(counts)])
+        self.total = int(self.starts[-1])
+
+    def slice(self, g: int, G: int) -> tuple[int, int]:
+        return g * self.total // G, (g + 1) * self.total // G
+
+    def locate(self, pos: int) -> tuple[int, int]:
+        """(shard index in plan.shards, sample index within it) of position `pos`."""
+        k = int(np.searchsorted(self.starts, pos, side="right")) - 1
+        return int(self.order[k]), pos - int(self.starts[k])
+
+    def shard_end(self, pos: int) -> int:
+        """First position after the shard that holds `pos`."""
+        k = int(np.searchsorted(self.starts, pos, side="right")) - 1
+        return int(self.starts[k + 1])
+
+
+class Reader:
+    """Reads samples of one dataset by (shard, index): sequential chunks when streaming, ranged reads otherwise.
+
+    Holds at most one read-ahead chunk and a few shard indexes, so memory is bounded by read_chunk_bytes.
+    """
+
+    def __init__(self, plan: DatasetPlan, storage: StorageConfig, chunk_bytes: int, max_open_indexes: int = 8):
+        self.plan = plan
+        self.storage = storage
+        self.chunk_bytes = chunk_bytes
+        self._indexes: OrderedDict[int, ShardIndex] = OrderedDict()
+        self._max_idx = max_open_indexes
+        self._chunk: dict[tuple[int, int], RawSample] = {}
+        self._indexed: IndexedText | None = None
+        self.bytes_read = 0
+        self.requests = 0
+
+    def _index(self, shard: int) -> ShardIndex:
+        idx = self._indexes.get(shard)
+        if idx is None:
+            url = self.plan.shards[shard].url + INDEX_SUFFIX
+            idx = ShardIndex.from_json(json.loads(get_storage(url, self.storage).read(url)))
+            self.requests += 1
+            if len(idx) != self.plan.shards[shard].samples:
+                raise ValueError(
+                    f"{url} lists {len(idx)} samples but the manifest says {self.plan.shards[shard].samples}: "
+                    "rebuild with `python -m data.shards index DIR`"
+                )
+            self._indexes[shard] = idx
+            if len(self._indexes) > self._max_idx:
+                self._indexes.popitem(last=False)
+        else:
+            self._indexes.move_to_end(shard)
+        return idx
+
+    def read(self, shard: int, i: int, upto: int | None = None) -> RawSample:
+        """Sample i of a shard. With `upto`, also read ahead samples i+1 .. upto-1 of the same shard (one
+        request, at most chunk_bytes) and serve them from memory on the next calls."""
+        raw = self._chunk.pop((shard, i), None)
+        if raw is not None:
+            return raw
+        if self.plan.source == "indexed":
+            return self._read_indexed(shard, i)
+        idx = self._index(shard)
+        end = i + 1
+        if upto is not None:
+            limit = int(idx.offsets[i]) + max(self.chunk_bytes, int(idx.sizes[i]))
+            while end < min(upto, len(idx)) and int(idx.offsets[end] + idx.sizes[end]) <= limit:
+                end += 1
+        self._chunk = {}
+        for j, raw in zip(range(i, end), self._read_range(shard, idx, i, end)):
+            self._chunk[(shard, j)] = raw
+        return self._chunk.pop((shard, i))
+
+    def read_many(self, refs: list[tuple[int, int]]) -> list[RawSample]:
+        """Random access to several samples (restore): neighbours in a shard share one ranged read."""
+        out: dict[tuple[int, int], RawSample] = {}
+        by_shard: dict[int, list[int]] = {}
+        for s, i in refs:
+            by_shard.setdefault(s, []).append(i)
+        for s, idxs in by_shard.items():
+            if self.plan.source == "indexed":
+                for i in idxs:
+                    out[(s, i)] = self._read_indexed(s, i)
+                continue
+            idx = self._index(s)
+            idxs = sorted(set(idxs))
+            run = [idxs[0]]
+            for i in idxs[1:] + [None]:  # type: ignore[list-item]
+                span = None if i is None else int(idx.offsets[i] + idx.sizes[i] - idx.offsets[run[0]])
+                if i is not None and span <= self.chunk_bytes and i - run[-1] <= 8:
+                    run.append(i)
+                    continue
+                got = self._read_range(s, idx, run[0], run[-1] + 1)
+                for j, raw in zip(range(run[0], run[-1] + 1), got):
+                    if j in run:
+                        out[(s, j)] = raw
+                if i is not None:
+                    run = [i]
+        return [out[r] for r in refs]
+
+    def _read_range(self, shard: int, idx: ShardIndex, i: int, end: int) -> list[RawSample]:
+        ref = self.plan.shards[shard]
+        start = int(idx.offsets[i])
+        stop = int(idx.offsets[end - 1] + idx.sizes[end - 1])
+        buf = get_storage(ref.url, self.storage).read_range(ref.url, start, stop - start)
+        self.requests += 1
+        self.bytes_read += len(buf)
+        if len(buf) != stop - start:
+            raise OSError(f"short read from {ref.url}: {len(buf)} of {stop - start} bytes at {start}")
+        mv = memoryview(buf)
+        out = []
+        for j in range(i, end):
+            o = int(idx.offsets[j]) - start
+            view = mv[o : o + int(idx.sizes[j])]
+            check_header(view[:512], f"{ref.url} sample {idx.keys[j]!r}")
+            out.append(RawSample(f"{self.plan.label}/{ref.name}/{idx.keys[j]}", split_sample(view, idx.members[j]),
+                                 root=self.plan.root, nbytes=int(idx.sizes[j])))
+        return out
+
+    def _read_indexed(self, shard: int, i: int) -> RawSample:
+        if self._indexed is None:
+            self._indexed = IndexedText(self.plan.root, self.storage)
+        seq = shard * INDEXED_BLOCK + i
+        tokens = self._indexed[seq]
+        self.requests += 1
+        self.bytes_read += int(tokens.nbytes)
+        return RawSample(f"{self.plan.label}/{seq}", tokens=tokens, root=self.plan.root, nbytes=int(tokens.nbytes))
