@@ -24,12 +24,16 @@ Concurrency (DataLoader workers and ranks of one node sharing the directory):
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
 import os
 import socket
 import struct
+import sys
 import threading
 import time
 import zlib
@@ -170,19 +174,15 @@ class VideoCache:
         except (ValueError, KeyError, TypeError) as e:
             self._drop_corrupt(path, str(e))
             return None
-        try:
+        with contextlib.suppress(OSError):
             os.utime(path)  # LRU: a hit makes the entry young
-        except OSError:
-            pass
         return SampledFrames(frames, meta["frame_indices"], meta["fps_used"], meta.get("meta", {}))
 
     def _drop_corrupt(self, path: str, why: str) -> None:
         METRICS.add(corrupt_dropped=1)
         log.warning("video cache: dropping corrupt entry %s (%s)", path, why)
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
-        except FileNotFoundError:
-            pass
 
     def put(self, key: str, sf: SampledFrames) -> None:
         frames = np.ascontiguousarray(sf.frames_FHWC, dtype=np.uint8)
@@ -204,10 +204,8 @@ class VideoCache:
         except OSError as e:
             # A full or read-only disk must not stop training: the frames are still returned to the caller.
             log.warning("video cache: cannot write %s: %s", final, e)
-            try:
+            with contextlib.suppress(OSError):
                 os.unlink(tmp)
-            except OSError:
-                pass
             return
         METRICS.add(writes=1)
         self._account(len(head) + len(meta_b) + frames.nbytes)
@@ -241,10 +239,8 @@ class VideoCache:
         except FileExistsError:
             if self._lock_is_stale(path):
                 METRICS.add(stale_locks_broken=1)
-                try:
+                with contextlib.suppress(FileNotFoundError):
                     os.unlink(path)
-                except FileNotFoundError:
-                    pass
                 return self._try_lock(key)
             return False
         with os.fdopen(fd, "w") as f:
@@ -263,10 +259,8 @@ class VideoCache:
         return age > self.stale_lock_s
 
     def _unlock(self, key: str) -> None:
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(self._path(key, ".lock"))
-        except FileNotFoundError:
-            pass
 
     # ---------------------------------------------------------------- the entry point
     def get_or_decode(self, data: bytes, cfg: VideoConfig, identity: str | None = None,
@@ -379,10 +373,8 @@ class VideoCache:
             self._approx_bytes = total
             self._scanned_at = time.monotonic()
         finally:
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 os.unlink(lock)
-            except FileNotFoundError:
-                pass
 
 
 _CACHES: dict[tuple, VideoCache] = {}
@@ -411,3 +403,150 @@ def _after_fork() -> None:
 
 
 os.register_at_fork(after_in_child=_after_fork)
+
+
+# ==================================================================== warm CLI
+VIDEO_EXTS = (".mp4", ".webm", ".mkv", ".mov", ".avi", ".m4v", ".ts", ".flv", ".mpeg", ".mpg")
+
+
+def _video_refs(obj: object) -> Iterator[str]:
+    """Every `{"type": "video", "video": REF}` (or `{"video": REF}`) reference in a sample's JSON."""
+    if isinstance(obj, dict):
+        ref = obj.get("video")
+        if isinstance(ref, str):
+            yield ref
+        for v in obj.values():
+            yield from _video_refs(v)
+    elif isinstance(obj, list):
+        for v in obj:
+            yield from _video_refs(v)
+
+
+def iter_shard_videos(shard_url: str, storage_cfg) -> Iterator[tuple[str, bytes]]:
+    """(name, bytes) of every video of a WebDataset shard: members with a video extension, and the videos its
+    samples' JSON references by URL or by a path relative to the shard's folder (read through data.storage)."""
+    import tarfile
+
+    from data.storage import get_storage
+
+    st = get_storage(shard_url, storage_cfg)
+    raw = st.read(shard_url)
+    root = shard_url.rsplit("/", 1)[0]
+    with tarfile.open(fileobj=__import__("io").BytesIO(raw), mode="r:") as tf:
+        members = {m.name: m for m in tf.getmembers() if m.isfile()}
+        for name, m in members.items():
+            if name.lower().endswith(VIDEO_EXTS):
+                f = tf.extractfile(m)
+                if f is not None:
+                    yield f"{shard_url}:{name}", f.read()
+            elif name.endswith(".json"):
+                f = tf.extractfile(m)
+                try:
+                    obj = json.loads(f.read()) if f is not None else None
+                except ValueError:
+                    continue
+                key = name[: -len(".json")]
+                for ref in _video_refs(obj):
+                    if ref in members or f"{key}.{ref}" in members:
+                        continue  # a member: handled above
+                    url = ref if ("://" in ref or os.path.isabs(ref)) else f"{root}/{ref}"
+                    try:
+                        yield url, get_storage(url, storage_cfg).read(url)
+                    except OSError as e:
+                        log.warning("warm: cannot read %s referenced by %s: %s", url, name, e)
+
+
+def _warm_shard(args: tuple) -> dict:
+    shard, vcfg, scfg = args
+    out: dict = {"videos": 0, "cached": 0, "decoded": 0, "failed": {}}
+    cache = get_cache(vcfg)
+    for name, data in iter_shard_videos(shard, scfg):
+        out["videos"] += 1
+        before = METRICS.snapshot()["decodes"]
+        try:
+            cache.get_or_decode(data, vcfg)
+        except VideoDecodeError as e:
+            out["failed"][e.reason] = out["failed"].get(e.reason, 0) + 1
+            log.warning("warm: %s: %s", name, e)
+            continue
+        if METRICS.snapshot()["decodes"] > before:
+            out["decoded"] += 1
+        else:
+            out["cached"] += 1
+    return out
+
+
+def list_shards(path: str, storage_cfg) -> list[str]:
+    """The .tar shards of a dataset path (local folder, s3:// or oss:// prefix), or the path if it is a shard."""
+    from data.storage import get_storage
+
+    if path.endswith(".tar"):
+        return [path]
+    prefix = path.rstrip("/") + "/"
+    st = get_storage(prefix, storage_cfg)
+    return [u for u in st.list(prefix) if u.endswith(".tar")]
+
+
+def warm(paths: list[str], vcfg: VideoConfig, storage_cfg=None, workers: int = 1) -> dict:
+    """Decode every video of the shards under `paths` into the cache (the loader's frames, the loader's keys)."""
+    import multiprocessing as mp
+
+    shards = [s for p in paths for s in list_shards(p, storage_cfg)]
+    if not shards:
+        raise ValueError(f"no .tar shards under {paths}")
+    jobs = [(s, vcfg, storage_cfg) for s in shards]
+    total: dict = {"shards": len(shards), "videos": 0, "cached": 0, "decoded": 0, "failed": {}}
+    if workers > 1:
+        with mp.get_context("spawn").Pool(workers) as pool:
+            results = list(pool.imap_unordered(_warm_shard, jobs))
+    else:
+        results = [_warm_shard(j) for j in jobs]
+    for r in results:
+        for k in ("videos", "cached", "decoded"):
+            total[k] += r[k]
+        for k, v in r["failed"].items():
+            total["failed"][k] = total["failed"].get(k, 0) + v
+    return total
+
+
+def main(argv: list[str] | None = None) -> int:
+    from data.storage import StorageConfig
+
+    ap = argparse.ArgumentParser(prog="python -m data.video_cache", description=__doc__.split("\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    w = sub.add_parser("warm", help="decode the videos of a dataset's shards into the cache ahead of training")
+    w.add_argument("--data", nargs="+", required=True, help="dataset paths (folder or s3:// / oss:// prefix) or shards")
+    w.add_argument("--cache-dir", required=True)
+    w.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) // 2))
+    vdef = VideoConfig()
+    for f in dataclasses.fields(VideoConfig):
+        if f.name in ("cache_dir",):
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        default = getattr(vdef, f.name)
+        if isinstance(default, bool):
+            w.add_argument(flag, type=lambda v: v.lower() in ("1", "true", "yes"), default=default)
+        elif f.name in ("backend",):
+            w.add_argument(flag, default=default)
+        else:
+            w.add_argument(flag, type=type(default), default=default)
+    w.add_argument("--endpoint-url", default=None, help="S3 endpoint for s3:// paths")
+    w.add_argument("--oss-endpoint", default=None, help="OSS endpoint for oss:// paths")
+    w.add_argument("--region", default=None)
+    a = ap.parse_args(argv)
+    kw = {f.name: getattr(a, f.name) for f in dataclasses.fields(VideoConfig) if f.name != "cache_dir"}
+    vcfg = VideoConfig(cache_dir=a.cache_dir, **kw)
+    scfg = StorageConfig(endpoint_url=a.endpoint_url, oss_endpoint=a.oss_endpoint, region=a.region)
+    t0 = time.monotonic()
+    r = warm(a.data, vcfg, scfg, a.workers)
+    dt = time.monotonic() - t0
+    print(
+        f"warm: {r['shards']} shards, {r['videos']} videos: {r['decoded']} decoded, {r['cached']} already cached, "
+        f"{sum(r['failed'].values())} failed {r['failed']} in {dt:.1f}s -> {a.cache_dir}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    sys.exit(main())

@@ -88,7 +88,8 @@ def qwen_fetch_video_plan(ele, total_frames, video_fps, height, width):
     sample_fps = nframes / max(total_frames, 1e-6) * video_fps
     min_pixels = ele.get("min_pixels", 128 * QWEN_IMAGE_FACTOR**2)
     total_pixels = ele["total_pixels"]
-    max_pixels = max(min(768 * QWEN_IMAGE_FACTOR**2, total_pixels / nframes * QWEN_FRAME_FACTOR), int(min_pixels * 1.05))
+    video_frame_max_pixels = 768 * QWEN_IMAGE_FACTOR**2
+    max_pixels = max(min(video_frame_max_pixels, total_pixels / nframes * QWEN_FRAME_FACTOR), int(min_pixels * 1.05))
     max_pixels = min(ele.get("max_pixels", max_pixels), max_pixels)
     h, w = qwen_smart_resize(height, width, QWEN_IMAGE_FACTOR, min_pixels, max_pixels)
     return idx, (h, w), sample_fps
