@@ -1,0 +1,369 @@
+"""Strict dataclass <-> YAML machinery behind the recipe config (train/config.py).
+
+What it guarantees, because a mistyped key in a 72B recipe must fail on the laptop and not after the job
+waited a day in the queue:
+- every key of a recipe or of a `dotted.key=value` override must name a field; otherwise a `ConfigError`
+  names the key, the closest valid key ("did you mean ...?") and all valid keys of that section;
+- every value is checked against the field's annotation (int, float, bool, str, Literal, Optional, list,
+  tuple, dict, nested dataclasses); a wrong type names the key, the expected type and the value;
+- precedence is CLI override > recipe file(s) > dataclass defaults; recipes may list `base:` files that they
+  extend (paths relative to the recipe), so recipes only select and override;
+- `${NAME}` / `${NAME:-default}` in string values expand from the environment (an unset variable without a
+  default is an error naming it), so cluster recipes can take paths from the job's environment;
+- field documentation is the docstring written under each field (torchtitan style) and is read from the
+  source with `ast`, for `--help-config` and docs/train.md.
+"""
+
+from __future__ import annotations
+
+import ast
+import copy
+import dataclasses
+import difflib
+import inspect
+import os
+import re
+import textwrap
+import types
+import typing
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A recipe or override that does not match the config schema."""
+
+
+# ------------------------------------------------------------------------------------------ key errors
+def suggest(key: str, valid: list[str]) -> str:
+    """' (did you mean 'x'?)' for the closest valid key, or ''."""
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def unknown_key_error(path: str, key: str, valid: list[str]) -> ConfigError:
+    where = f"section {path!r}" if path else "the top level"
+    full = f"{path}.{key}" if path else key
+    return ConfigError(f"unknown config key {full!r}{suggest(key, valid)}; valid keys in {where}: {', '.join(valid)}")
+
+
+# ------------------------------------------------------------------------------------------ typing helpers
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is not None:
+        args = ", ".join(_type_name(a) for a in typing.get_args(tp))
+        return f"{getattr(origin, '__name__', str(origin))}[{args}]"
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def coerce(value: Any, tp: Any, path: str) -> Any:
+    """Check `value` against annotation `tp`, converting only where lossless (int -> float, list -> tuple).
+
+    Raises ConfigError naming `path`, the expected type and the value.
+    """
+    origin = typing.get_origin(tp)
+    bad = ConfigError(f"{path}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None:
+            if type(None) in args:
+                return None
+            raise bad
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return coerce(value, a, path)
+            except ConfigError as e:
+                errors.append(e)
+        # A single non-None alternative: its own (more precise) message.
+        if len(errors) == 1:
+            raise errors[0]
+        raise bad
+    if origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+        hint = suggest(str(value), [str(a) for a in typing.get_args(tp)])
+        raise ConfigError(f"{path}: must be one of {_type_name(tp)}, got {value!r}{hint}")
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, Mapping):
+            raise bad
+        return from_dict(tp, value, path)
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise bad
+        args = typing.get_args(tp)
+        if origin is tuple:
+            if len(args) == 2 and args[1] is Ellipsis:
+                return tuple(coerce(v, args[0], f"{path}[{i}]") for i, v in enumerate(value))
+            if len(args) != len(value):
+                raise ConfigError(f"{path}: expected {len(args)} values ({_type_name(tp)}), got {list(value)!r}")
+            return tuple(coerce(v, a, f"{path}[{i}]") for i, (v, a) in enumerate(zip(args, value)))
+        (elem,) = args or (Any,)
+        return [coerce(v, elem, f"{path}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise bad
+        kt, vt = typing.get_args(tp) or (Any, Any)
+        return {coerce(k, kt, f"{path}.<key>"): coerce(v, vt, f"{path}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise bad
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+            return int(value)  # 1e6 in YAML is a float
+        raise bad
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise bad
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise bad
+    if isinstance(tp, type) and isinstance(value, tp):
+        return value
+    raise bad
+
+
+def from_dict(cls: type, data: Mapping[str, Any], path: str = "") -> Any:
+    """Build dataclass `cls` from a mapping, strictly: unknown keys and wrong types raise ConfigError.
+
+    A nested dataclass that defines its own `from_dict` classmethod (e.g. the loader's DataConfig and the
+    engine's ParallelConfig) is built by it, after the same unknown-key check, so its own validation runs.
+    """
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{path or 'config'}: expected a mapping of keys, got {data!r}")
+    hints = _hints(cls)
+    names = [f.name for f in dataclasses.fields(cls) if f.init]
+    for key in data:
+        if key not in names:
+            raise unknown_key_error(path, str(key), names)
+    kwargs = {}
+    for name in names:
+        if name not in data:
+            continue
+        sub = f"{path}.{name}" if path else name
+        tp = hints[name]
+        value = data[name]
+        if dataclasses.is_dataclass(tp) and isinstance(value, Mapping) and "from_dict" in vars(tp):
+            _check_keys_deep(tp, value, sub)
+            try:
+                kwargs[name] = tp.from_dict(dict(value))
+            except (ValueError, TypeError, KeyError) as e:
+                raise ConfigError(f"{sub}: {e}") from e
+        else:
+            kwargs[name] = coerce(value, tp, sub)
+    try:
+        obj = cls(**kwargs)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"{path or 'config'}: {e}") from e
+    return obj
+
+
+def _check_keys_deep(cls: type, data: Mapping[str, Any], path: str) -> None:
+    """Unknown-key check (with suggestions) through nested dataclass sections, without building them."""
+    hints = _hints(cls)
+    names = [f.name for f in dataclasses.fields(cls) if f.init]
+    for key, value in data.items():
+        if key not in names:
+            raise unknown_key_error(path, str(key), names)
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp) and isinstance(value, Mapping):
+            _check_keys_deep(tp, value, f"{path}.{key}")
+
+
+def to_dict(obj: Any) -> Any:
+    """Dataclass -> plain YAML-able structures (tuples become lists)."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, Mapping):
+        return {k: to_dict(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+# ------------------------------------------------------------------------------------------ YAML + overrides
+class RecipeLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that also reads 3e-4 / 1e6 as floats.
+
+    NOTE: PyYAML implements YAML 1.1, where a float needs a dot (3.0e-4); '3e-4' would silently stay a string,
+    and learning rates are written exactly like that.
+    """
+
+
+RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:\d[\d_]*)?(?:\.\d*)?[eE][-+]?\d+$"),
+    list("-+0123456789."),
+)
+
+_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def expand_env(value: Any, path: str = "") -> Any:
+    """Expand ${NAME} and ${NAME:-default} in every string of a nested structure."""
+    if isinstance(value, str):
+
+        def sub(m: re.Match) -> str:
+            name, default = m.group(1), m.group(2)
+            if name in os.environ:
+                return os.environ[name]
+            if default is not None:
+                return default
+            raise ConfigError(f"{path}: environment variable {name} is not set (or write ${{{name}:-default}})")
+
+        return _ENV.sub(sub, value)
+    if isinstance(value, Mapping):
+        return {k: expand_env(v, f"{path}.{k}" if path else str(k)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [expand_env(v, f"{path}[{i}]") for i, v in enumerate(value)]
+    return value
+
+
+def deep_merge(base: dict, over: Mapping) -> dict:
+    """`over` wins; mappings merge recursively; lists and scalars are replaced."""
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        if isinstance(v, Mapping) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def load_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
+    """Read a recipe, resolving `base:` (a path or a list of paths, relative to the file) first."""
+    p = Path(path).resolve()
+    if p in _seen:
+        raise ConfigError(f"recipe {p} includes itself through base: {' -> '.join(map(str, _seen))}")
+    if not p.is_file():
+        raise ConfigError(f"recipe file not found: {path}")
+    with open(p) as f:
+        data = yaml.load(f, Loader=RecipeLoader) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a recipe must be a mapping of sections, got {type(data).__name__}")
+    bases = data.pop("base", None)
+    merged: dict = {}
+    for b in [bases] if isinstance(bases, str) else (bases or []):
+        merged = deep_merge(merged, load_yaml(p.parent / b, _seen + (p,)))
+    return deep_merge(merged, data)
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """'optim.lr=3e-4' -> (['optim', 'lr'], 0.0003). The value is parsed as YAML ('null', lists, numbers)."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like dotted.key=value (e.g. optim.lr=3e-4)")
+    key, raw = item.split("=", 1)
+    key = key.strip().removeprefix("--")
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {item!r}: empty key part")
+    try:
+        value = yaml.load(raw, Loader=RecipeLoader) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {item!r}: value is not valid YAML: {e}") from e
+    return key.split("."), value
+
+
+def apply_overrides(data: dict, overrides: list[str], schema: type) -> dict:
+    """Apply CLI overrides onto a raw recipe dict. Keys are checked against `schema` as they are set, so a
+    typo names the override itself rather than a later parse failure."""
+    out = copy.deepcopy(data)
+    for item in overrides:
+        parts, value = parse_override(item)
+        cls: Any = schema
+        node = out
+        for i, part in enumerate(parts):
+            prefix = ".".join(parts[:i])
+            if cls is not None and dataclasses.is_dataclass(cls):
+                names = [f.name for f in dataclasses.fields(cls) if f.init]
+                if part not in names:
+                    raise unknown_key_error(prefix, part, names)
+                tp = _strip_optional(_hints(cls)[part])
+                cls = tp if dataclasses.is_dataclass(tp) else None
+            if i == len(parts) - 1:
+                node[part] = value
+            else:
+                nxt = node.get(part)
+                if not isinstance(nxt, dict):
+                    nxt = {}
+                    node[part] = nxt
+                node = nxt
+    return out
+
+
+def _strip_optional(tp: Any) -> Any:
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return tp
+
+
+# ------------------------------------------------------------------------------------------ field docs
+def field_docs(cls: type) -> dict[str, str]:
+    """Docstrings written under each dataclass field (read from the class source with ast)."""
+    try:
+        src = textwrap.dedent(inspect.getsource(cls))
+    except (OSError, TypeError):
+        return {}
+    tree = ast.parse(src)
+    body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
+    docs: dict[str, str] = {}
+    for prev, node in zip(body, body[1:]):
+        if (
+            isinstance(prev, ast.AnnAssign)
+            and isinstance(prev.target, ast.Name)
+            and isinstance(node, ast.Expr)
+            and isinstance(node.value, ast.Constant)
+            and isinstance(node.value.value, str)
+        ):
+            docs[prev.target.id] = inspect.cleandoc(node.value.value)
+    return docs
+
+
+def iter_fields(cls: type, prefix: str = ""):
+    """Yield (dotted_key, type_name, default_repr, doc, is_section) for every field, depth first."""
+    hints = _hints(cls)
+    docs = field_docs(cls)
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        key = f"{prefix}{f.name}"
+        tp = hints[f.name]
+        inner = _strip_optional(tp)
+        if dataclasses.is_dataclass(inner):
+            yield key, inner.__name__, "", docs.get(f.name, ""), True
+            yield from iter_fields(inner, key + ".")
+            continue
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            default = "(required)"
+        yield key, _type_name(tp), repr(to_dict(default)), docs.get(f.name, ""), False

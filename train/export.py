@@ -1,0 +1,175 @@
+"""python -m train.export CHECKPOINT OUT_DIR [--dtype bf16|fp16|fp32] [--max-shard-gb 5]
+
+Writes a Hugging Face Qwen2-VL directory (config.json + safetensors in the hub key layout, sharded with an
+index above --max-shard-gb, plus the run's tokenizer files when they are at hand) from one of our sharded
+DCP checkpoints, saved under any parallel layout. transformers' `Qwen2VLForConditionalGeneration
+.from_pretrained(OUT_DIR)` loads it and `python -m model.parity --hf OUT_DIR` checks it.
+
+CHECKPOINT is a step_* directory, or a checkpoint dir / run dir (its latest complete step is taken).
+
+It runs in one process without a process group and streams: one decoder layer / ViT block at a time is read
+from the checkpoint (DCP assembles the full tensors from every rank's shards) and appended to the current
+safetensors shard, so exporting 72B needs about one shard of memory, not the model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import shutil
+import sys
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemReader
+
+from model.config import ModelConfig
+from model.hf_adapter import INDEX_FILE, SINGLE_FILE, expected_shapes, to_hf_state_dict
+from train.checkpoint import checkpoint_keys, read_meta, resolve_checkpoint
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
+    "added_tokens.json", "chat_template.json", "chat_template.jinja", "generation_config.json",
+)
+
+
+def _units(keys: list[str]) -> Iterator[list[str]]:
+    """Our state-dict keys grouped so that q/k/v of one ViT block stay together (they fuse into `qkv`)."""
+    groups: dict[str, list[str]] = {}
+    for k in keys:
+        m = re.match(r"^(visual\.blocks\.\d+|layers\.\d+)\.", k)
+        groups.setdefault(m.group(1) if m else "__top__", []).append(k)
+    for _, ks in sorted(groups.items(), key=lambda kv: kv[0]):
+        yield ks
+
+
+def export(checkpoint: str | Path, out_dir: str | Path, dtype: str = "bf16", max_shard_gb: float = 5.0) -> Path:
+    """Export a checkpoint as an HF Qwen2-VL directory; returns OUT_DIR."""
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype {dtype!r}: choose one of {sorted(DTYPES)}")
+    tdtype = DTYPES[dtype]
+    ck = resolve_checkpoint(checkpoint)
+    meta = read_meta(ck)
+    mcfg = ModelConfig.from_hf_dict(meta["model_config"])
+    shapes = expected_shapes(mcfg)
+    tie = mcfg.text.tie_word_embeddings
+    keys = [k for k in shapes if not (tie and k == "lm_head.weight")]
+    stored = checkpoint_keys(ck)
+    absent = [k for k in keys if f"model.{k}" not in stored]
+    if absent:
+        raise ValueError(f"checkpoint {ck} lacks model tensors {absent[:5]} (of {len(absent)})")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for p in out.iterdir():  # a reader must never see shards of two exports mixed
+        if p.name in (SINGLE_FILE, INDEX_FILE) or re.match(r"^model-\d{5}-of-\d{5}\.safetensors(\.tmp)?$", p.name):
+            p.unlink()
+
+    from safetensors.torch import save_file
+
+    max_bytes = int(max_shard_gb * 1e9)
+    cur: dict[str, torch.Tensor] = {}
+    cur_bytes = 0
+    weight_map: dict[str, int] = {}
+    total = 0
+    tmp_names: list[Path] = []
+
+    def flush() -> None:
+        nonlocal cur, cur_bytes
+        if not cur:
+            return
+        idx = len(tmp_names)
+        path = out / f"shard-{idx:05d}.safetensors.tmp"
+        save_file(cur, str(path), metadata={"format": "pt"})
+        tmp_names.append(path)
+        for k in cur:
+            weight_map[k] = idx
+        cur, cur_bytes = {}, 0
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+        for unit in _units(keys):
+            sd = {f"model.{k}": torch.empty(shapes[k], dtype=torch.float32) for k in unit}
+            dcp.load(sd, storage_reader=FileSystemReader(str(ck)), no_dist=True)
+            ours = {k: sd[f"model.{k}"].to(tdtype) for k in unit}
+            for hk, t in to_hf_state_dict(ours, tie).items():
+                t = t.contiguous().clone()  # own storage (q/k/v rows fused; safetensors refuses shared views)
+                n = t.numel() * t.element_size()
+                if cur and cur_bytes + n > max_bytes:
+                    flush()
+                cur[hk] = t
+                cur_bytes += n
+                total += n
+        flush()
+    n = len(tmp_names)
+    if n == 1:
+        os.replace(tmp_names[0], out / SINGLE_FILE)
+    else:
+        names = [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        for tmp, name in zip(tmp_names, names):
+            os.replace(tmp, out / name)
+        index = {"metadata": {"total_size": total}, "weight_map": {k: names[i] for k, i in sorted(weight_map.items())}}
+        (out / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+    hf_cfg = mcfg.to_hf_dict()
+    hf_cfg["torch_dtype"] = hf_cfg["dtype"] = _DTYPE_NAMES[tdtype]
+    (out / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
+    _copy_tokenizer(ck, out)
+    log.info("exported %s (step %s) to %s: %d file(s), %.2f GB", ck, meta.get("step"), out, n, total / 1e9)
+    return out
+
+
+def _copy_tokenizer(ck: Path, out: Path) -> None:
+    """Copy the run's tokenizer files and write Qwen2-VL's preprocessor_config.json, so AutoProcessor works."""
+    import yaml
+
+    try:
+        data = (yaml.safe_load((ck / "config.yaml").read_text()) or {}).get("data", {})
+    except (OSError, yaml.YAMLError):
+        return
+    tok = Path(data.get("tokenizer") or "")
+    if tok.is_dir():
+        for name in TOKENIZER_FILES:
+            if (tok / name).is_file():
+                shutil.copy2(tok / name, out / name)
+    pre = {
+        "image_processor_type": "Qwen2VLImageProcessor",
+        "processor_class": "Qwen2VLProcessor",
+        "do_resize": True, "do_rescale": True, "do_normalize": True, "do_convert_rgb": True,
+        "rescale_factor": 1 / 255,
+        "image_mean": [0.48145466, 0.4578275, 0.40821073],
+        "image_std": [0.26862954, 0.26130258, 0.27577711],
+        "min_pixels": int(data.get("min_pixels", 3136)),
+        "max_pixels": int(data.get("max_pixels", 12845056)),
+        "patch_size": 14, "temporal_patch_size": 2, "merge_size": 2,
+    }
+    (out / "preprocessor_config.json").write_text(json.dumps(pre, indent=2) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m train.export", description=__doc__.split("\n")[0])
+    parser.add_argument("checkpoint", help="a step_* directory, or a checkpoint dir / run dir (latest step)")
+    parser.add_argument("out_dir", help="output Hugging Face directory")
+    parser.add_argument("--dtype", default="bf16", choices=sorted(DTYPES), help="weight dtype (default bf16)")
+    parser.add_argument("--max-shard-gb", type=float, default=5.0, help="safetensors shard size (default 5)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    try:
+        out = export(args.checkpoint, args.out_dir, args.dtype, args.max_shard_gb)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"export failed: {e}", file=sys.stderr)
+        return 2
+    print(out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

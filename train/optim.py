@@ -1,0 +1,157 @@
+"""Module groups, freezing, AdamW parameter groups and the LR schedule.
+
+Groups by FQN prefix (the FQNs of the single-process model, which the engine keeps under every layout):
+vision = `visual.*` except `visual.merger.*`; merger = `visual.merger.*`; llm = everything else
+(embed_tokens, layers, norm, lm_head).
+
+Frozen parameters get `requires_grad=False` before the engine wraps the model, so they get no gradient, no
+optimizer state and no gradient reduction. Trainable parameters form up to six AdamW groups:
+(vision | merger | llm) x (decay | no decay); norms, biases and every 1-d parameter get no weight decay.
+
+The LR is a pure function of the step (warmup, then cosine/linear/constant decay to min_lr_ratio x peak at
+train.steps), so a resumed run sets exactly the LR the uninterrupted run would have, with no scheduler
+state to drift.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+import torch.nn as nn
+
+from train.config import GROUPS, JobConfig
+
+
+def group_of(fqn: str) -> str:
+    """'vision', 'merger' or 'llm' for a parameter FQN of the (single-process) model."""
+    if fqn.startswith("visual.merger."):
+        return "merger"
+    if fqn.startswith("visual."):
+        return "vision"
+    return "llm"
+
+
+def decays(fqn: str, p: torch.Tensor) -> bool:
+    """Weight decay applies to matrices and embeddings only: never to norms, biases or other 1-d tensors."""
+    owner = fqn.rsplit(".", 2)[-2] if fqn.count(".") >= 1 else ""
+    return p.ndim >= 2 and not fqn.endswith(".bias") and "norm" not in owner
+
+
+def apply_freeze(named_params: Iterable[tuple[str, nn.Parameter]], frozen: Iterable[str]) -> dict[str, int]:
+    """Set requires_grad by group; return {group: trainable parameter count} (after freezing)."""
+    frozen = set(frozen)
+    unknown = frozen - set(GROUPS)
+    if unknown:
+        raise ValueError(f"unknown groups {sorted(unknown)}; groups are {list(GROUPS)}")
+    counts = dict.fromkeys(GROUPS, 0)
+    for fqn, p in named_params:
+        g = group_of(fqn)
+        p.requires_grad_(g not in frozen)
+        if g not in frozen:
+            counts[g] += p.numel()
+    return counts
+
+
+def param_groups(named_params: Iterable[tuple[str, nn.Parameter]], cfg: JobConfig) -> list[dict]:
+    """AdamW groups for the trainable parameters: one per (group, decay) that has parameters."""
+    buckets: dict[tuple[str, bool], list[tuple[str, nn.Parameter]]] = {}
+    seen: set[int] = set()
+    for fqn, p in named_params:
+        if not p.requires_grad or id(p) in seen:  # tied weights appear once
+            continue
+        seen.add(id(p))
+        buckets.setdefault((group_of(fqn), decays(fqn, p)), []).append((fqn, p))
+    groups = []
+    for (g, decay), items in sorted(buckets.items()):
+        peak = cfg.group_lr(g)
+        groups.append(
+            {
+                "params": [p for _, p in items],
+                "param_names": [n for n, _ in items],
+                "name": f"{g}{'' if decay else '_no_decay'}",
+                "group": g,
+                "peak_lr": peak,
+                "lr": peak,
+                "weight_decay": cfg.optim.weight_decay if decay else 0.0,
+            }
+        )
+    return groups
+
+
+def build_optimizer(named_params: list[tuple[str, nn.Parameter]], cfg: JobConfig) -> torch.optim.AdamW | None:
+    """AdamW over the trainable parameters, fused on CUDA, foreach elsewhere (optim.implementation).
+
+    None when this rank holds no trainable parameter (e.g. a pipeline stage of only frozen LLM layers in
+    stage 1): the rank still runs forward/backward (activation gradients flow through it) but never steps.
+    """
+    groups = param_groups(named_params, cfg)
+    if not groups:
+        return None
+    impl = cfg.optim.implementation
+    on_cuda = all(p.device.type == "cuda" for g in groups for p in g["params"])
+    if impl == "auto":
+        impl = "fused" if on_cuda else "foreach"
+    if impl == "fused" and not on_cuda:
+        raise ValueError("optim.implementation=fused needs every parameter on CUDA; use auto or foreach")
+    kw = {"fused": True} if impl == "fused" else {"foreach": impl == "foreach"}
+    return torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps, **kw)
+
+
+def lr_multiplier(step: int, cfg: JobConfig) -> float:
+    """LR / peak LR for the update made at 0-based step `step`."""
+    o, total = cfg.optim, cfg.train.steps
+    if o.warmup_steps and step < o.warmup_steps:
+        return (step + 1) / o.warmup_steps
+    if o.schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - o.warmup_steps) / max(1, total - o.warmup_steps))
+    if o.schedule == "linear":
+        decay = 1.0 - progress
+    else:
+        decay = 0.5 * (1.0 + math.cos(math.pi * progress))
+    return o.min_lr_ratio + (1.0 - o.min_lr_ratio) * decay
+
+
+def set_lr(optimizer: torch.optim.Optimizer | None, step: int, cfg: JobConfig) -> dict[str, float]:
+    """Set every group's LR for `step`; return {trainable module group: lr} (the same on every rank)."""
+    mult = lr_multiplier(step, cfg)
+    if optimizer is not None:
+        for g in optimizer.param_groups:
+            g["lr"] = g["peak_lr"] * mult
+    return {g: cfg.group_lr(g) * mult for g in GROUPS if g not in cfg.frozen_groups}
+
+
+@torch.no_grad()
+def init_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    """Materialize AdamW's lazily created state (so a checkpoint can be loaded into it in place).
+
+    NOTE: done by one step with zero gradients and lr 0, as torch.distributed.checkpoint.state_dict does it:
+    the parameters do not move (decoupled decay is multiplied by lr), and whatever tensor type and
+    placement each parameter has (DTensor under TP/FSDP), the state gets the same, built by AdamW itself.
+    """
+    saved = []
+    for g in optimizer.param_groups:
+        saved.append(g["lr"])
+        g["lr"] = 0.0
+        for p in g["params"]:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+    optimizer.step()
+    for g, lr in zip(optimizer.param_groups, saved):
+        g["lr"] = lr
+    optimizer.zero_grad(set_to_none=True)
+
+
+def optimizer_state_tensors(optimizer: torch.optim.Optimizer | None) -> dict[str, torch.Tensor]:
+    """{'<fqn>.<stat>': tensor} for every parameter's state, keyed by FQN (layout independent)."""
+    out: dict[str, torch.Tensor] = {}
+    if optimizer is None:
+        return out
+    for g in optimizer.param_groups:
+        for name, p in zip(g["param_names"], g["params"]):
+            for stat, t in optimizer.state.get(p, {}).items():
+                if isinstance(t, torch.Tensor):
+                    out[f"{name}.{stat}"] = t
+    return out
