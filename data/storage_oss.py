@@ -182,13 +182,13 @@ class OssStorage:
             marker = page.next_marker
         return sorted(out)
 
-    def _head(self, url: str):
+    def _head(self, url: str, missing_ok: bool = False):
         b, key = self._bucket(url)
-        return self._t.call(url, "head", lambda: b.head_object(key))
+        return self._t.call(url, "head", lambda: b.head_object(key), missing_ok)
 
     def exists(self, url: str) -> bool:
         try:
-            self._head(url)
+            self._head(url, missing_ok=True)
         except ObjectNotFoundError:
             return False
         return True

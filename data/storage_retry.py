@@ -279,8 +279,9 @@ class RetryPolicy:
         return random.uniform(0.0, min(self.max_s, base * (2.0**attempt)))
 
 
-def _raise_permanent(url: str, op: str, f: Failure) -> None:
-    METRICS.add(permanent_errors=1)
+def _raise_permanent(url: str, op: str, f: Failure, missing_ok: bool = False) -> None:
+    if not (missing_ok and f.kind == NOT_FOUND):  # exists() asking about a missing object is not an error
+        METRICS.add(permanent_errors=1)
     msg = f"{op} {url}: {f.detail}"
     if f.kind == NOT_FOUND:
         raise ObjectNotFoundError(msg) from None
@@ -323,8 +324,9 @@ class RetryingTransport:
         log.debug("retrying %s %s after %s (attempt %d, sleeping %.3fs)", op, url, f.kind, attempt + 1, wait)
         time.sleep(wait)
 
-    def call(self, url: str, op: str, fn: Callable[[], T]) -> T:
-        """One request (head, list page, small get) with retries; permanent failures raise at once."""
+    def call(self, url: str, op: str, fn: Callable[[], T], missing_ok: bool = False) -> T:
+        """One request (head, list page, small get) with retries; permanent failures raise at once.
+        `missing_ok`: a 404 is an answer (exists()), not counted as a permanent error."""
         attempt = 0
         while True:
             try:
@@ -337,7 +339,7 @@ class RetryingTransport:
                 if f is None:
                     raise
                 if not f.transient:
-                    _raise_permanent(url, op, f)
+                    _raise_permanent(url, op, f, missing_ok)
                 self._wait(url, op, attempt, f)
                 attempt += 1
 

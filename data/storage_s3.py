@@ -145,13 +145,13 @@ class S3Storage:
                 raise StorageError(f"list {prefix}: truncated listing without a continuation token")
         return sorted(out)
 
-    def _head(self, url: str) -> dict:
+    def _head(self, url: str, missing_ok: bool = False) -> dict:
         bucket, key = self._split(url)
-        return self._t.call(url, "head", lambda: self._client.head_object(Bucket=bucket, Key=key))
+        return self._t.call(url, "head", lambda: self._client.head_object(Bucket=bucket, Key=key), missing_ok)
 
     def exists(self, url: str) -> bool:
         try:
-            self._head(url)
+            self._head(url, missing_ok=True)
         except ObjectNotFoundError:
             return False
         return True

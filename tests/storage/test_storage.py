@@ -132,8 +132,11 @@ def test_reads_survive_faults_and_are_counted(scheme, objects, make_proxy):
     s = px.stats
     assert s.injected_503 > 0 and s.injected_429 > 0 and s.injected_resets > 0 and s.injected_delays > 0
     assert m["retries_throttled"] == s.injected_503 + s.injected_429
-    assert m["retries_truncated_body"] + m["retries_connection_reset"] >= s.injected_resets
-    assert m["retries_timeout"] >= 1
+    # Each injected reset and each delay past the read timeout costs exactly one retry (a reset can show up as
+    # a timeout when a loaded server was slow before the cut), plus timeouts nobody injected on a busy machine.
+    broken = m["retries_truncated_body"] + m["retries_connection_reset"] + m["retries_timeout"]
+    assert broken >= s.injected_resets + s.injected_delays, (m, s)
+    assert m["retries_truncated_body"] + m["retries_connection_reset"] >= 1 and m["retries_timeout"] >= 1
     assert m["resumed_reads"] >= 1 and m["resumed_bytes"] > 0, m
     assert m["retries"] == sum(v for k, v in m.items() if k.startswith("retries_") and k != "retries_exhausted")
     assert m["permanent_errors"] == 0 and m["retries_exhausted"] == 0
