@@ -1,0 +1,92 @@
+"""Activation checkpointing of ViT blocks and decoder layers: full, per block (every n-th), or per op class.
+
+The block's `forward` is replaced on the instance by a non-reentrant `torch.utils.checkpoint` call, so
+module names (FQNs), TP hooks and FSDP2 hooks are untouched (checkpoint_wrapper would add
+`_checkpoint_wrapped_module.` to every name). Applied after TP and before FSDP (torchtitan's order).
+
+Per op class ("selective", ac_selective='op'): inside every block, the outputs of matmuls, attention kernels
+and TP collectives are saved; norms, activations, rotary and other elementwise ops are recomputed. This keeps
+most of the memory win of full recomputation for a fraction of its extra FLOPs (Korthikanti et al. 2022).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn as nn
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+
+from parallel.config import ParallelConfig
+
+
+def _op_names() -> set:
+    """Ops whose outputs selective checkpointing saves (looked up by name: some only exist on some builds)."""
+    aten = torch.ops.aten
+    names = [
+        (aten, "mm"), (aten, "addmm"), (aten, "bmm"), (aten, "baddbmm"), (aten, "linear"),
+        (aten, "_scaled_dot_product_flash_attention"), (aten, "_scaled_dot_product_efficient_attention"),
+        (aten, "_scaled_dot_product_cudnn_attention"), (aten, "_scaled_dot_product_flash_attention_for_cpu"),
+        (aten, "_flash_attention_forward"), (aten, "_efficient_attention_forward"),
+        (aten, "convolution"),
+    ]
+    out = set()
+    for ns, name in names:
+        op = getattr(ns, name, None)
+        if op is not None:
+            out.add(op.default)
+    for name in ("all_gather_into_tensor", "reduce_scatter_tensor", "all_reduce"):
+        op = getattr(torch.ops._c10d_functional, name, None)
+        if op is not None:
+            out.add(op.default)
+    return out
+
+
+_SAVE_OPS: set | None = None
+
+
+def _policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    return CheckpointPolicy.MUST_SAVE if op in _SAVE_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _selective_context():
+    global _SAVE_OPS
+    if _SAVE_OPS is None:
+        _SAVE_OPS = _op_names()
+    return create_selective_checkpoint_contexts(_policy)
+
+
+def checkpoint_module(module: nn.Module, selective_ops: bool) -> None:
+    """Recompute `module`'s forward in backward (all of it, or all but the saved op outputs)."""
+    inner = module.forward
+    kwargs = {"context_fn": _selective_context} if selective_ops else {}
+
+    @functools.wraps(inner)
+    def forward(*args, **kw):
+        return checkpoint(inner, *args, use_reentrant=False, preserve_rng_state=False, **kwargs, **kw)
+
+    module.forward = forward
+    module._parallel_ac = "op" if selective_ops else "full"
+
+
+def apply_activation_checkpointing(model: nn.Module, cfg: ParallelConfig) -> list[str]:
+    """Apply cfg.activation_checkpoint to every ViT block and decoder layer; returns the FQNs checkpointed."""
+    mode = cfg.activation_checkpoint
+    if mode == "none":
+        return []
+    blocks: list[tuple[str, nn.Module]] = []
+    if getattr(model, "visual", None) is not None:
+        blocks += [(f"visual.blocks.{n}", b) for n, b in model.visual.blocks.items()]
+    blocks += [(f"layers.{n}", b) for n, b in model.layers.items()]
+    done = []
+    for i, (name, block) in enumerate(blocks):
+        if mode == "full":
+            checkpoint_module(block, selective_ops=False)
+        elif cfg.ac_selective == "op":
+            checkpoint_module(block, selective_ops=True)
+        elif i % cfg.ac_every == 0:
+            checkpoint_module(block, selective_ops=False)
+        else:
+            continue
+        done.append(name)
+    return done

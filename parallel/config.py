@@ -1,0 +1,116 @@
+"""ParallelConfig: the typed, strict description of one parallel layout and its engine options.
+
+Recipes select and override these fields (YAML -> `ParallelConfig.from_dict`, unknown keys are errors).
+Every field has a docstring; `validate()` raises ValueError naming the value and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+_AC_MODES = ("none", "selective", "full")
+_AC_SELECTIVE = ("op", "block")
+_PRECISIONS = ("fp32", "bf16")
+_BACKENDS = ("auto", "nccl", "gloo")
+
+
+@dataclass
+class ParallelConfig:
+    """One parallel layout (pp x dp x tp = world size) and the engine's options."""
+
+    dp: int = -1
+    """Data-parallel degree (FSDP2 shard group). -1 = fill from the world size: world / (pp * tp)."""
+    tp: int = 1
+    """Tensor-parallel degree: ViT and LLM attention/MLP projections are split over tp ranks (DTensor)."""
+    pp: int = 1
+    """Pipeline-parallel degree: number of 1F1B stages (stage 0 = ViT + merger + embeddings + first k layers)."""
+    sequence_parallel: bool = True
+    """With tp > 1: shard norms and the residual stream along the sequence between blocks (Korthikanti et al.).
+    Packed sequences are then padded at the tail to a multiple of tp (a separate, unsupervised segment)."""
+    pp_first_stage_layers: int | str = "auto"
+    """k = decoder layers on pipeline stage 0 (which also holds the ViT). An int, or 'auto' to derive k from
+    FLOPs so stage 0 (ViT + k layers) costs about as much as each later stage."""
+    pp_vision_fraction: float = 0.25
+    """Only for pp_first_stage_layers='auto': the expected fraction of LLM tokens that are vision tokens, which
+    sets how much ViT work stage 0 carries per LLM token."""
+    num_microbatches: int = 1
+    """Microbatches per optimizer step per dp rank (gradient accumulation; with pp > 1 the 1F1B microbatches).
+    The engine takes whatever list step() gets and checks that every dp rank passed the same count."""
+    activation_checkpoint: str = "none"
+    """'none', 'selective' (see ac_selective) or 'full' (recompute every ViT block and decoder layer)."""
+    ac_selective: str = "op"
+    """With activation_checkpoint='selective': 'op' = per op class in every block (keep matmul, attention and
+    TP-collective outputs, recompute norms/activations/elementwise), or 'block' = fully recompute every
+    ac_every-th block."""
+    ac_every: int = 2
+    """With ac_selective='block': checkpoint every ac_every-th ViT block / decoder layer (1 = all)."""
+    zero_stage: int = 1
+    """1 = ZeRO-1 semantics (FSDP2 reshard_after_forward=False: parameters stay unsharded for the whole step,
+    one gradient reduce-scatter per step, optimizer state and fp32 master weights sharded over dp);
+    3 = ZeRO-3 (reshard after forward, gradients reduce-scattered every microbatch), for big models without PP."""
+    mixed_precision: str = "fp32"
+    """'fp32', or 'bf16' = bf16 compute with fp32 master weights, fp32 gradient reduction and fp32 loss."""
+    timeout_s: float = 600.0
+    """Timeout in seconds of every process group and every P2P wait: a hang becomes an error after this long."""
+    check_replicated_every: int = 0
+    """Debug: every N steps check that weights replicated across tp ranks (patch embed, norms, merger) and the
+    pipeline-tied embedding are bitwise identical (raises naming the parameter). 0 = never."""
+    backend: str = "auto"
+    """Process-group backend: 'auto' (nccl on CUDA, gloo on CPU), 'nccl' or 'gloo'."""
+    device: str = "auto"
+    """'auto' (cuda:LOCAL_RANK when CUDA is available, else cpu), 'cpu' or 'cuda'."""
+    loss_chunk_size: int = 4096
+    """Supervised rows per chunk of the (vocab-parallel) LM head + cross-entropy; logits are recomputed per chunk
+    in backward, so peak memory is one chunk of logits, never T x V."""
+
+    # ------------------------------------------------------------------------------------------------ API
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None) -> ParallelConfig:
+        """Build from a recipe dict; unknown keys are a ValueError listing the valid ones."""
+        d = dict(d or {})
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown parallel config keys {unknown}; valid keys: {sorted(names)}")
+        cfg = cls(**d)
+        cfg.validate()
+        return cfg
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def validate(self) -> None:
+        """Raise ValueError naming the offending value and the fix (world size is checked by ParallelDims)."""
+        for name in ("tp", "pp", "num_microbatches", "ac_every"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"parallel.{name}={v!r} must be an integer >= 1")
+        if not isinstance(self.dp, int) or isinstance(self.dp, bool) or (self.dp < 1 and self.dp != -1):
+            raise ValueError(f"parallel.dp={self.dp!r} must be an integer >= 1, or -1 to fill from the world size")
+        k = self.pp_first_stage_layers
+        if not (k == "auto" or (isinstance(k, int) and not isinstance(k, bool) and k >= 1)):
+            raise ValueError(f"parallel.pp_first_stage_layers={k!r} must be 'auto' or an integer >= 1")
+        if not 0.0 <= float(self.pp_vision_fraction) <= 1.0:
+            raise ValueError(f"parallel.pp_vision_fraction={self.pp_vision_fraction} must be in [0, 1]")
+        if self.activation_checkpoint not in _AC_MODES:
+            raise ValueError(
+                f"parallel.activation_checkpoint={self.activation_checkpoint!r}; choose one of {_AC_MODES}"
+            )
+        if self.ac_selective not in _AC_SELECTIVE:
+            raise ValueError(f"parallel.ac_selective={self.ac_selective!r}; choose one of {_AC_SELECTIVE}")
+        if self.zero_stage not in (1, 3):
+            raise ValueError(f"parallel.zero_stage={self.zero_stage!r}; choose 1 (ZeRO-1 semantics) or 3 (ZeRO-3)")
+        if self.mixed_precision not in _PRECISIONS:
+            raise ValueError(f"parallel.mixed_precision={self.mixed_precision!r}; choose one of {_PRECISIONS}")
+        if not float(self.timeout_s) > 0:
+            raise ValueError(f"parallel.timeout_s={self.timeout_s} must be > 0 seconds")
+        if not isinstance(self.check_replicated_every, int) or self.check_replicated_every < 0:
+            raise ValueError(f"parallel.check_replicated_every={self.check_replicated_every!r} must be >= 0")
+        if self.backend not in _BACKENDS:
+            raise ValueError(f"parallel.backend={self.backend!r}; choose one of {_BACKENDS}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"parallel.device={self.device!r}; choose 'auto', 'cpu' or 'cuda'")
+        if not isinstance(self.loss_chunk_size, int) or self.loss_chunk_size < 1:
+            raise ValueError(f"parallel.loss_chunk_size={self.loss_chunk_size!r} must be an integer >= 1")

@@ -1,0 +1,466 @@
+"""parallelize(): PP split -> TP/SP -> activation checkpointing -> FSDP2, and the ParallelModel that runs steps.
+
+One documented order (torchtitan's): the pipeline split prunes the model to this rank's stage first, tensor
+parallelism shards what is left, activation checkpointing wraps blocks, FSDP2 shards over dp last.
+
+A step (ParallelModel.step):
+  1. stage 0 pads each microbatch for SP (when tp > 1) and, with pp > 1, broadcasts the step's lengths and
+     small tensors to its pipeline group (parallel/pipeline_schedule.py);
+  2. every rank learns the GLOBAL supervised-token count (all-reduce over dp) before any backward, so each
+     microbatch backpropagates loss_sum / global_count and nothing divides twice;
+  3. the 1F1B schedule runs (with pp = 1 it is plain gradient accumulation); FSDP reduces gradients on the
+     last microbatch only (ZeRO-1);
+  4. post-backward: the pipeline-tied embedding's two gradients are summed, the gradients of weights that
+     every tp rank computes redundantly (patch embed, merger) are averaged over tp, so they cannot drift;
+  5. the loss is summed over dp and sent to every rank.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+from data.batch import PackedBatch
+from parallel.checkpointing import apply_activation_checkpointing
+from parallel.config import ParallelConfig
+from parallel.data_parallel import apply_fsdp, set_microbatch_flags
+from parallel.dims import ParallelDims
+from parallel.pipeline_schedule import (
+    MicrobatchMeta,
+    OneFOneB,
+    ScheduleStats,
+    broadcast_step_metadata,
+    metas_from_batches,
+)
+from parallel.pipeline_split import prune_to_stage, stage_layer_ids
+from parallel.tensor_parallel import apply_tensor_parallel, check_tp_divisibility, pad_microbatch
+from parallel.vocab_parallel import make_loss_fn
+
+
+@dataclass
+class StepResult:
+    """What one optimizer step's forward/backward measured (identical on every rank)."""
+
+    loss: float
+    """Global mean loss: sum of supervised-token cross-entropies over all dp ranks and microbatches divided by
+    their count (0.0 when nothing was supervised)."""
+    num_tokens: int
+    """Global packed tokens (before SP padding), all dp ranks and microbatches."""
+    num_supervised: int
+    """Global supervised tokens (the loss denominator)."""
+    num_microbatches: int
+    """Global microbatches (dp x per-rank count)."""
+    padded_tokens: int
+    """Global tokens added by sequence-parallel tail padding (0 without SP)."""
+    step_time_s: float
+    """Wall time of this rank's step() call."""
+    schedule: ScheduleStats | None = None
+    """This rank's schedule record: receive-buffer shapes, compute time, idle fraction (this rank only)."""
+
+
+# ------------------------------------------------------------------------------------------ loss override
+def _install_parallel_loss(model: nn.Module, loss_fn) -> None:
+    """Make the stage's forward compute its loss with `loss_fn` (vocab-parallel) instead of model.loss.
+
+    The model's own forward runs without labels (returning the final hidden states), then the loss is taken
+    inside the same forward call, so FSDP's root hooks cover the head weight. Implemented as a subclass swap
+    of this instance, so parameter names and the model's code stay untouched."""
+    base = type(model)
+
+    def forward(self, *args, labels=None, **kwargs):
+        out = base.forward(self, *args, labels=None, **kwargs)
+        if labels is None or self.lm_head is None:
+            return out
+        return self._parallel_loss_fn(out, self.lm_head.weight, labels)
+
+    model.__class__ = type(f"VocabParallel{base.__name__}", (base,), {"forward": forward})
+    model._parallel_loss_fn = loss_fn
+
+
+# ------------------------------------------------------------------------------------------ parallelize
+def parallelize(model: nn.Module, dims: ParallelDims, cfg: ParallelConfig) -> ParallelModel:
+    """Turn a single-device Qwen2VL into this rank's share of the parallel layout (in place).
+
+    `model` may be materialized (every rank must have built the same weights, e.g. same seed or loaded from the
+    same checkpoint) or on the meta device (then call ParallelModel.materialize() and load weights). Set
+    requires_grad=False on frozen parameters BEFORE calling this. Returns a ParallelModel whose modules keep
+    the single-process parameter names."""
+    cfg.validate()
+    if (dims.pp, dims.dp, dims.tp) != (cfg.pp, dims.dp, cfg.tp) or (cfg.dp != -1 and cfg.dp != dims.dp):
+        raise ValueError(
+            f"ParallelDims (pp={dims.pp}, dp={dims.dp}, tp={dims.tp}) does not match the config "
+            f"(pp={cfg.pp}, dp={cfg.dp}, tp={cfg.tp}); build both from the same ParallelConfig"
+        )
+    mcfg = model.cfg
+    check_tp_divisibility(mcfg, dims.tp)
+    on_meta = any(p.is_meta for p in model.parameters())
+    if not on_meta:
+        model.to(dims.device)
+    tied = mcfg.text.tie_word_embeddings and model.lm_head is not None and (
+        model.lm_head.weight is model.embed_tokens.weight
+    )
+    layer_ids = stage_layer_ids(mcfg, dims.pp, cfg.pp_first_stage_layers, cfg.pp_vision_fraction)
+    stage = dims.pp_rank
+    prune_to_stage(model, stage, layer_ids)
+    sp = cfg.sequence_parallel and dims.tp > 1
+    plain_replicated: list[str] = []
+    if dims.tp > 1:
+        tp_mesh = dims.get_mesh("tp")
+        apply_tensor_parallel(model, tp_mesh, sp)
+        plain_replicated = [n for n, p in model.named_parameters() if not isinstance(p, DTensor)]
+        if model.lm_head is not None:
+            _install_parallel_loss(model, make_loss_fn(tp_mesh, sp, cfg.loss_chunk_size))
+    elif model.lm_head is not None and cfg.loss_chunk_size != 4096:
+        from model.loss import lm_loss
+
+        _install_parallel_loss(model, lambda h, w, y: lm_loss(h, w, y, chunk_size=cfg.loss_chunk_size))
+    apply_activation_checkpointing(model, cfg)
+    apply_fsdp(model, dims.get_mesh("dp"), cfg)
+    pm = ParallelModel(model, dims, cfg, stage=stage, layer_ids=layer_ids, tied_across_stages=tied and dims.pp > 1,
+                       plain_replicated=plain_replicated, sequence_parallel=sp)
+    if not on_meta:
+        pm._sync_tied_weights()
+    return pm
+
+
+# ------------------------------------------------------------------------------------------ ParallelModel
+class ParallelModel:
+    """This rank's stage of the model, sharded over tp and dp, and the step that trains it."""
+
+    def __init__(self, module: nn.Module, dims: ParallelDims, cfg: ParallelConfig, *, stage: int,
+                 layer_ids: list[list[int]], tied_across_stages: bool, plain_replicated: list[str],
+                 sequence_parallel: bool) -> None:
+        self.modules: list[nn.Module] = [module]
+        """This rank's pipeline stage module(s); parameter names equal the single-process model's."""
+        self.dims, self.cfg = dims, cfg
+        self.stage, self.layer_ids = stage, layer_ids
+        self.sequence_parallel = sequence_parallel
+        self.tied_across_stages = tied_across_stages
+        self.plain_replicated = plain_replicated
+        self.hidden_size = module.cfg.text.hidden_size
+        self.compute_dtype = torch.bfloat16 if cfg.mixed_precision == "bf16" else torch.float32
+        self.steps = 0
+        self._tie_group = self._make_tie_group() if tied_across_stages else None
+        pp_group = dims.get_group("pp") if dims.pp > 1 else None
+        self.executor = OneFOneB(
+            stage=stage, num_stages=dims.pp, group=pp_group,
+            prev_rank=dims.stage_rank(stage - 1) if stage > 0 else None,
+            next_rank=dims.stage_rank(stage + 1) if stage < dims.pp - 1 else None,
+            timeout=dims.timeout, device=dims.device,
+        )
+
+    @property
+    def module(self) -> nn.Module:
+        return self.modules[0]
+
+    def reshard(self) -> None:
+        """Put every FSDP unit back to its sharded parameters. step() ends sharded; a forward run outside
+        step() (e.g. an eval under no_grad) leaves ZeRO-1 units unsharded until this is called."""
+        for m in self.modules:
+            for sub in m.modules():
+                if isinstance(sub, FSDPModule):
+                    sub.reshard()
+
+    # ---------------------------------------------------------------- parameters
+    def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """(single-process FQN, parameter) of this rank's stage: trainable and frozen, each once."""
+        seen: set[int] = set()
+        for m in self.modules:
+            for name, p in m.named_parameters():
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    yield name, p
+
+    def parameters(self) -> Iterator[nn.Parameter]:
+        """This rank's parameters (sharded DTensors), trainable and frozen; group them by FQN for the optimizer
+        (named_parameters) and give it only those with requires_grad."""
+        for _, p in self.named_parameters():
+            yield p
+
+    # ---------------------------------------------------------------- meta-device path
+    @torch.no_grad()
+    def materialize(self, device: torch.device | str | None = None, init_weights: bool = True) -> None:
+        """For a model parallelized on the meta device: allocate this rank's shards on `device` (default: the
+        mesh device), recompute the rotary buffers, and (init_weights) run the model's init. Load real
+        weights afterwards with load_state_dict (or DCP)."""
+        from model.qwen2_vl import MRotary
+        from model.vision import VisionRotary
+
+        device = torch.device(device) if device is not None else self.dims.device
+        for m in self.modules:
+            m.to_empty(device=device)
+            if init_weights:
+                m.init_weights()
+            m.rotary.inv_freq.copy_(MRotary(m.cfg.text).inv_freq)
+            if m.visual is not None:
+                m.visual.rotary.inv_freq.copy_(VisionRotary(m.cfg.vision).inv_freq)
+        self._sync_tied_weights()
+
+    # ---------------------------------------------------------------- step
+    def _stage0_batches(self, microbatches: list[PackedBatch] | None) -> list[tuple[PackedBatch, int]] | None:
+        if self.stage != 0:
+            return None
+        if not microbatches:
+            raise ValueError(
+                f"rank {dist.get_rank()} is pipeline stage 0 and needs the step's microbatches, got "
+                f"{microbatches!r}; only stages > 0 may pass None"
+            )
+        out = []
+        for i, mb in enumerate(microbatches):
+            if not isinstance(mb, PackedBatch):
+                raise ValueError(f"microbatch {i} is a {type(mb).__name__}, expected data.batch.PackedBatch")
+            mb = mb.to(self.dims.device)
+            real = mb.num_tokens
+            if self.sequence_parallel:
+                mb = pad_microbatch(mb, self.dims.tp)
+            out.append((mb, real))
+        return out
+
+    def _global_counts(self, metas: list[MicrobatchMeta]) -> tuple[int, int, int, int]:
+        dev = self.dims.device
+        m = len(metas)
+        sums = torch.tensor(
+            [sum(x.num_supervised for x in metas), sum(x.num_real_tokens for x in metas),
+             sum(x.num_tokens - x.num_real_tokens for x in metas), m], dtype=torch.long, device=dev,
+        )
+        mm = torch.tensor([m, -m], dtype=torch.long, device=dev)
+        dp_group = self.dims.get_group("dp")
+        dist.all_reduce(sums, group=dp_group)
+        dist.all_reduce(mm, op=dist.ReduceOp.MAX, group=dp_group)
+        if int(mm[0]) != -int(mm[1]):
+            raise ValueError(
+                f"dp ranks passed different numbers of microbatches this step (between {-int(mm[1])} and "
+                f"{int(mm[0])}); every dp rank must run the same count (FSDP reduces on the last one)"
+            )
+        n_sup, n_tok, n_pad, n_mb = (int(v) for v in sums.tolist())
+        return n_sup, n_tok, n_pad, n_mb
+
+    def step(self, microbatches: list[PackedBatch] | None) -> StepResult:
+        """Forward + backward over the step's microbatches (this dp rank's share); gradients are reduced and
+        ready on return. Pipeline stages > 0 pass None (stage 0 broadcasts what they need)."""
+        t0 = time.perf_counter()
+        cfg, dims = self.cfg, self.dims
+        if cfg.check_replicated_every and self.steps % cfg.check_replicated_every == 0:
+            self.check_replicated()
+        batches = self._stage0_batches(microbatches)
+        if dims.pp > 1:
+            metas = broadcast_step_metadata(batches, src=dims.stage_rank(0), group=dims.get_group("pp"),
+                                            device=dims.device)
+        else:
+            metas = metas_from_batches(batches)
+        n_sup, n_tok, n_pad, n_mb = self._global_counts(metas)
+        m = len(metas)
+        inv_count = 1.0 / max(n_sup, 1)
+        module, last_stage = self.module, self.stage == dims.pp - 1
+        loss_acc = torch.zeros((), dtype=torch.float32, device=dims.device)
+
+        def forward_fn(i: int, x: torch.Tensor | None) -> torch.Tensor:
+            nonlocal loss_acc
+            meta = metas[i]
+            if batches is not None:
+                kwargs = batches[i][0].model_inputs()
+                if not last_stage:
+                    kwargs.pop("labels")
+            else:
+                kwargs = {"hidden_states": x, "position_ids": meta.position_ids, "cu_seqlens": meta.cu_seqlens,
+                          "max_seqlen": meta.max_seqlen}
+                if last_stage:
+                    kwargs["labels"] = meta.labels
+            out = module(**kwargs)
+            if last_stage:
+                loss_sum, _ = out
+                loss_acc = loss_acc + loss_sum.detach().float()
+                return loss_sum * inv_count
+            if isinstance(out, DTensor):
+                out = out.to_local()
+            return out.contiguous()
+
+        def act_shape(i: int) -> tuple[int, int]:
+            T = metas[i].num_tokens
+            return (T // dims.tp if self.sequence_parallel else T, self.hidden_size)
+
+        stats = self.executor.run(
+            m, forward_fn, lambda i: set_microbatch_flags(module, last=(i == m - 1), zero_stage=cfg.zero_stage),
+            act_shape, self.compute_dtype,
+        )
+        self._post_backward()
+        # Loss: the last stage's tp-rank-0 ranks hold one share per dp rank; one world all-reduce sums them.
+        contrib = loss_acc if (last_stage and dims.tp_rank == 0) else torch.zeros_like(loss_acc)
+        dist.all_reduce(contrib)
+        self.steps += 1
+        return StepResult(
+            loss=float(contrib) * inv_count if n_sup else 0.0, num_tokens=n_tok, num_supervised=n_sup,
+            num_microbatches=n_mb, padded_tokens=n_pad, step_time_s=time.perf_counter() - t0, schedule=stats,
+        )
+
+    # ---------------------------------------------------------------- gradient sync
+    def _tied_param(self) -> nn.Parameter | None:
+        if not self.tied_across_stages:
+            return None
+        m = self.module
+        if self.stage == 0:
+            return m.embed_tokens.weight
+        return m.lm_head.weight if self.stage == self.dims.pp - 1 else None
+
+    def _make_tie_group(self) -> dist.ProcessGroup | None:
+        """A 2-rank group {stage 0, last stage} per (dp, tp) coordinate (Megatron's embedding group)."""
+        first, last = self.dims.stage_rank(0), self.dims.stage_rank(self.dims.pp - 1)
+        if dist.get_rank() not in (first, last):
+            return None
+        return dist.new_group([first, last], timeout=self.dims.timeout, use_local_synchronization=True)
+
+    def _post_backward(self) -> None:
+        tied = self._tied_param()
+        if tied is not None and tied.requires_grad:
+            if tied.grad is None:
+                tied.grad = torch.zeros_like(tied)
+            dist.all_reduce(_local(tied.grad), group=self._tie_group)
+        if self.plain_replicated:
+            params = dict(self.named_parameters())
+            grads = [_local(params[n].grad) for n in self.plain_replicated if params[n].grad is not None]
+            if grads:
+                flat = _flatten_dense_tensors(grads)
+                dist.all_reduce(flat, group=self.dims.get_group("tp"))
+                flat.div_(self.dims.tp)
+                for g, synced in zip(grads, _unflatten_dense_tensors(flat, grads)):
+                    g.copy_(synced)
+
+    @torch.no_grad()
+    def _sync_tied_weights(self) -> None:
+        """Make the last stage's copy of the tied embedding equal stage 0's (after init / materialize)."""
+        tied = self._tied_param()
+        if tied is not None:
+            dist.broadcast(_local(tied), src=self.dims.stage_rank(0), group=self._tie_group)
+
+    # ---------------------------------------------------------------- clipping
+    def _counts_once(self, name: str, p: torch.Tensor) -> bool:
+        """Whether this rank's shard of `p` is counted in the global norm (replicas are counted once)."""
+        if self.tied_across_stages and self.stage == self.dims.pp - 1 and name == "lm_head.weight":
+            return False  # the same logical weight is counted on stage 0
+        return not (self.dims.tp > 1 and self.dims.tp_rank != 0 and _tp_replicated(p))
+
+    @torch.no_grad()
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        """Clip gradients by their global L2 norm over pp, dp and tp; returns the (fp32) norm before clipping.
+
+        Replicated shards (tp-replicated weights, the pipeline-tied head copy) are counted once. With
+        max_norm <= 0 nothing is scaled. A non-finite norm (inf/nan) is returned and nothing is scaled: the
+        caller should skip the optimizer step."""
+        sq = torch.zeros((), dtype=torch.float32, device=self.dims.device)
+        grads = []
+        for name, p in self.named_parameters():
+            if p.grad is None:
+                continue
+            g = _local(p.grad)
+            grads.append(g)
+            if self._counts_once(name, p) and g.numel():
+                sq += g.float().pow(2).sum()
+        dist.all_reduce(sq)
+        norm = sq.sqrt()
+        if max_norm > 0 and torch.isfinite(norm) and grads:
+            coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+            torch._foreach_mul_(grads, coef.to(grads[0].dtype))
+        return norm
+
+    # ---------------------------------------------------------------- replicated-weights check
+    def _replicated_names(self) -> list[str]:
+        return [n for n, p in self.named_parameters() if _tp_replicated(p)]
+
+    @torch.no_grad()
+    def check_replicated(self) -> None:
+        """Raise RuntimeError (on every rank) unless weights replicated over tp are bitwise equal across the tp
+        ranks and the pipeline-tied embedding copies are bitwise equal across first and last stage."""
+        self.reshard()
+        errors: list[str] = []
+        if self.dims.tp > 1:
+            params = dict(self.named_parameters())
+            names = self._replicated_names()
+            errors += _compare_across(names, [_local(params[n]) for n in names], self.dims.get_group("tp"), "tp")
+        tied = self._tied_param()
+        if tied is not None:
+            errors += _compare_across(["tied embedding/lm_head"], [_local(tied)], self._tie_group, "pp tie")
+        if errors:
+            raise RuntimeError("replicated weights diverged: " + "; ".join(errors))
+
+    # ---------------------------------------------------------------- state dict
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """This rank's stage state dict: single-process FQNs, values are DTensors (sharded over dp and tp), so
+        torch.distributed.checkpoint saves/loads it and reshards across layouts."""
+        self.reshard()
+        out: dict[str, torch.Tensor] = {}
+        for m in self.modules:
+            out.update(m.state_dict())
+        return out
+
+    @torch.no_grad()
+    def load_state_dict(self, state_dict: dict[str, torch.Tensor], strict: bool = True) -> None:
+        """Load values into this rank's stage. Values may be DTensors of this layout (e.g. after dcp.load into
+        state_dict()), DTensors of another layout, or plain full tensors (e.g. a single-process or HF-converted
+        state dict held on every rank). Keys of other pipeline stages are ignored; with strict, every key of
+        this stage must be present."""
+        own = self.state_dict()
+        missing = [k for k in own if k not in state_dict]
+        if strict and missing:
+            raise ValueError(f"state dict is missing {len(missing)} keys of pipeline stage {self.stage}: {missing[:8]}")
+        for k, dst in own.items():
+            if k not in state_dict:
+                continue
+            src = state_dict[k]
+            if src is dst:
+                continue
+            if isinstance(dst, DTensor):
+                if isinstance(src, DTensor) and src.device_mesh == dst.device_mesh and src.placements == dst.placements:
+                    dst.copy_(src)
+                    continue
+                full = src.full_tensor() if isinstance(src, DTensor) else src
+                if tuple(full.shape) != tuple(dst.shape):
+                    raise ValueError(f"{k}: shape {tuple(full.shape)} in the state dict, {tuple(dst.shape)} here")
+                shard = distribute_tensor(full.to(dst.device, dst.dtype), dst.device_mesh, dst.placements,
+                                          src_data_rank=None)
+                dst.to_local().copy_(shard.to_local())
+            else:
+                dst.copy_(src.full_tensor() if isinstance(src, DTensor) else src)
+        self._sync_tied_weights()
+
+
+# ------------------------------------------------------------------------------------------ helpers
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def _tp_replicated(p: torch.Tensor) -> bool:
+    """Whether a (FSDP/TP) parameter is held whole on every tp rank (no tp dimension, or Replicate on it)."""
+    if not isinstance(p, DTensor):
+        return True
+    names = p.device_mesh.mesh_dim_names or ()
+    if "tp" not in names:
+        return True
+    return p.placements[names.index("tp")].is_replicate()
+
+
+def _compare_across(names: list[str], tensors: list[torch.Tensor], group, what: str) -> list[str]:
+    """Gather each tensor's bits over `group`; names of those that differ from the group's first rank."""
+    if not tensors:
+        return []
+    flat = torch.cat([t.detach().reshape(-1).float() for t in tensors])
+    gathered = [torch.empty_like(flat) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(gathered, flat, group=group)
+    errors, off = [], 0
+    for name, t in zip(names, tensors):
+        n = t.numel()
+        ref = gathered[0][off : off + n]
+        for r, other in enumerate(gathered[1:], start=1):
+            o = other[off : off + n]
+            if not torch.equal(ref.view(torch.int32), o.view(torch.int32)):
+                errors.append(f"{name} differs across {what} ranks 0 and {r} (max abs diff "
+                              f"{(ref - o).abs().max().item():.3e})")
+        off += n
+    return errors

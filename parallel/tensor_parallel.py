@@ -1,0 +1,254 @@
+"""Tensor parallelism with sequence parallelism (Korthikanti et al. 2022) over the ViT and the LLM, as DTensor
+`parallelize_module` plans; divisibility checks; tail padding of packed sequences for SP.
+
+Shape legend: T = packed LLM tokens, N = ViT patch rows, D = LLM width, C = ViT width, P = pixel row length,
+tp = tensor-parallel degree. A `_S` suffix marks a tensor sharded along the sequence (T/tp or N/tp rows).
+
+Layout of one decoder layer (ViT blocks are the same with norm1/attn/norm2/mlp):
+
+    x_S ── norm (SequenceParallel, on T/tp rows) ── all-gather ── q/k/v Colwise (local heads) ── attention
+        ── o_proj Rowwise ── reduce-scatter ──> + x_S ── norm ── all-gather ── gate/up Colwise ── down Rowwise
+        ── reduce-scatter ──> + x_S
+
+The residual stream between blocks is a plain local tensor of T/tp rows (what torchtitan does); norms see it
+as a Shard(0) DTensor. Stage 0 enters the sharded region at the first decoder layer (Replicate -> Shard(0) is a
+local slice) and the ViT at its first block; the merger gathers the ViT rows and stays replicated (few
+parameters, and its 2x2 windows need whole rows). The token embedding is vocab-parallel (all-reduced output,
+so the vision embeddings can be scattered into it); the LM head is vocab-parallel (parallel/vocab_parallel.py).
+
+Weights that stay whole on every tp rank fall in two groups:
+- norms under SP and Rowwise biases are Replicate DTensors: their gradient is a Partial sum over sequence
+  shards, which FSDP2 all-reduces over tp when it reduces gradients;
+- the Conv3d patch embedding and the merger are plain tensors computed redundantly on every tp rank: their
+  gradients are equal only if every kernel is deterministic (the Conv3d backward is not on GPU), so the engine
+  averages them over tp after each backward (`plain_replicated_names`) and can check bitwise equality.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    ParallelStyle,
+    PrepareModuleInput,
+    RowwiseParallel,
+    SequenceParallel,
+    parallelize_module,
+)
+
+from data.batch import PackedBatch
+from model.config import ModelConfig
+
+IGNORE_INDEX = -100
+
+
+# ------------------------------------------------------------------------------------------ checks
+def check_tp_divisibility(cfg: ModelConfig, tp: int) -> None:
+    """Raise ValueError before anything is built when a head count or width does not split over tp."""
+    if tp == 1:
+        return
+    v, t = cfg.vision, cfg.text
+    checks = [
+        ("vision.num_heads", v.num_heads),
+        ("vision.mlp_dim (embed_dim * mlp_ratio)", v.mlp_dim),
+        ("text.num_heads", t.num_heads),
+        ("text.num_kv_heads", t.num_kv_heads),
+        ("text.intermediate_size", t.intermediate_size),
+        ("text.vocab_size", t.vocab_size),
+    ]
+    bad = [f"{name}={value}" for name, value in checks if value % tp]
+    if bad:
+        raise ValueError(
+            f"tensor parallelism tp={tp} needs these to be divisible by {tp}: {', '.join(bad)}; "
+            f"choose a tp that divides them (e.g. a divisor of text.num_kv_heads={t.num_kv_heads})"
+        )
+
+
+# ------------------------------------------------------------------------------------------ plans
+def decoder_layer_plan(sp: bool, first: bool) -> dict[str, ParallelStyle]:
+    """TP(+SP) plan of one DecoderLayer. `first`: the layer receives a replicated (whole-sequence) input."""
+    if not sp:
+        return {
+            "self_attn.q_proj": ColwiseParallel(),
+            "self_attn.k_proj": ColwiseParallel(),
+            "self_attn.v_proj": ColwiseParallel(),
+            "self_attn.o_proj": RowwiseParallel(),
+            "mlp.gate_proj": ColwiseParallel(),
+            "mlp.up_proj": ColwiseParallel(),
+            "mlp.down_proj": RowwiseParallel(),
+        }
+    plan: dict[str, ParallelStyle] = {
+        "input_layernorm": SequenceParallel(sequence_dim=0),
+        # forward(x_TD, rope, cu_seqlens, max_seqlen): gather x along the sequence, pass the rest through.
+        "self_attn": PrepareModuleInput(
+            input_layouts=(Shard(0), None, None, None), desired_input_layouts=(Replicate(), None, None, None)
+        ),
+        "self_attn.q_proj": ColwiseParallel(),
+        "self_attn.k_proj": ColwiseParallel(),
+        "self_attn.v_proj": ColwiseParallel(),
+        "self_attn.o_proj": RowwiseParallel(output_layouts=Shard(0)),
+        "post_attention_layernorm": SequenceParallel(sequence_dim=0),
+        "mlp": PrepareModuleInput(input_layouts=(Shard(0),), desired_input_layouts=(Replicate(),)),
+        "mlp.gate_proj": ColwiseParallel(),
+        "mlp.up_proj": ColwiseParallel(),
+        "mlp.down_proj": RowwiseParallel(output_layouts=Shard(0)),
+    }
+    if first:
+        # Enter the sequence-sharded region: the whole sequence is on every rank, keep this rank's slice.
+        plan[""] = PrepareModuleInput(
+            input_layouts=(Replicate(), None, None, None), desired_input_layouts=(Shard(0), None, None, None),
+            use_local_output=True,
+        )
+    return plan
+
+
+def vision_block_plan(sp: bool, first: bool) -> dict[str, ParallelStyle]:
+    """TP(+SP) plan of one VisionBlock; forward(x_NC, cu_seqlens, max_seqlen, rope)."""
+    if not sp:
+        return {
+            "attn.q_proj": ColwiseParallel(),
+            "attn.k_proj": ColwiseParallel(),
+            "attn.v_proj": ColwiseParallel(),
+            "attn.o_proj": RowwiseParallel(),
+            "mlp.fc1": ColwiseParallel(),
+            "mlp.fc2": RowwiseParallel(),
+        }
+    plan: dict[str, ParallelStyle] = {
+        "norm1": SequenceParallel(sequence_dim=0),
+        "attn": PrepareModuleInput(
+            input_layouts=(Shard(0), None, None, None), desired_input_layouts=(Replicate(), None, None, None)
+        ),
+        "attn.q_proj": ColwiseParallel(),
+        "attn.k_proj": ColwiseParallel(),
+        "attn.v_proj": ColwiseParallel(),
+        "attn.o_proj": RowwiseParallel(output_layouts=Shard(0)),
+        "norm2": SequenceParallel(sequence_dim=0),
+        "mlp": PrepareModuleInput(input_layouts=(Shard(0),), desired_input_layouts=(Replicate(),)),
+        "mlp.fc1": ColwiseParallel(),
+        "mlp.fc2": RowwiseParallel(output_layouts=Shard(0)),
+    }
+    if first:
+        plan[""] = PrepareModuleInput(
+            input_layouts=(Replicate(), None, None, None), desired_input_layouts=(Shard(0), None, None, None),
+            use_local_output=True,
+        )
+    return plan
+
+
+def top_level_plan(sp: bool, has_embed: bool, has_head: bool, has_visual: bool) -> dict[str, ParallelStyle]:
+    """Plans of the stage's top modules (embedding, final norm, merger input); the LM head weight is sharded
+    separately because the head never runs as a module (the vocab-parallel loss reads its weight)."""
+    plan: dict[str, ParallelStyle] = {}
+    if has_embed:
+        # Vocab-parallel embedding; the output is all-reduced (Replicate) so vision embeddings can be
+        # scattered into the whole sequence before the first layer takes its slice.
+        plan["embed_tokens"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate())
+    if has_head and sp:
+        plan["norm"] = SequenceParallel(sequence_dim=0)
+    if has_visual and sp:
+        # The merger runs replicated on all rows: gather the ViT's sequence shards first.
+        plan["visual.merger"] = PrepareModuleInput(
+            input_layouts=(Shard(0),), desired_input_layouts=(Replicate(),), use_local_output=True
+        )
+    return plan
+
+
+# ------------------------------------------------------------------------------------------ apply
+def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, sp: bool) -> None:
+    """Shard a (stage of a) Qwen2VL in place over `tp_mesh`. Layer names (FQNs) are unchanged."""
+    check_tp_divisibility(model.cfg, tp_mesh.size())
+    visual = model.visual
+    if visual is not None:
+        for i, blk in enumerate(visual.blocks.values()):
+            _parallelize(blk, tp_mesh, vision_block_plan(sp, first=(i == 0)))
+        if sp:
+            _install_vit_row_padding(visual, tp_mesh.size())
+    first_layer = model.embed_tokens is not None
+    for i, layer in enumerate(model.layers.values()):
+        # A stage that embeds hands whole-sequence embeddings to its first layer; later stages receive
+        # already sequence-sharded activations from the previous stage.
+        _parallelize(layer, tp_mesh, decoder_layer_plan(sp, first=(first_layer and i == 0)))
+    plan = top_level_plan(sp, model.embed_tokens is not None, model.lm_head is not None, visual is not None)
+    if plan:
+        parallelize_module(model, tp_mesh, plan)
+    if model.lm_head is not None:
+        tied = model.embed_tokens is not None and model.lm_head.weight is model.embed_tokens.weight
+        if tied:
+            # parallelize_module replaced embed_tokens.weight; re-tie to the (identically Shard(0)) DTensor.
+            model.lm_head.weight = model.embed_tokens.weight
+        elif not isinstance(model.lm_head.weight, DTensor):
+            parallelize_module(model.lm_head, tp_mesh, ColwiseParallel())
+
+
+def _parallelize(module: nn.Module, mesh: DeviceMesh, plan: dict[str, ParallelStyle]) -> None:
+    """parallelize_module, where the key "" styles the module itself (its own input hook)."""
+    plan = dict(plan)
+    own = plan.pop("", None)
+    parallelize_module(module, mesh, plan)
+    if own is not None:
+        parallelize_module(module, mesh, own)
+
+
+def plain_replicated_names(model: nn.Module) -> list[str]:
+    """FQNs of parameters that every tp rank holds whole as plain tensors (computed redundantly)."""
+    return [n for n, p in model.named_parameters(remove_duplicate=True) if not isinstance(p, DTensor)]
+
+
+# ------------------------------------------------------------------------------------------ ViT row padding
+def _install_vit_row_padding(visual: nn.Module, multiple: int) -> None:
+    """Make the ViT accept any patch-row count under SP: pad the rows to a multiple of tp with a blank image.
+
+    N is always a multiple of 4 (2x2 merge windows), so tp in {1, 2, 4} never pads; otherwise a blank image
+    of grid (1, 2, 2j) is appended: its own attention segment, its merged tokens are dropped, so real rows
+    and the loss are unchanged (tested against the unpadded ViT)."""
+    orig_forward = visual.forward
+
+    def forward(pixels_NP: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
+        padded_NP, padded_grid, n_drop = pad_vit_rows(pixels_NP, grid_thw, multiple)
+        out_MD = orig_forward(padded_NP, padded_grid)
+        return out_MD[: out_MD.shape[0] - n_drop] if n_drop else out_MD
+
+    visual.forward = forward
+
+
+def pad_vit_rows(pixels_NP: torch.Tensor, grid_thw: torch.Tensor, multiple: int):
+    """(pixels, grid, merged tokens to drop) with N padded to a multiple of `multiple` by a blank image."""
+    N = pixels_NP.shape[0]
+    if N % multiple == 0:
+        return pixels_NP, grid_thw, 0
+    for j in range(1, 4 * multiple + 1):
+        if (N + 4 * j) % multiple == 0:
+            break
+    else:  # pragma: no cover - gcd(4, multiple) divides N, so some j <= multiple always works
+        raise ValueError(f"cannot pad {N} ViT rows to a multiple of {multiple} with 2x2 windows")
+    pad_NP = pixels_NP.new_zeros(4 * j, pixels_NP.shape[1])
+    grid = torch.cat([grid_thw.reshape(-1, 3).cpu(), torch.tensor([[1, 2, 2 * j]], dtype=torch.long)])
+    return torch.cat([pixels_NP, pad_NP]), grid, j
+
+
+# ------------------------------------------------------------------------------------------ SP padding
+def pad_microbatch(mb: PackedBatch, multiple: int, pad_token_id: int = 0) -> PackedBatch:
+    """Pad a packed microbatch at the tail to a multiple of `multiple` tokens (sequence parallelism).
+
+    The padding is its own segment (cu_seqlens gets one more boundary, so it attends to nothing else and
+    nothing attends to it), its labels are -100 (no loss), its positions are 0..n-1 (they do not matter).
+    Returns the microbatch itself when no padding is needed.
+    """
+    T = mb.num_tokens
+    n = (-T) % multiple
+    if n == 0:
+        return mb
+    dev = mb.input_ids.device
+    ids = torch.cat([mb.input_ids.reshape(-1), torch.full((n,), pad_token_id, dtype=mb.input_ids.dtype, device=dev)])
+    labels = torch.cat([mb.labels.reshape(-1), torch.full((n,), IGNORE_INDEX, dtype=mb.labels.dtype, device=dev)])
+    pos_3T = torch.cat([mb.position_ids.reshape(3, -1), torch.arange(n, device=dev).expand(3, -1)], dim=1)
+    cu = torch.cat([mb.cu_seqlens, torch.tensor([T + n], dtype=mb.cu_seqlens.dtype, device=dev)])
+    return PackedBatch(
+        input_ids=ids, labels=labels, position_ids=pos_3T.to(mb.position_ids.dtype), cu_seqlens=cu,
+        max_seqlen=max(int(mb.max_seqlen), n), pixel_values=mb.pixel_values, image_grid_thw=mb.image_grid_thw,
+        pixel_values_videos=mb.pixel_values_videos, video_grid_thw=mb.video_grid_thw,
+        sample_keys=list(mb.sample_keys),
+    )
