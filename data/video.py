@@ -38,7 +38,16 @@ import numpy as np
 import torch
 from PIL import Image
 
-from data.vision import FACTOR, TEMPORAL_PATCH_SIZE, AspectRatioError, normalize, patchify, smart_resize
+from data.vision import (
+    CLIP_MEAN,
+    CLIP_STD,
+    FACTOR,
+    MERGE_SIZE,
+    PATCH_SIZE,
+    TEMPORAL_PATCH_SIZE,
+    AspectRatioError,
+    smart_resize,
+)
 
 BACKENDS = ("pyav", "ffmpeg")
 RESIZE_METHOD = "pil-bicubic-v1"  # part of the cache key: a change here must not reuse old frames
@@ -417,9 +426,29 @@ def decode_frames(data: bytes, cfg: VideoConfig) -> SampledFrames:
     return r
 
 
+def frames_to_rows(frames_FHWC: np.ndarray) -> tuple[torch.Tensor, tuple[int, int, int]]:
+    """uint8 frames -> float32 pixel rows (N, P) and grid; the same values as data.vision's
+    patchify(normalize(frames)) (equal to within 1e-6), but patchified while still uint8 and normalized in place
+    on the rows: a quarter of the memory traffic, which is most of the cost of a cache hit."""
+    F_, H, W, C = frames_FHWC.shape
+    T, p, m = TEMPORAL_PATCH_SIZE, PATCH_SIZE, MERGE_SIZE
+    x = torch.from_numpy(np.ascontiguousarray(frames_FHWC))
+    if F_ % T:
+        x = torch.cat([x, x[-1:].expand(T - F_ % T, -1, -1, -1)])
+    gt, gh, gw = x.shape[0] // T, H // p, W // p
+    x = x.reshape(gt, T, gh // m, m, p, gw // m, m, p, C)
+    # -> (gt, gh/m, gw/m, m_h, m_w, C, T, p_h, p_w): transformers' row order and row layout
+    x = x.permute(0, 2, 5, 3, 6, 8, 1, 4, 7)
+    rows_NCK = x.reshape(gt * gh * gw, C, T * p * p).to(torch.float32)
+    rows_NCK.mul_(1.0 / 255.0)
+    rows_NCK.sub_(torch.tensor(CLIP_MEAN, dtype=torch.float32).view(1, C, 1))
+    rows_NCK.div_(torch.tensor(CLIP_STD, dtype=torch.float32).view(1, C, 1))
+    return rows_NCK.reshape(gt * gh * gw, C * T * p * p), (gt, gh, gw)
+
+
 def frames_to_clip(sf: SampledFrames) -> VideoClip:
     """Normalize + patchify sampled uint8 frames into transformers' pixel rows."""
-    rows_NP, grid = patchify(normalize(sf.frames_FHWC))
+    rows_NP, grid = frames_to_rows(sf.frames_FHWC)
     return VideoClip(rows_NP, grid, float(sf.fps_used), list(sf.frame_indices))
 
 

@@ -101,6 +101,19 @@ def test_pixel_rows_match_transformers_processor():
     assert (gh, gw) == (grid[1], grid[2]) and t == len(sf.frames_FHWC) // 2
 
 
+@pytest.mark.parametrize("nframes", [4, 3])
+def test_fast_rows_equal_vision_normalize_patchify(nframes):
+    """frames_to_rows (uint8 patchify, in-place normalize) == data.vision.patchify(normalize(...))."""
+    from data.vision import normalize, patchify
+
+    sf = decode_frames(encode_clip(320, 180, 45, 30), VideoConfig())
+    frames = sf.frames_FHWC[:nframes]
+    rows, grid = video_mod.frames_to_rows(frames)
+    ref, ref_grid = patchify(normalize(frames))
+    assert grid == ref_grid and rows.shape == ref.shape and rows.dtype == torch.float32
+    torch.testing.assert_close(rows, ref, rtol=0, atol=1e-6)
+
+
 def test_single_frame_video_is_padded_by_repeating_it():
     clip = load_video(encode_clip(320, 240, 1, 30), VideoConfig())
     assert clip.frame_indices == [0] and clip.grid_thw[0] == 1
