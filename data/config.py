@@ -25,17 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from data.storage import StorageConfig
-
-try:
-    from data.video import VideoConfig
-except ModuleNotFoundError as _e:  # NOTE: data/video.py comes from the storage/video work; until it lands,
-    if _e.name != "data.video":  # video samples are counted skips ("video_unavailable").
-        raise
-
-    @dataclass
-    class VideoConfig:  # type: ignore[no-redef]
-        """Placeholder until data/video.py lands (no fields)."""
-
+from data.video import VideoConfig
 from data.vision import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, FACTOR
 
 DATASET_KINDS = ("auto", "chat", "pretrain", "indexed")

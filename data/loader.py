@@ -51,6 +51,7 @@ from data.batch import PackedBatch
 from data.config import DataConfig
 from data.pipeline import WorkerPipeline
 from data.sources import DatasetPlan, plan_dataset
+from data.storage import storage_metrics
 from data.tokenizer import Tokenizer
 
 log = logging.getLogger("data.loader")
@@ -80,7 +81,8 @@ class _Workers(IterableDataset):
         W = len(self.order)
         pipe = WorkerPipeline(self.cfg, self.plans, self.dp_rank * W + w, self.dp_size * W, self.states[w])
         for batch, state in pipe:
-            yield {"worker": w, "batch": None if batch is None else batch.as_dict(), "state": state}
+            yield {"worker": w, "batch": None if batch is None else batch.as_dict(), "state": state,
+                   "storage": storage_metrics()}
 
 
 class Loader:
@@ -105,6 +107,7 @@ class Loader:
         self._states: list[dict | None] = [None] * self.W
         self._next = 0
         self._main: Counter = Counter()
+        self._storage: dict[int, dict] = {}  # per logical worker: its process's storage counters (not restored)
         self._it: Iterator[dict] | None = None
         self._dl_iter = None
 
@@ -195,6 +198,7 @@ class Loader:
                         "relies on torch DataLoader's round-robin order (in_order=True)"
                     )
                 self._states[w] = item["state"]
+                self._storage[w] = item.get("storage") or {}
                 self._next = (w + 1) % self.W
                 if item["batch"] is None:
                     continue
@@ -238,6 +242,10 @@ class Loader:
         out["skipped"] = sum(skips.values())
         for d, p in enumerate(self.plans):
             out[f"epoch/{p.label}"] = min((e[d] for e in epochs), default=0)
+        storage: Counter = Counter()
+        for snap in self._storage.values():
+            storage.update({k: v for k, v in snap.items() if isinstance(v, (int, float))})
+        out.update({f"storage/{k}": v for k, v in storage.items()})
         return out
 
     def _shutdown(self) -> None:

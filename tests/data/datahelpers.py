@@ -138,3 +138,26 @@ def hf_processor(min_pixels: int, max_pixels: int):
     tok = Qwen2TokenizerFast.from_pretrained(tokenizer_dir())
     ip = Qwen2VLImageProcessorPil(min_pixels=min_pixels, max_pixels=max_pixels)
     return ImageOnlyQwen2VLProcessor(image_processor=ip, tokenizer=tok, chat_template=QWEN2VL_TEMPLATE)
+
+
+def encode_video(width: int, height: int, nframes: int, fps: int = 8) -> bytes:
+    """H.264 MP4 bytes encoded now with PyAV: scikit-image's astronaut panning across the frame."""
+    import tempfile
+
+    import av
+
+    base = np.asarray(Image.fromarray(skimage_rgb("astronaut")).resize((width, height), Image.Resampling.BICUBIC))
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "clip.mp4")
+        with av.open(path, "w", format="mp4") as c:
+            s = c.add_stream("libx264", rate=fps)
+            s.width, s.height, s.pix_fmt = width, height, "yuv420p"
+            s.options = {"preset": "ultrafast", "crf": "20"}
+            for i in range(nframes):
+                frame = av.VideoFrame.from_ndarray(np.roll(base, 3 * i, axis=1).copy(), format="rgb24")
+                for p in s.encode(frame):
+                    c.mux(p)
+            for p in s.encode():
+                c.mux(p)
+        with open(path, "rb") as f:
+            return f.read()
