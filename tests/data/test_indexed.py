@@ -4,6 +4,7 @@ and the loader over an indexed corpus."""
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -44,7 +45,7 @@ def test_reads_what_megatron_core_writes(mcore, tmp_path, dtype, vocab):
     mine = str(tmp_path / "ours")
     write_indexed(mine, seqs, dtype)
     for ext in (".bin", ".idx"):
-        assert open(mine + ext, "rb").read() == open(prefix + ext, "rb").read()
+        assert Path(mine + ext).read_bytes() == Path(prefix + ext).read_bytes()
     ref = mcore.IndexedDataset(mine)
     assert len(ref) == 300 and all(np.array_equal(ref[i], seqs[i]) for i in (0, 77, 299))
 

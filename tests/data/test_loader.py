@@ -170,7 +170,7 @@ def test_bad_input_is_counted_logged_and_loses_no_good_sample(tok_dir, tmp_path,
     if workers == 0:  # (worker processes log to their own stderr)
         text = caplog.text
         for key in ("corrupt_image", "malformed_json", "no_json", "overlong"):
-            assert f"bad/shard-00000" in text and key in text, key
+            assert "bad/shard-00000" in text and key in text, key
 
 
 def test_overlong_truncate_text_only(tok_dir, tmp_path):
