@@ -9,8 +9,11 @@ cu_seqlens[-1] == T, and return o_THDh. Attention never crosses a segment bounda
 - ``flash``: flash-attn's ``flash_attn_varlen_func`` (CUDA, fp16/bf16), when installed.
 - ``torch_varlen``: ``torch.nn.attention.varlen.varlen_attn`` (CUDA, torch >= 2.10).
 - ``sdpa``: ``scaled_dot_product_attention`` everywhere (CPU included). A single segment runs as one
-  call; several run as one call with a block-diagonal (causal) boolean mask, which is exact and keeps the
-  kernel count constant however many samples are packed.
+  call. Several segments run either as one call with a block-diagonal (causal) boolean mask (on
+  accelerators: a constant kernel count and no host sync however many samples are packed) or as one
+  call per segment (on CPU, where launches are cheap and the mask would cost T^2 work and memory instead of
+  sum(L_i^2), and would force SDPA off its fused causal kernel). Both are exact; tests check them against
+  a plain softmax reference.
 """
 
 from __future__ import annotations
@@ -70,19 +73,44 @@ def block_mask(cu_seqlens: torch.Tensor, total: int, causal: bool) -> torch.Tens
     return mask_TT
 
 
-def _sdpa(q_THDh, k_THkvDh, v_THkvDh, cu_seqlens, causal: bool, scale: float | None) -> torch.Tensor:
-    T = q_THDh.shape[0]
+def _sdpa_one(q_THDh, k_THkvDh, v_THkvDh, causal: bool, scale: float | None, mask_TT=None) -> torch.Tensor:
     # SDPA wants (batch, heads, tokens, head_dim).
     q_1HTD = q_THDh.transpose(0, 1).unsqueeze(0)
     k_1HTD = k_THkvDh.transpose(0, 1).unsqueeze(0)
     v_1HTD = v_THkvDh.transpose(0, 1).unsqueeze(0)
     gqa = q_1HTD.shape[1] != k_1HTD.shape[1]
-    if cu_seqlens.numel() <= 2:
+    if mask_TT is None:
         o_1HTD = F.scaled_dot_product_attention(q_1HTD, k_1HTD, v_1HTD, is_causal=causal, scale=scale, enable_gqa=gqa)
     else:
-        mask_TT = block_mask(cu_seqlens, T, causal)
         o_1HTD = F.scaled_dot_product_attention(q_1HTD, k_1HTD, v_1HTD, attn_mask=mask_TT, scale=scale, enable_gqa=gqa)
     return o_1HTD.squeeze(0).transpose(0, 1)
+
+
+def sdpa_block_mask(q_THDh, k_THkvDh, v_THkvDh, cu_seqlens, *, causal: bool, scale: float | None = None):
+    """All segments in one SDPA call with a block-diagonal (causal) mask."""
+    if cu_seqlens.numel() <= 2:
+        return _sdpa_one(q_THDh, k_THkvDh, v_THkvDh, causal, scale)
+    mask_TT = block_mask(cu_seqlens, q_THDh.shape[0], causal)
+    return _sdpa_one(q_THDh, k_THkvDh, v_THkvDh, False, scale, mask_TT)
+
+
+def sdpa_segment_loop(q_THDh, k_THkvDh, v_THkvDh, cu_seqlens, *, causal: bool, scale: float | None = None):
+    """One SDPA call per segment (reads the boundaries on the host)."""
+    bounds = cu_seqlens.tolist()
+    if len(bounds) <= 2:
+        return _sdpa_one(q_THDh, k_THkvDh, v_THkvDh, causal, scale)
+    outs = [
+        _sdpa_one(q_THDh[s:e], k_THkvDh[s:e], v_THkvDh[s:e], causal, scale)
+        for s, e in zip(bounds[:-1], bounds[1:])
+        if e > s
+    ]
+    return torch.cat(outs, dim=0)
+
+
+def _sdpa(q_THDh, k_THkvDh, v_THkvDh, cu_seqlens, causal: bool, scale: float | None) -> torch.Tensor:
+    if q_THDh.device.type == "cpu":
+        return sdpa_segment_loop(q_THDh, k_THkvDh, v_THkvDh, cu_seqlens, causal=causal, scale=scale)
+    return sdpa_block_mask(q_THDh, k_THkvDh, v_THkvDh, cu_seqlens, causal=causal, scale=scale)
 
 
 def varlen_attention(

@@ -174,6 +174,8 @@ class ModelConfig:
                 "spatial_patch_size": v.patch_size,
                 "spatial_merge_size": v.spatial_merge_size,
                 "temporal_patch_size": v.temporal_patch_size,
+                # 5.x reads the ViT's rotary base from here (4.x hard-codes 10000, the only published value).
+                "rope_parameters": {"rope_type": "axial", "rope_theta": v.rope_theta},
             },
         }
 
@@ -189,6 +191,14 @@ class ModelConfig:
         vd = d.get("vision_config", {})
         rope = text.get("rope_parameters") or text.get("rope_scaling") or {}
         theta = text.get("rope_theta", rope.get("rope_theta", 1_000_000.0))
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in ("default", "mrope"):
+            raise ValueError(f"config.json rope type {rope_type!r} is not supported; Qwen2-VL uses plain M-RoPE")
+        if text.get("use_sliding_window"):
+            raise ValueError("config.json sets use_sliding_window=true; Qwen2-VL checkpoints use full attention "
+                             "and this framework implements only that")
+        v_rope = vd.get("rope_parameters") or {}
+        v_theta = float(vd.get("rope_theta", v_rope.get("rope_theta", 10000.0)))
         vision = VisionConfig(
             depth=vd.get("depth", 32),
             embed_dim=vd.get("embed_dim", 1280),
@@ -199,6 +209,7 @@ class ModelConfig:
             patch_size=vd.get("patch_size", vd.get("spatial_patch_size", 14)),
             temporal_patch_size=vd.get("temporal_patch_size", 2),
             spatial_merge_size=vd.get("spatial_merge_size", 2),
+            rope_theta=v_theta,
         )
         tc = TextConfig(
             vocab_size=text["vocab_size"],

@@ -15,6 +15,8 @@ The batch (one packed microbatch, see data/batch.py for the producer's contract)
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -44,14 +46,21 @@ class MRotary(nn.Module):
 
     def __init__(self, cfg: TextConfig) -> None:
         super().__init__()
-        dim = cfg.head_dim
-        self.register_buffer(
-            "inv_freq", 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float) / dim)), persistent=False
-        )
+        self.dim, self.theta = cfg.head_dim, cfg.rope_theta
+        self.register_buffer("inv_freq", self.fresh_inv_freq(), persistent=False)
         self.section = list(cfg.mrope_section)
 
+    def fresh_inv_freq(self, device: torch.device | str | None = None) -> torch.Tensor:
+        # Computed on the CPU in fp32 exactly as transformers does, then moved: bit-identical angles.
+        inv = 1.0 / (self.theta ** (torch.arange(0, self.dim, 2, dtype=torch.float, device="cpu") / self.dim))
+        return inv.to(device if device is not None else torch.get_default_device())
+
     def forward(self, position_ids_3T: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs_3TF = position_ids_3T.to(self.inv_freq.device, torch.float)[..., None] * self.inv_freq
+        inv_freq = self.inv_freq
+        if inv_freq.dtype != torch.float32:
+            # model.to(bf16) casts buffers too; bf16 frequencies would shift every angle, so rebuild fp32 ones.
+            inv_freq = self.fresh_inv_freq(inv_freq.device)
+        freqs_3TF = position_ids_3T.to(inv_freq.device, torch.float)[..., None] * inv_freq
         freqs_TF = torch.cat([chunk[i % 3] for i, chunk in enumerate(freqs_3TF.split(self.section, dim=-1))], dim=-1)
         emb_TDh = torch.cat([freqs_TF, freqs_TF], dim=-1)
         return emb_TDh.cos().to(dtype), emb_TDh.sin().to(dtype)
@@ -130,6 +139,8 @@ class Qwen2VL(nn.Module):
     def init_weights(self, std: float = 0.02) -> None:
         """Qwen2-style init: normal(0, std) for linear/conv/embedding weights, zero biases, unit norms."""
         for m in self.modules():
+            if any(p.is_meta for p in m.parameters(recurse=False)):
+                continue  # nothing to initialize on the meta device (and meta normal_ is slow at 72B)
             if isinstance(m, (nn.Linear, nn.Conv3d)):
                 nn.init.normal_(m.weight, std=std)
                 if m.bias is not None:
@@ -140,13 +151,55 @@ class Qwen2VL(nn.Module):
                 nn.init.ones_(m.weight)
                 if getattr(m, "bias", None) is not None:
                     nn.init.zeros_(m.bias)
-        rot = self.rotary
-        t = self.cfg.text
-        rot.inv_freq.copy_(1.0 / (t.rope_theta ** (torch.arange(0, t.head_dim, 2, dtype=torch.float) / t.head_dim)))
-        if self.visual is not None:
-            v = self.cfg.vision
-            d = v.head_dim // 2
-            self.visual.rotary.inv_freq.copy_(1.0 / (v.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float) / d)))
+        self.init_buffers()
+
+    @torch.no_grad()
+    def init_buffers(self, device: torch.device | str | None = None) -> None:
+        """(Re)compute the rotary frequency buffers (non-persistent, so neither checkpoints nor `to_empty`
+        carry them) on `device` (default: where they are now), in fp32."""
+        rotaries = [self.rotary] + ([self.visual.rotary] if self.visual is not None else [])
+        for rot in rotaries:
+            rot.inv_freq = rot.fresh_inv_freq(device if device is not None else rot.inv_freq.device)
+
+    # ------------------------------------------------------------------------------------ HF checkpoints
+    @classmethod
+    def from_hf(
+        cls,
+        path: str | os.PathLike,
+        *,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str = "cpu",
+        attn_backend: str | None = None,
+    ) -> Qwen2VL:
+        """Build the model from an HF Qwen2-VL directory (config.json + safetensors, either key layout).
+
+        The model is built on the meta device and takes the loaded tensors as its parameters (no random init,
+        no second copy). `dtype` casts floating weights (None keeps the checkpoint's dtype).
+        """
+        from model.hf_adapter import load_hf_checkpoint
+
+        cfg, sd = load_hf_checkpoint(path, dtype=dtype)
+        if attn_backend is not None:
+            cfg = cfg.replace(attn_backend=attn_backend)
+        with torch.device("meta"):
+            model = cls(cfg)
+        model.load_state_dict(sd, strict=True, assign=True)
+        if cfg.text.tie_word_embeddings:
+            # assign=True gave both modules their own Parameter object; tie them again.
+            model.lm_head.weight = model.embed_tokens.weight
+        model.init_buffers("cpu")
+        return model.to(device)
+
+    def save_hf(
+        self, out_dir: str | os.PathLike, *, max_shard_bytes: int | None = None, dtype: torch.dtype | None = None
+    ) -> list:
+        """Write this (whole, unsplit) model as an HF hub-layout checkpoint; see model.hf_adapter."""
+        from model.hf_adapter import DEFAULT_MAX_SHARD_BYTES, save_hf_checkpoint
+
+        return save_hf_checkpoint(
+            self.state_dict(), self.cfg, out_dir, max_shard_bytes=max_shard_bytes or DEFAULT_MAX_SHARD_BYTES,
+            dtype=dtype,
+        )
 
     # ------------------------------------------------------------------------------------ embedding
     def _dummy_vision(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

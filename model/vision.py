@@ -54,13 +54,18 @@ class VisionRotary(nn.Module):
 
     def __init__(self, cfg: VisionConfig) -> None:
         super().__init__()
-        dim = cfg.head_dim // 2
-        self.register_buffer(
-            "inv_freq", 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float) / dim)), persistent=False
-        )
+        self.dim, self.theta = cfg.head_dim // 2, cfg.rope_theta
+        self.register_buffer("inv_freq", self.fresh_inv_freq(), persistent=False)
+
+    def fresh_inv_freq(self, device: torch.device | str | None = None) -> torch.Tensor:
+        inv = 1.0 / (self.theta ** (torch.arange(0, self.dim, 2, dtype=torch.float, device="cpu") / self.dim))
+        return inv.to(device if device is not None else torch.get_default_device())
 
     def forward(self, pos_N2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs_N2F = pos_N2.to(self.inv_freq.device, torch.float)[..., None] * self.inv_freq
+        inv_freq = self.inv_freq
+        if inv_freq.dtype != torch.float32:  # see MRotary.forward
+            inv_freq = self.fresh_inv_freq(inv_freq.device)
+        freqs_N2F = pos_N2.to(inv_freq.device, torch.float)[..., None] * inv_freq
         freqs_NF = freqs_N2F.flatten(1)  # (N, head_dim/2): row freqs then column freqs
         emb_NDh = torch.cat([freqs_NF, freqs_NF], dim=-1)
         return emb_NDh.cos(), emb_NDh.sin()

@@ -1,0 +1,128 @@
+"""model/flops.py against torch.utils.flop_counter.FlopCounterMode on the tiny model, and against the real
+parameter counts of the published presets.
+
+FlopCounterMode does not see CPU SDPA (aten._scaled_dot_product_flash_attention_for_cpu has no FLOP
+formula), so for the count the test swaps the attention kernel for a plain per-segment softmax(QK^T)V whose
+two matmuls the counter does see. Every other op runs as in training, backward included (the fused loss
+head's three matmuls too). The expected agreement is EXACT: both count the same matmuls.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import model.qwen2_vl as qwen2_vl
+import model.vision as vision
+from model.config import get_preset
+from model.flops import GROUPS, batch_flops, llm_flops_per_token, llm_forward_flops, vit_flops_per_patch
+from model.parity import SampleBuilder
+from model.position_ids import packed_mrope_position_ids
+from model.qwen2_vl import Qwen2VL
+from tests.model.conftest import small_cfg, small_vocab_cfg
+
+
+def matmul_attention(q, k, v, cu_seqlens, max_seqlen, *, causal, backend=None, scale=None):
+    """Dense per-segment attention built from matmuls (what the FLOP counter can count)."""
+    rep = q.shape[1] // k.shape[1]
+    out = []
+    b = cu_seqlens.tolist()
+    for s, e in zip(b[:-1], b[1:]):
+        q_HLD = q[s:e].transpose(0, 1)
+        k_HLD = k[s:e].repeat_interleave(rep, 1).transpose(0, 1)
+        v_HLD = v[s:e].repeat_interleave(rep, 1).transpose(0, 1)
+        a = q_HLD @ k_HLD.transpose(1, 2) / math.sqrt(q.shape[-1])
+        if causal:
+            a = a.masked_fill(~torch.ones(e - s, e - s, dtype=torch.bool).tril(), float("-inf"))
+        out.append((a.softmax(-1) @ v_HLD).transpose(0, 1))
+    return torch.cat(out)
+
+
+@pytest.fixture
+def packed_batch():
+    cfg = small_vocab_cfg()
+    b = SampleBuilder(cfg, torch.Generator().manual_seed(0))
+    samples = [b.sample(7, ("image", (1, 4, 6)), 9), b.sample(5, ("video", (3, 4, 4)), 4), b.sample(30),
+               b.sample(2, ("image", (1, 8, 4)), ("image", (1, 2, 2)), 3)]
+    ids = torch.cat([s.input_ids for s in samples])
+    lengths = [s.input_ids.numel() for s in samples]
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    g_img = torch.cat([s.image_grid_thw for s in samples if s.image_grid_thw is not None])
+    g_vid = torch.cat([s.video_grid_thw for s in samples if s.video_grid_thw is not None])
+    labels = torch.randint(0, 1000, ids.shape)
+    labels[torch.rand(ids.shape) < 0.4] = -100
+    batch = dict(
+        input_ids=ids, labels=labels, cu_seqlens=cu, max_seqlen=max(lengths),
+        position_ids=packed_mrope_position_ids(ids, cu, g_img, g_vid, image_token_id=cfg.image_token_id,
+                                               video_token_id=cfg.video_token_id),
+        pixel_values=torch.cat([s.pixel_values for s in samples if s.pixel_values is not None]), image_grid_thw=g_img,
+        pixel_values_videos=torch.cat([s.pixel_values_videos for s in samples if s.pixel_values_videos is not None]),
+        video_grid_thw=g_vid,
+    )
+    return cfg, batch
+
+
+# Stage 2 (all), stage 1 (LLM frozen), stage 3 (vision frozen), merger only, merger + LLM, inference.
+TRAINABLE = [GROUPS, ("vit", "merger"), ("llm",), ("merger",), ("merger", "llm"), ()]
+
+
+@pytest.mark.parametrize("trainable", TRAINABLE, ids=lambda t: "+".join(t) or "none")
+def test_matches_flop_counter_exactly(monkeypatch, packed_batch, trainable):
+    monkeypatch.setattr(qwen2_vl, "varlen_attention", matmul_attention)
+    monkeypatch.setattr(vision, "varlen_attention", matmul_attention)
+    cfg, batch = packed_batch
+    model = Qwen2VL(cfg)
+    for name, p in model.named_parameters():
+        group = "merger" if name.startswith("visual.merger") else "vit" if name.startswith("visual.") else "llm"
+        p.requires_grad_(group in trainable)
+    with FlopCounterMode(display=False) as counter:
+        loss, n = model(**batch)
+        if loss.requires_grad:
+            loss.backward()
+    want = batch_flops(cfg, batch["cu_seqlens"], [batch["image_grid_thw"], batch["video_grid_thw"]],
+                       n_supervised=int(n), trainable=trainable, causal_halving=False)
+    assert counter.get_total_flops() == want["total"]
+    assert want["total"] == want["vit"] + want["llm"] and want["vit"] > 0 and want["llm"] > 0
+
+
+def test_causal_halving_and_per_segment_attention(packed_batch):
+    cfg, batch = packed_batch
+    cu = batch["cu_seqlens"]
+    full = llm_forward_flops(cfg, [int(x) for x in cu.diff()], causal_halving=False)
+    half = llm_forward_flops(cfg, [int(x) for x in cu.diff()], causal_halving=True)
+    lengths = cu.diff().tolist()
+    per_layer = cfg.text.num_layers * 4 * cfg.text.hidden_size
+    assert full["layers_attention"] == per_layer * sum(L * L for L in lengths)
+    assert half["layers_attention"] == per_layer * sum(L * (L + 1) // 2 for L in lengths)
+    # Packing: attention of 4 samples costs the sum of their squares, not the square of the packed length.
+    T = sum(lengths)
+    assert full["layers_attention"] < per_layer * T * T / 2
+
+
+@pytest.mark.parametrize("preset", ["2b", "72b"])
+def test_linear_flops_are_six_times_the_real_parameters(preset):
+    """At the published sizes, the decoder's matmul FLOPs per token are 6 x its non-embedding matmul
+    parameters (fwd 2N + bwd 4N), counted from the model built on the meta device."""
+    cfg = get_preset(preset)
+    with torch.device("meta"):
+        model = Qwen2VL(cfg)
+    n_linear = sum(m.weight.numel() for m in model.layers.modules() if isinstance(m, torch.nn.Linear))
+    T = 4096
+    f = llm_forward_flops(cfg, [T], n_supervised=0)
+    assert f["layers_linear"] == 2 * n_linear * T
+    n_vit = sum(m.weight.numel() for name, m in model.visual.named_modules()
+                if isinstance(m, torch.nn.Linear) and "merger" not in name)
+    per_patch = vit_flops_per_patch(cfg, (32, 32))
+    # 6 N per patch for linears + patch embed (2x: input is data) + merger + attention on 1024-patch frames
+    assert 6 * n_vit < per_patch < 6 * n_vit * 1.6
+    # Per-token figure for MFU: 6 N + attention + head, within the familiar range.
+    n_head = cfg.text.vocab_size * cfg.text.hidden_size
+    assert 6 * (n_linear + n_head) < llm_flops_per_token(cfg, T) < 6 * (n_linear + n_head) * 1.3
+
+
+def test_unknown_group_is_an_error():
+    with pytest.raises(ValueError, match="unknown trainable groups"):
+        batch_flops(small_cfg(), [0, 4], trainable=("vision",))
