@@ -22,8 +22,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
 sys.path.insert(0, os.path.join(HERE, "..", "tests", "storage"))
 
-from conftest import BUCKET, FAKE_CREDENTIALS, raw_s3_client, storage_cfg  # noqa: E402
 from fault_proxy import FaultPlan, FaultProxy  # noqa: E402
+from storage_helpers import BUCKET, FAKE_CREDENTIALS, raw_s3_client, storage_cfg  # noqa: E402
 
 
 def main() -> None:

@@ -13,16 +13,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 from fault_proxy import FaultPlan, FaultProxy  # noqa: E402
-
-# Distinctive fake credentials: the leak tests search every log line, message and repr for them.
-FAKE_CREDENTIALS = {
-    "AWS_ACCESS_KEY_ID": "AKIDfakeTestKey0001",
-    "AWS_SECRET_ACCESS_KEY": "fakeS3SecretValue-0001-do-not-leak",
-    "OSS_ACCESS_KEY_ID": "LTAIfakeTestKey0001",
-    "OSS_ACCESS_KEY_SECRET": "fakeOssSecretValue-0001-do-not-leak",
-    "OSS_SESSION_TOKEN": "fakeStsToken-0001-do-not-leak",
-}
-BUCKET = "test-bucket"
+from storage_helpers import BUCKET, FAKE_CREDENTIALS, raw_s3_client  # noqa: E402,F401
 
 
 @pytest.fixture(scope="session")
@@ -53,13 +44,6 @@ def moto_endpoint(fake_credentials):
     server.stop()
 
 
-def raw_s3_client(endpoint: str):
-    """A plain boto3 client (uploads and setup only; the code under test never uses it)."""
-    import boto3
-
-    return boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
-
-
 @pytest.fixture(scope="session")
 def s3_admin(moto_endpoint):
     return raw_s3_client(moto_endpoint)
@@ -77,14 +61,3 @@ def make_proxy(moto_endpoint):
     yield make
     for p in proxies:
         p.close()
-
-
-def storage_cfg(scheme: str, endpoint: str, **kw):
-    """A StorageConfig pointing `scheme` at `endpoint`, with short backoffs so fault tests stay fast."""
-    from data.storage import StorageConfig
-
-    base = dict(backoff_base_s=0.005, backoff_max_s=0.05, timeout_s=2.0, connect_timeout_s=2.0, max_retries=10)
-    base.update(kw)
-    if scheme == "s3":
-        return StorageConfig(endpoint_url=endpoint, region="us-east-1", s3_addressing_style="path", **base)
-    return StorageConfig(oss_endpoint=endpoint, region="us-east-1", **base)

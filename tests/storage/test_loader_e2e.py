@@ -12,9 +12,9 @@ import os
 
 import pytest
 import torch
-from conftest import BUCKET, storage_cfg
 from fault_proxy import FaultPlan
 from PIL import Image
+from storage_helpers import BUCKET, storage_cfg
 
 from data.config import DataConfig, DatasetSpec
 from data.loader import build_loader

@@ -14,8 +14,8 @@ import time
 from urllib.parse import unquote
 
 import pytest
-from conftest import BUCKET, FAKE_CREDENTIALS, storage_cfg
 from fault_proxy import FaultPlan
+from storage_helpers import BUCKET, FAKE_CREDENTIALS, storage_cfg
 
 from data import storage_oss, storage_s3
 from data.storage import (

@@ -12,7 +12,7 @@ import av
 import numpy as np
 import pytest
 import torch
-from conftest import encode_clip, qwen_fetch_video_plan
+from video_clips import encode_clip, qwen_fetch_video_plan
 
 from data import video as video_mod
 from data.video import VideoClip, VideoConfig, VideoDecodeError, decode_frames, load_video, plan_sampling

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import encode_clip
+from video_clips import encode_clip
 
 from data import video_cache as vc
 from data.video import VideoConfig, VideoDecodeError, decode_frames, load_video
