@@ -74,19 +74,20 @@ def apply_activation_checkpointing(model: nn.Module, cfg: ParallelConfig) -> lis
     mode = cfg.activation_checkpoint
     if mode == "none":
         return []
-    blocks: list[tuple[str, nn.Module]] = []
+    groups: list[list[tuple[str, nn.Module]]] = []
     if getattr(model, "visual", None) is not None:
-        blocks += [(f"visual.blocks.{n}", b) for n, b in model.visual.blocks.items()]
-    blocks += [(f"layers.{n}", b) for n, b in model.layers.items()]
+        groups.append([(f"visual.blocks.{n}", b) for n, b in model.visual.blocks.items()])
+    groups.append([(f"layers.{n}", b) for n, b in model.layers.items()])
     done = []
-    for i, (name, block) in enumerate(blocks):
-        if mode == "full":
-            checkpoint_module(block, selective_ops=False)
-        elif cfg.ac_selective == "op":
-            checkpoint_module(block, selective_ops=True)
-        elif i % cfg.ac_every == 0:
-            checkpoint_module(block, selective_ops=False)
-        else:
-            continue
-        done.append(name)
+    for blocks in groups:
+        for i, (name, block) in enumerate(blocks):
+            if mode == "full":
+                checkpoint_module(block, selective_ops=False)
+            elif cfg.ac_selective == "op":
+                checkpoint_module(block, selective_ops=True)
+            elif i % cfg.ac_every == 0:  # 'block': every ac_every-th block of the ViT and of the LLM
+                checkpoint_module(block, selective_ops=False)
+            else:
+                continue
+            done.append(name)
     return done

@@ -7,6 +7,7 @@ Every field has a docstring; `validate()` raises ValueError naming the value and
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +30,10 @@ class ParallelConfig:
     sequence_parallel: bool = True
     """With tp > 1: shard norms and the residual stream along the sequence between blocks (Korthikanti et al.).
     Packed sequences are then padded at the tail to a multiple of tp (a separate, unsupervised segment)."""
+    sp_pad_multiple: int = 0
+    """With SP: pad each packed sequence (and the ViT's patch rows) to a multiple of lcm(tp, this) instead of
+    just tp. DTensor caches its sharding decisions per tensor shape, so every new packed length costs CPU time
+    in every TP op; a multiple such as 128 bounds the number of distinct shapes. 0 = pad to tp only."""
     pp_first_stage_layers: int | str = "auto"
     """k = decoder layers on pipeline stage 0 (which also holds the ViT). An int, or 'auto' to derive k from
     FLOPs so stage 0 (ViT + k layers) costs about as much as each later stage."""
@@ -81,6 +86,12 @@ class ParallelConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def pad_multiple(self, tp: int) -> int:
+        """The multiple packed sequences are padded to under SP (1 = no padding)."""
+        if tp == 1 or not self.sequence_parallel:
+            return 1
+        return math.lcm(tp, self.sp_pad_multiple) if self.sp_pad_multiple else tp
+
     def validate(self) -> None:
         """Raise ValueError naming the offending value and the fix (world size is checked by ParallelDims)."""
         for name in ("tp", "pp", "num_microbatches", "ac_every"):
@@ -112,5 +123,7 @@ class ParallelConfig:
             raise ValueError(f"parallel.backend={self.backend!r}; choose one of {_BACKENDS}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"parallel.device={self.device!r}; choose 'auto', 'cpu' or 'cuda'")
+        if not isinstance(self.sp_pad_multiple, int) or self.sp_pad_multiple < 0:
+            raise ValueError(f"parallel.sp_pad_multiple={self.sp_pad_multiple!r} must be an integer >= 0")
         if not isinstance(self.loss_chunk_size, int) or self.loss_chunk_size < 1:
             raise ValueError(f"parallel.loss_chunk_size={self.loss_chunk_size!r} must be an integer >= 1")

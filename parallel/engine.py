@@ -114,7 +114,7 @@ def parallelize(model: nn.Module, dims: ParallelDims, cfg: ParallelConfig) -> Pa
     plain_replicated: list[str] = []
     if dims.tp > 1:
         tp_mesh = dims.get_mesh("tp")
-        apply_tensor_parallel(model, tp_mesh, sp)
+        apply_tensor_parallel(model, tp_mesh, sp, cfg.pad_multiple(dims.tp))
         plain_replicated = [n for n, p in model.named_parameters() if not isinstance(p, DTensor)]
         if model.lm_head is not None:
             _install_parallel_loss(model, make_loss_fn(tp_mesh, sp, cfg.loss_chunk_size))
@@ -220,7 +220,7 @@ class ParallelModel:
             mb = mb.to(self.dims.device)
             real = mb.num_tokens
             if self.sequence_parallel:
-                mb = pad_microbatch(mb, self.dims.tp)
+                mb = pad_microbatch(mb, self.cfg.pad_multiple(self.dims.tp))
             out.append((mb, real))
         return out
 

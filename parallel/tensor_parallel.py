@@ -157,15 +157,20 @@ def top_level_plan(sp: bool, has_embed: bool, has_head: bool, has_visual: bool) 
 
 
 # ------------------------------------------------------------------------------------------ apply
-def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, sp: bool) -> None:
-    """Shard a (stage of a) Qwen2VL in place over `tp_mesh`. Layer names (FQNs) are unchanged."""
+def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, sp: bool, pad_multiple: int | None = None) -> None:
+    """Shard a (stage of a) Qwen2VL in place over `tp_mesh`. Layer names (FQNs) are unchanged.
+
+    pad_multiple: under SP, the ViT's patch rows are padded to a multiple of it (default tp)."""
     check_tp_divisibility(model.cfg, tp_mesh.size())
+    tied = model.lm_head is not None and model.embed_tokens is not None and (
+        model.lm_head.weight is model.embed_tokens.weight
+    )
     visual = model.visual
     if visual is not None:
         for i, blk in enumerate(visual.blocks.values()):
             _parallelize(blk, tp_mesh, vision_block_plan(sp, first=(i == 0)))
         if sp:
-            _install_vit_row_padding(visual, tp_mesh.size())
+            _install_vit_row_padding(visual, pad_multiple or tp_mesh.size())
     first_layer = model.embed_tokens is not None
     for i, layer in enumerate(model.layers.values()):
         # A stage that embeds hands whole-sequence embeddings to its first layer; later stages receive
@@ -175,7 +180,6 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, sp: bool) -> No
     if plan:
         parallelize_module(model, tp_mesh, plan)
     if model.lm_head is not None:
-        tied = model.embed_tokens is not None and model.lm_head.weight is model.embed_tokens.weight
         if tied:
             # parallelize_module replaced embed_tokens.weight; re-tie to the (identically Shard(0)) DTensor.
             model.lm_head.weight = model.embed_tokens.weight

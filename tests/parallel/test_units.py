@@ -1,0 +1,166 @@
+"""Single-process unit tests of the engine's pieces (no process group): config, layout validation, launcher
+environments, pipeline split, SP padding and ViT row padding (checked against the unpadded model)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from _synth import global_batch, tiny_config
+
+from model.config import get_preset
+from model.qwen2_vl import Qwen2VL
+from parallel import ParallelConfig, ParallelDims, resolve_launch_env, stage_layer_ids
+from parallel.checkpointing import apply_activation_checkpointing
+from parallel.pipeline_split import auto_first_stage_layers, prune_to_stage
+from parallel.tensor_parallel import _install_vit_row_padding, check_tp_divisibility, pad_microbatch
+
+
+# ------------------------------------------------------------------------------------------ config
+def test_config_from_dict_is_strict_and_validates():
+    cfg = ParallelConfig.from_dict({"tp": 2, "pp": 2, "num_microbatches": 4, "mixed_precision": "bf16"})
+    assert (cfg.tp, cfg.pp, cfg.dp, cfg.num_microbatches) == (2, 2, -1, 4)
+    with pytest.raises(ValueError, match="unknown parallel config keys.*'tensor_parallel'"):
+        ParallelConfig.from_dict({"tensor_parallel": 2})
+    for bad, match in [
+        ({"tp": 0}, "parallel.tp=0"),
+        ({"dp": 0}, "parallel.dp=0"),
+        ({"zero_stage": 2}, "zero_stage=2"),
+        ({"mixed_precision": "fp16"}, "mixed_precision"),
+        ({"activation_checkpoint": "some"}, "activation_checkpoint"),
+        ({"pp_first_stage_layers": 0}, "pp_first_stage_layers"),
+        ({"timeout_s": 0}, "timeout_s"),
+        ({"sp_pad_multiple": -1}, "sp_pad_multiple"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            ParallelConfig.from_dict(bad)
+    assert ParallelConfig.from_dict(cfg.to_dict()) == cfg
+    assert ParallelConfig(tp=2).pad_multiple(2) == 2
+    assert ParallelConfig(tp=2, sp_pad_multiple=64).pad_multiple(2) == 64
+    assert ParallelConfig(tp=2, sequence_parallel=False).pad_multiple(2) == 1
+
+
+def test_parallel_dims_fill_and_errors():
+    assert ParallelDims(pp=2, dp=-1, tp=2, world_size=8).dp == 2
+    with pytest.raises(ValueError, match=r"pp\*dp\*tp = 1\*3\*2 = 6 != world size 4.*set dp=-1"):
+        ParallelDims(pp=1, dp=3, tp=2, world_size=4)
+    with pytest.raises(ValueError, match="not divisible by pp\\*tp = 1\\*3"):
+        ParallelDims(pp=1, dp=-1, tp=3, world_size=4)
+    with pytest.raises(ValueError, match="no mesh yet"):
+        ParallelDims(pp=1, dp=1, tp=1, world_size=1).get_mesh("tp")
+    with pytest.raises(ValueError, match="unknown mesh dimension"):
+        ParallelDims(pp=1, dp=1, tp=1, world_size=1).get_mesh("cp")
+
+
+# ------------------------------------------------------------------------------------------ launchers
+@pytest.mark.parametrize(
+    "env, argv, expect",
+    [
+        ({"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "MASTER_ADDR": "h", "MASTER_PORT": "29500",
+          "TORCHELASTIC_RUN_ID": "x"}, [], (3, 8, 1, "h", 29500, "torchrun")),
+        # deepspeed launcher (old releases: no LOCAL_RANK, a --local_rank argument instead)
+        ({"RANK": "5", "WORLD_SIZE": "16", "MASTER_ADDR": "n0", "MASTER_PORT": "29600"},
+         ["train.py", "--local_rank=5"], (5, 16, 5, "n0", 29600, "deepspeed")),
+        ({"RANK": "2", "WORLD_SIZE": "4", "MASTER_ADDR": "n0", "MASTER_PORT": "1"},
+         ["train.py", "--local_rank", "2"], (2, 4, 2, "n0", 1, "deepspeed")),
+        ({"OMPI_COMM_WORLD_RANK": "6", "OMPI_COMM_WORLD_SIZE": "8", "OMPI_COMM_WORLD_LOCAL_RANK": "2",
+          "MASTER_ADDR": "n1", "MASTER_PORT": "2"}, [], (6, 8, 2, "n1", 2, "openmpi")),
+        ({"SLURM_PROCID": "9", "SLURM_NTASKS": "16", "SLURM_LOCALID": "1"}, [], (9, 16, 1, None, None, "slurm")),
+        ({}, [], (0, 1, 0, None, None, "none")),
+    ],
+)
+def test_resolve_launch_env(env, argv, expect):
+    e = resolve_launch_env(env, argv)
+    assert (e.rank, e.world_size, e.local_rank, e.master_addr, e.master_port, e.launcher) == expect
+
+
+# ------------------------------------------------------------------------------------------ pipeline split
+def test_stage_layer_ids_explicit_auto_and_errors():
+    cfg = tiny_config(layers=7)
+    assert stage_layer_ids(cfg, 1, "auto") == [list(range(7))]
+    assert stage_layer_ids(cfg, 3, 1) == [[0], [1, 2, 3], [4, 5, 6]]
+    assert stage_layer_ids(cfg, 3, 2) == [[0, 1], [2, 3, 4], [5, 6]]  # remainder to the earlier later-stage
+    with pytest.raises(ValueError, match="choose k in \\[1, 5\\]"):
+        stage_layer_ids(cfg, 3, 6)
+    with pytest.raises(ValueError, match="at least 9 decoder layers"):
+        stage_layer_ids(cfg, 9, "auto")
+    # FLOPs-derived k: the ViT's work takes layers off stage 0, more so with more vision tokens.
+    big = get_preset("7b")
+    k_text = auto_first_stage_layers(big, 4, 0.0)
+    k_vis = auto_first_stage_layers(big, 4, 0.5)
+    assert k_text == 7 and k_vis < k_text, (k_text, k_vis)
+    ids = stage_layer_ids(big, 4, "auto", 0.5)
+    assert sum(map(len, ids)) == 28 and len(ids[0]) == k_vis
+
+
+def test_prune_to_stage_keeps_names_and_unties_head_copy():
+    torch.manual_seed(0)
+    full = Qwen2VL(tiny_config(tie=True))
+    ids = stage_layer_ids(full.cfg, 2, 1)
+    s0 = prune_to_stage(copy.deepcopy(full), 0, ids)
+    s1 = prune_to_stage(copy.deepcopy(full), 1, ids)
+    assert s0.lm_head is None and s0.norm is None and list(s0.layers) == ["0"]
+    assert s1.visual is None and s1.embed_tokens is None and list(s1.layers) == ["1", "2", "3"]
+    names = {n for n, _ in s0.named_parameters()} | {n for n, _ in s1.named_parameters()}
+    assert names == set(dict(full.named_parameters(remove_duplicate=False)))
+    assert torch.equal(s1.lm_head.weight, full.embed_tokens.weight)
+
+
+def test_check_tp_divisibility_names_the_values():
+    check_tp_divisibility(tiny_config(), 2)
+    with pytest.raises(ValueError, match="text.num_kv_heads=2"):
+        check_tp_divisibility(tiny_config(), 4)
+
+
+# ------------------------------------------------------------------------------------------ padding
+def test_pad_microbatch_is_a_separate_unsupervised_segment():
+    torch.manual_seed(0)
+    model = Qwen2VL(tiny_config())
+    for mb in global_batch(0, 3):
+        padded = pad_microbatch(mb, 8)
+        assert padded.num_tokens % 8 == 0 and padded.num_tokens - mb.num_tokens < 8
+        assert padded.num_supervised == mb.num_supervised
+        if padded is mb:
+            continue
+        padded.validate()
+        assert padded.cu_seqlens[:-1].tolist() == mb.cu_seqlens.tolist()
+        with torch.no_grad():
+            a, na = model(**mb.model_inputs())
+            b, nb = model(**padded.model_inputs())
+            h_a = model(**{**mb.model_inputs(), "labels": None})
+            h_b = model(**{**padded.model_inputs(), "labels": None})
+        assert int(na) == int(nb)
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+        # Real tokens see exactly what they saw before: the padding attends to nothing else.
+        torch.testing.assert_close(h_b[: mb.num_tokens], h_a, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("multiple", [3, 8, 64])
+def test_vit_row_padding_leaves_real_rows_unchanged(multiple):
+    torch.manual_seed(0)
+    model = Qwen2VL(tiny_config())
+    mb = global_batch(0, 1)[0]
+    grid = mb.image_grid_thw
+    ref_visual = copy.deepcopy(model.visual)
+    _install_vit_row_padding(model.visual, multiple)
+    seen = []
+    model.visual.patch_embed.register_forward_hook(lambda m, a, o: seen.append(o.shape[0]))
+    with torch.no_grad():
+        out = model.visual(mb.pixel_values, grid)
+        ref = ref_visual(mb.pixel_values, grid)
+    assert seen[0] % multiple == 0 and seen[0] >= mb.pixel_values.shape[0]
+    assert out.shape == ref.shape
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_activation_checkpointing_selection():
+    model = Qwen2VL(tiny_config())
+    done = apply_activation_checkpointing(model, ParallelConfig(activation_checkpoint="selective",
+                                                                ac_selective="block", ac_every=2))
+    assert done == ["visual.blocks.0", "layers.0", "layers.2"]
+    model = Qwen2VL(tiny_config())
+    done = apply_activation_checkpointing(model, ParallelConfig(activation_checkpoint="full"))
+    assert len(done) == 6 and all(model.layers[n]._parallel_ac == "full" for n in model.layers)
+    # Names are untouched (no wrapper module in the path).
+    assert {n for n, _ in model.named_parameters()} == {n for n, _ in Qwen2VL(tiny_config()).named_parameters()}
