@@ -130,9 +130,15 @@ class ScheduleStats:
     """Seconds from the first to the last schedule action."""
     order: list[tuple[str, int]] = field(default_factory=list)
     """('F'|'B', microbatch) in execution order."""
+    start_time: float = 0.0
+    """time.time() when the schedule started (to line stages up on one host: the bubble benchmark)."""
+    end_time: float = 0.0
+    """time.time() when this stage's schedule ended."""
 
     @property
     def idle_fraction(self) -> float:
+        """This stage's idle share of its OWN schedule span. The pipeline bubble proper is measured against the
+        whole pipeline's span (first stage start to last stage end), see benchmarks/bench_pipeline.py."""
         return 1.0 - self.compute_s / self.wall_s if self.wall_s > 0 else 0.0
 
 
@@ -252,6 +258,7 @@ class OneFOneB:
             self._exchange([], [(g, self.next_rank)])
             return g
 
+        stats.start_time = time.time()
         t_start = time.perf_counter()
         warmup = min(p - s - 1, m)
         remaining = m - warmup
@@ -272,4 +279,5 @@ class OneFOneB:
             dx = backward(i, recv_backward(i))
             send_backward(dx)
         stats.wall_s = time.perf_counter() - t_start
+        stats.end_time = time.time()
         return stats

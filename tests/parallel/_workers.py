@@ -291,3 +291,91 @@ def layout_worker(rank: int, world: int, spec: dict) -> dict:
             raise ValueError(check)
     report["time_s"] = time.perf_counter() - t0
     return report
+
+
+# ------------------------------------------------------------------------------------------ failures
+def raising_worker(rank: int, world: int, par: dict, victim: int, where: str, timeout_s: float) -> dict:
+    """One good step, then `victim` raises inside the next step (forward of microbatch 1 at `where`) and stays
+    alive; every other rank must fail with an error within about timeout_s, never hang."""
+    cfg = ParallelConfig(**par, timeout_s=timeout_s)
+    dims = init_distributed(cfg)
+    torch.manual_seed(0)
+    pm = parallelize(Qwen2VL(tiny_config()), dims, cfg)
+    m = cfg.num_microbatches
+    gb = global_batch(0, dims.dp * m)
+    mine = gb[dims.dp_rank * m : (dims.dp_rank + 1) * m] if dims.is_first_stage else None
+    pm.step(mine)
+    if rank == victim:
+        calls = [0]
+
+        def hook(module, args):
+            calls[0] += 1
+            if calls[0] == 2:
+                raise RuntimeError("injected failure inside the step")
+
+        pm.module.get_submodule(where).register_forward_pre_hook(hook)
+    t0 = time.monotonic()
+    try:
+        pm.step(mine)
+    except Exception as e:  # noqa: BLE001 - the point is that it raises
+        elapsed = time.monotonic() - t0
+        if rank == victim:
+            assert "injected failure" in str(e), e
+            # Stay alive (and silent) so the peers can only rely on their timeouts, not on a closed socket.
+            time.sleep(2.5 * timeout_s)
+        return {"rank": rank, "error": f"{type(e).__name__}: {str(e)[:160]}", "elapsed": elapsed}
+    raise AssertionError(f"rank {rank} finished a step that rank {victim} failed")
+
+
+# ------------------------------------------------------------------------------------------ one process
+def single_process_worker(rank: int, world: int) -> dict:
+    """World size 1 without any launcher; activation checkpointing modes; the meta-device path; bf16."""
+    import pytest
+
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        os.environ.pop(k, None)
+    cfg = ParallelConfig()
+    dims = init_distributed(cfg)
+    assert (dims.pp, dims.dp, dims.tp, dims.world_size) == (1, 1, 1, 1)
+    assert init_distributed(cfg) is dims, "init_distributed must be idempotent"
+    with pytest.raises(ValueError, match="world size 1 is not divisible by pp\\*tp = 2\\*1"):
+        init_distributed(ParallelConfig(pp=2))
+    report = {}
+    # Activation checkpointing changes memory, never the math.
+    for name, ac in {
+        "full": {"activation_checkpoint": "full"},
+        "selective_op": {"activation_checkpoint": "selective", "ac_selective": "op"},
+        "selective_block": {"activation_checkpoint": "selective", "ac_selective": "block", "ac_every": 2},
+        "chunked_loss": {"loss_chunk_size": 3},
+    }.items():
+        res = run_equivalence({}, dims, ParallelConfig(**ac))
+        report[name] = res["grad_rel"]
+    # Meta device: build, parallelize, materialize, load the reference weights, then train equal to it.
+    torch.manual_seed(0)
+    ref = Qwen2VL(tiny_config())
+    with torch.device("meta"):
+        meta_model = Qwen2VL(tiny_config())
+    pm = parallelize(meta_model, dims, cfg)
+    pm.materialize(init_weights=False)
+    pm.load_state_dict(ref.state_dict())
+    gb = global_batch(1, 2)
+    ref_loss = reference_step(ref, gb)
+    res = pm.step(gb)
+    assert abs(res.loss - ref_loss) <= 1e-6 * abs(ref_loss), (res.loss, ref_loss)
+    report["meta_grad_rel"] = max(compare_grads(pm, ref).values())
+    # bf16 compute with fp32 master weights and fp32 gradients.
+    torch.manual_seed(0)
+    ref = Qwen2VL(tiny_config())
+    pm16 = parallelize(copy.deepcopy(ref), dims, ParallelConfig(mixed_precision="bf16"))
+    ref_loss = reference_step(ref, gb)
+    res16 = pm16.step(gb)
+    assert abs(res16.loss - ref_loss) <= 2e-2 * abs(ref_loss), (res16.loss, ref_loss)
+    for name, p in pm16.named_parameters():
+        assert p.dtype == torch.float32 and p.grad.dtype == torch.float32, name
+    cos = torch.nn.functional.cosine_similarity(
+        torch.cat([_full(p.grad).flatten() for _, p in pm16.named_parameters()]),
+        torch.cat([p.grad.flatten() for _, p in ref.named_parameters()]), dim=0,
+    ).item()
+    assert cos > 0.99, f"bf16 gradient direction differs from fp32: cosine {cos:.4f}"
+    report["bf16"] = {"loss": res16.loss, "fp32_loss": ref_loss, "grad_cosine": cos}
+    return report

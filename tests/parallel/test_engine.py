@@ -1,0 +1,44 @@
+"""The engine in one process without a launcher, and failure behaviour across processes: a rank that raises
+inside a step makes every other rank fail within the configured timeout instead of hanging."""
+
+from __future__ import annotations
+
+import pytest
+from _dist import run_distributed
+from _workers import raising_worker, single_process_worker
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(240)
+def test_world_size_one_without_launcher_ac_meta_bf16():
+    (report,) = run_distributed(single_process_worker, 1, timeout=200)
+    print(report)
+    for name in ("full", "selective_op", "selective_block", "chunked_loss", "meta_grad_rel"):
+        assert report[name] <= 1e-5, (name, report[name])
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize(
+    "world, par, victim, where",
+    [
+        # Stage 0 of dp replica 0 raises mid-schedule: its stage-1 peer waits on a P2P receive, its dp peer on
+        # the FSDP gradient reduce-scatter.
+        (4, {"dp": 2, "pp": 2, "num_microbatches": 3}, 0, "layers.0"),
+        # A tp rank raises inside the ViT: its peer waits in a DTensor collective.
+        (2, {"tp": 2, "num_microbatches": 2}, 1, "visual.blocks.1"),
+    ],
+    ids=["dp2xpp2-p2p-and-fsdp", "tp2-dtensor"],
+)
+def test_raising_rank_makes_peers_fail_within_timeout(world, par, victim, where):
+    timeout_s = 4.0
+    reports = run_distributed(raising_worker, world, par, victim, where, timeout_s, timeout=150)
+    for r in reports:
+        print(r)
+    for r in reports:
+        if r["rank"] == victim:
+            assert "injected failure" in r["error"]
+            continue
+        # The peer's blocking collective started at most a few seconds after the step began; it must give up
+        # after ~timeout_s (with slack for a loaded 2-core machine), never wait for the victim.
+        assert r["elapsed"] <= timeout_s + 12.0, r
