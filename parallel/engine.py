@@ -251,6 +251,10 @@ class ParallelModel:
         if cfg.check_replicated_every and self.steps % cfg.check_replicated_every == 0:
             self.check_replicated()
         batches = self._stage0_batches(microbatches)
+        if batches is not None and dims.tp > 1 and cfg.check_replicated_every and (
+            (self.steps % cfg.check_replicated_every) == 0
+        ):
+            self._check_tp_inputs(batches)
         if dims.pp > 1:
             metas = broadcast_step_metadata(batches, src=dims.stage_rank(0), group=dims.get_group("pp"),
                                             device=dims.device)
@@ -300,6 +304,20 @@ class ParallelModel:
             loss=float(contrib) * inv_count if n_sup else 0.0, num_tokens=n_tok, num_supervised=n_sup,
             num_microbatches=n_mb, padded_tokens=n_pad, step_time_s=time.perf_counter() - t0, schedule=stats,
         )
+
+    def _check_tp_inputs(self, batches: list[tuple[PackedBatch, int]]) -> None:
+        """Debug: every tp rank must be fed the same microbatches (the loader shards by dp rank only)."""
+        ids = [mb.input_ids.reshape(-1) for mb, _ in batches]
+        fp = torch.tensor([len(ids), sum(int(x.numel()) for x in ids), sum(int(x.sum()) for x in ids),
+                           sum(mb.num_patches for mb, _ in batches)], dtype=torch.long, device=self.dims.device)
+        group = self.dims.get_group("tp")
+        gathered = [torch.empty_like(fp) for _ in range(self.dims.tp)]
+        dist.all_gather(gathered, fp, group=group)
+        if any(not torch.equal(g, gathered[0]) for g in gathered):
+            raise RuntimeError(
+                "tp ranks of one dp replica were given different microbatches (count, tokens, id sum, patches): "
+                f"{[g.tolist() for g in gathered]}; feed every tp rank its dp rank's microbatches"
+            )
 
     # ---------------------------------------------------------------- gradient sync
     def _tied_param(self) -> nn.Parameter | None:
@@ -354,15 +372,18 @@ class ParallelModel:
         Replicated shards (tp-replicated weights, the pipeline-tied head copy) are counted once. With
         max_norm <= 0 nothing is scaled. A non-finite norm (inf/nan) is returned and nothing is scaled: the
         caller should skip the optimizer step."""
-        sq = torch.zeros((), dtype=torch.float32, device=self.dims.device)
-        grads = []
+        grads, counted = [], []
         for name, p in self.named_parameters():
             if p.grad is None:
                 continue
             g = _local(p.grad)
             grads.append(g)
             if self._counts_once(name, p) and g.numel():
-                sq += g.float().pow(2).sum()
+                counted.append(g)
+        sq = torch.zeros((), dtype=torch.float32, device=self.dims.device)
+        if counted:
+            norms = torch._foreach_norm(counted, 2.0, dtype=torch.float32)
+            sq = torch.stack(norms).pow(2).sum()
         dist.all_reduce(sq)
         norm = sq.sqrt()
         if max_norm > 0 and torch.isfinite(norm) and grads:

@@ -78,10 +78,12 @@ def test_dp2_pp2_tied_block_ac():
 
 
 @pytest.mark.timeout(400)
-def test_tp2_pp2_sp_tied_full_ac():
+def test_tp2_pp2_sp_tied_full_ac_meta_bf16():
+    # Built on the meta device, materialized and loaded (the trainer's path for big models).
     _run(4, {
         "parallel": {"tp": 2, "pp": 2, "num_microbatches": 3, "activation_checkpoint": "full",
                      "check_replicated_every": 1},
         "tie": True,
-        "checks": ["pp", "tp"],
+        "meta": True,
+        "checks": ["pp", "tp", "bf16_smoke"],
     }, timeout=360)
