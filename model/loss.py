@@ -135,7 +135,16 @@ def lm_loss(
         return _checkpointed_chunks(h_SD, w_VD, y_S, chunk_size), n
     grad_on = torch.is_grad_enabled()
     need_h, need_w = grad_on and h_SD.requires_grad, grad_on and w_VD.requires_grad
-    return _FusedLinearCrossEntropy.apply(h_SD, w_VD, y_S, chunk_size, need_h, need_w), n
+    dev = h_SD.device.type
+    if torch.is_autocast_enabled(dev):
+        # Do what autocast would do for the head's matmul, outside the Function (whose forward runs with
+        # autocast off): the casts' backward returns the gradients in the parameters' own dtypes.
+        dt = torch.get_autocast_dtype(dev)
+        h_SD, w_VD = h_SD.to(dt), w_VD.to(dt)
+    elif h_SD.dtype != w_VD.dtype:
+        h_SD = h_SD.to(w_VD.dtype)
+    with torch.autocast(dev, enabled=False):
+        return _FusedLinearCrossEntropy.apply(h_SD, w_VD, y_S, chunk_size, need_h, need_w), n
 
 
 def naive_lm_loss(h_TD: torch.Tensor, w_VD: torch.Tensor, labels_T: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -238,6 +238,13 @@ class Qwen2VL(nn.Module):
             pix.append(pixel_values_videos)
             grids.append(video_grid_thw.reshape(-1, 3))
         if not pix:
+            n_pads = torch.stack([(ids_T == self.cfg.image_token_id).sum(), (ids_T == self.cfg.video_token_id).sum()])
+            n_img, n_vid = n_pads.tolist()
+            if n_img or n_vid:
+                raise ValueError(
+                    f"input_ids hold {n_img} <|image_pad|> and {n_vid} <|video_pad|> tokens but no pixel_values / "
+                    "pixel_values_videos were given (0 embeddings from the ViT)"
+                )
             dummy_pix, dummy_grid = self._dummy_vision(h_TD.device)
             v_MD = self.visual(dummy_pix.to(h_TD.dtype), dummy_grid)
             return h_TD + 0.0 * v_MD.sum().to(h_TD.dtype)

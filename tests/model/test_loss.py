@@ -131,3 +131,14 @@ def test_never_materializes_tokens_x_vocab():
     # Ours: one chunk of logits (or the V x D weight gradient) at most.
     assert fused <= max(chunk * V, V * 16), fused
     assert fused < T * V / 10
+
+
+def test_autocast_bf16_matches_naive_under_autocast():
+    h, w, y = _inputs()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = _loss_and_grads(naive_lm_loss, h, w, y)
+        got = _loss_and_grads(lm_loss, h, w, y, chunk_size=64)
+    assert got[2].dtype == got[3].dtype == torch.float32  # gradients in the parameters' dtype
+    torch.testing.assert_close(got[0], ref[0], rtol=1e-5, atol=1e-3)
+    torch.testing.assert_close(got[2], ref[2], rtol=2e-2, atol=1e-4)
+    torch.testing.assert_close(got[3], ref[3], rtol=2e-2, atol=1e-4)

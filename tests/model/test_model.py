@@ -67,6 +67,8 @@ def test_pad_count_mismatch_raises_with_both_numbers():
     ids[torch.nonzero(ids == cfg.image_token_id)[0]] = 5  # one placeholder fewer than the ViT's 4 tokens
     with pytest.raises(ValueError, match=r"3 <\|image_pad\|> tokens in input_ids, 4 embeddings"):
         model(input_ids=ids, pixel_values=s.pixel_values, image_grid_thw=s.image_grid_thw)
+    with pytest.raises(ValueError, match=r"4 <\|image_pad\|> and 0 <\|video_pad\|> tokens but no pixel_values"):
+        model(input_ids=s.input_ids)
     # Pads without any pixels: the video path reports its count too.
     vid_ids = torch.cat([s.input_ids, torch.full((2,), cfg.video_token_id)])
     with pytest.raises(ValueError, match=r"2 <\|video_pad\|> tokens in input_ids, 0 embeddings"):
