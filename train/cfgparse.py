@@ -116,7 +116,7 @@ def coerce(value: Any, tp: Any, path: str) -> Any:
                 return tuple(coerce(v, args[0], f"{path}[{i}]") for i, v in enumerate(value))
             if len(args) != len(value):
                 raise ConfigError(f"{path}: expected {len(args)} values ({_type_name(tp)}), got {list(value)!r}")
-            return tuple(coerce(v, a, f"{path}[{i}]") for i, (v, a) in enumerate(zip(args, value)))
+            return tuple(coerce(v, a, f"{path}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
         (elem,) = args or (Any,)
         return [coerce(v, elem, f"{path}[{i}]") for i, v in enumerate(value)]
     if origin is dict:
@@ -189,9 +189,14 @@ def _check_keys_deep(cls: type, data: Mapping[str, Any], path: str) -> None:
     for key, value in data.items():
         if key not in names:
             raise unknown_key_error(path, str(key), names)
-        tp = hints[key]
+        tp = _strip_optional(hints[key])
         if dataclasses.is_dataclass(tp) and isinstance(value, Mapping):
             _check_keys_deep(tp, value, f"{path}.{key}")
+        args = typing.get_args(tp)
+        if typing.get_origin(tp) is list and args and dataclasses.is_dataclass(args[0]) and isinstance(value, list):
+            for i, item in enumerate(value):
+                if isinstance(item, Mapping):
+                    _check_keys_deep(args[0], item, f"{path}.{key}[{i}]")
 
 
 def to_dict(obj: Any) -> Any:
@@ -359,6 +364,12 @@ def iter_fields(cls: type, prefix: str = ""):
         if dataclasses.is_dataclass(inner):
             yield key, inner.__name__, "", docs.get(f.name, ""), True
             yield from iter_fields(inner, key + ".")
+            continue
+        args = typing.get_args(inner)
+        if typing.get_origin(inner) is list and args and dataclasses.is_dataclass(args[0]):
+            # A list of sub-sections (e.g. data.datasets): document the element's fields as key[].field.
+            yield key, _type_name(tp), "[]", docs.get(f.name, ""), True
+            yield from iter_fields(args[0], key + "[].")
             continue
         if f.default is not dataclasses.MISSING:
             default = f.default

@@ -120,6 +120,10 @@ class CheckpointConfig:
     resume: str = "auto"
     """'auto' = continue from the latest complete checkpoint in `dir` if any; 'never' = start fresh (fails if
     `dir` already has checkpoints, so nothing is overwritten); or a path to one step_* directory."""
+    data_state: Literal["exact", "restart"] = "exact"
+    """On resume: 'exact' restores every dp rank's loader position (the data continues bitwise; needs the same
+    data settings and dp size; when the dp size changed, the data continues with a new reseeded pass instead);
+    'restart' always continues with a new reseeded pass over the data."""
     save_final: bool = True
     """Save after the last step (the stage hand-off point for the next stage's model.init_from)."""
 

@@ -29,6 +29,7 @@ import contextlib
 import functools
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 from unittest import mock
 
@@ -140,7 +141,7 @@ def _activation_elems_per_token(mcfg: ModelConfig, tp: int, sp: bool, ac: str) -
 def dry_run(cfg: JobConfig, world_size: int | None = None) -> DryRunReport:
     """Analyze the recipe's layout (see the module doc). Raises ValueError/ConfigError on an invalid layout."""
     p = cfg.parallel
-    mcfg = resolve_model_config(cfg.model)
+    mcfg = resolve_model_config(cfg.model, require_init=False)
     if world_size is None:
         if p.dp == -1:
             raise ValueError("parallel.dp=-1 fills dp from the world size: pass --world-size N to the dry run")
@@ -290,6 +291,11 @@ def format_report(r: DryRunReport, cfg: JobConfig, mcfg: ModelConfig, sp: bool) 
         f"batch: {r.microbatches} microbatches per dp rank per step x {r.dp} dp = {r.microbatches * r.dp} global "
         f"microbatches of <= {cfg.data.max_tokens} tokens (~{_h(r.microbatches * r.dp * cfg.data.max_tokens)} "
         f"tokens per step), {cfg.train.steps} steps",
+        *(
+            [f"init_from: {cfg.model.init_from}"
+             + ("" if Path(cfg.model.init_from).exists() else " (not present here: not read by the dry run)")]
+            if cfg.model.init_from else []
+        ),
         "parameters: total " + _h(r.params_total) + " | " + " | ".join(
             f"{g} {_h(n)} ({'frozen' if g in frozen else 'trainable'})" for g, n in r.params_by_group.items()
         ),

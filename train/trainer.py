@@ -21,6 +21,7 @@ restored when the dp size is unchanged, otherwise the loader restarts its stream
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import os
@@ -60,6 +61,8 @@ log = logging.getLogger(__name__)
 
 # Random init happens on the full model (then sharded) up to this size, else shard by shard.
 FULL_INIT_MAX_BYTES = 16 * 2**30
+# A new pass over the data (after a dp-size change) reseeds the loader by this much per pass.
+DATA_PASS_SEED_STRIDE = 1_000_003
 # model.flops names the vision group 'vit'.
 _FLOPS_GROUP = {"vision": "vit", "merger": "merger", "llm": "llm"}
 
@@ -145,21 +148,28 @@ class Trainer:
             init_optimizer_state(self.optimizer)
         self.trainable_groups = [g for g in ("vision", "merger", "llm") if g not in cfg.frozen_groups]
 
-        # ---- data: only the first pipeline stage consumes microbatches (tp peers get identical ones)
-        self.loader = build_loader(cfg.data, d.dp_rank, d.dp) if self.layout.has_data else None
-        self._it = None
-
         # ---- counters (checkpointed)
         self.step = 0
         self.skipped_steps = 0
         self.consecutive_skips = 0
         self.tokens_seen = 0
         self.samples_seen = 0
+        self.data_pass = 0  # bumped when the loader cannot continue its position (dp size changed)
+        restore_data = False
+        if self.resume_path is not None:
+            restore_data = self._peek_trainer_state(self.resume_path)
+
+        # ---- data: only the first pipeline stage consumes microbatches (tp peers get identical ones)
+        self.loader = None
+        if self.layout.has_data:
+            data_cfg = dataclasses.replace(cfg.data, seed=cfg.data.seed + DATA_PASS_SEED_STRIDE * self.data_pass)
+            self.loader = build_loader(data_cfg, d.dp_rank, d.dp)
+        self._it = None
 
         resumed_from = None
         self._saved_step = 0
         if self.resume_path is not None:
-            self._load_resume(self.resume_path)
+            self._load_resume(self.resume_path, restore_data)
             resumed_from = self.step
             self._saved_step = self.step
         elif cfg.model.init_from is not None:
@@ -204,7 +214,31 @@ class Trainer:
         if self.is_main:
             log.info("initialized weights from %s", describe_init(src))
 
-    def _load_resume(self, path: Path) -> None:
+    def _trainer_state_template(self) -> dict[str, int]:
+        return {"step": 0, "skipped_steps": 0, "consecutive_skips": 0, "tokens_seen": 0, "samples_seen": 0,
+                "data_pass": 0}
+
+    def _peek_trainer_state(self, path: Path) -> bool:
+        """Read the checkpoint's counters (before the loader is built); return whether the loader position
+        can be restored (same dp size and checkpoint.data_state='exact')."""
+        keys = checkpoint_keys(path)
+        state = {"trainer": {k: 0 for k in self._trainer_state_template() if f"trainer.{k}" in keys}}
+        self.ckpt.load(path, state)
+        t = state["trainer"]
+        self.data_pass = int(t.get("data_pass", 0))
+        saved_dp = read_meta(path)["layout"]["dp"]
+        restore = saved_dp == self.layout.dp and self.cfg.checkpoint.data_state == "exact"
+        if not restore:
+            self.data_pass += 1
+            if self.is_main:
+                why = (f"the dp size changed ({saved_dp} -> {self.layout.dp}): a loader position is per dp rank and "
+                       "cannot be mapped to another dp size" if saved_dp != self.layout.dp
+                       else "checkpoint.data_state=restart")
+                log.warning("resuming %s: %s; the data continues with a new pass, reseeded (data pass %d)",
+                            path, why, self.data_pass)
+        return restore
+
+    def _load_resume(self, path: Path, restore_data: bool) -> None:
         meta = read_meta(path)
         keys = checkpoint_keys(path)
         saved = meta["layout"]
@@ -221,9 +255,11 @@ class Trainer:
                 "trainable groups or another model. To start a new stage from its weights, use model.init_from "
                 "with checkpoint.resume=never in a new run_dir."
             )
-        state["trainer"] = {"step": 0, "skipped_steps": 0, "consecutive_skips": 0, "tokens_seen": 0, "samples_seen": 0}
+        state["trainer"] = {k: v for k, v in self._trainer_state_template().items() if f"trainer.{k}" in keys}
         loader_key = f"loader.dp{self.layout.dp_rank}"
-        if self.loader is not None and same_dp and loader_key in keys:
+        if self.loader is not None and restore_data:
+            if loader_key not in keys:
+                raise ConfigError(f"checkpoint {path} has no loader state for dp rank {self.layout.dp_rank}")
             state[loader_key] = None
         rng_key = f"rng.rank{self.layout.rank}"
         if same_layout and rng_key in keys:
@@ -234,14 +270,14 @@ class Trainer:
         self.step, self.skipped_steps = int(t["step"]), int(t["skipped_steps"])
         self.consecutive_skips, self.tokens_seen = int(t["consecutive_skips"]), int(t["tokens_seen"])
         self.samples_seen = int(t["samples_seen"])
-        if self.loader is not None:
-            if loader_key in state:
+        if self.loader is not None and loader_key in state:
+            try:
                 self.loader.load_state_dict(from_bytes(state[loader_key]))
-            else:
-                log.warning(
-                    "resuming %s with dp=%d (saved with dp=%d): loader positions cannot be mapped between dp sizes; "
-                    "the data stream restarts from the beginning with the data seed", path, self.layout.dp, saved["dp"],
-                )
+            except ValueError as e:
+                raise ConfigError(
+                    f"cannot restore the data position from {path}: {e} (to continue with a new, reseeded pass "
+                    "over the data instead, set checkpoint.data_state=restart)"
+                ) from e
         if rng_key in state:
             set_rng_state(from_bytes(state[rng_key]))
         if self.is_main:
@@ -252,7 +288,7 @@ class Trainer:
         state.update({f"optim.{k}": v for k, v in optimizer_state_tensors(self.optimizer).items()})
         state["trainer"] = {
             "step": self.step, "skipped_steps": self.skipped_steps, "consecutive_skips": self.consecutive_skips,
-            "tokens_seen": self.tokens_seen, "samples_seen": self.samples_seen,
+            "tokens_seen": self.tokens_seen, "samples_seen": self.samples_seen, "data_pass": self.data_pass,
         }
         if self.loader is not None and self.layout.tp_rank == 0:
             state[f"loader.dp{self.layout.dp_rank}"] = to_bytes(self.loader.state_dict())
@@ -395,7 +431,7 @@ class Trainer:
         )
 
     def _log_step(self, loss, gnorm, lrs, tokens, sup, samples, flops, dt, data_wait, mem) -> None:
-        skipped_samples = self._skipped_samples()
+        loader_metrics = self._loader_metrics()
         world = self.layout.world
         rec = {
             "step": self.step,
@@ -416,21 +452,30 @@ class Trainer:
             "data_wait_s": round(data_wait, 5),
             "peak_mem_gb": round(mem, 3),
             "skipped_steps": self.skipped_steps,
-            "skipped_samples": skipped_samples,
+            **loader_metrics,
         }
         self.metrics.log(rec)
 
-    def _skipped_samples(self) -> dict[str, int]:
-        """Loader skip counts by reason, summed over dp ranks (one reporter per dp rank)."""
-        local: dict[str, int] = {}
+    def _loader_metrics(self) -> dict[str, Any]:
+        """Loader counters summed over dp ranks (one reporter per dp rank): skipped samples by reason and the
+        packing efficiency (real tokens / token budget) of everything consumed so far in this data pass."""
+        local: dict[str, float] = {}
         if self.loader is not None and self.layout.tp_rank == 0:
-            local = dict(self.loader.metrics().get("skipped", {}))
-        gathered: list[dict[str, int] | None] = [None] * self.layout.world
+            m = self.loader.metrics()
+            local = {k: v for k, v in m.items() if k.startswith("skipped/") or k in ("batches", "tokens", "truncated")}
+        gathered: list[dict[str, float] | None] = [None] * self.layout.world
         dist.all_gather_object(gathered, local)
-        out: dict[str, int] = {}
+        tot: dict[str, float] = {}
         for g in gathered:
             for k, v in (g or {}).items():
-                out[k] = out.get(k, 0) + int(v)
+                tot[k] = tot.get(k, 0) + v
+        out: dict[str, Any] = {
+            "skipped_samples": {k[len("skipped/"):]: int(v) for k, v in tot.items() if k.startswith("skipped/")}
+        }
+        if tot.get("batches"):
+            out["packing_efficiency"] = round(tot["tokens"] / (tot["batches"] * self.cfg.data.max_tokens), 4)
+        if tot.get("truncated"):
+            out["truncated_samples"] = int(tot["truncated"])
         return out
 
     def close(self) -> None:

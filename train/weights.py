@@ -100,14 +100,19 @@ def checkpoint_model_config(path: Path) -> ModelConfig:
     return ModelConfig.from_hf_dict(meta["model_config"])
 
 
-def resolve_model_config(model_section: Any, resume_from: Path | None = None) -> ModelConfig:
-    """The run's architecture (see the module doc). `resume_from` (a checkpoint this run resumes) must match."""
+def resolve_model_config(
+    model_section: Any, resume_from: Path | None = None, require_init: bool = True
+) -> ModelConfig:
+    """The run's architecture (see the module doc). `resume_from` (a checkpoint this run resumes) must match.
+
+    require_init=False (dry runs on a laptop): an init_from path that does not exist here is not read; the
+    architecture then comes from the preset / hf_config alone."""
     m = model_section
     if m.preset is not None and m.hf_config is not None:
         raise ConfigError("model: set either model.preset or model.hf_config, not both")
     source_cfg: ModelConfig | None = None
     source = None
-    if m.init_from is not None:
+    if m.init_from is not None and (require_init or Path(m.init_from).exists()):
         p = Path(m.init_from)
         if is_hf_dir(p):
             source_cfg, source = _hf_config(p), f"HF directory {p}"

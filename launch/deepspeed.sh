@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Launch one stage with the DeepSpeed launcher (it starts the processes; the engine stays PyTorch-native).
+#
+#   launch/deepspeed.sh RECIPE.yaml [dotted.key=value ...]
+#
+# Environment: NUM_GPUS (processes per node; default all GPUs, or 2 on a CPU-only machine), HOSTFILE (MPI-style
+# "host slots=N" lines, for multi node), MASTER_PORT (default 29500).
+#
+# Equivalent to `deepspeed --num_gpus N --module train RECIPE.yaml ...`. The launcher passes --local_rank=<n>
+# and sets RANK/LOCAL_RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT; `python -m train` accepts and checks both.
+# (DeepSpeed's runner spells the module flag `--module`; it has no `-m`.)
+set -euo pipefail
+if [[ $# -lt 1 ]]; then
+  sed -n '2,12p' "$0"; exit 2
+fi
+if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+  DEFAULT_N=$(nvidia-smi -L | wc -l)
+else
+  DEFAULT_N=2
+  export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+fi
+ARGS=(--num_gpus "${NUM_GPUS:-$DEFAULT_N}" --master_port "${MASTER_PORT:-29500}")
+if [[ -n "${HOSTFILE:-}" ]]; then
+  ARGS+=(--hostfile "$HOSTFILE")
+fi
+exec deepspeed "${ARGS[@]}" --module train "$@"

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Launch one stage with torchrun, single node or multi node (rendezvous from the environment).
+#
+#   launch/torchrun.sh RECIPE.yaml [dotted.key=value ...]
+#
+# Environment (all optional):
+#   NPROC_PER_NODE  processes per node (default: number of GPUs, or 1 on a CPU-only machine)
+#   NNODES          number of nodes (default 1)
+#   NODE_RANK       this node's rank, for a static rendezvous (default 0; not needed with c10d rendezvous)
+#   MASTER_ADDR     rendezvous host (default localhost); MASTER_PORT (default 29500)
+#   RDZV_ID         job id shared by all nodes (default: $SLURM_JOB_ID or "qwen2vl")
+#   MAX_RESTARTS    torchrun restarts after a failure (default 0); each restart resumes from the latest
+#                   complete checkpoint (checkpoint.resume: auto)
+#   OMP_NUM_THREADS CPU threads per process (default 1 on CPU-only machines, where ranks share the cores)
+#
+# Multi node: run the same command on every node with the same MASTER_ADDR/NNODES/RDZV_ID; the c10d rendezvous
+# assigns node ranks. On CPU-only machines the processes use gloo; on GPUs, NCCL (parallel.backend: auto).
+set -euo pipefail
+if [[ $# -lt 1 ]]; then
+  sed -n '2,18p' "$0"; exit 2
+fi
+if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+  GPUS=$(nvidia-smi -L | wc -l)
+else
+  GPUS=0
+  export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+fi
+NPROC_PER_NODE="${NPROC_PER_NODE:-$(( GPUS > 0 ? GPUS : 1 ))}"
+NNODES="${NNODES:-1}"
+MASTER_ADDR="${MASTER_ADDR:-localhost}"
+MASTER_PORT="${MASTER_PORT:-29500}"
+RDZV_ID="${RDZV_ID:-${SLURM_JOB_ID:-qwen2vl}}"
+MAX_RESTARTS="${MAX_RESTARTS:-0}"
+PYTHON="${PYTHON:-python}"
+
+if [[ "$NNODES" == "1" && -z "${FORCE_RDZV:-}" ]]; then
+  # One node: a private rendezvous on a free port, so two jobs on one machine never collide.
+  exec "$PYTHON" -m torch.distributed.run --standalone --nnodes=1 --nproc-per-node="$NPROC_PER_NODE" \
+    --max-restarts="$MAX_RESTARTS" -m train "$@"
+fi
+exec "$PYTHON" -m torch.distributed.run --nnodes="$NNODES" --nproc-per-node="$NPROC_PER_NODE" \
+  --rdzv-backend=c10d --rdzv-endpoint="$MASTER_ADDR:$MASTER_PORT" --rdzv-id="$RDZV_ID" \
+  --max-restarts="$MAX_RESTARTS" -m train "$@"

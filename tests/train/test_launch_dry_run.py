@@ -1,0 +1,107 @@
+"""Launcher environment handling (deepspeed --local_rank, SLURM, MPI) and the dry run (72B on 128 GPUs on CPU)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from launch.env import first_host, resolve_env, strip_local_rank
+from model.config import get_preset
+from train.config import load_config
+from train.dry_run import dry_run, local_numel
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+# ------------------------------------------------------------------------------------------ launchers
+def test_deepspeed_local_rank_argument_is_stripped_and_checked():
+    assert strip_local_rank(["r.yaml", "--local_rank=3", "a=1"]) == (["r.yaml", "a=1"], 3)
+    assert strip_local_rank(["--local-rank", "2", "r.yaml"]) == (["r.yaml"], 2)
+    # What `deepspeed --num_gpus 2 --module train ...` gives rank 1 (observed from deepspeed 0.19 on CPU).
+    env = {"RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29611",
+           "CROSS_RANK": "0", "LOCAL_SIZE": "2"}
+    argv, launcher = resolve_env(["--local_rank=1", "recipes/tiny/stage1.yaml", "train.steps=2"], env)
+    assert launcher == "deepspeed" and argv == ["recipes/tiny/stage1.yaml", "train.steps=2"]
+    with pytest.raises(ValueError, match="--local_rank=0 disagrees with LOCAL_RANK=1"):
+        resolve_env(["--local_rank=0", "r.yaml"], dict(env))
+
+
+def test_slurm_without_torchrun():
+    env = {"SLURM_PROCID": "9", "SLURM_NTASKS": "16", "SLURM_LOCALID": "1", "SLURM_JOB_ID": "123456",
+           "SLURM_JOB_NODELIST": "gpu[003-004,017]"}
+    argv, launcher = resolve_env(["r.yaml"], env)
+    assert launcher == "slurm" and argv == ["r.yaml"]
+    assert (env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"]) == ("9", "16", "1")
+    assert env["MASTER_ADDR"] == "gpu003" and env["MASTER_PORT"] == str(20000 + 123456 % 20000)
+    assert first_host("node17") == "node17" and first_host("a[1-2],b3") == "a1"
+
+
+def test_mpi_and_single_process():
+    env = {"OMPI_COMM_WORLD_RANK": "3", "OMPI_COMM_WORLD_SIZE": "4", "OMPI_COMM_WORLD_LOCAL_RANK": "3"}
+    with pytest.raises(ValueError, match="MASTER_ADDR"):
+        resolve_env([], dict(env))
+    env["MASTER_ADDR"] = "h0"
+    _, launcher = resolve_env([], env)
+    assert launcher == "mpi" and env["RANK"] == "3" and env["MASTER_PORT"] == "29500"
+    single: dict[str, str] = {}
+    assert resolve_env(["r.yaml"], single) == (["r.yaml"], "single") and "RANK" not in single
+    with pytest.raises(ValueError, match="RANK=5 is outside WORLD_SIZE=2"):
+        resolve_env([], {"RANK": "5", "WORLD_SIZE": "2", "MASTER_ADDR": "x", "MASTER_PORT": "1"})
+
+
+def test_launch_scripts_are_valid_shell():
+    for script in ("torchrun.sh", "deepspeed.sh", "slurm.sbatch"):
+        res = subprocess.run(["bash", "-n", str(REPO / "launch" / script)], capture_output=True, text=True)
+        assert res.returncode == 0, (script, res.stderr)
+
+
+# ------------------------------------------------------------------------------------------ dry run
+def test_dry_run_72b_on_128_gpus():
+    cfg = load_config(REPO / "recipes" / "qwen2vl_72b" / "stage2.yaml")
+    r = dry_run(cfg)
+    assert (r.world_size, r.pp, r.dp, r.tp) == (128, 4, 4, 8)
+    assert 72e9 < r.params_total < 75e9
+    # every decoder layer on exactly one stage, in order; stage 0 holds the ViT
+    assert [i for s in r.stages for i in s.layers] == list(range(80))
+    assert "visual (32 blocks)" in r.stages[0].modules and "lm_head" in r.stages[-1].modules
+    # the per-rank parameters add up to the model: sum over stages x tp ~= total (replicated parts counted tp x)
+    assert sum(s.params for s in r.stages) * 8 >= r.params_total
+    assert r.max_memory_gb < 80, r.text
+    # per-rank memory shrinks with dp for the sharded optimizer state
+    assert all(s.memory["optimizer"] == pytest.approx(8 * s.trainable / 4 / 1e9) for s in r.stages)
+    assert "pipeline split" in r.text and "memory per rank" in r.text
+
+
+def test_dry_run_stage1_freezes_llm_and_errors_on_bad_layouts():
+    cfg = load_config(REPO / "recipes" / "qwen2vl_72b" / "stage1.yaml")
+    r = dry_run(cfg)
+    assert r.trainable_by_group["llm"] == 0 and r.trainable_by_group["vision"] > 6e8
+    assert all(s.trainable == 0 for s in r.stages[1:])  # stages of frozen LLM layers only
+    with pytest.raises(ValueError, match="divisible by 3"):  # 7B has 28 heads / 4 kv heads
+        dry_run(load_config(REPO / "recipes" / "qwen2vl_7b" / "stage2.yaml", ["parallel.tp=3"]), world_size=24)
+    with pytest.raises(ValueError, match="world size"):
+        dry_run(load_config(REPO / "recipes" / "qwen2vl_72b" / "stage2.yaml"), world_size=100)
+    with pytest.raises(ValueError, match="--world-size"):
+        dry_run(load_config(REPO / "recipes" / "qwen2vl_2b" / "stage2.yaml"))
+
+
+def test_tp_shard_accounting_matches_the_engine_plans():
+    """Column/row-parallel projections and vocab-parallel embedding/head are split; norms, the patch
+    embedding, the merger and row-parallel biases are replicated (parallel/tensor_parallel.py)."""
+    assert local_numel("layers.0.self_attn.q_proj.weight", 800, 4, True) == 200
+    assert local_numel("layers.0.self_attn.q_proj.bias", 80, 4, True) == 20
+    assert local_numel("layers.0.self_attn.o_proj.weight", 800, 4, True) == 200
+    assert local_numel("visual.blocks.1.mlp.fc2.bias", 64, 4, True) == 64
+    assert local_numel("visual.merger.mlp.0.weight", 100, 4, True) == 100
+    assert local_numel("layers.2.input_layernorm.weight", 64, 4, True) == 64
+    assert local_numel("embed_tokens.weight", get_preset("tiny").text.vocab_size, 2, True) == 151936 // 2
+
+
+def test_dry_run_cli(tmp_path):
+    res = subprocess.run([sys.executable, "-m", "train", str(REPO / "recipes" / "qwen2vl_2b" / "stage2.yaml"),
+                          "--dry-run", "--world-size", "8"], capture_output=True, text=True, cwd=REPO)
+    assert res.returncode == 0, res.stderr
+    assert "pp1 x dp8 x tp1 = 8 ranks" in res.stdout and "memory per rank" in res.stdout

@@ -1,0 +1,129 @@
+"""Freezing by group, AdamW groups (per-group LR, no decay on norms/biases), the LR schedule, and the loop's
+numerics on one process: loss normalized by the global supervised count, frozen params get no grads/state."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from model.config import get_preset
+from model.qwen2_vl import Qwen2VL
+from train_synth import make_batch
+from train.config import load_config
+from train.optim import (
+    apply_freeze,
+    build_optimizer,
+    decays,
+    group_of,
+    init_optimizer_state,
+    lr_multiplier,
+    optimizer_state_tensors,
+    set_lr,
+)
+
+DATA = ["data.tokenizer=/tok", "data.datasets=[{path: /d}]"]
+
+
+def tiny() -> Qwen2VL:
+    torch.manual_seed(0)
+    return Qwen2VL(get_preset("tiny"))
+
+
+def test_groups_by_fqn_prefix():
+    names = dict(tiny().named_parameters())
+    groups = {n: group_of(n) for n in names}
+    assert groups["visual.merger.mlp.0.weight"] == "merger"
+    assert groups["visual.blocks.0.attn.q_proj.weight"] == "vision"
+    assert groups["visual.patch_embed.proj.weight"] == "vision"
+    assert groups["embed_tokens.weight"] == "llm" and groups["lm_head.weight"] == "llm"
+    assert groups["layers.3.mlp.up_proj.weight"] == "llm" and groups["norm.weight"] == "llm"
+    assert {"vision", "merger", "llm"} == set(groups.values())
+
+
+def test_no_weight_decay_on_norms_biases_and_vectors():
+    for name, p in tiny().named_parameters():
+        expect = p.ndim >= 2 and not name.endswith(".bias")
+        assert decays(name, p) == expect, name
+        if "norm" in name or "ln_q" in name:
+            assert not decays(name, p), name
+
+
+@pytest.mark.parametrize("stage,frozen", [(1, {"llm"}), (2, set()), (3, {"vision"})])
+def test_frozen_groups_have_no_grads_and_no_optimizer_state(stage, frozen):
+    cfg = load_config(None, [*DATA, f"train.stage={stage}", "optim.lr=1e-3", "optim.lr_merger=5e-3"])
+    model = tiny()
+    counts = apply_freeze(model.named_parameters(), cfg.frozen_groups)
+    for g in frozen:
+        assert counts[g] == 0
+    opt = build_optimizer(list(model.named_parameters()), cfg)
+    init_optimizer_state(opt)
+    batch = make_batch(torch.Generator().manual_seed(1))
+    loss_sum, n = model(**batch.model_inputs())
+    (loss_sum / n).backward()
+    opt.step()
+    state = optimizer_state_tensors(opt)
+    for name, p in model.named_parameters():
+        if group_of(name) in frozen:
+            assert p.grad is None and not p.requires_grad, name
+            assert not any(k.startswith(name + ".") for k in state), name
+        else:
+            assert p.requires_grad and f"{name}.exp_avg" in state, name
+    # per-group peak LRs and decay split
+    by_name = {g["name"]: g for g in opt.param_groups}
+    if "merger" not in frozen:
+        assert by_name["merger"]["peak_lr"] == pytest.approx(5e-3)
+        assert by_name["merger_no_decay"]["weight_decay"] == 0.0
+    assert all(g["weight_decay"] == cfg.optim.weight_decay for n_, g in by_name.items() if not n_.endswith("no_decay"))
+
+
+def test_init_optimizer_state_does_not_move_parameters():
+    cfg = load_config(None, [*DATA, "train.stage=2", "optim.weight_decay=0.5"])
+    model = tiny()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = build_optimizer(list(model.named_parameters()), cfg)
+    init_optimizer_state(opt)
+    assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
+    assert all(p.grad is None for p in model.parameters())
+    assert all(float(s["step"]) == 1.0 for s in opt.state.values())
+
+
+def test_lr_schedule_warmup_cosine_min_ratio():
+    cfg = load_config(None, [*DATA, "train.steps=110", "optim.warmup_steps=10", "optim.min_lr_ratio=0.1",
+                             "optim.lr=1e-3", "optim.lr_vision=1e-4", "train.stage=2"])
+    # warmup: linear from lr/10 (step 0) to lr (step 9)
+    assert lr_multiplier(0, cfg) == pytest.approx(0.1) and lr_multiplier(9, cfg) == pytest.approx(1.0)
+    # cosine from 1 at step 10 to 0.1 at step 110, 0.55 halfway
+    assert lr_multiplier(10, cfg) == pytest.approx(1.0)
+    assert lr_multiplier(60, cfg) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert lr_multiplier(110, cfg) == pytest.approx(0.1)
+    lrs = set_lr(None, 60, cfg)
+    assert lrs["vision"] == pytest.approx(1e-4 * 0.55) and lrs["llm"] == pytest.approx(1e-3 * 0.55)
+    lin = load_config(None, [*DATA, "train.steps=10", "optim.schedule=linear", "optim.min_lr_ratio=0"])
+    assert [round(lr_multiplier(s, lin), 6) for s in (0, 5, 10)] == [1.0, 0.5, 0.0]
+
+
+def test_global_normalization_is_not_a_mean_of_means():
+    """The engine divides every microbatch's loss SUM by the step's total supervised count: the gradient equals
+    the one of the concatenated batch, which a mean of per-microbatch means would not give."""
+    from parallel import ParallelConfig, init_distributed, parallelize
+
+    model = tiny()
+    ref = tiny()
+    dims = init_distributed(ParallelConfig())
+    engine = parallelize(model, dims, ParallelConfig(num_microbatches=2))
+    g = torch.Generator().manual_seed(3)
+    mbs = [make_batch(g, 48), make_batch(g, 96)]
+    assert mbs[0].num_supervised != mbs[1].num_supervised
+    res = engine.step(mbs)
+    total = sum(mb.num_supervised for mb in mbs)
+    assert res.num_supervised == total
+    sums = [ref(**mb.model_inputs())[0] for mb in mbs]
+    expected = sum(sums) / total
+    assert res.loss == pytest.approx(float(expected), rel=1e-6)
+    expected.backward()
+    name = "layers.0.mlp.down_proj.weight"
+    got = dict(engine.named_parameters())[name].grad
+    got = got.full_tensor() if hasattr(got, "full_tensor") else got
+    torch.testing.assert_close(got, dict(ref.named_parameters())[name].grad, rtol=1e-5, atol=1e-7)
