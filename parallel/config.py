@@ -66,9 +66,9 @@ class ParallelConfig:
     """Process-group backend: 'auto' (nccl on CUDA, gloo on CPU), 'nccl' or 'gloo'."""
     device: str = "auto"
     """'auto' (cuda:LOCAL_RANK when CUDA is available, else cpu), 'cpu' or 'cuda'."""
-    loss_chunk_size: int = 4096
-    """Supervised rows per chunk of the (vocab-parallel) LM head + cross-entropy; logits are recomputed per chunk
-    in backward, so peak memory is one chunk of logits, never T x V."""
+    loss_chunk_size: int = 0
+    """Supervised rows per chunk of the (vocab-parallel) LM head + cross-entropy: peak memory is one chunk of
+    logits (rows x V/tp, fp32), never T x V. 0 = the model's default (model.loss.DEFAULT_CHUNK_SIZE)."""
 
     # ------------------------------------------------------------------------------------------------ API
     @classmethod
@@ -125,5 +125,5 @@ class ParallelConfig:
             raise ValueError(f"parallel.device={self.device!r}; choose 'auto', 'cpu' or 'cuda'")
         if not isinstance(self.sp_pad_multiple, int) or self.sp_pad_multiple < 0:
             raise ValueError(f"parallel.sp_pad_multiple={self.sp_pad_multiple!r} must be an integer >= 0")
-        if not isinstance(self.loss_chunk_size, int) or self.loss_chunk_size < 1:
-            raise ValueError(f"parallel.loss_chunk_size={self.loss_chunk_size!r} must be an integer >= 1")
+        if not isinstance(self.loss_chunk_size, int) or self.loss_chunk_size < 0:
+            raise ValueError(f"parallel.loss_chunk_size={self.loss_chunk_size!r} must be an integer >= 0")

@@ -29,6 +29,7 @@ from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from data.batch import PackedBatch
+from model.loss import DEFAULT_CHUNK_SIZE, lm_loss
 from parallel.checkpointing import apply_activation_checkpointing
 from parallel.config import ParallelConfig
 from parallel.data_parallel import apply_fsdp, set_microbatch_flags
@@ -117,10 +118,8 @@ def parallelize(model: nn.Module, dims: ParallelDims, cfg: ParallelConfig) -> Pa
         apply_tensor_parallel(model, tp_mesh, sp, cfg.pad_multiple(dims.tp))
         plain_replicated = [n for n, p in model.named_parameters() if not isinstance(p, DTensor)]
         if model.lm_head is not None:
-            _install_parallel_loss(model, make_loss_fn(tp_mesh, sp, cfg.loss_chunk_size))
-    elif model.lm_head is not None and cfg.loss_chunk_size != 4096:
-        from model.loss import lm_loss
-
+            _install_parallel_loss(model, make_loss_fn(tp_mesh, sp, cfg.loss_chunk_size or DEFAULT_CHUNK_SIZE))
+    elif model.lm_head is not None and cfg.loss_chunk_size:
         _install_parallel_loss(model, lambda h, w, y: lm_loss(h, w, y, chunk_size=cfg.loss_chunk_size))
     apply_activation_checkpointing(model, cfg)
     apply_fsdp(model, dims.get_mesh("dp"), cfg)

@@ -19,48 +19,65 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
-from torch.utils.checkpoint import checkpoint
 
 IGNORE_INDEX = -100
 
 
-class _VocabParallelCE(torch.autograd.Function):
-    """Per-row cross-entropy of logits split over the vocab across `group`; returns loss_c (c,)."""
+class _FusedVocabParallelCE(torch.autograd.Function):
+    """sum_s CE over the vocab split across `group`, gradients computed chunk by chunk in forward.
+
+    Per chunk: logits_cVl = h_cD @ w_VlD^T (fp32), all-reduce MAX of the row maxima, all-reduce SUM of
+    (target logit, sum of exp) -- then this rank's slice of softmax - onehot is final, so d/dh (this rank's
+    partial sum over its vocab rows) and d/dW (its rows) are contracted right away and the chunk's logits are
+    freed: one chunk of c x Vl logits at a time, no recomputation in backward (3 matmuls in all, like
+    model/loss.py's fused head). Backward scales the stored gradients by the incoming one."""
 
     @staticmethod
-    def forward(ctx, logits_cVl: torch.Tensor, target_c: torch.Tensor, vocab_start: int, group) -> torch.Tensor:
-        logits_cVl = logits_cVl.float()
-        max_c = logits_cVl.max(dim=-1).values
-        dist.all_reduce(max_c, op=dist.ReduceOp.MAX, group=group)
-        shifted_cVl = logits_cVl - max_c[:, None]
-        Vl = logits_cVl.shape[-1]
-        local_c = target_c - vocab_start
-        mine_c = (local_c >= 0) & (local_c < Vl)
-        idx_c = torch.where(mine_c, local_c, torch.zeros_like(local_c))
-        rows = torch.arange(target_c.shape[0], device=target_c.device)
-        target_logit_c = torch.where(mine_c, shifted_cVl[rows, idx_c], torch.zeros_like(max_c))
-        exp_cVl = shifted_cVl.exp()
-        sum_exp_c = exp_cVl.sum(dim=-1)
-        # One all-reduce for both sums (they are independent).
-        both_2c = torch.stack([target_logit_c, sum_exp_c])
-        dist.all_reduce(both_2c, op=dist.ReduceOp.SUM, group=group)
-        target_logit_c, sum_exp_c = both_2c[0], both_2c[1]
-        loss_c = sum_exp_c.log() - target_logit_c
-        ctx.save_for_backward(exp_cVl.div_(sum_exp_c[:, None]), idx_c, mine_c)
-        return loss_c
+    def forward(ctx, h_SD, w_VlD, y_S, vocab_start: int, group, chunk_size: int, need_h: bool, need_w: bool):
+        S, Vl = h_SD.shape[0], w_VlD.shape[0]
+        loss = torch.zeros((), dtype=torch.float32, device=h_SD.device)
+        grad_h_SD = torch.empty_like(h_SD) if need_h else None
+        grad_w_VlD = torch.zeros(w_VlD.shape, dtype=torch.float32, device=w_VlD.device) if need_w else None
+        for s in range(0, S, chunk_size):
+            h_cD, y_c = h_SD[s : s + chunk_size], y_S[s : s + chunk_size]
+            logits_cVl = F.linear(h_cD, w_VlD).float()
+            max_c = logits_cVl.amax(dim=-1)
+            dist.all_reduce(max_c, op=dist.ReduceOp.MAX, group=group)
+            local_c = y_c - vocab_start
+            mine_c = (local_c >= 0) & (local_c < Vl)
+            idx_c = torch.where(mine_c, local_c, torch.zeros_like(local_c))
+            rows_c = torch.arange(y_c.numel(), device=y_c.device)
+            p_cVl = logits_cVl.sub_(max_c[:, None])  # in place: logits - max, then exp, then the softmax
+            target_c = torch.where(mine_c, p_cVl[rows_c, idx_c], torch.zeros_like(max_c))
+            p_cVl = p_cVl.exp_()
+            both_2c = torch.stack([target_c, p_cVl.sum(dim=-1)])
+            dist.all_reduce(both_2c, op=dist.ReduceOp.SUM, group=group)
+            target_c, sum_c = both_2c[0], both_2c[1]
+            loss += (sum_c.log() - target_c).sum()
+            if not (need_h or need_w):
+                continue
+            g_cVl = p_cVl.div_(sum_c[:, None])
+            g_cVl[rows_c, idx_c] -= mine_c.to(g_cVl.dtype)
+            g_cVl = g_cVl.to(h_SD.dtype)
+            if need_h:
+                grad_h_SD[s : s + chunk_size] = g_cVl @ w_VlD
+            if need_w:
+                grad_w_VlD += (g_cVl.t() @ h_cD).float()
+            del g_cVl, p_cVl, logits_cVl
+        ctx.w_dtype = w_VlD.dtype
+        ctx.grads = (grad_h_SD, grad_w_VlD)
+        return loss
 
     @staticmethod
-    def backward(ctx, grad_c: torch.Tensor):
-        softmax_cVl, idx_c, mine_c = ctx.saved_tensors
-        grad_cVl = softmax_cVl.clone()
-        rows = torch.arange(grad_cVl.shape[0], device=grad_cVl.device)
-        grad_cVl[rows, idx_c] -= mine_c.to(grad_cVl.dtype)
-        return grad_cVl * grad_c[:, None], None, None, None
-
-
-def _chunk_loss(h_cD: torch.Tensor, w_VlD: torch.Tensor, y_c: torch.Tensor, vocab_start: int, group) -> torch.Tensor:
-    logits_cVl = F.linear(h_cD, w_VlD)
-    return _VocabParallelCE.apply(logits_cVl, y_c, vocab_start, group).sum()
+    def backward(ctx, grad_loss):
+        if ctx.grads is None:
+            raise RuntimeError("vocab-parallel loss: backward ran twice through the same head (retain_graph is "
+                               "not supported); recompute the loss instead")
+        grad_h_SD, grad_w_VlD = ctx.grads
+        ctx.grads = None
+        gh = grad_h_SD.mul_(grad_loss.to(grad_h_SD.dtype)) if grad_h_SD is not None else None
+        gw = grad_w_VlD.mul_(grad_loss).to(ctx.w_dtype) if grad_w_VlD is not None else None
+        return gh, gw, None, None, None, None, None, None
 
 
 def vocab_parallel_lm_loss(
@@ -70,7 +87,7 @@ def vocab_parallel_lm_loss(
     *,
     vocab_start: int,
     group: dist.ProcessGroup,
-    chunk_size: int = 4096,
+    chunk_size: int = 1024,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of supervised-token cross-entropies, supervised count) with this rank's vocab rows w_VlD.
 
@@ -83,15 +100,11 @@ def vocab_parallel_lm_loss(
         return (h_TD.sum() * 0.0 + w_VlD.sum() * 0.0).float(), n
     h_SD = h_TD.index_select(0, sel_S)
     y_S = labels_T.reshape(-1).index_select(0, sel_S)
-    total = h_SD.new_zeros((), dtype=torch.float32)
-    for s in range(0, sel_S.numel(), chunk_size):
-        h_cD, y_c = h_SD[s : s + chunk_size], y_S[s : s + chunk_size]
-        if torch.is_grad_enabled() and (h_cD.requires_grad or w_VlD.requires_grad):
-            # Every tp rank recomputes the same chunks in the same order, so the collectives inside match.
-            total = total + checkpoint(_chunk_loss, h_cD, w_VlD, y_c, vocab_start, group, use_reentrant=False)
-        else:
-            total = total + _chunk_loss(h_cD, w_VlD, y_c, vocab_start, group)
-    return total, n
+    if h_SD.dtype != w_VlD.dtype:
+        h_SD = h_SD.to(w_VlD.dtype)
+    grad_on = torch.is_grad_enabled()
+    need_h, need_w = grad_on and h_SD.requires_grad, grad_on and w_VlD.requires_grad
+    return _FusedVocabParallelCE.apply(h_SD, w_VlD, y_S, vocab_start, group, chunk_size, need_h, need_w), n
 
 
 def gather_for_head(h: torch.Tensor, tp_mesh: DeviceMesh, sequence_parallel: bool) -> torch.Tensor:
