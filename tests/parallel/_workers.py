@@ -105,7 +105,7 @@ def run_equivalence(spec: dict, dims, cfg: ParallelConfig, tag: str = "") -> dic
     opt = _adamw([p for p in pm.parameters() if p.requires_grad], foreach=False)
     ref_opt = _adamw([p for p in ref.parameters() if p.requires_grad])
     m = cfg.num_microbatches
-    out = {"losses": [], "ref_losses": [], "schedules": [], "lengths": []}
+    out = {"losses": [], "ref_losses": [], "schedules": [], "lengths": [], "kinds": []}
     for step in range(3):
         gb = global_batch(step, dims.dp * m)
         ref_loss = reference_step(ref, gb)
@@ -118,6 +118,7 @@ def run_equivalence(spec: dict, dims, cfg: ParallelConfig, tag: str = "") -> dic
         out["ref_losses"].append(ref_loss)
         out["schedules"].append(res.schedule)
         out["lengths"].append([mb.num_tokens for mb in gb[dims.dp_rank * m : (dims.dp_rank + 1) * m]])
+        out["kinds"].append(["vision" if mb.num_patches else "text" for mb in mine or []])
         if step == 0:
             out["grad_rel"] = max(compare_grads(pm, ref).values(), default=0.0)
             pm.clip_grad_norm_(0.0)  # norm only; checked against the reference below
@@ -234,6 +235,10 @@ def check_pipeline(res: dict, dims, cfg) -> dict:
         first_b = [k for k, (kind, _) in enumerate(stats.order) if kind == "B"][0]
         assert first_b == min(dims.pp - dims.pp_rank - 1, cfg.num_microbatches) + 1, stats.order
     assert shapes[0] != shapes[1] != shapes[2], f"lengths should change from step to step: {shapes}"
+    if dims.is_first_stage:
+        # Text-only and vision microbatches alternate within the steps this stage ran.
+        flat = [k for step_kinds in res["kinds"] for k in step_kinds]
+        assert any(a != b for a, b in zip(flat, flat[1:])) and {"text", "vision"} <= set(flat), res["kinds"]
     return {"lengths": shapes}
 
 

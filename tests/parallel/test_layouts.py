@@ -47,8 +47,12 @@ def test_tp2_sequence_parallel_tied():
     _run(2, {
         "parallel": {"tp": 2, "num_microbatches": 2},
         "tie": True,
-        "checks": ["tp", "variant:no_sp"],
-        "variants": {"no_sp": {"parallel": {"sequence_parallel": False}}},
+        "checks": ["tp", "variant:no_sp", "variant:pad16"],
+        "variants": {
+            "no_sp": {"parallel": {"sequence_parallel": False}},
+            # Bucketed SP padding: sequences and ViT rows (blank-image padding) to multiples of 16.
+            "pad16": {"parallel": {"sp_pad_multiple": 16}},
+        },
     })
 
 
