@@ -149,6 +149,45 @@ def check_zero1_bytes(res: dict, dims) -> dict:
     return {"opt_bytes": res["opt_bytes"], "ref_opt_bytes": res["ref_opt_bytes"], "ratio": ratio}
 
 
+def check_zero1_comm(dims, cfg) -> dict:
+    """ZeRO-1 semantics: one parameter all-gather and one gradient reduce-scatter per FSDP unit per STEP,
+    however many microbatches (counted at the c10d calls FSDP2 makes)."""
+    import dataclasses
+
+    counts = {"all_gather": 0, "reduce_scatter": 0}
+    # FSDP2 calls dist.all_gather_single / reduce_scatter_single (torch >= 2.12) or the *_tensor names.
+    names = {"all_gather": [n for n in ("all_gather_single", "all_gather_into_tensor") if hasattr(dist, n)],
+             "reduce_scatter": [n for n in ("reduce_scatter_single", "reduce_scatter_tensor") if hasattr(dist, n)]}
+    originals = {n: getattr(dist, n) for ns in names.values() for n in ns}
+
+    def counting(kind, fn):
+        def wrapper(*a, **k):
+            counts[kind] += 1
+            return fn(*a, **k)
+
+        return wrapper
+
+    out = {}
+    torch.manual_seed(0)
+    for m in (1, 4):
+        pm = parallelize(Qwen2VL(tiny_config()), dims, dataclasses.replace(cfg, num_microbatches=m))
+        gb = global_batch(3, dims.dp * m)
+        pm.step(gb[dims.dp_rank * m : (dims.dp_rank + 1) * m])  # lazy init outside the count
+        for kind, ns in names.items():
+            for n in ns:
+                setattr(dist, n, counting(kind, originals[n]))
+        try:
+            counts.update(all_gather=0, reduce_scatter=0)
+            pm.step(gb[dims.dp_rank * m : (dims.dp_rank + 1) * m])
+            out[m] = dict(counts)
+        finally:
+            for n, fn in originals.items():
+                setattr(dist, n, fn)
+    units = 2 + 4 + 1  # ViT blocks, decoder layers, root
+    assert out[1] == out[4] == {"all_gather": units, "reduce_scatter": units}, out
+    return out
+
+
 def check_tp_layout(res: dict, dims, cfg) -> dict:
     """Projections sharded over tp, merger/patch-embed replicated, SP activations sequence-sharded."""
     pm = res["pm"]
@@ -307,6 +346,8 @@ def layout_worker(rank: int, world: int, spec: dict) -> dict:
     for check in spec.get("checks", []):
         if check == "zero1":
             report["zero1"] = check_zero1_bytes(res, dims)
+        elif check == "zero1_comm":
+            report["zero1_comm"] = check_zero1_comm(dims, cfg)
         elif check == "tp":
             report["tp"] = check_tp_layout(res, dims, cfg)
         elif check == "pp":

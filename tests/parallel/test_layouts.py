@@ -31,7 +31,7 @@ def _run(world: int, spec: dict, timeout: float = 240.0) -> list[dict]:
 def test_dp2_zero1_frozen_and_zero3():
     reports = _run(2, {
         "parallel": {"dp": 2, "num_microbatches": 2},
-        "checks": ["zero1", "variant:stage1_frozen_llm", "variant:stage3_frozen_vit", "variant:zero3"],
+        "checks": ["zero1", "zero1_comm", "variant:stage1_frozen_llm", "variant:stage3_frozen_vit", "variant:zero3"],
         "variants": {
             "stage1_frozen_llm": {"freeze": "llm"},
             "stage3_frozen_vit": {"freeze": "vit"},
