@@ -190,17 +190,13 @@ class ParallelModel:
         """For a model parallelized on the meta device: allocate this rank's shards on `device` (default: the
         mesh device), recompute the rotary buffers, and (init_weights) run the model's init. Load real
         weights afterwards with load_state_dict (or DCP)."""
-        from model.qwen2_vl import MRotary
-        from model.vision import VisionRotary
-
         device = torch.device(device) if device is not None else self.dims.device
         for m in self.modules:
             m.to_empty(device=device)
             if init_weights:
                 m.init_weights()
-            m.rotary.inv_freq.copy_(MRotary(m.cfg.text).inv_freq)
-            if m.visual is not None:
-                m.visual.rotary.inv_freq.copy_(VisionRotary(m.cfg.vision).inv_freq)
+            # Non-persistent rotary buffers: neither to_empty nor checkpoints carry them.
+            m.init_buffers(device)
         self._sync_tied_weights()
 
     # ---------------------------------------------------------------- step

@@ -22,6 +22,9 @@ _PRELOAD = ["torch", "torch.distributed.fsdp", "torch.distributed.tensor.paralle
             "model.qwen2_vl", "parallel", "_synth", "_workers"]
 
 
+_OWN_FORKSERVER = False
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -60,9 +63,19 @@ def _child(fn: Callable, rank: int, world: int, port: int, args: tuple, q, extra
 def run_distributed(fn: Callable, world: int, *args: Any, timeout: float = 120.0,
                     extra_env: dict | None = None) -> list[Any]:
     """Run fn(rank, world, *args) in `world` spawned processes; return the results by rank."""
-    ctx = mp.get_context("forkserver")
-    # NOTE: must be set before the forkserver starts (first use); later calls are ignored by the running server.
-    ctx.set_forkserver_preload(_PRELOAD)
+    global _OWN_FORKSERVER
+    from multiprocessing import forkserver
+
+    running = getattr(forkserver._forkserver, "_forkserver_pid", None) is not None
+    if running and not _OWN_FORKSERVER:
+        # Someone else started the (process-wide) forkserver with their sys.path: it may not import this
+        # folder's modules, so fall back to spawn (slower, always correct).
+        ctx = mp.get_context("spawn")
+    else:
+        ctx = mp.get_context("forkserver")
+        # NOTE: must be set before the forkserver starts (first use); a running server ignores it.
+        ctx.set_forkserver_preload(_PRELOAD)
+        _OWN_FORKSERVER = True
     q = ctx.Queue()
     port = free_port()
     procs = [ctx.Process(target=_child, args=(fn, r, world, port, args, q, extra_env or {})) for r in range(world)]
