@@ -126,9 +126,14 @@ class ParallelDims:
         shape = (self.pp, self.dp, self.tp)
         if "backend_override" in inspect.signature(init_device_mesh).parameters:
             backend = "nccl" if device_type == "cuda" else "gloo"
-            opts = (dist.ProcessGroupNCCL.Options() if backend == "nccl" else dist.ProcessGroupGloo._Options())
-            opts._timeout = self.timeout
-            override = {name: (backend, opts) for name in MESH_DIMS}
+
+            def options():
+                # One Options object per dimension: c10d writes the group's ranks and name into it.
+                opts = dist.ProcessGroupNCCL.Options() if backend == "nccl" else dist.ProcessGroupGloo._Options()
+                opts._timeout = self.timeout
+                return opts
+
+            override = {name: (backend, options()) for name in MESH_DIMS}
             self.mesh = init_device_mesh(device_type, shape, mesh_dim_names=MESH_DIMS, backend_override=override)
         else:  # pragma: no cover - torch without backend_override: sub-groups take the default timeout.
             import torch.distributed.distributed_c10d as c10d
