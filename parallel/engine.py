@@ -103,14 +103,14 @@ def parallelize(model: nn.Module, dims: ParallelDims, cfg: ParallelConfig) -> Pa
     mcfg = model.cfg
     check_tp_divisibility(mcfg, dims.tp)
     on_meta = any(p.is_meta for p in model.parameters())
-    if not on_meta:
-        model.to(dims.device)
     tied = mcfg.text.tie_word_embeddings and model.lm_head is not None and (
         model.lm_head.weight is model.embed_tokens.weight
     )
     layer_ids = stage_layer_ids(mcfg, dims.pp, cfg.pp_first_stage_layers, cfg.pp_vision_fraction)
     stage = dims.pp_rank
     prune_to_stage(model, stage, layer_ids)
+    if not on_meta:
+        model.to(dims.device)  # after pruning: only this stage's weights ever reach the device whole
     sp = cfg.sequence_parallel and dims.tp > 1
     plain_replicated: list[str] = []
     if dims.tp > 1:
