@@ -280,14 +280,16 @@ def tokenize(
     tgt_parts: list[np.ndarray] = []
     for kind, value, sup in layout:
         if kind == TEXT:
-            ids, offsets = encoded[value]
+            enc = encoded[value]
+            ids = enc.ids
             ids_parts.append(np.asarray(ids, dtype=np.int64))
-            spans = run_spans[value]
             t = np.zeros(len(ids), dtype=bool)
-            if spans:
-                off = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
-                for a, b in spans:
-                    t |= (off[:, 1] > a) & (off[:, 0] < b)
+            for a, b in run_spans[value]:
+                # Offsets are monotonic: the tokens overlapping [a, b) are one contiguous range, found by two
+                # binary searches (cheaper than materializing every token's offsets for long texts).
+                lo = _first_token(len(ids), lambda i, e=enc, a=a: _span(e, i)[1] > a)
+                hi = _first_token(len(ids), lambda i, e=enc, b=b: _span(e, i)[0] >= b)
+                t[lo:hi] = True
             tgt_parts.append(t)
         elif kind == SPECIAL:
             ids_parts.append(np.asarray([value], dtype=np.int64))
@@ -302,6 +304,23 @@ def tokenize(
     if not ids_parts:
         return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=bool)
     return np.concatenate(ids_parts), np.concatenate(tgt_parts)
+
+
+def _span(enc, i: int) -> tuple[int, int]:
+    span = enc.token_to_chars(i)
+    return span if span is not None else (0, 0)
+
+
+def _first_token(n: int, pred) -> int:
+    """Smallest i in [0, n) with pred(i) true (pred monotonic), or n."""
+    lo, hi = 0, n
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if pred(mid):
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
 
 
 def render_text(pieces: list[tuple[int, object, bool]], vision: list[VisionInfo], tok: Tokenizer) -> str:

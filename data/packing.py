@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from torch.utils.data import get_worker_info
 
 from data.batch import PATCH_DIM, PackedBatch
 from data.sample import Processed
@@ -99,16 +100,30 @@ def assemble(samples: list[Processed]) -> PackedBatch:
         max_seqlen=max(lens),
         pixel_values=_image_rows(samples, img_grids),
         image_grid_thw=torch.tensor(img_grids, dtype=torch.long).reshape(-1, 3),
-        pixel_values_videos=torch.cat(vid_rows) if vid_rows else torch.zeros(0, PATCH_DIM),
+        pixel_values_videos=torch.cat(vid_rows, out=_empty(sum(r.shape[0] for r in vid_rows))) if vid_rows
+        else torch.zeros(0, PATCH_DIM),
         video_grid_thw=torch.tensor(vid_grids, dtype=torch.long).reshape(-1, 3),
         sample_keys=[s.key for s in samples],
     )
 
 
+def _empty(n: int) -> torch.Tensor:
+    """An uninitialized (n, P) float32 buffer; in a DataLoader worker, allocated in shared memory right away.
+
+    NOTE: otherwise torch copies every tensor of a worker's result into fresh shared memory when it is queued
+    to the main process; pixel rows are most of a microbatch's bytes (tens of MB), so writing them into shared
+    memory directly saves that copy (what torch's default_collate does for the same reason).
+    """
+    if get_worker_info() is None or n == 0:
+        return torch.empty(n, PATCH_DIM, dtype=torch.float32)
+    storage = torch.UntypedStorage._new_shared(n * PATCH_DIM * 4)
+    return torch.empty(0, dtype=torch.float32).set_(storage, 0, (n, PATCH_DIM), (PATCH_DIM, 1))
+
+
 def _image_rows(samples: list[Processed], grids: list[tuple[int, int, int]]) -> torch.Tensor:
     """All images' pixel rows (N, P), written straight into one buffer (no per-image tensors to concatenate)."""
     n = sum(t * h * w for t, h, w in grids)
-    out_NP = torch.empty(n, PATCH_DIM, dtype=torch.float32)
+    out_NP = _empty(n)
     o = 0
     for s in samples:
         for im, (t, h, w) in zip(s.images, s.image_grids):

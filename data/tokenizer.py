@@ -50,8 +50,8 @@ _CACHE: dict[str, Tokenizer] = {}
 class Tokenizer:
     """A Qwen2-family tokenizer loaded from `DIR/tokenizer.json`.
 
-    `encode_runs(texts)` returns, per text, the token ids and each token's (start, end) character span, which
-    the renderer uses to decide which tokens fall inside supervised text.
+    `encode_runs(texts)` returns, per text, the encoding (ids and each token's character span), which the
+    renderer uses to decide which tokens fall inside supervised text.
     """
 
     def __init__(self, path: str) -> None:
@@ -91,12 +91,12 @@ class Tokenizer:
         """Token ids of `text` (special-token strings inside it become their ids, as in transformers)."""
         return self._tok.encode(text, add_special_tokens=False).ids
 
-    def encode_runs(self, texts: list[str]) -> list[tuple[list[int], list[tuple[int, int]]]]:
-        """(ids, character offsets) for each text, in one batched call."""
+    def encode_runs(self, texts: list[str]) -> list:
+        """`tokenizers.Encoding` of each text, in one batched call (`.ids`; `.token_to_chars(i)` gives a token's
+        character span, which the renderer queries only at supervision boundaries)."""
         if not texts:
             return []
-        encs = self._tok.encode_batch(texts, add_special_tokens=False)
-        return [(e.ids, e.offsets) for e in encs]
+        return self._tok.encode_batch(texts, add_special_tokens=False)
 
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=False)

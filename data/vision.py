@@ -103,6 +103,8 @@ def patchify(
 # Rescale + normalize folded into one multiply-add per channel: (v / 255 - mean) / std = v * a + b.
 _NORM_A = np.asarray([1.0 / (255.0 * s) for s in CLIP_STD], dtype=np.float32)
 _NORM_B = np.asarray([-m / s for m, s in zip(CLIP_MEAN, CLIP_STD)], dtype=np.float32)
+_NORM_A_T = torch.from_numpy(_NORM_A).view(1, 3, 1, 1)
+_NORM_B_T = torch.from_numpy(_NORM_B).view(1, 3, 1, 1)
 
 
 def image_rows_u8(
@@ -115,29 +117,26 @@ def image_rows_u8(
     """A resized uint8 RGB image (H, W, C) -> normalized pixel rows (N, P) float32, in patchify()'s row order.
 
     Same rows as patchify(normalize(image[None]))[0] (to float32 rounding, < 1e-6), several times faster: the
-    uint8 image is rearranged first (1 byte per value), converted and normalized once into the first temporal
-    slot, and the second slot is a copy (an image is one frame repeated). `out`: an optional float32 (N, P)
-    array to write the rows into (the microbatch's pixel_values, so nothing is concatenated later).
+    uint8 image is rearranged first (1 byte per value, numpy), converted and normalized once (torch), and the
+    temporal copy (an image is one frame repeated) is a broadcast into the output. `out`: an optional float32
+    (N, P) array to write the rows into (the microbatch's pixel_values, so nothing is concatenated later).
     """
     x = np.asarray(pixels_HWC_u8)
+    if x.ndim != 3 or x.shape[2] != 3 or x.dtype != np.uint8:
+        raise ValueError(f"expected a uint8 (H, W, 3) image, got {x.dtype} {x.shape}")
     H, W, C = x.shape
-    if x.dtype != np.uint8:
-        raise ValueError(f"expected a uint8 image, got {x.dtype}")
     if H % (patch_size * merge_size) or W % (patch_size * merge_size):
         raise ValueError(f"image size {H}x{W} is not a multiple of {patch_size * merge_size}")
     m, p, T = merge_size, patch_size, temporal_patch_size
     gh, gw = H // p, W // p
-    N = gh * gw
+    N, q = gh * gw, p * p
     # (gh/m, m, p, gw/m, m, p, C) -> (gh/m, gw/m, m, m, C, p, p): merge window, patch in window, (C, ph, pw)
     x_NCq = np.ascontiguousarray(x.reshape(gh // m, m, p, gw // m, m, p, C).transpose(0, 3, 1, 4, 6, 2, 5))
-    x_NC1q = x_NCq.reshape(N, C, 1, p * p)
+    f_NC1q = torch.from_numpy(x_NCq).view(N, C, 1, q).float().mul_(_NORM_A_T).add_(_NORM_B_T)
     if out is None:
-        out = np.empty((N, C * T * p * p), dtype=np.float32)
-    if out.shape != (N, C * T * p * p) or out.dtype != np.float32:
-        raise ValueError(f"out must be float32 of shape {(N, C * T * p * p)}, got {out.dtype} {out.shape}")
-    out_NCTq = out.reshape(N, C, T, p * p)
-    first = out_NCTq[:, :, 0:1]
-    np.multiply(x_NC1q, _NORM_A.reshape(1, C, 1, 1), out=first)
-    first += _NORM_B.reshape(1, C, 1, 1)
-    out_NCTq[:, :, 1:] = first
-    return torch.from_numpy(out)
+        out = np.empty((N, C * T * q), dtype=np.float32)
+    if out.shape != (N, C * T * q) or out.dtype != np.float32:
+        raise ValueError(f"out must be float32 of shape {(N, C * T * q)}, got {out.dtype} {out.shape}")
+    out_t = torch.from_numpy(out)
+    out_t.view(N, C, T, q).copy_(f_NC1q.expand(N, C, T, q))
+    return out_t
