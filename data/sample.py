@@ -177,7 +177,9 @@ class SampleProcessor:
             if cfg.overlong == "truncate" and not vision:
                 ids, targets, truncated = ids[: cfg.max_tokens], targets[: cfg.max_tokens], True
             else:
-                raise SkipSample("overlong", f"{ids.shape[0]} tokens > max_tokens {cfg.max_tokens}")
+                hint = (f" (videos: {sum(t * h * w // 4 for t, h, w in video_grids)} tokens; data.video.max_tokens "
+                        "caps a video's tokens)" if video_grids else "")
+                raise SkipSample("overlong", f"{ids.shape[0]} tokens > max_tokens {cfg.max_tokens}{hint}")
         labels = shift_labels(ids, targets)
         if not (labels != -100).any():
             raise SkipSample("no_supervised_tokens", f"nothing to train on under supervise={mode!r}")
