@@ -52,7 +52,9 @@ def apply_fsdp(model: nn.Module, dp_mesh: DeviceMesh, cfg: ParallelConfig) -> li
     # unsharded after forward in both modes.
     units.append(fully_shard(model, **{**kw, "reshard_after_forward": False}))
     for unit in units:
-        unit.set_gradient_divide_factor(1.0)
+        # (set_reduce_scatter_divide_factor: the name before torch 2.8)
+        (unit.set_gradient_divide_factor if hasattr(unit, "set_gradient_divide_factor")
+         else unit.set_reduce_scatter_divide_factor)(1.0)
         # gloo has no PREMUL_SUM/AVG; a plain SUM is also what a divide factor of 1 means.
         if hasattr(unit, "set_force_sum_reduction_for_comms"):
             unit.set_force_sum_reduction_for_comms(True)
