@@ -246,3 +246,29 @@ def test_inputs_from_image_bytes_not_decoded_in_main(tok_dir, chat_ds):
     torch.save(st, buf)
     assert buf.tell() < 8_000
     loader.close()
+
+
+def test_supervise_modes_and_default_system(tok_dir):
+    from data.sample import RawSample, SampleProcessor
+    from data.tokenizer import Tokenizer
+
+    msg = {"messages": [{"role": "user", "content": [{"type": "image", "image": "img0.png"},
+                                                     {"type": "text", "text": "Hi"}]},
+                        {"role": "assistant", "content": "Hello!"}]}
+    raw = RawSample("d/s/k", {"json": js(msg), "img0.png": small_image(0, 56, 56)})
+    sp = Tokenizer.load(tok_dir).special
+    vision = {sp.vision_start, sp.image_pad, sp.vision_end}
+
+    def targets(**kw):
+        p = SampleProcessor(DataConfig(tokenizer=tok_dir, **kw)).process(raw)
+        t = [False] + (p.labels[:-1] != -100).tolist()
+        return p.input_ids.tolist(), t
+
+    ids, t_all = targets(supervise="all")
+    assert all(t == (i not in vision) for i, t in zip(ids[1:], t_all[1:]))
+    ids_a, t_a = targets(supervise="assistant")
+    assert ids_a == ids and sum(t_a) == len(Tokenizer.load(tok_dir).encode("Hello!")) + 1  # + <|im_end|>
+    ids_n, _ = targets(default_system=None)
+    assert ids_n[0] == sp.im_start and Tokenizer.load(tok_dir).decode(ids_n[:3]) == "<|im_start|>user\n"
+    assert len(ids) - len(ids_n) == len(Tokenizer.load(tok_dir).encode(
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"))
