@@ -10,6 +10,8 @@ least room). Samples never share attention (cu_seqlens), positions restart per s
 
 from __future__ import annotations
 
+import ctypes
+import sys
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -107,6 +109,33 @@ def assemble(samples: list[Processed]) -> PackedBatch:
     )
 
 
+_HUGE = 2 << 20
+_libc = None
+
+
+def _advise_huge(t: torch.Tensor) -> torch.Tensor:
+    """Ask for transparent huge pages on a large fresh buffer (Linux, THP 'madvise' mode).
+
+    NOTE: a microbatch's pixel buffer is tens of MB of never-touched memory; faulting it in 4 KB pages costs
+    about as much CPU as normalizing the pixels (measured 3x less with 2 MB pages). Best effort: any failure
+    leaves ordinary pages.
+    """
+    global _libc
+    nbytes = t.numel() * t.element_size()
+    if nbytes < 4 * _HUGE or not sys.platform.startswith("linux"):
+        return t
+    try:
+        if _libc is None:
+            _libc = ctypes.CDLL(None, use_errno=True)
+            _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        start = (t.data_ptr() + _HUGE - 1) & ~(_HUGE - 1)
+        end = (t.data_ptr() + nbytes) & ~(_HUGE - 1)
+        _libc.madvise(start, end - start, 14)  # MADV_HUGEPAGE
+    except (OSError, AttributeError):
+        pass
+    return t
+
+
 def _empty(n: int) -> torch.Tensor:
     """An uninitialized (n, P) float32 buffer; in a DataLoader worker, allocated in shared memory right away.
 
@@ -114,8 +143,10 @@ def _empty(n: int) -> torch.Tensor:
     to the main process; pixel rows are most of a microbatch's bytes (tens of MB), so writing them into shared
     memory directly saves that copy (what torch's default_collate does for the same reason).
     """
-    if get_worker_info() is None or n == 0:
-        return torch.empty(n, PATCH_DIM, dtype=torch.float32)
+    if n == 0:
+        return torch.empty(0, PATCH_DIM, dtype=torch.float32)
+    if get_worker_info() is None:
+        return _advise_huge(torch.empty(n, PATCH_DIM, dtype=torch.float32))
     storage = torch.UntypedStorage._new_shared(n * PATCH_DIM * 4)
     return torch.empty(0, dtype=torch.float32).set_(storage, 0, (n, PATCH_DIM), (PATCH_DIM, 1))
 
