@@ -38,10 +38,9 @@ def config_reference() -> str:
         if is_section:  # nested section (e.g. data.storage): a header row inside its parent's table
             lines.append(f"| **`{key}`** | {tname} | | {_cell(doc)} |")
             continue
-        if section is None or "." not in key:
-            if section != "__top__":
-                lines += ["### top level", "", "| key | type | default | meaning |", "|---|---|---|---|"]
-                section = "__top__"
+        if (section is None or "." not in key) and section != "__top__":
+            lines += ["### top level", "", "| key | type | default | meaning |", "|---|---|---|---|"]
+            section = "__top__"
         lines.append(f"| `{key}` | `{_cell(tname)}` | `{_cell(default)}` | {_cell(doc)} |")
     return "\n".join(lines).strip() + "\n"
 

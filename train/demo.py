@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     hf = work / "hf"
     export(results[-1][2].checkpoint, hf, dtype="fp32")
 
-    print("\n[demo] done in {:.0f}s".format(time.perf_counter() - t_start))
+    print(f"\n[demo] done in {time.perf_counter() - t_start:.0f}s")
     print(f"{'stage':<6} {'steps':>5} {'loss first -> last':>22} {'time':>6}  checkpoint / metrics")
     for stage, cfg, res, dt in results:
         losses = _losses(Path(cfg.run_dir) / "metrics.jsonl")

@@ -18,17 +18,19 @@ copied to OUT_DIR/tokenizer, so the tiny recipes (recipes/tiny/*.yaml) only need
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import io
 import json
 import random
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from data.shards import main as shards_cli
 
 PHOTOS = {
     # name: caption (only images bundled with scikit-image: no download)
@@ -211,11 +213,15 @@ def make_demo_data(out_dir: str | Path, n_digits: int = 240, samples_per_shard: 
             for s in samples:
                 f.write(json.dumps(s) + "\n")
         shards = out / stage
-        cmd = [sys.executable, "-m", "data.shards", "make", "--input", str(jsonl), "--media", str(media),
-               "--out", str(shards), "--samples-per-shard", str(samples_per_shard), "--tokenizer", str(tok)]
-        res = subprocess.run(cmd, capture_output=True, text=True)
-        if res.returncode != 0:
-            raise RuntimeError(f"{' '.join(cmd)} failed ({res.returncode}):\n{res.stdout}\n{res.stderr}")
+        # `python -m data.shards make ...`, called in this process (its main() with the same argv): one Python
+        # start and one tokenizer load instead of three.
+        argv = ["make", "--input", str(jsonl), "--media", str(media), "--out", str(shards),
+                "--samples-per-shard", str(samples_per_shard), "--tokenizer", str(tok)]
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf):
+            rc = shards_cli(argv)
+        if rc != 0:
+            raise RuntimeError(f"python -m data.shards {' '.join(argv)} failed ({rc}):\n{buf.getvalue()}")
         paths[stage] = shards
     return paths
 

@@ -17,13 +17,14 @@ from train.config import load_config
 from train.trainer import Trainer, TrainingStopped, run
 
 
-def cfg_for(demo_dir: Path, run_dir: Path, *extra: str, stage: int = 2):
+def cfg_for(demo_dir: Path, run_dir: Path, *extra: str, stage: int = 3):
     import os
 
     os.environ["DEMO_DIR"] = str(demo_dir)
     return load_config(
         RECIPES / f"stage{stage}.yaml",
-        [f"run_dir={run_dir}", "model.init_from=null", "checkpoint.keep_last=0", "optim.warmup_steps=1", *extra],
+        [f"run_dir={run_dir}", "model.init_from=null", "checkpoint.keep_last=0", "optim.warmup_steps=1",
+         "data.max_tokens=160", *extra],
     )
 
 
@@ -40,21 +41,21 @@ def read_ckpt(path: Path) -> dict[str, torch.Tensor]:
 
 @pytest.mark.timeout(300)
 def test_exact_resume_bitwise_with_loader_workers(demo_dir, tmp_path):
-    """6 steps uninterrupted == 3 steps, then a new Trainer resuming from the step-3 checkpoint for 3 more:
+    """4 steps uninterrupted == 2 steps, then a new Trainer resuming from the step-2 checkpoint for 2 more:
     identical losses (==, fp32 CPU) and identical parameters and optimizer state, with 2 loader workers."""
     a = tmp_path / "a"
-    common = ["train.steps=6", "checkpoint.every=3", "data.num_workers=2"]
+    common = ["train.steps=4", "checkpoint.every=2", "data.num_workers=2"]
     run(cfg_for(demo_dir, a, *common))
     ref = losses(a)
-    assert len(ref) == 6
-    # The interrupted run: everything it left is the step-3 checkpoint (what a crash after step 3 leaves).
+    assert len(ref) == 4
+    # The interrupted run: everything it left is the step-2 checkpoint (what a crash after step 2 leaves).
     b = tmp_path / "b"
-    shutil.copytree(a / "checkpoints" / "step_00000003", b / "checkpoints" / "step_00000003")
+    shutil.copytree(a / "checkpoints" / "step_00000002", b / "checkpoints" / "step_00000002")
     res = run(cfg_for(demo_dir, b, *common))
-    assert res.final_step == 6 and step_records(b)[4].get("resumed_from") == 3
-    got = [step_records(b)[s]["loss"] for s in (4, 5, 6)]
-    assert got == ref[3:], (got, ref)
-    ta, tb = read_ckpt(a / "checkpoints" / "step_00000006"), read_ckpt(b / "checkpoints" / "step_00000006")
+    assert res.final_step == 4 and step_records(b)[3].get("resumed_from") == 2
+    got = [step_records(b)[s]["loss"] for s in (3, 4)]
+    assert got == ref[2:], (got, ref)
+    ta, tb = read_ckpt(a / "checkpoints" / "step_00000004"), read_ckpt(b / "checkpoints" / "step_00000004")
     assert ta.keys() == tb.keys() and any(k.startswith("optim.") for k in ta)
     bad = [k for k in ta if not torch.equal(ta[k], tb[k])]
     assert not bad, f"differ after resume: {bad[:5]}"
@@ -91,7 +92,7 @@ def test_metrics_fields_and_wandb_offline(demo_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
     run_dir = tmp_path / "m"
     cfg = cfg_for(demo_dir, run_dir, "train.steps=3", "checkpoint.every=0", "metrics.wandb.mode=auto",
-                  "data.num_workers=1", stage=1)
+                  "data.num_workers=1")
     res = run(cfg)
     recs = step_records(run_dir)
     assert sorted(recs) == [1, 2, 3]
@@ -101,7 +102,7 @@ def test_metrics_fields_and_wandb_offline(demo_dir, tmp_path, monkeypatch):
             assert k in r, k
         assert r["mfu"] is None  # CPU: no peak, achieved FLOP/s instead
         assert r["tokens"] > 0 and r["flops_per_s"] > 0 and 0 < r["packing_efficiency"] <= 1
-        assert set(r["lr_groups"]) == {"vision", "merger"}  # stage 1: the LLM is frozen
+        assert set(r["lr_groups"]) == {"merger", "llm"}  # stage 3: the ViT is frozen
         assert r["tokens_per_s"] == pytest.approx(r["tokens"] / r["step_time_s"], rel=1e-3)
     assert (run_dir / "config.yaml").is_file()
     assert load_config(run_dir / "config.yaml").to_dict() == cfg.to_dict()
@@ -114,7 +115,7 @@ def test_metrics_fields_and_wandb_offline(demo_dir, tmp_path, monkeypatch):
     history, config = wandb_records(wfile)
     assert [h["loss"] for h in history] == pytest.approx([recs[s]["loss"] for s in (1, 2, 3)])
     assert [h["_step"] for h in history] == [1, 2, 3]
-    assert config["model"]["preset"] == "tiny" and config["train"]["stage"] == 1
+    assert config["model"]["preset"] == "tiny" and config["train"]["stage"] == 3
 
 
 def wandb_records(path: Path) -> tuple[list[dict], dict]:

@@ -7,10 +7,10 @@ import math
 
 import pytest
 import torch
+from train_synth import make_batch
 
 from model.config import get_preset
 from model.qwen2_vl import Qwen2VL
-from train_synth import make_batch
 from train.config import load_config
 from train.optim import (
     apply_freeze,
