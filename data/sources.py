@@ -82,6 +82,9 @@ def plan_dataset(index: int, spec: DatasetSpec, storage: StorageConfig) -> Datas
     root = spec.path.rstrip("/")
     st = get_storage(root + "/" if "://" in root else root, storage)
     if spec.kind == "indexed" or (spec.kind == "auto" and st.exists(root + ".idx")):
+        if not (st.exists(root + ".idx") and st.exists(root + ".bin")):
+            raise ValueError(f"dataset {spec.path!r} (kind indexed): {root}.idx / {root}.bin not found; give the "
+                             "prefix of a megatron indexed dataset (without .bin/.idx)")
         idx = IndexedText(root, storage)
         n = len(idx)
         name = os.path.basename(root)

@@ -68,8 +68,11 @@ def test_loader_over_an_indexed_corpus(tmp_path, tok_dir):
     assert seen == 64 and loader.metrics()["skipped"] == 0
 
 
-def test_bad_indexed_file_is_a_clear_error(tmp_path):
+def test_bad_indexed_file_is_a_clear_error(tmp_path, tok_dir):
     (tmp_path / "x.idx").write_bytes(b"NOTMMIDX" + b"\0" * 40)
     (tmp_path / "x.bin").write_bytes(b"")
     with pytest.raises(ValueError, match="not a megatron indexed dataset"):
         IndexedText(str(tmp_path / "x"))
+    cfg = DataConfig(datasets=[DatasetSpec(str(tmp_path / "nope"), kind="indexed")], tokenizer=tok_dir)
+    with pytest.raises(ValueError, match="nope.idx"):
+        build_loader(cfg, 0, 1)
