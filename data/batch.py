@@ -12,14 +12,21 @@ A microbatch holds S whole samples back to back (no padding between them, no cro
                                    (model.position_ids, Qwen's reference algorithm)
     cu_seqlens     (S+1,)  int32   sample boundaries, cu_seqlens[0] = 0, cu_seqlens[-1] = T
     max_seqlen     int             longest sample
-    pixel_values   (N_img, P) float32  image patch rows, images concatenated in placeholder order
+    pixel_values   (N_img, 588) uint8 | (N_img, P) float  image patch rows, images in placeholder order
     image_grid_thw (I, 3)  int64   one (1, h/14, w/14) row per image, placeholder order
-    pixel_values_videos (N_vid, P) float32  video patch rows, videos in placeholder order
+    pixel_values_videos (N_vid, P) uint8 | float           video patch rows, videos in placeholder order
     video_grid_thw (K, 3)  int64   one (frames/2, h/14, w/14) row per video
     sample_keys    list[str]       "<shard>/<key>" of each packed sample, in order
 
-A microbatch with no image has pixel_values of shape (0, P) and image_grid_thw of shape (0, 3) (same for
-video); the model then runs a zero-weighted dummy ViT pass so every rank runs the same vision graph.
+Pixel rows come in one of two encodings, both in transformers' Qwen2-VL row order:
+- RAW (what our loader ships): uint8 RGB values before rescale/normalization; image rows hold ONE frame
+  (3 * 14 * 14 = 588 values, the processor's temporal copy is implied), video rows a frame pair (P values).
+  The model turns them into the processor's values on the device (model.vision.normalize_pixel_rows). This
+  keeps worker-to-trainer and host-to-device traffic at 1/8 (images) and 1/4 (videos) of float32 rows.
+- NORMALIZED: float rows of width P exactly as transformers' processor returns them (parity tests, HF users).
+
+A microbatch with no image has pixel_values with 0 rows and image_grid_thw of shape (0, 3) (same for video);
+the model then runs a zero-weighted dummy ViT pass so every rank runs the same vision graph.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ from dataclasses import dataclass, field, fields
 import torch
 
 PATCH_DIM = 3 * 2 * 14 * 14
+IMAGE_ROW_DIM = 3 * 14 * 14  # a raw image row: one frame
 
 
 @dataclass
@@ -72,6 +80,9 @@ class PackedBatch:
             rows = int(grid.prod(-1).sum()) if grid.numel() else 0
             if px.shape[0] != rows:
                 raise ValueError(f"{name}: {px.shape[0]} pixel rows but grids give {rows}")
+            widths = (IMAGE_ROW_DIM, PATCH_DIM) if (px.dtype == torch.uint8 and name == "image") else (PATCH_DIM,)
+            if px.ndim != 2 or px.shape[1] not in widths:
+                raise ValueError(f"{name}: {px.dtype} pixel rows of shape {tuple(px.shape)}; width must be {widths}")
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> PackedBatch:
         kw = {}

@@ -18,9 +18,9 @@ import numpy as np
 import torch
 from torch.utils.data import get_worker_info
 
-from data.batch import PATCH_DIM, PackedBatch
+from data.batch import IMAGE_ROW_DIM, PATCH_DIM, PackedBatch
 from data.sample import Processed
-from data.vision import image_rows_u8
+from data.vision import image_rows_raw
 
 
 @dataclass
@@ -102,8 +102,8 @@ def assemble(samples: list[Processed]) -> PackedBatch:
         max_seqlen=max(lens),
         pixel_values=_image_rows(samples, img_grids),
         image_grid_thw=torch.tensor(img_grids, dtype=torch.long).reshape(-1, 3),
-        pixel_values_videos=torch.cat(vid_rows, out=_empty(sum(r.shape[0] for r in vid_rows))) if vid_rows
-        else torch.zeros(0, PATCH_DIM),
+        pixel_values_videos=torch.cat(vid_rows, out=_empty(sum(r.shape[0] for r in vid_rows), PATCH_DIM))
+        if vid_rows else _empty(0, PATCH_DIM),
         video_grid_thw=torch.tensor(vid_grids, dtype=torch.long).reshape(-1, 3),
         sample_keys=[s.key for s in samples],
     )
@@ -136,29 +136,30 @@ def _advise_huge(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def _empty(n: int) -> torch.Tensor:
-    """An uninitialized (n, P) float32 buffer; in a DataLoader worker, allocated in shared memory right away.
+def _empty(n: int, width: int) -> torch.Tensor:
+    """An uninitialized (n, width) uint8 buffer for raw pixel rows; in a DataLoader worker, allocated in shared
+    memory right away.
 
     NOTE: otherwise torch copies every tensor of a worker's result into fresh shared memory when it is queued
-    to the main process; pixel rows are most of a microbatch's bytes (tens of MB), so writing them into shared
-    memory directly saves that copy (what torch's default_collate does for the same reason).
+    to the main process; pixel rows are most of a microbatch's bytes, so writing them into shared memory
+    directly saves that copy (what torch's default_collate does for the same reason). Rows are RAW uint8
+    (data/batch.py): a quarter of float32's bytes for videos, an eighth for images (one frame per row).
     """
-    if n == 0:
-        return torch.empty(0, PATCH_DIM, dtype=torch.float32)
-    if get_worker_info() is None:
-        return _advise_huge(torch.empty(n, PATCH_DIM, dtype=torch.float32))
-    storage = torch.UntypedStorage._new_shared(n * PATCH_DIM * 4)
-    return torch.empty(0, dtype=torch.float32).set_(storage, 0, (n, PATCH_DIM), (PATCH_DIM, 1))
+    if n == 0 or get_worker_info() is None:
+        return _advise_huge(torch.empty(n, width, dtype=torch.uint8))
+    storage = torch.UntypedStorage._new_shared(n * width)
+    return torch.empty(0, dtype=torch.uint8).set_(storage, 0, (n, width), (width, 1))
 
 
 def _image_rows(samples: list[Processed], grids: list[tuple[int, int, int]]) -> torch.Tensor:
-    """All images' pixel rows (N, P), written straight into one buffer (no per-image tensors to concatenate)."""
+    """All images' raw pixel rows (N, 588) uint8, written straight into one buffer (no per-image tensors to
+    concatenate)."""
     n = sum(t * h * w for t, h, w in grids)
-    out_NP = _empty(n)
+    out_NP = _empty(n, IMAGE_ROW_DIM)
     o = 0
     for s in samples:
         for im, (t, h, w) in zip(s.images, s.image_grids):
-            image_rows_u8(im, out=out_NP[o : o + t * h * w].numpy())
+            image_rows_raw(im, out=out_NP[o : o + t * h * w].numpy())
             o += t * h * w
     return out_NP
 

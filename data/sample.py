@@ -2,8 +2,9 @@
 
 Shape legend: L = tokens of the sample, P = 1176 pixel-row length, N = patch rows.
 
-A processed sample keeps its images as resized uint8 (H, W, 3) arrays (normalized and patchified only when the
-microbatch is assembled, data.vision.image_rows_u8) and its videos as the float32 rows data.video returns.
+A processed sample keeps its images as resized uint8 (H, W, 3) arrays (patchified into raw uint8 rows when the
+microbatch is assembled, data.vision.image_rows_raw) and its videos as the raw uint8 rows data.video returns;
+rescale + normalization happen on the device, in the model (model.vision.normalize_pixel_rows).
 Everything here is a pure function of the raw bytes and the config, which is what lets the loader rebuild its
 buffers from sample references on resume.
 """
@@ -56,7 +57,7 @@ class Processed:
     position_ids: torch.Tensor  # (3, L) int64, from 0
     images: list[np.ndarray] = field(default_factory=list)  # uint8 (H, W, 3) each
     image_grids: list[tuple[int, int, int]] = field(default_factory=list)
-    video_rows: list[torch.Tensor] = field(default_factory=list)  # (N, P) float32 each
+    video_rows: list[torch.Tensor] = field(default_factory=list)  # (N, P) uint8 raw rows each
     video_grids: list[tuple[int, int, int]] = field(default_factory=list)
     truncated: bool = False
 
@@ -161,8 +162,7 @@ class SampleProcessor:
             else:
                 clip = self._load_video(data, identity)
                 grid = tuple(int(x) for x in clip.grid_thw)
-                rows = torch.as_tensor(clip.pixel_values, dtype=torch.float32)
-                video_rows.append(rows)
+                video_rows.append(clip.rows_u8)
                 video_grids.append(grid)  # type: ignore[arg-type]
                 n = grid[0] * grid[1] * grid[2]
                 vision.append(VisionInfo("video", n // 4, None))

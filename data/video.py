@@ -38,16 +38,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from data.vision import (
-    CLIP_MEAN,
-    CLIP_STD,
-    FACTOR,
-    MERGE_SIZE,
-    PATCH_SIZE,
-    TEMPORAL_PATCH_SIZE,
-    AspectRatioError,
-    smart_resize,
-)
+from data.vision import FACTOR, TEMPORAL_PATCH_SIZE, AspectRatioError, smart_resize, video_rows_raw
+from model.config import VisionConfig
+from model.vision import normalize_pixel_rows
 
 BACKENDS = ("pyav", "ffmpeg")
 RESIZE_METHOD = "pil-bicubic-v1"  # part of the cache key: a change here must not reuse old frames
@@ -128,14 +121,20 @@ class VideoConfig:
 class VideoClip:
     """One processed video, ready for packing."""
 
-    pixel_values: torch.Tensor
-    """(grid_t * grid_h * grid_w, 1176) float32 rows in transformers' Qwen2-VL order."""
+    rows_u8: torch.Tensor
+    """(grid_t * grid_h * grid_w, 1176) uint8 RAW rows in transformers' Qwen2-VL order (before rescale and
+    normalization, which model.vision.normalize_pixel_rows applies on the device): what the loader ships."""
     grid_thw: tuple[int, int, int]
     """(frames / 2, h / 14, w / 14): the row for video_grid_thw."""
     fps_used: float
     """Frames per second of video actually sampled (lower than cfg.fps when the token cap bit)."""
     frame_indices: list[int]
     """Indices of the decoded frames used, in order (before the odd-count padding)."""
+
+    @property
+    def pixel_values(self) -> torch.Tensor:
+        """(N, 1176) float32: the processor's normalized rows (computed from rows_u8 on demand)."""
+        return normalize_pixel_rows(self.rows_u8, VisionConfig())
 
     @property
     def num_tokens(self) -> int:
@@ -427,29 +426,18 @@ def decode_frames(data: bytes, cfg: VideoConfig) -> SampledFrames:
 
 
 def frames_to_rows(frames_FHWC: np.ndarray) -> tuple[torch.Tensor, tuple[int, int, int]]:
-    """uint8 frames -> float32 pixel rows (N, P) and grid; the same values as data.vision's
-    patchify(normalize(frames)) (equal to within 1e-6), but patchified while still uint8 and normalized in place
-    on the rows: a quarter of the memory traffic, which is most of the cost of a cache hit."""
-    F_, H, W, C = frames_FHWC.shape
-    T, p, m = TEMPORAL_PATCH_SIZE, PATCH_SIZE, MERGE_SIZE
-    x = torch.from_numpy(np.ascontiguousarray(frames_FHWC))
-    if F_ % T:
-        x = torch.cat([x, x[-1:].expand(T - F_ % T, -1, -1, -1)])
-    gt, gh, gw = x.shape[0] // T, H // p, W // p
-    x = x.reshape(gt, T, gh // m, m, p, gw // m, m, p, C)
-    # -> (gt, gh/m, gw/m, m_h, m_w, C, T, p_h, p_w): transformers' row order and row layout
-    x = x.permute(0, 2, 5, 3, 6, 8, 1, 4, 7)
-    rows_NCK = x.reshape(gt * gh * gw, C, T * p * p).to(torch.float32)
-    rows_NCK.mul_(1.0 / 255.0)
-    rows_NCK.sub_(torch.tensor(CLIP_MEAN, dtype=torch.float32).view(1, C, 1))
-    rows_NCK.div_(torch.tensor(CLIP_STD, dtype=torch.float32).view(1, C, 1))
-    return rows_NCK.reshape(gt * gh * gw, C * T * p * p), (gt, gh, gw)
+    """uint8 frames -> the processor's float32 pixel rows (N, P) and grid; the same values as data.vision's
+    patchify(normalize(frames)) (equal to within 1e-6). The loader ships the raw rows instead
+    (data.vision.video_rows_raw); this is for callers that want the processor's floats."""
+    rows_u8, grid = video_rows_raw(frames_FHWC)
+    return normalize_pixel_rows(rows_u8, VisionConfig()), grid
 
 
 def frames_to_clip(sf: SampledFrames) -> VideoClip:
-    """Normalize + patchify sampled uint8 frames into transformers' pixel rows."""
-    rows_NP, grid = frames_to_rows(sf.frames_FHWC)
-    return VideoClip(rows_NP, grid, float(sf.fps_used), list(sf.frame_indices))
+    """Patchify sampled uint8 frames into raw (uint8) rows in transformers' order; a cache hit pays only this
+    rearrangement of bytes (normalization happens on the device)."""
+    rows_u8, grid = video_rows_raw(sf.frames_FHWC)
+    return VideoClip(rows_u8, grid, float(sf.fps_used), list(sf.frame_indices))
 
 
 def load_video(data: bytes, cfg: VideoConfig, identity: str | None = None) -> VideoClip:

@@ -12,9 +12,12 @@ import math
 import numpy as np
 import torch
 
-# CLIP mean / std (OpenAI), as Qwen2-VL's processor.
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+from model.config import VisionConfig
+from model.vision import PIXEL_MEAN, PIXEL_STD, normalize_pixel_rows
+
+# CLIP mean / std (OpenAI), as Qwen2-VL's processor; one definition, in the model that consumes the rows.
+CLIP_MEAN = PIXEL_MEAN
+CLIP_STD = PIXEL_STD
 
 PATCH_SIZE = 14
 TEMPORAL_PATCH_SIZE = 2
@@ -100,26 +103,17 @@ def patchify(
     return rows.contiguous(), (gt, gh, gw)
 
 
-# Rescale + normalize folded into one multiply-add per channel: (v / 255 - mean) / std = v * a + b.
-_NORM_A = np.asarray([1.0 / (255.0 * s) for s in CLIP_STD], dtype=np.float32)
-_NORM_B = np.asarray([-m / s for m, s in zip(CLIP_MEAN, CLIP_STD)], dtype=np.float32)
-_NORM_A_T = torch.from_numpy(_NORM_A).view(1, 3, 1, 1)
-_NORM_B_T = torch.from_numpy(_NORM_B).view(1, 3, 1, 1)
-
-
-def image_rows_u8(
+def image_rows_raw(
     pixels_HWC_u8: np.ndarray,
     patch_size: int = PATCH_SIZE,
-    temporal_patch_size: int = TEMPORAL_PATCH_SIZE,
     merge_size: int = MERGE_SIZE,
     out: np.ndarray | None = None,
 ) -> torch.Tensor:
-    """A resized uint8 RGB image (H, W, C) -> normalized pixel rows (N, P) float32, in patchify()'s row order.
+    """A resized uint8 RGB image (H, W, C) -> RAW pixel rows (N, C * p * p) uint8, one frame per row.
 
-    Same rows as patchify(normalize(image[None]))[0] (to float32 rounding, < 1e-6), several times faster: the
-    uint8 image is rearranged first (1 byte per value, numpy), converted and normalized once (torch), and the
-    temporal copy (an image is one frame repeated) is a broadcast into the output. `out`: an optional float32
-    (N, P) array to write the rows into (the microbatch's pixel_values, so nothing is concatenated later).
+    What the loader ships for images (see model.vision.normalize_pixel_rows, which rescales, normalizes and adds
+    the temporal copy on the device): the same row order as patchify(), an eighth of its bytes. `out`: an optional
+    uint8 (N, C*p*p) array to write into (the microbatch's buffer, so nothing is concatenated later).
     """
     x = np.asarray(pixels_HWC_u8)
     if x.ndim != 3 or x.shape[2] != 3 or x.dtype != np.uint8:
@@ -127,16 +121,53 @@ def image_rows_u8(
     H, W, C = x.shape
     if H % (patch_size * merge_size) or W % (patch_size * merge_size):
         raise ValueError(f"image size {H}x{W} is not a multiple of {patch_size * merge_size}")
-    m, p, T = merge_size, patch_size, temporal_patch_size
+    m, p = merge_size, patch_size
     gh, gw = H // p, W // p
-    N, q = gh * gw, p * p
+    N = gh * gw
     # (gh/m, m, p, gw/m, m, p, C) -> (gh/m, gw/m, m, m, C, p, p): merge window, patch in window, (C, ph, pw)
-    x_NCq = np.ascontiguousarray(x.reshape(gh // m, m, p, gw // m, m, p, C).transpose(0, 3, 1, 4, 6, 2, 5))
-    f_NC1q = torch.from_numpy(x_NCq).view(N, C, 1, q).float().mul_(_NORM_A_T).add_(_NORM_B_T)
+    x_rows = x.reshape(gh // m, m, p, gw // m, m, p, C).transpose(0, 3, 1, 4, 6, 2, 5)
     if out is None:
-        out = np.empty((N, C * T * q), dtype=np.float32)
-    if out.shape != (N, C * T * q) or out.dtype != np.float32:
-        raise ValueError(f"out must be float32 of shape {(N, C * T * q)}, got {out.dtype} {out.shape}")
-    out_t = torch.from_numpy(out)
-    out_t.view(N, C, T, q).copy_(f_NC1q.expand(N, C, T, q))
-    return out_t
+        out = np.empty((N, C * p * p), dtype=np.uint8)
+    if out.shape != (N, C * p * p) or out.dtype != np.uint8:
+        raise ValueError(f"out must be uint8 of shape {(N, C * p * p)}, got {out.dtype} {out.shape}")
+    np.copyto(out.reshape(gh // m, gw // m, m, m, C, p, p), x_rows)
+    return torch.from_numpy(out)
+
+
+def video_rows_raw(
+    frames_FHWC_u8: np.ndarray,
+    patch_size: int = PATCH_SIZE,
+    temporal_patch_size: int = TEMPORAL_PATCH_SIZE,
+    merge_size: int = MERGE_SIZE,
+) -> tuple[torch.Tensor, tuple[int, int, int]]:
+    """Resized uint8 frames (F, H, W, C) -> RAW pixel rows (N, C * T * p * p) uint8 and the grid (t, h, w).
+
+    patchify()'s row order and row layout, before rescale/normalize (done on the device by
+    model.vision.normalize_pixel_rows); an odd frame count is padded by repeating the last frame.
+    """
+    x = torch.from_numpy(np.ascontiguousarray(frames_FHWC_u8))
+    if x.ndim != 4 or x.dtype != torch.uint8:
+        raise ValueError(f"expected uint8 (F, H, W, C) frames, got {x.dtype} {tuple(x.shape)}")
+    F_, H, W, C = x.shape
+    T, p, m = temporal_patch_size, patch_size, merge_size
+    if H % (p * m) or W % (p * m):
+        raise ValueError(f"frame size {H}x{W} is not a multiple of {p * m}")
+    if F_ % T:
+        x = torch.cat([x, x[-1:].expand(T - F_ % T, -1, -1, -1)])
+    gt, gh, gw = x.shape[0] // T, H // p, W // p
+    x = x.reshape(gt, T, gh // m, m, p, gw // m, m, p, C)
+    # -> (gt, gh/m, gw/m, m_h, m_w, C, T, p_h, p_w): transformers' row order and row layout
+    x = x.permute(0, 2, 5, 3, 6, 8, 1, 4, 7)
+    return x.reshape(gt * gh * gw, C * T * p * p), (gt, gh, gw)
+
+
+def image_rows_u8(
+    pixels_HWC_u8: np.ndarray,
+    patch_size: int = PATCH_SIZE,
+    temporal_patch_size: int = TEMPORAL_PATCH_SIZE,
+    merge_size: int = MERGE_SIZE,
+) -> torch.Tensor:
+    """A resized uint8 RGB image (H, W, C) -> the processor's normalized float32 rows (N, P): image_rows_raw
+    followed by the model's normalize_pixel_rows. Same rows as patchify(normalize(image[None]))[0] (< 1e-6)."""
+    cfg = VisionConfig(patch_size=patch_size, temporal_patch_size=temporal_patch_size, spatial_merge_size=merge_size)
+    return normalize_pixel_rows(image_rows_raw(pixels_HWC_u8, patch_size, merge_size), cfg)

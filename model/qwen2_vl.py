@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from model.attention import varlen_attention
 from model.config import ModelConfig, TextConfig
 from model.loss import lm_loss
-from model.vision import VisionTransformer, rotate_half
+from model.vision import VisionTransformer, normalize_pixel_rows, rotate_half
 
 
 class RMSNorm(nn.Module):
@@ -230,12 +230,13 @@ class Qwen2VL(nn.Module):
         if self.visual is None:
             return h_TD
         pix, grids, n_img_rows = [], [], 0
+        vcfg = self.cfg.vision
         if pixel_values is not None and pixel_values.numel():
-            pix.append(pixel_values)
+            pix.append(normalize_pixel_rows(pixel_values, vcfg))
             grids.append(image_grid_thw.reshape(-1, 3))
             n_img_rows = pixel_values.shape[0]
         if pixel_values_videos is not None and pixel_values_videos.numel():
-            pix.append(pixel_values_videos)
+            pix.append(normalize_pixel_rows(pixel_values_videos, vcfg))
             grids.append(video_grid_thw.reshape(-1, 3))
         if not pix:
             n_pads = torch.stack([(ids_T == self.cfg.image_token_id).sum(), (ids_T == self.cfg.video_token_id).sum()])

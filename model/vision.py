@@ -8,6 +8,12 @@ pixel_values rows arrive in the processor's order: per image/video, per frame pa
 window (row-major over the merged grid), the 4 patches of that window. So the merger can view every 4
 consecutive rows as one LLM token, and the ViT's attention segments are the frame pairs
 (grid_h * grid_w rows each).
+
+Rows come either processor-normalized (float, P wide, as transformers' processor returns them) or RAW: uint8
+RGB values in the same row order, P wide for videos and C*14*14 = 588 wide for images (one frame: the
+processor's temporal copy of an image is implied). Raw rows are what our loader ships, a quarter (images: an
+eighth) of the bytes through worker queues and host-to-device copies; normalize_pixel_rows() turns them into
+the processor's values on the device, where it costs nothing.
 """
 
 from __future__ import annotations
@@ -18,6 +24,28 @@ import torch.nn.functional as F
 
 from model.attention import varlen_attention
 from model.config import ModelConfig, VisionConfig
+
+# The processor's rescale + normalization (OpenAI CLIP mean / std, Qwen2-VL's preprocessor_config.json).
+PIXEL_MEAN = (0.48145466, 0.4578275, 0.40821073)
+PIXEL_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def normalize_pixel_rows(rows: torch.Tensor, cfg: VisionConfig) -> torch.Tensor:
+    """Pixel rows -> the processor's float rows (N, P). Float rows pass through unchanged; raw uint8 rows are
+    rescaled by 1/255 and CLIP-normalized per channel (folded into one multiply-add: v * a + b), and 588-wide
+    image rows get their temporal copy. Equal to the processor's values to float32 rounding (< 1e-6)."""
+    if rows.dtype != torch.uint8:
+        return rows
+    C, T, q = cfg.in_channels, cfg.temporal_patch_size, cfg.patch_size * cfg.patch_size
+    N, width = rows.shape
+    if width not in (C * q, C * T * q):
+        raise ValueError(f"raw pixel rows are {width} wide; expected {C * q} (image frame) or {C * T * q} (video)")
+    std = torch.tensor(PIXEL_STD, dtype=torch.float32, device=rows.device).view(1, C, 1)
+    mean = torch.tensor(PIXEL_MEAN, dtype=torch.float32, device=rows.device).view(1, C, 1)
+    x_NCK = rows.view(N, C, -1).float() * (1.0 / (255.0 * std)) - mean / std
+    if width == C * q:
+        x_NCK = x_NCK.unsqueeze(2).expand(N, C, T, q)
+    return x_NCK.reshape(N, C * T * q)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,7 @@ import pytest
 import torch
 from datahelpers import js, mixed_samples, small_image, text_chat, write_dataset
 
-from data.batch import PATCH_DIM
+from data.batch import IMAGE_ROW_DIM, PATCH_DIM
 from data.config import DataConfig, DatasetSpec
 from data.indexed import write_indexed
 from data.loader import build_loader
@@ -51,11 +51,12 @@ def test_microbatch_contract_and_model_consumes_it(tok_dir, chat_ds):
         assert all(int(b.labels[e - 1]) == -100 for e in cu[1:])
         sup = b.labels != -100
         assert torch.equal(b.labels[:-1][sup[:-1]], b.input_ids[1:][sup[:-1]])
-        assert b.pixel_values.dtype == torch.float32 and b.pixel_values.shape[1] == PATCH_DIM
-    # Empty vision input is a valid (0, P) / (0, 3) input.
+        # Raw uint8 rows (data/batch.py): one frame per image row; the model normalizes on the device.
+        assert b.pixel_values.dtype == torch.uint8 and b.pixel_values.shape[1] == IMAGE_ROW_DIM
+    # Empty vision input is a valid (0, width) / (0, 3) input.
     if text_only:
         b = text_only[0]
-        assert b.pixel_values.shape == (0, PATCH_DIM) and b.image_grid_thw.shape == (0, 3)
+        assert b.pixel_values.shape == (0, IMAGE_ROW_DIM) and b.image_grid_thw.shape == (0, 3)
         assert b.pixel_values_videos.shape == (0, PATCH_DIM) and b.video_grid_thw.shape == (0, 3)
 
     # The model consumes the microbatches; packing changes nothing: the packed loss equals the sum of the
