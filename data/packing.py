@@ -102,7 +102,8 @@ def assemble(samples: list[Processed]) -> PackedBatch:
         max_seqlen=max(lens),
         pixel_values=_image_rows(samples, img_grids),
         image_grid_thw=torch.tensor(img_grids, dtype=torch.long).reshape(-1, 3),
-        pixel_values_videos=torch.cat(vid_rows, out=_empty(sum(r.shape[0] for r in vid_rows), PATCH_DIM))
+        pixel_values_videos=torch.cat(vid_rows, out=_empty(sum(r.shape[0] for r in vid_rows), PATCH_DIM,
+                                                            vid_rows[0].dtype))
         if vid_rows else _empty(0, PATCH_DIM),
         video_grid_thw=torch.tensor(vid_grids, dtype=torch.long).reshape(-1, 3),
         sample_keys=[s.key for s in samples],
@@ -136,9 +137,9 @@ def _advise_huge(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def _empty(n: int, width: int) -> torch.Tensor:
-    """An uninitialized (n, width) uint8 buffer for raw pixel rows; in a DataLoader worker, allocated in shared
-    memory right away.
+def _empty(n: int, width: int, dtype: torch.dtype = torch.uint8) -> torch.Tensor:
+    """An uninitialized (n, width) buffer for pixel rows (raw uint8 from our loader); in a DataLoader worker,
+    allocated in shared memory right away.
 
     NOTE: otherwise torch copies every tensor of a worker's result into fresh shared memory when it is queued
     to the main process; pixel rows are most of a microbatch's bytes, so writing them into shared memory
@@ -146,9 +147,9 @@ def _empty(n: int, width: int) -> torch.Tensor:
     (data/batch.py): a quarter of float32's bytes for videos, an eighth for images (one frame per row).
     """
     if n == 0 or get_worker_info() is None:
-        return _advise_huge(torch.empty(n, width, dtype=torch.uint8))
-    storage = torch.UntypedStorage._new_shared(n * width)
-    return torch.empty(0, dtype=torch.uint8).set_(storage, 0, (n, width), (width, 1))
+        return _advise_huge(torch.empty(n, width, dtype=dtype))
+    storage = torch.UntypedStorage._new_shared(n * width * dtype.itemsize)
+    return torch.empty(0, dtype=dtype).set_(storage, 0, (n, width), (width, 1))
 
 
 def _image_rows(samples: list[Processed], grids: list[tuple[int, int, int]]) -> torch.Tensor:
