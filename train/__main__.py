@@ -71,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         return 0
 
+    from parallel import destroy_distributed
     from train.trainer import TrainingStopped, run
 
     try:
@@ -81,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingStopped as e:
         print(f"training stopped: {e}", file=sys.stderr)
         return 3
+    finally:
+        destroy_distributed()
     if int(os.environ.get("RANK", "0")) == 0:
         print(
             f"done: {result.stop_reason} at step {result.final_step}, final loss {result.final_loss}, "

@@ -25,27 +25,22 @@ fragmentation, communication buffers and the CUDA context, ~1-3 GB, are not incl
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from unittest import mock
 
-import torch
-import torch.nn as nn
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 
 from model.config import ModelConfig
 from model.flops import batch_flops
-from model.qwen2_vl import Qwen2VL
 from parallel import ParallelDims
 from parallel.pipeline_split import prune_to_stage, stage_layer_ids
 from parallel.tensor_parallel import check_tp_divisibility, decoder_layer_plan, vision_block_plan
 from train.config import GROUPS, JobConfig
 from train.optim import group_of
-from train.weights import resolve_model_config
+from train.weights import meta_model, resolve_model_config
 
 _FLOPS_GROUP = {"vision": "vit", "merger": "merger", "llm": "llm"}
 GB = 1e9
@@ -252,18 +247,6 @@ def dry_run(cfg: JobConfig, world_size: int | None = None) -> DryRunReport:
     rep = DryRunReport(world_size, dp, tp, pp, m, sum(by_group.values()), by_group, trainable_by_group, stages, flops)
     rep.text = format_report(rep, cfg, mcfg, sp)
     return rep
-
-
-def meta_model(mcfg: ModelConfig) -> Qwen2VL:
-    """The model on the meta device without running any init: random init of meta tensors does nothing useful
-    and takes seconds at 72B (torch decomposes every normal_/uniform_ call)."""
-    noop = lambda self, *a, **k: None  # noqa: E731
-    with contextlib.ExitStack() as stack:
-        stack.enter_context(torch.device("meta"))
-        stack.enter_context(mock.patch.object(Qwen2VL, "init_weights", noop))
-        for cls in (nn.Linear, nn.Embedding, nn.LayerNorm, nn.modules.conv._ConvNd):
-            stack.enter_context(mock.patch.object(cls, "reset_parameters", noop))
-        return Qwen2VL(mcfg)
 
 
 def _layer_matmul_params(mcfg: ModelConfig) -> int:

@@ -55,12 +55,19 @@ from train.checkpoint import (
 from train.config import JobConfig
 from train.metrics import MetricsLogger, device_peak_tflops, peak_memory_gb
 from train.optim import apply_freeze, build_optimizer, init_optimizer_state, optimizer_state_tensors, set_lr
-from train.weights import describe_init, is_hf_dir, load_checkpoint_weights, load_hf_weights, resolve_model_config
+from train.weights import (
+    describe_init,
+    is_hf_dir,
+    load_checkpoint_weights,
+    load_hf_weights,
+    meta_model,
+    resolve_model_config,
+)
 
 log = logging.getLogger(__name__)
 
 # Random init happens on the full model (then sharded) up to this size, else shard by shard.
-FULL_INIT_MAX_BYTES = 16 * 2**30
+FULL_INIT_MAX_BYTES = 2 * 2**30
 # A new pass over the data (after a dp-size change) reseeds the loader by this much per pass.
 DATA_PASS_SEED_STRIDE = 1_000_003
 # model.flops names the vision group 'vit'.
@@ -158,8 +165,7 @@ class Trainer:
         # across layouts). Bigger models initialize their shards in place (the init then depends on the layout).
         torch.manual_seed(cfg.train.seed)
         loading = self.resume_path is not None or cfg.model.init_from is not None
-        with torch.device("meta"):
-            model = Qwen2VL(self.mcfg)
+        model = meta_model(self.mcfg)
         n_params = sum(p.numel() for p in model.parameters())
         full_init = not loading and n_params * 4 <= FULL_INIT_MAX_BYTES
         if full_init:
@@ -275,6 +281,14 @@ class Trainer:
         optim_sd = optimizer_state_tensors(self.optimizer)
         state: dict[str, Any] = {f"model.{k}": v for k, v in model_sd.items()}
         state.update({f"optim.{k}": v for k, v in optim_sd.items()})
+        if self.mcfg.text.tie_word_embeddings:
+            # Tied embeddings: one process (or pp=1) has ONE parameter, named embed_tokens.weight; a pipeline's
+            # last stage holds its own copy as lm_head.weight (kept equal by the engine). A checkpoint of the
+            # former has no optimizer state under lm_head.weight: the copy takes the embedding's.
+            for k in [k for k in state if k.startswith("optim.lm_head.weight.") and k not in keys]:
+                alias = k.replace("optim.lm_head.weight.", "optim.embed_tokens.weight.", 1)
+                if alias in keys and alias not in state:
+                    state[alias] = state.pop(k)
         absent = [k for k in state if k not in keys]
         if absent:
             raise ConfigError(
@@ -357,9 +371,10 @@ class Trainer:
         def handler(signum, frame):  # noqa: ARG001
             self._stop_signal = signum
 
+        self._prev_handlers = {}
         for s in (signal.SIGTERM, signal.SIGUSR1):
             with contextlib.suppress(ValueError):  # not the main thread (e.g. embedded use): no handler
-                signal.signal(s, handler)
+                self._prev_handlers[s] = signal.signal(s, handler)
 
     def train(self) -> TrainResult:
         cfg = self.cfg
@@ -451,7 +466,8 @@ class Trainer:
             self.ckpt.wait()
             self.metrics.event("end", step=self.step, reason=stop_reason, skipped_steps=self.skipped_steps)
         finally:
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            for s, prev in self._prev_handlers.items():
+                signal.signal(s, prev)
         return TrainResult(
             run_dir=self.run_dir, final_step=self.step, final_loss=last_loss, checkpoint=self.ckpt.latest(),
             losses=losses, skipped_steps=self.skipped_steps, stop_reason=stop_reason,

@@ -12,18 +12,22 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import torch
 import torch.distributed.checkpoint as dcp
+import torch.nn as nn
 from torch.distributed.checkpoint import FileSystemReader
 
 from model.config import ModelConfig, get_preset
 from model.hf_adapter import INDEX_FILE, SINGLE_FILE, normalize_hf_key
+from model.qwen2_vl import Qwen2VL
 from train.cfgparse import ConfigError
 from train.checkpoint import checkpoint_keys, is_complete, read_meta, resolve_checkpoint
 
@@ -146,6 +150,18 @@ def resolve_model_config(
                 + " (set model.preset/overrides to match, or set model.preset: null to take its architecture)"
             )
     return mcfg
+
+
+def meta_model(mcfg: ModelConfig) -> Qwen2VL:
+    """The model on the meta device without running any init: random init of meta tensors does nothing useful
+    and takes seconds at 72B (torch decomposes every normal_/uniform_ call)."""
+    noop = lambda self, *a, **k: None  # noqa: E731
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(torch.device("meta"))
+        stack.enter_context(mock.patch.object(Qwen2VL, "init_weights", noop))
+        for cls in (nn.Linear, nn.Embedding, nn.LayerNorm, nn.modules.conv._ConvNd):
+            stack.enter_context(mock.patch.object(cls, "reset_parameters", noop))
+        return Qwen2VL(mcfg)
 
 
 # ------------------------------------------------------------------------------------------ shards

@@ -63,6 +63,8 @@ class Chain:
         nproc = {1: 2, 2: 4, 3: 2}[n]
         # Stages 1 and 2 supervise every text token (pretraining samples): 2 steps each keep CI short.
         steps = [] if n == 3 else ["train.steps=2"]
+        if n == 3:  # stage 3 saves asynchronously (what the cluster recipes do); its step-2 checkpoint is resumed
+            steps.append("checkpoint.async_save=true")
         init = [f"model.init_from={self.stage(n - 1)}"] if n > 1 else []
         torchrun(nproc, f"stage{n}.yaml", [f"run_dir={run_dir}", *SHORT, *steps, *layout, *init], self.env,
                  timeout=400)
@@ -151,12 +153,19 @@ def test_resume_with_changed_dp_starts_a_new_data_pass(chain, tmp_path):
     assert {float(v) for k, v in steps.items() if k.endswith(".step")} == {4.0}  # 1 (init) + 2 saved + 1 new
 
 
-@pytest.mark.timeout(600)
-def test_hf_export_round_trip_and_parity(chain, tmp_path):
-    ck = chain.stage(3) / "checkpoints" / "step_00000004"
-    out = tmp_path / "hf"
+@pytest.fixture(scope="session")
+def hf_export(chain, tmp_path_factory) -> Path:
+    """`python -m train.export` of stage 3's final checkpoint (saved with tp2), fp32, in several shards."""
+    out = tmp_path_factory.mktemp("export") / "hf"
     run_cmd([sys.executable, "-m", "train.export", str(chain.stage(3)), str(out), "--dtype", "fp32",
              "--max-shard-gb", "0.03"], chain.env, 300)
+    return out
+
+
+@pytest.mark.timeout(600)
+def test_hf_export_round_trip_and_parity(chain, hf_export):
+    ck = chain.stage(3) / "checkpoints" / "step_00000004"
+    out = hf_export
     assert (out / "model.safetensors.index.json").is_file() and (out / "tokenizer.json").is_file()
     from model.hf_adapter import load_hf_checkpoint
 
@@ -194,11 +203,13 @@ def _rank_pid(marker: str, rank: int) -> int | None:
 
 
 @pytest.mark.timeout(900)
-def test_deepspeed_launcher_and_kill9_restart_resume(demo_dir, tmp_path):
+def test_deepspeed_launcher_and_kill9_restart_resume(demo_dir, hf_export, tmp_path):
+    """Stage 3 (ChatML: only assistant turns supervised, so the LM head is cheap) from the exported HF directory,
+    dp2: the reference run under the DeepSpeed launcher, then the same job under launch/torchrun.sh with
+    MAX_RESTARTS=1, where rank 1 is killed with SIGKILL after step 3."""
     env = env_for(demo_dir)
-    # Stage 3 (ChatML: only assistant turns supervised, so the LM head is cheap) from a random init.
     common = ["train.steps=6", "checkpoint.every=2", "checkpoint.keep_last=0", "optim.warmup_steps=1",
-              "model.init_from=null", "data.num_workers=1", "data.max_tokens=160"]
+              f"model.init_from={hf_export}", "data.num_workers=1", "data.max_tokens=160"]
     # Reference: uninterrupted, started by the DeepSpeed launcher (it passes --local_rank=N).
     ref_dir = tmp_path / "ref"
     port = str(29500 + os.getpid() % 2000)
@@ -207,12 +218,22 @@ def test_deepspeed_launcher_and_kill9_restart_resume(demo_dir, tmp_path):
     assert events(ref_dir, "start")[0]["layout"] == "dp2 x tp1 x pp1 (2 ranks)"
     ref = losses(ref_dir)
     assert len(ref) == 6
+    # init_from an HF directory: each dp rank read only its FSDP shard of every tensor (the ViT's q/k/v rows
+    # sliced out of the fused qkv); the frozen ViT still equals the HF weights, read by the model's own reader.
+    from model.hf_adapter import load_hf_checkpoint
+
+    _, hf_sd = load_hf_checkpoint(hf_export)
+    w = ckpt_tensors(ref_dir / "checkpoints" / "step_00000006")
+    vis = [k for k in hf_sd if group_of(k) == "vision"]
+    assert vis and all(torch.equal(w[f"model.{k}"], hf_sd[k]) for k in vis)
+    assert not torch.equal(w["model.lm_head.weight"], hf_sd["lm_head.weight"])  # the LLM trained
     # The same job under torchrun --max-restarts 1; rank 1 is killed with SIGKILL once step 3 is logged.
     run_dir = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "--max-restarts=1",
-           "-m", "train", str(RECIPES / "stage3.yaml"), f"run_dir={run_dir}", *common]
+    cmd = ["bash", str(REPO / "launch" / "torchrun.sh"), str(RECIPES / "stage3.yaml"), f"run_dir={run_dir}", *common]
     log = tmp_path / "torchrun.log"
-    proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=open(log, "w"), stderr=subprocess.STDOUT)  # noqa: SIM115
+    script_env = {**env, "NPROC_PER_NODE": "2", "MAX_RESTARTS": "1", "PYTHON": sys.executable}
+    proc = subprocess.Popen(cmd, env=script_env, cwd=REPO, stdout=open(log, "w"),  # noqa: SIM115
+                            stderr=subprocess.STDOUT)
     killed = None
     try:
         deadline = time.monotonic() + 400
@@ -240,3 +261,21 @@ def test_deepspeed_launcher_and_kill9_restart_resume(demo_dir, tmp_path):
     a = ckpt_tensors(ref_dir / "checkpoints" / "step_00000006", "")
     b = ckpt_tensors(run_dir / "checkpoints" / "step_00000006", "")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # weights and optimizer state
+
+
+@pytest.mark.timeout(600)
+def test_tied_embeddings_resume_from_one_process_into_pp2(demo_dir, tmp_path):
+    """Tied embeddings (as Qwen2-VL-2B): one process has a single embed_tokens.weight parameter, a pipeline's
+    last stage a kept-equal copy as lm_head.weight. Saved by one process, resumed with pp2: the copy takes the
+    embedding's optimizer state and both stay equal."""
+    env = env_for(demo_dir)
+    run_dir = tmp_path / "tied"
+    common = [f"run_dir={run_dir}", *SHORT, "model.init_from=null", "model.overrides={text.tie_word_embeddings: true}"]
+    run_cmd([sys.executable, "-m", "train", str(RECIPES / "stage3.yaml"), *common, "train.steps=2"], env, 300)
+    torchrun(2, "stage3.yaml", [*common, "train.steps=3", "parallel.pp=2"], env)
+    assert sorted(step_records(run_dir)) == [1, 2, 3] and events(run_dir, "start")[1]["step"] == 2
+    st = ckpt_tensors(run_dir / "checkpoints" / "step_00000003", "optim.")
+    assert float(st["optim.lm_head.weight.step"]) == float(st["optim.embed_tokens.weight.step"]) == 4.0
+    assert torch.equal(st["optim.lm_head.weight.exp_avg"], st["optim.embed_tokens.weight.exp_avg"])
+    w = ckpt_tensors(run_dir / "checkpoints" / "step_00000003")
+    assert torch.equal(w["model.lm_head.weight"], w["model.embed_tokens.weight"])

@@ -4,7 +4,9 @@ non-finite steps skipped and counted, metrics.jsonl fields, W&B offline files.""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 from pathlib import Path
 
 import pytest
@@ -83,6 +85,25 @@ def test_nonfinite_steps_are_skipped_counted_and_stop_the_run(demo_dir, tmp_path
     assert [recs[s]["skipped_steps"] for s in (1, 2, 3, 4, 5)] == [0, 1, 1, 2, 3]
     events = [json.loads(x) for x in (tmp_path / "nan" / "metrics.jsonl").read_text().splitlines()]
     assert events[-1]["event"] == "stop" and events[-1]["reason"] == "diverged"
+
+
+@pytest.mark.timeout(300)
+def test_sigterm_saves_a_checkpoint_and_stops_then_resumes(demo_dir, tmp_path):
+    """A SIGTERM (SLURM preemption, scancel, torchrun shutting down) during step 2: the rank finishes the step,
+    saves step 2 and stops; running the same config again resumes there and completes."""
+    run_dir = tmp_path / "term"
+    cfg = cfg_for(demo_dir, run_dir, "train.steps=4", "checkpoint.every=0", "data.num_workers=0")
+    trainer = Trainer(cfg)
+    trainer.engine.module.norm.register_forward_hook(
+        lambda m, i, out: os.kill(os.getpid(), signal.SIGTERM) if trainer.step == 1 else None
+    )
+    try:
+        res = trainer.train()
+    finally:
+        trainer.close()
+    assert res.stop_reason == "signal" and res.final_step == 2 and res.checkpoint.name == "step_00000002"
+    res2 = run(cfg_for(demo_dir, run_dir, "train.steps=4", "checkpoint.every=0", "data.num_workers=0"))
+    assert res2.final_step == 4 and res2.stop_reason == "completed" and sorted(step_records(run_dir)) == [1, 2, 3, 4]
 
 
 @pytest.mark.timeout(300)
