@@ -1,4 +1,4 @@
-"""python -m train.demo [--workdir qwen2vl_demo] [--steps N]
+"""python -m train.demo [--workdir runs/demo] [--steps N]
 
 The README's one command after the install: generate a small real-data sample set (sklearn digits and
 scikit-image photos rendered as ChatML and pretraining samples, short PyAV-encoded videos; written as shards by
@@ -12,7 +12,7 @@ starting from the previous one's final checkpoint:
 and export the result as a Hugging Face directory. It prints where the checkpoints and metrics are. No network.
 The same stages run by hand (after the data exists):
 
-    DEMO_DIR=qwen2vl_demo python -m train recipes/tiny/stage1.yaml
+    DEMO_DIR=runs/demo python -m train recipes/tiny/stage1.yaml
 """
 
 from __future__ import annotations
@@ -40,7 +40,8 @@ def _losses(metrics: Path) -> list[float]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m train.demo", description=__doc__.split("\n")[0])
-    ap.add_argument("--workdir", default="qwen2vl_demo", help="where data/, runs/ and hf/ go (default ./qwen2vl_demo)")
+    ap.add_argument("--workdir", default="runs/demo",
+                    help="where data/, the stage runs stage1..3/ and hf/ go (default ./runs/demo)")
     ap.add_argument("--steps", type=int, default=None, help="steps per stage (default: the recipes' 20)")
     ap.add_argument("--digits", type=int, default=240, help="digit images in the sample set")
     ap.add_argument("--reuse-data", action="store_true", help="keep an existing WORKDIR/data")
@@ -66,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
         make_demo_data(data, n_digits=args.digits)
         print(f"[demo] sample set ready in {time.perf_counter() - t0:.0f}s")
     # Fresh runs: a leftover run dir would be resumed (checkpoint.resume: auto) instead of trained.
-    shutil.rmtree(work / "runs", ignore_errors=True)
+    for old in ("stage1", "stage2", "stage3", "hf"):
+        shutil.rmtree(work / old, ignore_errors=True)
 
     from train.config import load_config
     from train.export import export
@@ -79,8 +81,8 @@ def main(argv: list[str] | None = None) -> int:
             overrides += [f"checkpoint.every={max(1, args.steps // 2)}", f"optim.warmup_steps={min(3, args.steps)}"]
         recipe = RECIPES / f"stage{stage}.yaml"
         cfg = load_config(recipe, overrides)
-        print(f"\n[demo] stage {stage}: python -m train {recipe.relative_to(RECIPES.parent.parent)} "
-              f"(frozen: {', '.join(cfg.frozen_groups) or 'nothing'})")
+        cmd = f"DEMO_DIR={work} python -m train {recipe.relative_to(RECIPES.parent.parent)} {' '.join(overrides)}"
+        print(f"\n[demo] stage {stage}: {cmd.rstrip()}  (frozen: {', '.join(cfg.frozen_groups) or 'nothing'})")
         t0 = time.perf_counter()
         res = run(cfg)
         results.append((stage, cfg, res, time.perf_counter() - t0))
