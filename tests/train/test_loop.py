@@ -174,3 +174,18 @@ def wandb_records(path: Path) -> tuple[list[dict], dict]:
         elif kind == "run":
             config = {u.key: json.loads(u.value_json) for u in rec.run.config.update}
     return history, config
+
+
+@pytest.mark.timeout(300)
+def test_finite_epochs_stop_cleanly_when_the_data_runs_out(demo_dir, tmp_path):
+    """data.epochs=1 and more steps than the data holds: every rank stops at the same step, saves, says why."""
+    run_dir = tmp_path / "epochs"
+    res = run(cfg_for(demo_dir, run_dir, "train.steps=100", "checkpoint.every=0", "data.epochs=1",
+                      "data.num_workers=0", "train.global_microbatches=4"))
+    assert res.stop_reason == "data_exhausted" and 5 <= res.final_step < 100
+    assert res.checkpoint.name == f"step_{res.final_step:08d}"
+    end = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()][-1]
+    assert end["event"] == "end" and end["reason"] == "data_exhausted"
+    # one pass: no sample trained twice (the microbatches of the incomplete last step are dropped)
+    n_samples = json.loads((demo_dir / "data" / "stage3" / "dataset.json").read_text())["samples"]
+    assert sum(r["samples"] for r in step_records(run_dir).values()) <= n_samples
