@@ -363,7 +363,8 @@ class Trainer:
             p.grad = None
 
     def _allreduce(self, values: list[float], op: dist.ReduceOp) -> list[float]:
-        t = torch.tensor(values, dtype=torch.float64)
+        # On the training device: the default group is NCCL on GPUs, which takes CUDA tensors only.
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
         dist.all_reduce(t, op=op)
         return t.tolist()
 
@@ -400,7 +401,8 @@ class Trainer:
                                     cfg.data.epochs)
                     break
                 res = self.engine.step(mbs)
-                gnorm = float(self.engine.clip_grad_norm_(cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf))
+                # max_norm 0 = measure only (the engine scales nothing), so grad_clip: 0 disables clipping.
+                gnorm = float(self.engine.clip_grad_norm_(cfg.optim.grad_clip))
                 loss = float(res.loss)
                 nonfinite_local = float(not (math.isfinite(loss) and math.isfinite(gnorm)))
                 mem = peak_memory_gb(self.device)
