@@ -158,7 +158,7 @@ def dry_run(cfg: JobConfig, world_size: int | None = None) -> DryRunReport:
     trainable_by_group = {g: (0 if g in frozen else n) for g, n in by_group.items()}
 
     # FLOPs per token of a typical microbatch: data.max_tokens LLM tokens of which pp_vision_fraction are
-    # image tokens (32x32-patch images, 256 tokens each), as many samples as tokens / 1024.
+    # image tokens (32x32-patch images, 256 tokens each), in samples of up to 2048 tokens.
     T = cfg.data.max_tokens
     n_img_tok = int(T * p.pp_vision_fraction)
     grids = [(1, 32, 32)] * (n_img_tok // 256)

@@ -1,4 +1,4 @@
-"""Synthetic PackedBatch streams for unit tests of the loop (no loader, no files).
+"""Synthetic PackedBatch microbatches for unit tests of the optimizer/engine glue (no loader, no files).
 
 Each microbatch packs 1-3 samples; some carry one image (a vision block of grid (1, 4, 4) = 4 merged pads)
 so the ViT path and the scatter of vision embeddings run. Labels are shifted ids of the text tokens; vision
@@ -51,33 +51,3 @@ def make_batch(gen: torch.Generator, max_tokens: int = 64) -> PackedBatch:
         image_grid_thw=grid,
         sample_keys=[f"synthetic/{i}" for i in range(n_samples)],
     )
-
-
-class SyntheticLoader:
-    """Loader-shaped (iter, state_dict, load_state_dict, metrics, close) deterministic stream per dp rank."""
-
-    def __init__(self, seed: int = 0, dp_rank: int = 0, dp_size: int = 1, max_tokens: int = 64) -> None:
-        self.seed, self.dp_rank, self.dp_size, self.max_tokens = seed, dp_rank, dp_size, max_tokens
-        self.consumed = 0
-
-    def _batch(self, index: int) -> PackedBatch:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + index * self.dp_size + self.dp_rank)
-        return make_batch(g, self.max_tokens)
-
-    def __iter__(self):
-        while True:
-            b = self._batch(self.consumed)
-            self.consumed += 1
-            yield b
-
-    def state_dict(self) -> dict:
-        return {"consumed": self.consumed}
-
-    def load_state_dict(self, st: dict) -> None:
-        self.consumed = int(st["consumed"])
-
-    def metrics(self) -> dict:
-        return {"skipped": {}}
-
-    def close(self) -> None:
-        pass
