@@ -23,8 +23,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
-from conftest import RECIPES, REPO, SHORT, env_for, losses, run_cmd, step_records, torchrun
 from torch.distributed.checkpoint import FileSystemReader
+from train_helpers import RECIPES, REPO, SHORT, env_for, losses, run_cmd, step_records, torchrun
 
 from model.config import get_preset
 from model.qwen2_vl import Qwen2VL

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import RECIPES, losses, step_records
 from torch.distributed.checkpoint import FileSystemReader
+from train_helpers import RECIPES, losses, step_records
 
 from train.checkpoint import checkpoint_keys
 from train.config import load_config
