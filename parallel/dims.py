@@ -237,10 +237,25 @@ def init_distributed(cfg: ParallelConfig, env: Mapping[str, str] | None = None) 
                     f"world size {launch.world_size} (from the {launch.launcher} launcher) needs MASTER_ADDR and "
                     "MASTER_PORT in the environment (torchrun and deepspeed set them; export them for mpirun/srun)"
                 )
-            dist.init_process_group(
-                backend, init_method=f"tcp://{launch.master_addr}:{launch.master_port}",
-                rank=launch.rank, world_size=launch.world_size, timeout=timeout,
-            )
+            environ = os.environ if env is None else env
+            restart = environ.get("TORCHELASTIC_RESTART_COUNT")
+            if restart is None:
+                dist.init_process_group(
+                    backend, init_method=f"tcp://{launch.master_addr}:{launch.master_port}",
+                    rank=launch.rank, world_size=launch.world_size, timeout=timeout,
+                )
+            else:
+                # NOTE: torchrun (torch 2.13, --standalone and c10d rendezvous) hands every attempt of a restarted
+                # job the SAME agent TCPStore, with the failed attempt's keys still in it; gloo's connection
+                # rendezvous of the new attempt can then read a dead rank's address ("Connection refused" in
+                # connectFullMesh) and a restarted job fails at random. A store namespaced by the attempt number
+                # gives every attempt a clean rendezvous.
+                agent_store = environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+                store = dist.TCPStore(launch.master_addr, int(launch.master_port), launch.world_size,
+                                      is_master=not agent_store and launch.rank == 0, timeout=timeout)
+                store = dist.PrefixStore(f"qwen2vl/attempt_{restart}", store)
+                dist.init_process_group(backend, store=store, rank=launch.rank, world_size=launch.world_size,
+                                        timeout=timeout)
     dims.build_mesh(device.type)
     _DIMS = dims
     return dims

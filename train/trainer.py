@@ -91,31 +91,6 @@ class TrainResult:
     stop_reason: str = "completed"
 
 
-def init_default_group_for_restarts(pcfg) -> None:
-    """Create the default process group on a store namespaced by the torchrun attempt, when restarted.
-
-    NOTE: torchrun (torch 2.13, --standalone and c10d rendezvous) hands every attempt the SAME agent TCPStore
-    (same MASTER_PORT), and the keys of the failed attempt are still in it. Gloo's connection rendezvous of the
-    new attempt can then read a dead rank's address ("Connection refused" in connectFullMesh): a restarted job
-    fails at random. Prefixing the store with the attempt number (what torch once did itself) gives every attempt
-    a clean namespace. parallel.init_distributed then reuses this group as is.
-    """
-    env = os.environ
-    if dist.is_initialized() or "TORCHELASTIC_RESTART_COUNT" not in env or int(env.get("WORLD_SIZE", "1")) < 2:
-        return
-    import datetime
-
-    rank, world = int(env["RANK"]), int(env["WORLD_SIZE"])
-    timeout = datetime.timedelta(seconds=float(pcfg.timeout_s))
-    use_cuda = pcfg.device == "cuda" or (pcfg.device == "auto" and torch.cuda.is_available())
-    backend = pcfg.backend if pcfg.backend != "auto" else ("nccl" if use_cuda else "gloo")
-    agent_store = env.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
-    store = dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), world, is_master=not agent_store and rank == 0,
-                          timeout=timeout)
-    store = dist.PrefixStore(f"qwen2vl/attempt_{env['TORCHELASTIC_RESTART_COUNT']}", store)
-    dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
-
-
 def microbatches_per_rank(cfg: JobConfig, dp: int) -> int:
     """Per-dp-rank microbatches per step from train.global_microbatches (or parallel.num_microbatches)."""
     g = cfg.train.global_microbatches
@@ -134,7 +109,6 @@ class Trainer:
 
     def __init__(self, cfg: JobConfig) -> None:
         self.cfg = cfg
-        init_default_group_for_restarts(cfg.parallel)
         self.dims = init_distributed(cfg.parallel)
         d = self.dims
         self.layout = Layout(
