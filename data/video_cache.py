@@ -268,14 +268,9 @@ class VideoCache:
         """Frames from the cache, or decoded (by this process or, if it is faster, another one) and stored."""
         ident = identity if (identity and cfg.cache_trust_identity) else content_identity(data)
         key = cache_key(ident, cfg)
-        sf = self.get(key)
+        sf = self._lookup(key)
         if sf is not None:
-            METRICS.add(hits=1)
             return sf
-        err = self._get_error(key)
-        if err is not None:
-            METRICS.add(negative_hits=1)
-            raise err
         METRICS.add(misses=1)
         t_end = time.monotonic() + self.wait_s
         delay = 0.01
@@ -297,14 +292,21 @@ class VideoCache:
                 return self._decode_and_store(key, data, cfg, decode)
             time.sleep(delay)
             delay = min(delay * 1.5, 0.25)
-            sf = self.get(key)
+            sf = self._lookup(key)
             if sf is not None:
-                METRICS.add(hits=1)
                 return sf
-            err = self._get_error(key)
-            if err is not None:
-                METRICS.add(negative_hits=1)
-                raise err
+
+    def _lookup(self, key: str) -> SampledFrames | None:
+        """A stored entry (counted as a hit), a remembered failure (counted, raised), or None."""
+        sf = self.get(key)
+        if sf is not None:
+            METRICS.add(hits=1)
+            return sf
+        err = self._get_error(key)
+        if err is not None:
+            METRICS.add(negative_hits=1)
+            raise err
+        return None
 
     def _decode_and_store(self, key: str, data: bytes, cfg: VideoConfig, decode) -> SampledFrames:
         METRICS.add(decodes=1)
