@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from data.batch import PATCH_DIM, PackedBatch  # noqa: E402
+from core.batch import IGNORE_INDEX, PATCH_DIM, PackedBatch  # noqa: E402
 from model.config import ModelConfig, TextConfig, VisionConfig  # noqa: E402
 
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "GH200": 989e12, "A100": 312e12, "B200": 2250e12}
@@ -84,9 +84,9 @@ def packed_microbatch(mcfg: ModelConfig, tokens: int, image_grid: tuple[int, int
         else:
             parts = [torch.randint(0, top, (L,), generator=g)]
         x = torch.cat(parts)
-        y = torch.full_like(x, -100)
+        y = torch.full_like(x, IGNORE_INDEX)
         y[L // 2 : -1] = x[L // 2 + 1 :]
-        y[(x == IMG) | (x == VSTART)] = -100
+        y[(x == IMG) | (x == VSTART)] = IGNORE_INDEX
         ids.append(x)
         labels.append(y)
         lens.append(L)

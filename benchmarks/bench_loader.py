@@ -70,7 +70,7 @@ def _words() -> list[str]:
 def build_dataset(root: str, n: int, seed: int = 0) -> str:
     import skimage.data as sd
 
-    from data.shards import make
+    from data.shards.make import make
 
     rng = np.random.default_rng(seed)
     words = _words()

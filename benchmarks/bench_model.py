@@ -33,9 +33,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from core.batch import IGNORE_INDEX  # noqa: E402
 from model.config import ModelConfig, TextConfig, VisionConfig  # noqa: E402
-
-IGNORE = -100
+from model.loss import model_loss  # noqa: E402
 
 
 def bench_config() -> ModelConfig:
@@ -69,7 +69,7 @@ def build_batch(cfg: ModelConfig, seed: int = 0):
         parts = [before] + ([("image", grid)] if grid else []) + [after]
         s = b.sample(*parts)
         lab = s.input_ids.clone()  # unshifted (transformers' convention)
-        lab[: s.input_ids.numel() - int(after * 0.8)] = IGNORE  # prompt + image unsupervised: answer only
+        lab[: s.input_ids.numel() - int(after * 0.8)] = IGNORE_INDEX  # prompt + image unsupervised: answer only
         samples.append(s)
         labels.append(lab)
     pos = [sample_positions(s, cfg) for s in samples]
@@ -81,7 +81,7 @@ def hf_inputs(cfg, samples, labels, pos):
 
     B, L = len(samples), max(s.input_ids.numel() for s in samples)
     ids = torch.zeros(B, L, dtype=torch.long)
-    lab = torch.full((B, L), IGNORE)
+    lab = torch.full((B, L), IGNORE_INDEX)
     mask = torch.zeros(B, L, dtype=torch.long)
     p = torch.zeros(3, B, L, dtype=torch.long)
     for i, (s, y, q) in enumerate(zip(samples, labels, pos)):
@@ -98,7 +98,7 @@ def our_inputs(samples, labels, pos):
     imgs = [s for s in samples if s.pixel_values is not None]
     return dict(
         input_ids=torch.cat([s.input_ids for s in samples]),
-        labels=torch.cat([torch.cat([y[1:], torch.tensor([IGNORE])]) for y in labels]),  # shifted per sample
+        labels=torch.cat([torch.cat([y[1:], torch.tensor([IGNORE_INDEX])]) for y in labels]),  # shifted per sample
         position_ids=torch.cat(pos, dim=1),
         cu_seqlens=torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32),
         max_seqlen=max(lengths),
@@ -129,7 +129,7 @@ def worker(side: str, reps: int) -> dict:
         inputs = our_inputs(samples, labels, pos)
 
         def step() -> float:
-            loss_sum, n = model(**inputs)
+            loss_sum, n = model_loss(model, **inputs)
             loss = loss_sum / n
             loss.backward()
             return float(loss.detach())
@@ -156,7 +156,7 @@ def worker(side: str, reps: int) -> dict:
         times.append(time.perf_counter() - t0)
         cpu.append(time.process_time() - c0)
     n_tokens = int(inputs["input_ids"].numel())
-    n_sup = int((inputs["labels"] != IGNORE).sum())
+    n_sup = int((inputs["labels"] != IGNORE_INDEX).sum())
     return {"side": side, "loss": loss, "time_s": statistics.median(times), "times": times,
             "cpu_s": statistics.median(cpu), "peak_mb": peak,
             "positions": n_tokens, "supervised": n_sup, "threads": torch.get_num_threads()}

@@ -46,11 +46,11 @@ def _model_config(hidden: int, layers: int):
 def _text_microbatch(T: int, seed: int):
     import torch
 
-    from data.batch import PackedBatch
+    from core.batch import IGNORE_INDEX, PackedBatch
 
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, 490, (T,), generator=g)
-    labels = torch.cat([ids[1:], torch.tensor([-100])])
+    labels = torch.cat([ids[1:], torch.tensor([IGNORE_INDEX])])
     return PackedBatch(input_ids=ids, labels=labels, position_ids=torch.arange(T).expand(3, -1).clone(),
                        cu_seqlens=torch.tensor([0, T], dtype=torch.int32), max_seqlen=T)
 

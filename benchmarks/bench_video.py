@@ -20,8 +20,9 @@ import av  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from data import video_cache  # noqa: E402
-from data.video import VideoConfig, load_video  # noqa: E402
+from data.media import video_cache  # noqa: E402
+from data.media.video import VideoConfig  # noqa: E402
+from data.media.video_cache import load_video  # noqa: E402
 
 
 def encode(path: str, w: int, h: int, seconds: float, fps: int, seed: int) -> None:

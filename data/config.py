@@ -24,12 +24,15 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from core.config import from_dict
+from data.media.video import VideoConfig
+from data.media.vision import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, FACTOR
 from data.storage import StorageConfig
-from data.video import VideoConfig
-from data.vision import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, FACTOR
 
-DATASET_KINDS = ("auto", "chat", "pretrain", "indexed")
-SUPERVISE = ("auto", "assistant", "all")
+DatasetKind = Literal["auto", "chat", "pretrain", "indexed"]
+Supervise = Literal["auto", "assistant", "all"]
+DATASET_KINDS = typing.get_args(DatasetKind)
+SUPERVISE = typing.get_args(Supervise)
 
 
 @dataclass
@@ -42,13 +45,13 @@ class DatasetSpec:
     prefix of a megatron-core mmap indexed dataset (`PREFIX.bin` + `PREFIX.idx`)."""
     weight: float = 1.0
     """Relative sampling weight in the mix (normalized over the datasets that still have samples)."""
-    kind: Literal["auto", "chat", "pretrain", "indexed"] = "auto"
+    kind: DatasetKind = "auto"
     """`chat` (samples with `messages`), `pretrain` (samples with `content`, no roles), `indexed` (pre-tokenized
     megatron .bin/.idx text), or `auto`: per sample, `messages` -> chat, `content` -> pretrain; a prefix with a
     `.idx` file -> indexed."""
     name: str | None = None
     """Short name used in sample keys (`<name>/<shard>/<key>`), logs and metrics; default: the path's basename."""
-    supervise: Literal["auto", "assistant", "all"] | None = None
+    supervise: Supervise | None = None
     """Per-dataset override of `DataConfig.supervise` (None: use the loader-wide value)."""
     append_eod: bool = False
     """Indexed datasets only: append `<|endoftext|>` to every sequence (set it when the corpus was built without
@@ -85,7 +88,7 @@ class DataConfig:
     max_pixels: int = DEFAULT_MAX_PIXELS
     """Images: largest resized area (smart_resize), as qwen-vl-utils (default 16384*28*28; the paper's ablation
     used 100*28*28 / 16384*28*28)."""
-    supervise: Literal["auto", "assistant", "all"] = "auto"
+    supervise: Supervise = "auto"
     """Which tokens are trained on. `auto`: assistant turns (with their <|im_end|>) for chat samples, all text for
     pretraining samples; `assistant`: assistant turns only (pretraining samples then supervise all text);
     `all`: every text token of every sample. Vision tokens (<|vision_start|>, pads, <|vision_end|>) never."""
@@ -126,19 +129,20 @@ class DataConfig:
     storage: StorageConfig = field(default_factory=StorageConfig)
     """Object-store settings for s3:// and oss:// paths (credentials come from the environment only)."""
     video: VideoConfig = field(default_factory=VideoConfig)
-    """Video sampling, resizing, decode timeout and cache (data/video.py)."""
+    """Video sampling, resizing, decode timeout and cache (data/media/video.py)."""
 
     def __post_init__(self) -> None:
-        # Accept plain dicts for nested sections (e.g. DataConfig(datasets=[{"path": ...}])).
-        self.datasets = [DatasetSpec(**d) if isinstance(d, dict) else d for d in self.datasets]
+        # Accept plain dicts for nested sections (e.g. DataConfig(datasets=[{"path": ...}])), strictly.
+        self.datasets = [from_dict(DatasetSpec, d, f"data.datasets[{i}]") if isinstance(d, dict) else d
+                         for i, d in enumerate(self.datasets)]
         if isinstance(self.storage, dict):
-            self.storage = _strict(StorageConfig, self.storage, "storage")
+            self.storage = from_dict(StorageConfig, self.storage, "data.storage")
         if isinstance(self.video, dict):
-            self.video = _strict(VideoConfig, self.video, "video")
+            self.video = from_dict(VideoConfig, self.video, "data.video")
         if self.supervise not in SUPERVISE:
-            raise ValueError(f"supervise must be one of {SUPERVISE}, got {self.supervise!r}")
+            raise ValueError(f"data.supervise must be one of {SUPERVISE}, got {self.supervise!r}")
         if self.overlong not in ("skip", "truncate"):
-            raise ValueError(f"overlong must be 'skip' or 'truncate', got {self.overlong!r}")
+            raise ValueError(f"data.overlong must be 'skip' or 'truncate', got {self.overlong!r}")
 
     @property
     def patch_budget(self) -> int:
@@ -180,81 +184,9 @@ class DataConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> DataConfig:
-        """Strict construction from a plain dict (YAML): unknown keys and wrong types raise ValueError."""
-        cfg = _strict(cls, d, "data")
-        cfg.validate()
-        return cfg
+        """Strict construction from a plain dict (YAML, core.config): unknown keys and wrong types raise
+        core.config.ConfigError (a ValueError) naming the key; then validate() runs."""
+        return from_dict(cls, d, "data")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-
-def _strict(cls: type, d: Any, path: str) -> Any:
-    """Build dataclass `cls` from `d`, rejecting unknown keys and values of the wrong type."""
-    if not isinstance(d, dict):
-        raise ValueError(f"{path}: expected a mapping, got {d!r}")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls) if f.init]
-    kwargs = {}
-    for key, value in d.items():
-        if key not in names:
-            raise ValueError(f"unknown key {path}.{key}; valid keys: {', '.join(names)}")
-        kwargs[key] = _coerce(value, hints[key], f"{path}.{key}")
-    return cls(**kwargs)
-
-
-def _coerce(value: Any, tp: Any, path: str) -> Any:
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if tp is Any:
-        return value
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
-        if value is None:
-            if type(None) in args:
-                return None
-            raise ValueError(f"{path}: null is not allowed")
-        errors = []
-        for a in args:
-            if a is type(None):
-                continue
-            try:
-                return _coerce(value, a, path)
-            except ValueError as e:
-                errors.append(str(e))
-        raise ValueError(errors[0] if len(errors) == 1 else f"{path}: {value!r} matches none of {tp}")
-    if origin is Literal:
-        if value not in args:
-            raise ValueError(f"{path}: must be one of {list(args)}, got {value!r}")
-        return value
-    if dataclasses.is_dataclass(tp):
-        return value if isinstance(value, tp) else _strict(tp, value, path)
-    if origin is list:
-        if not isinstance(value, (list, tuple)):
-            raise ValueError(f"{path}: expected a list, got {value!r}")
-        (elem,) = args or (Any,)
-        return [_coerce(v, elem, f"{path}[{i}]") for i, v in enumerate(value)]
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise ValueError(f"{path}: expected a list, got {value!r}")
-        elem = args[0] if args else Any
-        return tuple(_coerce(v, elem, f"{path}[{i}]") for i, v in enumerate(value))
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ValueError(f"{path}: expected a mapping, got {value!r}")
-        return dict(value)
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ValueError(f"{path}: expected true/false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
-            raise ValueError(f"{path}: expected an integer, got {value!r}")
-        return int(value)
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f"{path}: expected a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ValueError(f"{path}: expected a string, got {value!r}")
-        return value
-    return value

@@ -20,6 +20,7 @@ import time
 
 import torch
 
+from core.batch import IGNORE_INDEX
 from data.config import DataConfig, DatasetSpec
 from data.loader import build_loader
 from data.tokenizer import Tokenizer
@@ -58,7 +59,7 @@ def show(batch, tok: Tokenizer, k: int) -> None:
     cu = batch.cu_seqlens.tolist()
     for s, e, key in list(zip(cu[:-1], cu[1:], batch.sample_keys))[:k]:
         ids = batch.input_ids[s:e].tolist()
-        sup = [False] + [int(x) != -100 for x in batch.labels[s : e - 1]]
+        sup = [False] + [int(x) != IGNORE_INDEX for x in batch.labels[s : e - 1]]
         out, i = [], 0
         while i < len(ids):
             j = i

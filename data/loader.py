@@ -8,7 +8,7 @@ Public API (the train loop codes against exactly this):
     cfg = DataConfig.from_dict(recipe["data"])          # strict: unknown keys / wrong types raise
     loader = build_loader(cfg, dp_rank, dp_size)         # never calls torch.distributed
     loader.load_state_dict(saved)                        # optional, before iterating
-    for batch in loader:                                 # data.batch.PackedBatch, CPU tensors, one microbatch
+    for batch in loader:                                 # core.batch.PackedBatch, CPU tensors, one microbatch
         ...
         state = loader.state_dict()                      # small picklable dict; store it per dp rank
     loader.metrics()                                     # {"samples": .., "tokens": .., "packing_efficiency": ..,
@@ -47,7 +47,7 @@ from collections.abc import Iterator
 
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from data.batch import PackedBatch
+from core.batch import PackedBatch
 from data.config import DataConfig
 from data.pipeline import WorkerPipeline
 from data.sources import DatasetPlan, plan_dataset

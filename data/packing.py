@@ -18,9 +18,9 @@ import numpy as np
 import torch
 from torch.utils.data import get_worker_info
 
-from data.batch import IMAGE_ROW_DIM, PATCH_DIM, PackedBatch
+from core.batch import IMAGE_ROW_DIM, PATCH_DIM, PackedBatch
+from data.media.vision import image_rows_raw
 from data.sample import Processed
-from data.vision import image_rows_raw
 
 
 @dataclass
@@ -144,7 +144,7 @@ def _empty(n: int, width: int, dtype: torch.dtype = torch.uint8) -> torch.Tensor
     NOTE: otherwise torch copies every tensor of a worker's result into fresh shared memory when it is queued
     to the main process; pixel rows are most of a microbatch's bytes, so writing them into shared memory
     directly saves that copy (what torch's default_collate does for the same reason). Rows are RAW uint8
-    (data/batch.py): a quarter of float32's bytes for videos, an eighth for images (one frame per row).
+    (core/batch.py): a quarter of float32's bytes for videos, an eighth for images (one frame per row).
     """
     if n == 0 or get_worker_info() is None:
         return _advise_huge(torch.empty(n, width, dtype=dtype))

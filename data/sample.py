@@ -3,7 +3,8 @@
 Shape legend: L = tokens of the sample, P = 1176 pixel-row length, N = patch rows.
 
 A processed sample keeps its images as resized uint8 (H, W, 3) arrays (patchified into raw uint8 rows when the
-microbatch is assembled, data.vision.image_rows_raw) and its videos as the raw uint8 rows data.video returns;
+microbatch is assembled, data.media.vision.image_rows_raw) and its videos as the raw uint8 rows that
+data.media.video_cache.load_video returns;
 rescale + normalization happen on the device, in the model (model.vision.normalize_pixel_rows).
 Everything here is a pure function of the raw bytes and the config, which is what lets the loader rebuild its
 buffers from sample references on resume.
@@ -18,12 +19,15 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from core.batch import IGNORE_INDEX
 from data.chatml import SkipSample, VisionInfo, parse_sample, render, tokenize
 from data.config import DataConfig
-from data.image import ImageDecodeError, load_image
-from data.storage import get_storage
+from data.media.image import ImageDecodeError, load_image
+from data.media.video import VideoDecodeError
+from data.media.video_cache import load_video
+from data.media.vision import AspectRatioError
+from data.storage import StorageConfig, get_storage
 from data.tokenizer import Tokenizer
-from data.vision import AspectRatioError
 from model.position_ids import mrope_position_ids
 
 
@@ -71,16 +75,40 @@ class Processed:
 
     @property
     def num_supervised(self) -> int:
-        return int((self.labels != -100).sum())
+        return int((self.labels != IGNORE_INDEX).sum())
 
 
 
 def shift_labels(ids: np.ndarray, targets: np.ndarray) -> np.ndarray:
     """labels[t] = ids[t+1] when token t+1 is a target, else -100; the last position is -100."""
-    labels = np.full(ids.shape[0], -100, dtype=np.int64)
+    labels = np.full(ids.shape[0], IGNORE_INDEX, dtype=np.int64)
     if ids.shape[0] > 1:
-        labels[:-1] = np.where(targets[1:], ids[1:], -100)
+        labels[:-1] = np.where(targets[1:], ids[1:], IGNORE_INDEX)
     return labels
+
+
+def media_bytes(raw: RawSample, ref: str, storage: StorageConfig) -> tuple[bytes, str]:
+    """Bytes of a media reference of a sample (a member of the sample, a URL, or a path relative to the
+    dataset's root), plus the identity string the video cache keys it by. Raises SkipSample."""
+    m = raw.members or {}
+    if ref in m:
+        return m[ref], f"{raw.key}.{ref}"
+    short_key = raw.key.rsplit("/", 1)[-1]
+    if ref.startswith(short_key + ".") and ref[len(short_key) + 1 :] in m:
+        return m[ref[len(short_key) + 1 :]], f"{raw.key}.{ref}"
+    if "://" in ref or os.path.isabs(ref):
+        url = ref
+    else:
+        url = f"{raw.root.rstrip('/')}/{ref}" if raw.root else ref
+    try:
+        st = get_storage(url, storage)
+        if "://" not in url and not st.exists(url):
+            raise FileNotFoundError(url)
+        return st.read(url), url
+    except (FileNotFoundError, KeyError) as e:
+        raise SkipSample("missing_media", f"{ref!r} is neither a member of the sample nor a readable file") from e
+    except Exception as e:  # noqa: BLE001 - one unreadable media URL skips its sample, not the job
+        raise SkipSample("media_read_error", f"cannot read {url!r}: {type(e).__name__}: {e}") from e
 
 
 class SampleProcessor:
@@ -89,41 +117,11 @@ class SampleProcessor:
     def __init__(self, cfg: DataConfig, tokenizer: Tokenizer | None = None) -> None:
         self.cfg = cfg
         self.tok = tokenizer or Tokenizer.load(cfg.tokenizer)
-        self._video = None  # data.video, imported on the first video (it may be absent)
-
-    # ------------------------------------------------------------------ media
-    def _media_bytes(self, raw: RawSample, ref: str) -> tuple[bytes, str]:
-        """Bytes of a media reference: a member of the sample, a URL, or a path; plus an identity string."""
-        m = raw.members or {}
-        if ref in m:
-            return m[ref], f"{raw.key}.{ref}"
-        short_key = raw.key.rsplit("/", 1)[-1]
-        if ref.startswith(short_key + ".") and ref[len(short_key) + 1 :] in m:
-            return m[ref[len(short_key) + 1 :]], f"{raw.key}.{ref}"
-        if "://" in ref or os.path.isabs(ref):
-            url = ref
-        else:
-            url = f"{raw.root.rstrip('/')}/{ref}" if raw.root else ref
-        try:
-            st = get_storage(url, self.cfg.storage)
-            if "://" not in url and not st.exists(url):
-                raise FileNotFoundError(url)
-            return st.read(url), url
-        except (FileNotFoundError, KeyError) as e:
-            raise SkipSample("missing_media", f"{ref!r} is neither a member of the sample nor a readable file") from e
-        except Exception as e:  # noqa: BLE001 - one unreadable media URL skips its sample, not the job
-            raise SkipSample("media_read_error", f"cannot read {url!r}: {type(e).__name__}: {e}") from e
 
     def _load_video(self, data: bytes, identity: str):
-        if self._video is None:
-            try:
-                import data.video as video_mod
-            except ModuleNotFoundError as e:
-                raise SkipSample("video_unavailable", "data/video.py is not installed") from e
-            self._video = video_mod
         try:
-            return self._video.load_video(data, self.cfg.video, identity=identity)
-        except self._video.VideoDecodeError as e:
+            return load_video(data, self.cfg.video, identity=identity)
+        except VideoDecodeError as e:
             raise SkipSample(f"video_{getattr(e, 'reason', 'decode_failed')}", str(e)) from e
         except AspectRatioError as e:
             raise SkipSample("video_aspect_ratio", str(e)) from e
@@ -147,7 +145,7 @@ class SampleProcessor:
         images, image_grids, video_rows, video_grids = [], [], [], []
         patches = 0
         for mtype, ref in parsed.media:
-            data, identity = self._media_bytes(raw, ref)
+            data, identity = media_bytes(raw, ref, cfg.storage)
             if mtype == "image":
                 try:
                     img = load_image(data, cfg.min_pixels, cfg.max_pixels)
@@ -181,7 +179,7 @@ class SampleProcessor:
                         "caps a video's tokens)" if video_grids else "")
                 raise SkipSample("overlong", f"{ids.shape[0]} tokens > max_tokens {cfg.max_tokens}{hint}")
         labels = shift_labels(ids, targets)
-        if not (labels != -100).any():
+        if not (labels != IGNORE_INDEX).any():
             raise SkipSample("no_supervised_tokens", f"nothing to train on under supervise={mode!r}")
         ids_t = torch.from_numpy(ids)
         sp = self.tok.special

@@ -20,7 +20,7 @@ import numpy as np
 from data.config import DatasetSpec
 from data.indexed import IndexedText
 from data.sample import RawSample
-from data.shards import INDEX_SUFFIX, MANIFEST, ShardIndex, check_header, join_url, split_sample
+from data.shards.webdataset import INDEX_SUFFIX, MANIFEST, ShardIndex, check_header, join_url, split_sample
 from data.storage import StorageConfig, get_storage
 
 INDEXED_BLOCK = 1024  # sequences per virtual shard of an indexed dataset (the unit of the epoch permutation)

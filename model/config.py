@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 # Special token ids of the Qwen2 tokenizer (checked against the real tokenizer files in the tests).
 IM_START_ID = 151644
@@ -111,7 +111,7 @@ class ModelConfig:
     """Token that opens a vision block (used by the position-id algorithm)."""
     vision_end_token_id: int = VISION_END_ID
     """Token that closes a vision block."""
-    attn_backend: str = "auto"
+    attn_backend: Literal["auto", "flash", "torch_varlen", "sdpa"] = "auto"
     """Attention kernel: 'auto' (flash-attn varlen if importable on CUDA, else torch varlen, else SDPA),
     'flash', 'torch_varlen' or 'sdpa'."""
 

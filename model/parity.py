@@ -3,7 +3,7 @@
     python -m model.parity --hf DIR [--tol 1e-4] [--dtype fp32|bf16|fp16] [--device cpu|cuda] [--hf-attn sdpa|eager]
     python -m model.parity --make-tiny DIR      # writes a tiny random HF checkpoint (no download), then exit
 
-Loads DIR into transformers (`from_pretrained`) and, independently, into ours (`Qwen2VL.from_hf`), runs a
+Loads DIR into transformers (`from_pretrained`) and, independently, into ours (`model.hf_adapter.load_hf_model`), runs a
 built-in suite of inputs and prints one line per case with the max absolute logit difference; exits 1 if
 any case exceeds --tol. The last line printed is exactly `max_abs_logit_diff=<value>`.
 
@@ -31,11 +31,12 @@ from pathlib import Path
 
 import torch
 
+from core.dtypes import DTYPES
 from model.config import ModelConfig, tiny
+from model.hf_adapter import load_hf_model, write_safetensors_shards
 from model.position_ids import mrope_position_ids, packed_mrope_position_ids
 from model.qwen2_vl import Qwen2VL
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _FIRST_SPECIAL_ID = 151643  # <|endoftext|>; text ids are drawn below it
 
 
@@ -229,7 +230,7 @@ def load_pair(hf_dir: str | Path, dtype: torch.dtype, device: str, hf_attn: str)
     if info.get("missing_keys") or info.get("mismatched_keys"):
         raise ValueError(f"transformers could not load every weight of {hf_dir}: {info}")
     hf = hf.to(device).eval()
-    ours = Qwen2VL.from_hf(hf_dir, dtype=dtype, device=device).eval()
+    ours = load_hf_model(hf_dir, dtype=dtype, device=device).eval()
     return hf, ours
 
 
@@ -277,8 +278,6 @@ def make_tiny_checkpoint(
     cannot miss a bias or a norm weight.
     """
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
-
-    from model.hf_adapter import write_safetensors_shards
 
     if layout not in ("hub", "transformers5"):
         raise ValueError(f"layout={layout!r}; choose 'hub' or 'transformers5'")

@@ -4,18 +4,17 @@ Shape legend: T = packed tokens (several samples back to back), D = LLM width, H
 Hkv = kv heads, Dh = head dim, N = ViT patches, M = merged vision tokens, V = vocab.
 
 Pipeline-friendly (torchtitan style): decoder layers live in a ModuleDict keyed by their global index; the
-top modules (visual, embed_tokens, norm, lm_head) may be set to None by a pipeline split, and forward then
-takes/returns hidden states instead of ids/loss. The forward is a loop over whatever layers remain.
+top modules (visual, embed_tokens, norm, lm_head) may be set to None by a pipeline split, and a later stage's
+forward takes hidden states instead of ids. The forward is a loop over whatever layers remain and returns hidden states;
+the loss is composed outside the model (model.loss.lm_loss over `lm_head.weight`, or the engine's
+vocab-parallel version), and HF checkpoints are read and written by model.hf_adapter.
 
-The batch (one packed microbatch, see data/batch.py for the producer's contract):
+The inputs (one packed microbatch, see core/batch.py for the producer's contract):
   input_ids (T,) int64, position_ids (3, T) int64, cu_seqlens (S+1,) int32, max_seqlen int,
-  pixel_values (N_img, 1176) + image_grid_thw (I, 3), pixel_values_videos (N_vid, 1176) + video_grid_thw (K, 3),
-  labels (T,) int64 already shifted (-100 = unsupervised).
+  pixel_values (N_img, 1176) + image_grid_thw (I, 3), pixel_values_videos (N_vid, 1176) + video_grid_thw (K, 3).
 """
 
 from __future__ import annotations
-
-import os
 
 import torch
 import torch.nn as nn
@@ -23,7 +22,6 @@ import torch.nn.functional as F
 
 from model.attention import varlen_attention
 from model.config import ModelConfig, TextConfig
-from model.loss import lm_loss
 from model.vision import VisionTransformer, normalize_pixel_rows, rotate_half
 
 
@@ -161,46 +159,6 @@ class Qwen2VL(nn.Module):
         for rot in rotaries:
             rot.inv_freq = rot.fresh_inv_freq(device if device is not None else rot.inv_freq.device)
 
-    # ------------------------------------------------------------------------------------ HF checkpoints
-    @classmethod
-    def from_hf(
-        cls,
-        path: str | os.PathLike,
-        *,
-        dtype: torch.dtype | None = None,
-        device: torch.device | str = "cpu",
-        attn_backend: str | None = None,
-    ) -> Qwen2VL:
-        """Build the model from an HF Qwen2-VL directory (config.json + safetensors, either key layout).
-
-        The model is built on the meta device and takes the loaded tensors as its parameters (no random init,
-        no second copy). `dtype` casts floating weights (None keeps the checkpoint's dtype).
-        """
-        from model.hf_adapter import load_hf_checkpoint
-
-        cfg, sd = load_hf_checkpoint(path, dtype=dtype)
-        if attn_backend is not None:
-            cfg = cfg.replace(attn_backend=attn_backend)
-        with torch.device("meta"):
-            model = cls(cfg)
-        model.load_state_dict(sd, strict=True, assign=True)
-        if cfg.text.tie_word_embeddings:
-            # assign=True gave both modules their own Parameter object; tie them again.
-            model.lm_head.weight = model.embed_tokens.weight
-        model.init_buffers("cpu")
-        return model.to(device)
-
-    def save_hf(
-        self, out_dir: str | os.PathLike, *, max_shard_bytes: int | None = None, dtype: torch.dtype | None = None
-    ) -> list:
-        """Write this (whole, unsplit) model as an HF hub-layout checkpoint; see model.hf_adapter."""
-        from model.hf_adapter import DEFAULT_MAX_SHARD_BYTES, save_hf_checkpoint
-
-        return save_hf_checkpoint(
-            self.state_dict(), self.cfg, out_dir, max_shard_bytes=max_shard_bytes or DEFAULT_MAX_SHARD_BYTES,
-            dtype=dtype,
-        )
-
     # ------------------------------------------------------------------------------------ embedding
     def _dummy_vision(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """A 1-frame-pair, 2x2-patch blank image: the smallest input the ViT + merger accept."""
@@ -278,20 +236,16 @@ class Qwen2VL(nn.Module):
         image_grid_thw: torch.Tensor | None = None,
         pixel_values_videos: torch.Tensor | None = None,
         video_grid_thw: torch.Tensor | None = None,
-        labels: torch.Tensor | None = None,
         hidden_states: torch.Tensor | None = None,
-        **_: object,
-    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """One packed microbatch through the modules this (stage of the) model holds.
-
-        Returns (loss_sum, n_supervised) when this stage has the head and labels are given; otherwise the
-        hidden states (T, D) (normalized when this stage holds the final norm).
-        """
-        if self.embed_tokens is not None:
+    ) -> torch.Tensor:
+        """One packed microbatch through the modules this (stage of the) model holds: the hidden states (T, D),
+        normalized when this stage holds the final norm. Stage 0 takes ids (and pixels); later stages take the
+        previous stage's `hidden_states`."""
+        if hidden_states is None:
+            if self.embed_tokens is None:
+                raise ValueError("a stage without embed_tokens needs hidden_states from the previous stage")
             h_TD = self.embed(input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
         else:
-            if hidden_states is None:
-                raise ValueError("a stage without embed_tokens needs hidden_states from the previous stage")
             h_TD = hidden_states
         T = h_TD.shape[0]
         if position_ids is None:
@@ -305,8 +259,6 @@ class Qwen2VL(nn.Module):
             h_TD = layer(h_TD, rope, cu_seqlens, max_seqlen)
         if self.norm is not None:
             h_TD = self.norm(h_TD)
-        if self.lm_head is not None and labels is not None:
-            return lm_loss(h_TD, self.lm_head.weight, labels)
         return h_TD
 
     def logits(self, h_TD: torch.Tensor) -> torch.Tensor:

@@ -17,14 +17,15 @@ Usage (the trainer's view)::
         opt.step(); opt.zero_grad()
         print(res.loss, res.num_tokens, res.num_supervised)
 
-Order applied by parallelize: pipeline split -> TP/SP -> activation checkpointing -> FSDP2 (docs/parallel.md).
+Order applied by parallelize: pipeline split -> activation checkpointing -> TP/SP -> FSDP2 (docs/parallel.md).
 """
 
 from __future__ import annotations
 
 from parallel.config import ParallelConfig
-from parallel.dims import LaunchEnv, ParallelDims, destroy_distributed, init_distributed, resolve_launch_env
+from parallel.dims import ParallelDims, destroy_distributed, init_distributed
 from parallel.engine import ParallelModel, StepResult, parallelize
+from parallel.launcher import LaunchEnv, resolve_launch_env
 from parallel.pipeline_schedule import ScheduleStats
 from parallel.pipeline_split import auto_first_stage_layers, stage_layer_ids
 

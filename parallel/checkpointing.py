@@ -1,8 +1,9 @@
 """Activation checkpointing of ViT blocks and decoder layers: full, per block (every n-th), or per op class.
 
-The block's `forward` is replaced on the instance by a non-reentrant `torch.utils.checkpoint` call, so
-module names (FQNs), TP hooks and FSDP2 hooks are untouched (checkpoint_wrapper would add
-`_checkpoint_wrapped_module.` to every name). Applied after TP and before FSDP (torchtitan's order).
+Through PyTorch's composable API (`torch.distributed._composable.checkpoint`): non-reentrant checkpointing as
+forward hooks on the block, so module names (FQNs), TP hooks and FSDP2 hooks are untouched (checkpoint_wrapper
+would add `_checkpoint_wrapped_module.` to every name). Applied before TP and FSDP: the recompute replays the
+block's own hooks (TP's input redistribution, FSDP's unshard) on the inputs the forward saw.
 
 Per op class ("selective", ac_selective='op'): inside every block, the outputs of matmuls, attention kernels
 and TP collectives are saved; norms, activations, rotary and other elementwise ops are recomputed. This keeps
@@ -11,11 +12,10 @@ most of the memory win of full recomputation for a fraction of its extra FLOPs (
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn as nn
-from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+from torch.distributed._composable import checkpoint
+from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
 from parallel.config import ParallelConfig
 
@@ -58,15 +58,8 @@ def _selective_context():
 
 def checkpoint_module(module: nn.Module, selective_ops: bool) -> None:
     """Recompute `module`'s forward in backward (all of it, or all but the saved op outputs)."""
-    inner = module.forward
     kwargs = {"context_fn": _selective_context} if selective_ops else {}
-
-    @functools.wraps(inner)
-    def forward(*args, **kw):
-        return checkpoint(inner, *args, use_reentrant=False, preserve_rng_state=False, **kwargs, **kw)
-
-    module.forward = forward
-    module._parallel_ac = "op" if selective_ops else "full"
+    checkpoint(module, preserve_rng_state=False, **kwargs)
 
 
 def apply_activation_checkpointing(model: nn.Module, cfg: ParallelConfig) -> list[str]:

@@ -1,20 +1,29 @@
 """ParallelConfig: the typed, strict description of one parallel layout and its engine options.
 
-Recipes select and override these fields (YAML -> `ParallelConfig.from_dict`, unknown keys are errors).
-Every field has a docstring; `validate()` raises ValueError naming the value and the fix.
+Recipes select and override these fields (YAML -> `ParallelConfig.from_dict`, core.config's strict parser:
+unknown keys and wrong types are errors naming the key). Every field has a docstring; `validate()` raises
+ValueError naming the value and the fix.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import typing
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
-_AC_MODES = ("none", "selective", "full")
-_AC_SELECTIVE = ("op", "block")
-_PRECISIONS = ("fp32", "bf16")
-_BACKENDS = ("auto", "nccl", "gloo")
+from core.config import from_dict
+
+ACMode = Literal["none", "selective", "full"]
+ACSelective = Literal["op", "block"]
+Precision = Literal["fp32", "bf16"]
+Backend = Literal["auto", "nccl", "gloo"]
+DeviceKind = Literal["auto", "cpu", "cuda"]
+_AC_MODES = typing.get_args(ACMode)
+_AC_SELECTIVE = typing.get_args(ACSelective)
+_PRECISIONS = typing.get_args(Precision)
+_BACKENDS = typing.get_args(Backend)
 
 
 @dataclass
@@ -43,28 +52,28 @@ class ParallelConfig:
     num_microbatches: int = 1
     """Microbatches per optimizer step per dp rank (gradient accumulation; with pp > 1 the 1F1B microbatches).
     The engine takes whatever list step() gets and checks that every dp rank passed the same count."""
-    activation_checkpoint: str = "none"
+    activation_checkpoint: ACMode = "none"
     """'none', 'selective' (see ac_selective) or 'full' (recompute every ViT block and decoder layer)."""
-    ac_selective: str = "op"
+    ac_selective: ACSelective = "op"
     """With activation_checkpoint='selective': 'op' = per op class in every block (keep matmul, attention and
     TP-collective outputs, recompute norms/activations/elementwise), or 'block' = fully recompute every
     ac_every-th block."""
     ac_every: int = 2
     """With ac_selective='block': checkpoint every ac_every-th ViT block / decoder layer (1 = all)."""
-    zero_stage: int = 1
+    zero_stage: Literal[1, 3] = 1
     """1 = ZeRO-1 semantics (FSDP2 reshard_after_forward=False: parameters stay unsharded for the whole step,
     one gradient reduce-scatter per step, optimizer state and fp32 master weights sharded over dp);
     3 = ZeRO-3 (reshard after forward, gradients reduce-scattered every microbatch), for big models without PP."""
-    mixed_precision: str = "fp32"
+    mixed_precision: Precision = "fp32"
     """'fp32', or 'bf16' = bf16 compute with fp32 master weights, fp32 gradient reduction and fp32 loss."""
     timeout_s: float = 600.0
     """Timeout in seconds of every process group and every P2P wait: a hang becomes an error after this long."""
     check_replicated_every: int = 0
     """Debug: every N steps check that weights replicated across tp ranks (patch embed, norms, merger) and the
     pipeline-tied embedding are bitwise identical (raises naming the parameter). 0 = never."""
-    backend: str = "auto"
+    backend: Backend = "auto"
     """Process-group backend: 'auto' (nccl on CUDA, gloo on CPU), 'nccl' or 'gloo'."""
-    device: str = "auto"
+    device: DeviceKind = "auto"
     """'auto' (cuda:LOCAL_RANK when CUDA is available, else cpu), 'cpu' or 'cuda'."""
     loss_chunk_size: int = 0
     """Supervised rows per chunk of the (vocab-parallel) LM head + cross-entropy: peak memory is one chunk of
@@ -73,15 +82,9 @@ class ParallelConfig:
     # ------------------------------------------------------------------------------------------------ API
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> ParallelConfig:
-        """Build from a recipe dict; unknown keys are a ValueError listing the valid ones."""
-        d = dict(d or {})
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"unknown parallel config keys {unknown}; valid keys: {sorted(names)}")
-        cfg = cls(**d)
-        cfg.validate()
-        return cfg
+        """Build from a recipe dict, strictly (core.config): unknown keys, wrong types and invalid values are a
+        ConfigError (a ValueError) naming the key and the valid choices."""
+        return from_dict(cls, dict(d or {}), "parallel")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -1,11 +1,7 @@
 """ParallelDims, named DeviceMesh (pp, dp, tp) and process-group setup from the launcher's environment.
 
-Launchers understood (first match wins):
-- torchrun / torch.distributed.run, SLURM-wrapped torchrun, and the deepspeed launcher: RANK, WORLD_SIZE,
-  LOCAL_RANK (deepspeed's `--local_rank=N` argument when LOCAL_RANK is absent), MASTER_ADDR, MASTER_PORT;
-- MPI launchers (`deepspeed --launcher openmpi/mvapich`, mpirun): OMPI_COMM_WORLD_* / PMI_* / MV2_COMM_WORLD_*;
-- srun without torchrun: SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID;
-- nothing set: a single process (world size 1) with an in-memory store, no launcher needed.
+The launcher (torchrun, deepspeed, MPI, srun, or none: a single process with an in-memory store) is read by
+parallel/launcher.py.
 
 NOTE: every process group (the default one and each mesh dimension's) gets `timeout_s`; DeviceMesh would
 otherwise create its sub-groups with torch's 30-minute default, and a hang in a tp collective would sit there.
@@ -16,8 +12,7 @@ from __future__ import annotations
 import datetime
 import inspect
 import os
-import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -25,62 +20,9 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from parallel.config import ParallelConfig
+from parallel.launcher import resolve_launch_env
 
 MESH_DIMS = ("pp", "dp", "tp")
-
-
-# ------------------------------------------------------------------------------------------ launcher env
-@dataclass(frozen=True)
-class LaunchEnv:
-    """Where this process sits, as the launcher told it."""
-
-    rank: int
-    world_size: int
-    local_rank: int
-    master_addr: str | None
-    master_port: int | None
-    launcher: str
-
-
-def _int_env(env: Mapping[str, str], *names: str) -> int | None:
-    for n in names:
-        if env.get(n, "") != "":
-            return int(env[n])
-    return None
-
-
-def resolve_launch_env(env: Mapping[str, str] | None = None, argv: Sequence[str] | None = None) -> LaunchEnv:
-    """Read rank / world size / local rank / rendezvous address from a launcher's environment (see module doc)."""
-    env = os.environ if env is None else env
-    argv = sys.argv if argv is None else argv
-    addr = env.get("MASTER_ADDR") or None
-    port = _int_env(env, "MASTER_PORT")
-    if env.get("RANK", "") != "" and env.get("WORLD_SIZE", "") != "":
-        local = _int_env(env, "LOCAL_RANK")
-        launcher = "torchrun" if "TORCHELASTIC_RUN_ID" in env or "GROUP_RANK" in env else "env"
-        if local is None:
-            # The deepspeed launcher passes --local_rank=N (unless --no_local_rank) and, in old releases,
-            # no LOCAL_RANK variable.
-            for i, a in enumerate(argv):
-                if a.startswith("--local_rank="):
-                    local = int(a.split("=", 1)[1])
-                elif a == "--local_rank" and i + 1 < len(argv):
-                    local = int(argv[i + 1])
-            launcher = "deepspeed" if local is not None else launcher
-        return LaunchEnv(int(env["RANK"]), int(env["WORLD_SIZE"]), local or 0, addr, port, launcher)
-    for prefix, launcher in (("OMPI_COMM_WORLD_", "openmpi"), ("MV2_COMM_WORLD_", "mvapich")):
-        if env.get(prefix + "RANK", "") != "":
-            return LaunchEnv(
-                int(env[prefix + "RANK"]), int(env[prefix + "SIZE"]), _int_env(env, prefix + "LOCAL_RANK") or 0,
-                addr, port, launcher,
-            )
-    if env.get("PMI_RANK", "") != "":
-        return LaunchEnv(int(env["PMI_RANK"]), int(env["PMI_SIZE"]), _int_env(env, "MPI_LOCALRANKID") or 0,
-                         addr, port, "mpi")
-    if env.get("SLURM_PROCID", "") != "" and env.get("SLURM_NTASKS", "") != "":
-        return LaunchEnv(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), _int_env(env, "SLURM_LOCALID") or 0,
-                         addr, port, "slurm")
-    return LaunchEnv(0, 1, 0, addr, port, "none")
 
 
 # ------------------------------------------------------------------------------------------ ParallelDims

@@ -1,7 +1,10 @@
-"""parallelize(): PP split -> TP/SP -> activation checkpointing -> FSDP2, and the ParallelModel that runs steps.
+"""parallelize(): PP split -> activation checkpointing -> TP/SP -> FSDP2, and the ParallelModel that runs steps.
 
-One documented order (torchtitan's): the pipeline split prunes the model to this rank's stage first, tensor
-parallelism shards what is left, activation checkpointing wraps blocks, FSDP2 shards over dp last.
+One documented order: the pipeline split prunes the model to this rank's stage first, activation checkpointing
+marks blocks, tensor parallelism shards what is left, FSDP2 shards over dp last. torchtitan applies TP before
+AC because its AC is a wrapper module; ours is PyTorch's composable AC (forward hooks, FQNs unchanged), whose
+recompute calls the block with the arguments its pre-hook saw: registered before TP's input hooks, it sees the
+block's original inputs, so the recompute replays TP's input redistribution exactly as the forward did.
 
 A step (ParallelModel.step):
   1. stage 0 pads each microbatch for SP (when tp > 1) and, with pp > 1, broadcasts the step's lengths and
@@ -18,8 +21,9 @@ A step (ParallelModel.step):
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.distributed as dist
@@ -28,7 +32,7 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from data.batch import PackedBatch
+from core.batch import PackedBatch
 from model.loss import DEFAULT_CHUNK_SIZE, lm_loss
 from parallel.checkpointing import apply_activation_checkpointing
 from parallel.config import ParallelConfig
@@ -67,25 +71,6 @@ class StepResult:
     """This rank's schedule record: receive-buffer shapes, compute time, idle fraction (this rank only)."""
 
 
-# ------------------------------------------------------------------------------------------ loss override
-def _install_parallel_loss(model: nn.Module, loss_fn) -> None:
-    """Make the stage's forward compute its loss with `loss_fn` (vocab-parallel) instead of model.loss.
-
-    The model's own forward runs without labels (returning the final hidden states), then the loss is taken
-    inside the same forward call, so FSDP's root hooks cover the head weight. Implemented as a subclass swap
-    of this instance, so parameter names and the model's code stay untouched."""
-    base = type(model)
-
-    def forward(self, *args, labels=None, **kwargs):
-        out = base.forward(self, *args, labels=None, **kwargs)
-        if labels is None or self.lm_head is None:
-            return out
-        return self._parallel_loss_fn(out, self.lm_head.weight, labels)
-
-    model.__class__ = type(f"VocabParallel{base.__name__}", (base,), {"forward": forward})
-    model._parallel_loss_fn = loss_fn
-
-
 # ------------------------------------------------------------------------------------------ parallelize
 def parallelize(model: nn.Module, dims: ParallelDims, cfg: ParallelConfig) -> ParallelModel:
     """Turn a single-device Qwen2VL into this rank's share of the parallel layout (in place).
@@ -111,22 +96,21 @@ def parallelize(model: nn.Module, dims: ParallelDims, cfg: ParallelConfig) -> Pa
     prune_to_stage(model, stage, layer_ids)
     if not on_meta:
         model.to(dims.device)  # after pruning: only this stage's weights ever reach the device whole
+    apply_activation_checkpointing(model, cfg)
     sp = cfg.sequence_parallel and dims.tp > 1
     plain_replicated: list[str] = []
+    chunk = cfg.loss_chunk_size or DEFAULT_CHUNK_SIZE
+    loss_fn = partial(lm_loss, chunk_size=chunk)
     if dims.tp > 1:
         tp_mesh = dims.get_mesh("tp")
-        apply_tensor_parallel(model, tp_mesh, sp, cfg.pad_multiple(dims.tp))
+        apply_tensor_parallel(model, tp_mesh, sp, cfg.pad_multiple(dims.tp), first_stage=stage == 0)
         plain_replicated = [n for n, p in model.named_parameters() if not isinstance(p, DTensor)]
-        if model.lm_head is not None:
-            _install_parallel_loss(model, make_loss_fn(tp_mesh, sp, cfg.loss_chunk_size or DEFAULT_CHUNK_SIZE))
-    elif model.lm_head is not None and cfg.loss_chunk_size:
-        _install_parallel_loss(model, lambda h, w, y: lm_loss(h, w, y, chunk_size=cfg.loss_chunk_size))
-    apply_activation_checkpointing(model, cfg)
+        loss_fn = make_loss_fn(tp_mesh, sp, chunk)
     apply_fsdp(model, dims.get_mesh("dp"), cfg)
     pm = ParallelModel(model, dims, cfg, stage=stage, layer_ids=layer_ids, tied_across_stages=tied and dims.pp > 1,
-                       plain_replicated=plain_replicated, sequence_parallel=sp)
+                       plain_replicated=plain_replicated, sequence_parallel=sp, loss_fn=loss_fn)
     if not on_meta:
-        pm._sync_tied_weights()
+        pm.sync_tied_weights()
     return pm
 
 
@@ -136,12 +120,16 @@ class ParallelModel:
 
     def __init__(self, module: nn.Module, dims: ParallelDims, cfg: ParallelConfig, *, stage: int,
                  layer_ids: list[list[int]], tied_across_stages: bool, plain_replicated: list[str],
-                 sequence_parallel: bool) -> None:
+                 sequence_parallel: bool, loss_fn: Callable) -> None:
         self.modules: list[nn.Module] = [module]
         """This rank's pipeline stage module(s); parameter names equal the single-process model's."""
         self.dims, self.cfg = dims, cfg
         self.stage, self.layer_ids = stage, layer_ids
         self.sequence_parallel = sequence_parallel
+        self.loss_fn = loss_fn
+        """loss_fn(final hidden states, head weight, labels) -> (loss_sum, n): model.loss.lm_loss, or its
+        vocab-parallel form under tp (parallel/vocab_parallel.py). The model returns hidden states; the engine
+        composes the loss (on the last stage, right after the stage's forward, inside the same FSDP step)."""
         self.tied_across_stages = tied_across_stages
         self.plain_replicated = plain_replicated
         self.hidden_size = module.cfg.text.hidden_size
@@ -197,7 +185,7 @@ class ParallelModel:
                 m.init_weights()
             # Non-persistent rotary buffers: neither to_empty nor checkpoints carry them.
             m.init_buffers(device)
-        self._sync_tied_weights()
+        self.sync_tied_weights()
 
     # ---------------------------------------------------------------- step
     def _stage0_batches(self, microbatches: list[PackedBatch] | None) -> list[tuple[PackedBatch, int]] | None:
@@ -211,7 +199,7 @@ class ParallelModel:
         out = []
         for i, mb in enumerate(microbatches):
             if not isinstance(mb, PackedBatch):
-                raise ValueError(f"microbatch {i} is a {type(mb).__name__}, expected data.batch.PackedBatch")
+                raise ValueError(f"microbatch {i} is a {type(mb).__name__}, expected core.batch.PackedBatch")
             mb = mb.to(self.dims.device)
             real = mb.num_tokens
             if self.sequence_parallel:
@@ -266,16 +254,12 @@ class ParallelModel:
             meta = metas[i]
             if batches is not None:
                 kwargs = batches[i][0].model_inputs()
-                if not last_stage:
-                    kwargs.pop("labels")
             else:
                 kwargs = {"hidden_states": x, "position_ids": meta.position_ids, "cu_seqlens": meta.cu_seqlens,
                           "max_seqlen": meta.max_seqlen}
-                if last_stage:
-                    kwargs["labels"] = meta.labels
             out = module(**kwargs)
             if last_stage:
-                loss_sum, _ = out
+                loss_sum, _ = self.loss_fn(out, module.lm_head.weight, meta.labels)
                 loss_acc = loss_acc + loss_sum.detach().float()
                 return loss_sum * inv_count
             if isinstance(out, DTensor):
@@ -347,7 +331,7 @@ class ParallelModel:
                     g.copy_(synced)
 
     @torch.no_grad()
-    def _sync_tied_weights(self) -> None:
+    def sync_tied_weights(self) -> None:
         """Make the last stage's copy of the tied embedding equal stage 0's (after init / materialize)."""
         tied = self._tied_param()
         if tied is not None:
@@ -356,8 +340,8 @@ class ParallelModel:
     # ---------------------------------------------------------------- clipping
     def _counts_once(self, name: str, p: torch.Tensor) -> bool:
         """Whether this rank's shard of `p` is counted in the global norm (replicas are counted once)."""
-        if self.tied_across_stages and self.stage == self.dims.pp - 1 and name == "lm_head.weight":
-            return False  # the same logical weight is counted on stage 0
+        if self.tied_across_stages and self.stage == self.dims.pp - 1 and p is self._tied_param():
+            return False  # the last stage's copy of the tied embedding: the same logical weight as stage 0's
         return not (self.dims.tp > 1 and self.dims.tp_rank != 0 and _tp_replicated(p))
 
     @torch.no_grad()
@@ -444,7 +428,7 @@ class ParallelModel:
                 dst.to_local().copy_(shard.to_local())
             else:
                 dst.copy_(src.full_tensor() if isinstance(src, DTensor) else src)
-        self._sync_tied_weights()
+        self.sync_tied_weights()
 
 
 # ------------------------------------------------------------------------------------------ helpers

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from data.batch import PackedBatch
+from core.batch import PackedBatch
 
 
 # ------------------------------------------------------------------------------------------ metadata

@@ -10,14 +10,13 @@ k comes from the config, or (k='auto') from FLOPs so that stage 0 is not the str
 where vit_cost is the ViT + merger work per LLM token at the configured vision fraction f (a vision token is
 4 ViT patch rows: 4 * f rows per LLM token).
 
-Tied embeddings across stages: the last stage gets its own copy of the embedding matrix as lm_head.weight
-(same values); after each backward the engine sums the two gradients over a 2-rank group (Megatron's
-embedding group), so both copies take identical optimizer steps.
+Tied embeddings across stages: the last stage keeps its own copy of the embedding module, whose weight is its
+lm_head.weight (same values, same FQN embed_tokens.weight as stage 0's, so checkpoints and optimizer state
+need no renaming across layouts); after each backward the engine sums the two gradients over a 2-rank group
+(Megatron's embedding group), so both copies take identical optimizer steps.
 """
 
 from __future__ import annotations
-
-import copy
 
 import torch.nn as nn
 
@@ -93,13 +92,13 @@ def prune_to_stage(model: nn.Module, stage: int, layer_ids: list[list[int]]) -> 
     tied = model.lm_head is not None and model.embed_tokens is not None and (
         model.lm_head.weight is model.embed_tokens.weight
     )
-    if last and tied:
-        # The last stage owns its own copy of the tied matrix (kept equal by the engine's tie all-reduce).
-        head = copy.deepcopy(model.lm_head)
-        model.lm_head = head
     if not first:
         model.visual = None
-        model.embed_tokens = None
+        if not (last and tied):
+            # NOTE: with tied embeddings the last stage keeps the embedding module as its head (Megatron's
+            # embedding group): its own copy of the matrix, named embed_tokens.weight like stage 0's, which the
+            # engine's tie all-reduce keeps equal. The forward never embeds there (it gets hidden_states).
+            model.embed_tokens = None
     if not last:
         model.norm = None
         model.lm_head = None

@@ -39,10 +39,8 @@ from torch.distributed.tensor.parallel import (
     parallelize_module,
 )
 
-from data.batch import PackedBatch
+from core.batch import IGNORE_INDEX, PackedBatch
 from model.config import ModelConfig
-
-IGNORE_INDEX = -100
 
 
 # ------------------------------------------------------------------------------------------ checks
@@ -157,10 +155,12 @@ def top_level_plan(sp: bool, has_embed: bool, has_head: bool, has_visual: bool) 
 
 
 # ------------------------------------------------------------------------------------------ apply
-def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, sp: bool, pad_multiple: int | None = None) -> None:
+def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, sp: bool, pad_multiple: int | None = None,
+                          first_stage: bool = True) -> None:
     """Shard a (stage of a) Qwen2VL in place over `tp_mesh`. Layer names (FQNs) are unchanged.
 
-    pad_multiple: under SP, the ViT's patch rows are padded to a multiple of it (default tp)."""
+    pad_multiple: under SP, the ViT's patch rows are padded to a multiple of it (default tp). first_stage: this
+    stage embeds the tokens (pipeline stage 0), so its first layer receives the whole sequence."""
     check_tp_divisibility(model.cfg, tp_mesh.size())
     tied = model.lm_head is not None and model.embed_tokens is not None and (
         model.lm_head.weight is model.embed_tokens.weight
@@ -170,12 +170,11 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, sp: bool, pad_m
         for i, blk in enumerate(visual.blocks.values()):
             _parallelize(blk, tp_mesh, vision_block_plan(sp, first=(i == 0)))
         if sp:
-            _install_vit_row_padding(visual, pad_multiple or tp_mesh.size())
-    first_layer = model.embed_tokens is not None
+            register_vit_row_padding(visual, pad_multiple or tp_mesh.size())
     for i, layer in enumerate(model.layers.values()):
         # A stage that embeds hands whole-sequence embeddings to its first layer; later stages receive
         # already sequence-sharded activations from the previous stage.
-        _parallelize(layer, tp_mesh, decoder_layer_plan(sp, first=(first_layer and i == 0)))
+        _parallelize(layer, tp_mesh, decoder_layer_plan(sp, first=(first_stage and i == 0)))
     plan = top_level_plan(sp, model.embed_tokens is not None, model.lm_head is not None, visual is not None)
     if plan:
         parallelize_module(model, tp_mesh, plan)
@@ -202,20 +201,27 @@ def plain_replicated_names(model: nn.Module) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------ ViT row padding
-def _install_vit_row_padding(visual: nn.Module, multiple: int) -> None:
-    """Make the ViT accept any patch-row count under SP: pad the rows to a multiple of tp with a blank image.
+def register_vit_row_padding(visual: nn.Module, multiple: int) -> None:
+    """Make the ViT accept any patch-row count under SP: forward hooks pad the rows to a multiple of tp with a
+    blank image before the ViT runs and drop its merged tokens after.
 
     N is always a multiple of 4 (2x2 merge windows), so tp in {1, 2, 4} never pads; otherwise a blank image
     of grid (1, 2, 2j) is appended: its own attention segment, its merged tokens are dropped, so real rows
     and the loss are unchanged (tested against the unpadded ViT)."""
-    orig_forward = visual.forward
+    dropped: list[int] = []  # pre-hook -> post-hook of the same call (a forward never nests in itself)
 
-    def forward(pixels_NP: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
+    def pad(_module: nn.Module, args: tuple) -> tuple:
+        pixels_NP, grid_thw = args
         padded_NP, padded_grid, n_drop = pad_vit_rows(pixels_NP, grid_thw, multiple)
-        out_MD = orig_forward(padded_NP, padded_grid)
+        dropped.append(n_drop)
+        return padded_NP, padded_grid
+
+    def trim(_module: nn.Module, _args: tuple, out_MD: torch.Tensor) -> torch.Tensor:
+        n_drop = dropped.pop()
         return out_MD[: out_MD.shape[0] - n_drop] if n_drop else out_MD
 
-    visual.forward = forward
+    visual.register_forward_pre_hook(pad)
+    visual.register_forward_hook(trim)
 
 
 def pad_vit_rows(pixels_NP: torch.Tensor, grid_thw: torch.Tensor, multiple: int):

@@ -15,11 +15,11 @@ import logging
 import os
 import sys
 
-from launch.env import resolve_env
+from parallel.launcher import export_launch_env, resolve_launch_env, strip_local_rank
 
 
 def _setup_logging() -> None:
-    rank = int(os.environ.get("RANK", "0"))
+    rank = int(os.environ.get("RANK", "0"))  # export_launch_env set it for every launcher
     logging.basicConfig(
         level=logging.INFO if rank == 0 else logging.WARNING,
         format=f"%(asctime)s [rank{rank}] %(levelname)s %(name)s: %(message)s",
@@ -29,7 +29,8 @@ def _setup_logging() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    argv, _launcher = resolve_env(argv)  # deepspeed's --local_rank, SLURM/MPI variables -> env://
+    argv, _ = strip_local_rank(argv)  # deepspeed's --local_rank (the resolver below reads it from sys.argv)
+    export_launch_env(resolve_launch_env())  # SLURM / MPI / deepspeed variables -> RANK, WORLD_SIZE, ...
     parser = argparse.ArgumentParser(prog="python -m train", description=__doc__.split("\n")[0])
     parser.add_argument("recipe", nargs="?", help="recipe YAML (recipes/...)")
     parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides (CLI > recipe > defaults)")
@@ -39,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--help-config", action="store_true", help="print every config key and its doc")
     args = parser.parse_intermixed_args(argv)  # flags may come after overrides
 
-    from train.cfgparse import ConfigError
+    from core.config import ConfigError
 
     if args.help_config:
         from train.config_doc import config_reference

@@ -15,12 +15,19 @@ rank 0 write meta.json, rename the directory to `step_N` and replace `latest`. A
 save leaves the previous checkpoint as the latest complete one; stale `.tmp` directories are removed by the
 next save.
 
-What a checkpoint holds (flat DCP keys; FQNs are the single-process model's, so any layout can load any):
-    model.<fqn>                 weights (DTensor shards under TP/FSDP; each pp stage its own layers)
-    optim.<fqn>.<stat>          AdamW state (step, exp_avg, exp_avg_sq) of trainable parameters
-    trainer                     step, skipped steps, tokens and samples seen (identical on every rank)
-    loader.dp<r>                the loader state of dp rank r (torch.save bytes; only pp stage 0 has one)
-    rng.rank<g>                 python / numpy / torch / CUDA RNG states of global rank g
+What a checkpoint holds (flat DCP keys; FQNs are the single-process model's, so any layout can load any), as
+the Stateful objects of train/state.py:
+    model.<fqn>                         weights (DTensor shards under TP/FSDP; each pp stage its own layers)
+    optim.state.<fqn>.<stat>            AdamW state (step, exp_avg, exp_avg_sq) of trainable parameters
+    optim.param_groups.<fqn>.<key>      their AdamW group settings
+    trainer.<counter>                   step, skipped steps, tokens and samples seen, data pass
+    schedule.<key>                      the LR schedule and AdamW settings of the run
+    loader.dp<r>                        the loader state of dp rank r (one blob; only pp stage 0 has one)
+    rng.rank<g>                         python / numpy / torch / CUDA RNG states of global rank g
+
+Trust boundary: DCP pickles its `.metadata` index and every non-tensor value. Ours are read with a restricted
+unpickler (DCP's own metadata classes, torch sizes and dtypes, plain containers) and `torch.load(weights_only=
+True)`, so a crafted checkpoint cannot run code; it fails with an error naming the file.
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ import io
 import json
 import logging
 import os
-import random
+import pickle
 import re
 import shutil
 import time
@@ -38,11 +45,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.planner import ReadItem
 
 log = logging.getLogger(__name__)
 
@@ -119,39 +127,81 @@ def read_meta(path: Path) -> dict:
     return json.loads((path / "meta.json").read_text())
 
 
+# ------------------------------------------------------------------------------------------ safe reading
+class UnsafeCheckpointError(ValueError):
+    """A checkpoint file refers to code that loading would run: it was crafted or is not ours."""
+
+
+_SAFE_GLOBALS = {
+    ("torch", "Size"), ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"),
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch.distributed.checkpoint.filesystem", "_StoragePrefix"), ("collections", "OrderedDict"),
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Unpickles DCP's .metadata, refusing every global but DCP's metadata classes, sizes and dtypes."""
+
+    def __init__(self, f, where: str) -> None:
+        super().__init__(f)
+        self.where = where
+
+    def find_class(self, module: str, name: str) -> Any:
+        ok = (module, name) in _SAFE_GLOBALS or module == "torch.distributed.checkpoint.metadata" or (
+            module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
+        )
+        if not ok:
+            raise UnsafeCheckpointError(
+                f"{self.where} refers to {module}.{name}, which loading a checkpoint never needs: the file was "
+                "crafted or is not a torch.distributed.checkpoint index; refusing to load it"
+            )
+        return super().find_class(module, name)
+
+
+class SafeReader(FileSystemReader):
+    """FileSystemReader whose metadata is read without running code (see the module docstring)."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any):
+        from torch.distributed.checkpoint.metadata import StorageMeta
+
+        path = Path(self.path) / ".metadata"
+        with open(path, "rb") as f:
+            metadata = _MetadataUnpickler(f, str(path)).load()
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+class SafeLoadPlanner(DefaultLoadPlanner):
+    """DefaultLoadPlanner that reads non-tensor values with torch.load(weights_only=True)."""
+
+    def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
+        from torch.distributed.checkpoint._traverse import set_element
+
+        try:
+            obj = torch.load(value, weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise UnsafeCheckpointError(
+                f"checkpoint value {read_item.dest_index.fqn!r} is not plain data ({e}); refusing to load it"
+            ) from None
+        if self.flatten_state_dict:
+            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
+        else:
+            self.state_dict[read_item.dest_index.fqn] = obj
+
+
 def checkpoint_keys(path: Path) -> set[str]:
     """Every key stored in a checkpoint (from DCP's metadata; no tensor is read)."""
-    return set(FileSystemReader(str(path)).read_metadata().state_dict_metadata)
+    return set(SafeReader(str(path)).read_metadata().state_dict_metadata)
 
 
-# ------------------------------------------------------------------------------------------ RNG + bytes
-def rng_state() -> dict[str, Any]:
-    st = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        st["cuda"] = torch.cuda.get_rng_state()
-    return st
-
-
-def set_rng_state(st: dict[str, Any]) -> None:
-    random.setstate(st["python"])
-    np.random.set_state(st["numpy"])
-    torch.set_rng_state(st["torch"])
-    if "cuda" in st and torch.cuda.is_available():
-        torch.cuda.set_rng_state(st["cuda"])
-
-
-def to_bytes(obj: Any) -> io.BytesIO:
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    buf.seek(0)
-    return buf
-
-
-def from_bytes(buf: Any) -> Any:
-    if isinstance(buf, io.BytesIO):
-        buf.seek(0)
-        return torch.load(buf, weights_only=False)
-    return buf  # DCP may hand back the object itself
+def load_state(path: Path, state: dict[str, Any], process_group: dist.ProcessGroup | None = None,
+               no_dist: bool = False) -> None:
+    """dcp.load through the safe reader and planner: fills `state` (tensors in place, Stateful values through
+    their load_state_dict)."""
+    dcp.load(state, storage_reader=SafeReader(str(path)), planner=SafeLoadPlanner(), process_group=process_group,
+             no_dist=no_dist)
 
 
 # ------------------------------------------------------------------------------------------ manager
@@ -264,8 +314,9 @@ class CheckpointManager:
 
     # -------------------------------------------------------------------------------- load
     def load(self, path: Path, state: dict[str, Any]) -> None:
-        """Fill `state` (flat DCP dict, tensors loaded in place) from a complete checkpoint."""
-        dcp.load(state, storage_reader=FileSystemReader(str(path)), process_group=self.pg)
+        """Fill `state` (DCP dict: tensors in place, Stateful values through load_state_dict) from a complete
+        checkpoint, without running code from it."""
+        load_state(path, state, self.pg)
 
 
 def _write_atomic(path: Path, text: str) -> None:

@@ -17,9 +17,9 @@ from typing import Any, Literal
 
 import yaml
 
+from core.config import ConfigError, apply_overrides, expand_env, from_dict, load_yaml, restore_env_refs, to_dict
 from data.config import DataConfig
 from parallel import ParallelConfig
-from train.cfgparse import ConfigError, apply_overrides, expand_env, from_dict, load_yaml, to_dict
 
 GROUPS = ("vision", "merger", "llm")
 """Module groups by FQN prefix: vision = visual.* except visual.merger.*; merger = visual.merger.*; llm = rest."""
@@ -178,6 +178,9 @@ class JobConfig:
     """Checkpointing and resume."""
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     """Logging."""
+    env_refs: dict[str, str] = field(default_factory=dict, init=False, repr=False, compare=False)
+    # {dotted key: '${VAR}...'} of every value expanded from the environment: the saved config.yaml writes the
+    # reference back, so a secret in the environment never lands in a run directory or a checkpoint.
 
     # -------------------------------------------------------------------------------- derived values
     @property
@@ -227,7 +230,8 @@ class JobConfig:
 
     # -------------------------------------------------------------------------------- I/O
     def to_dict(self) -> dict[str, Any]:
-        return to_dict(self)
+        """Plain dict of the resolved config, with environment-derived values written as their ${...} reference."""
+        return restore_env_refs(to_dict(self), self.env_refs)
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None, width=120)
@@ -245,17 +249,16 @@ def load_config(recipe: str | Path | None, overrides: list[str] | None = None) -
     """Recipe file(s) + CLI overrides -> a validated JobConfig (CLI > file > defaults)."""
     raw: dict = load_yaml(recipe) if recipe is not None else {}
     raw = apply_overrides(raw, list(overrides or []), JobConfig)
-    raw = expand_env(raw)
-    cfg = from_dict(JobConfig, raw)
-    cfg.validate()
+    refs: dict[str, str] = {}
+    raw = expand_env(raw, refs=refs)
+    cfg = from_dict(JobConfig, raw)  # runs every section's checks and JobConfig.validate()
+    cfg.env_refs = refs
     return cfg
 
 
 def config_from_dict(raw: dict) -> JobConfig:
     """A JobConfig from an already-resolved dict (e.g. the config.yaml saved in a checkpoint)."""
-    cfg = from_dict(JobConfig, raw)
-    cfg.validate()
-    return cfg
+    return from_dict(JobConfig, raw)
 
 
 def replace(cfg: JobConfig, **sections: Any) -> JobConfig:

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from data.shards import main as shards_cli
+from data.shards.__main__ import main as shards_cli
 
 PHOTOS = {
     # name: caption (only images bundled with scikit-image: no download)

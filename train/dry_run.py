@@ -193,7 +193,7 @@ def dry_run(cfg: JobConfig, world_size: int | None = None) -> DryRunReport:
         largest_unit = 0
         seen: set[int] = set()
         for name, prm in mod.named_parameters(remove_duplicate=False):
-            if id(prm) in seen and not (name == "lm_head.weight" and s == pp - 1 and pp > 1):
+            if id(prm) in seen:  # tied: the head is the embedding (on a pipeline's last stage, its own copy)
                 continue
             seen.add(id(prm))
             k = local_numel(name, prm.numel(), tp, sp)
@@ -209,7 +209,7 @@ def dry_run(cfg: JobConfig, world_size: int | None = None) -> DryRunReport:
         modules = []
         if mod.visual is not None:
             modules += [f"visual ({mcfg.vision.depth} blocks)", "merger"]
-        if mod.embed_tokens is not None:
+        if mod.embed_tokens is not None and s == 0:
             modules.append("embed_tokens")
         ids = layer_ids[s]
         modules.append(f"layers {ids[0]}-{ids[-1]} ({len(ids)})")

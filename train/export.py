@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import re
 import shutil
 import sys
@@ -29,14 +28,15 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
 
+from core.config import ConfigError, expand_env
+from core.dtypes import DTYPES
 from model.config import ModelConfig
-from model.hf_adapter import INDEX_FILE, SINGLE_FILE, expected_shapes, to_hf_state_dict
+from model.hf_adapter import HFShardWriter, expected_shapes, to_hf_state_dict, write_hf_config
+from model.vision import PIXEL_MEAN, PIXEL_STD
 from train.checkpoint import checkpoint_keys, read_meta, resolve_checkpoint
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
     "added_tokens.json", "chat_template.json", "chat_template.jinja", "generation_config.json",
@@ -68,62 +68,20 @@ def export(checkpoint: str | Path, out_dir: str | Path, dtype: str = "bf16", max
     absent = [k for k in keys if f"model.{k}" not in stored]
     if absent:
         raise ValueError(f"checkpoint {ck} lacks model tensors {absent[:5]} (of {len(absent)})")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    for p in out.iterdir():  # a reader must never see shards of two exports mixed
-        if p.name in (SINGLE_FILE, INDEX_FILE) or re.match(r"^model-\d{5}-of-\d{5}\.safetensors(\.tmp)?$", p.name):
-            p.unlink()
-
-    from safetensors.torch import save_file
-
-    max_bytes = int(max_shard_gb * 1e9)
-    cur: dict[str, torch.Tensor] = {}
-    cur_bytes = 0
-    weight_map: dict[str, int] = {}
-    total = 0
-    tmp_names: list[Path] = []
-
-    def flush() -> None:
-        nonlocal cur, cur_bytes
-        if not cur:
-            return
-        idx = len(tmp_names)
-        path = out / f"shard-{idx:05d}.safetensors.tmp"
-        save_file(cur, str(path), metadata={"format": "pt"})
-        tmp_names.append(path)
-        for k in cur:
-            weight_map[k] = idx
-        cur, cur_bytes = {}, 0
-
+    writer = HFShardWriter(out_dir, int(max_shard_gb * 1e9))
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
         for unit in _units(keys):
             sd = {f"model.{k}": torch.empty(shapes[k], dtype=torch.float32) for k in unit}
             dcp.load(sd, storage_reader=FileSystemReader(str(ck)), no_dist=True)
-            ours = {k: sd[f"model.{k}"].to(tdtype) for k in unit}
-            for hk, t in to_hf_state_dict(ours, tie).items():
-                t = t.contiguous().clone()  # own storage (q/k/v rows fused; safetensors refuses shared views)
-                n = t.numel() * t.element_size()
-                if cur and cur_bytes + n > max_bytes:
-                    flush()
-                cur[hk] = t
-                cur_bytes += n
-                total += n
-        flush()
-    n = len(tmp_names)
-    if n == 1:
-        os.replace(tmp_names[0], out / SINGLE_FILE)
-    else:
-        names = [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-        for tmp, name in zip(tmp_names, names):
-            os.replace(tmp, out / name)
-        index = {"metadata": {"total_size": total}, "weight_map": {k: names[i] for k, i in sorted(weight_map.items())}}
-        (out / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
-    hf_cfg = mcfg.to_hf_dict()
-    hf_cfg["torch_dtype"] = hf_cfg["dtype"] = _DTYPE_NAMES[tdtype]
-    (out / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
+            for hk, t in to_hf_state_dict({k: sd[f"model.{k}"].to(tdtype) for k in unit}, tie).items():
+                writer.add(hk, t)
+    files = writer.close()
+    out = Path(out_dir)
+    write_hf_config(mcfg, out, tdtype)
     _copy_tokenizer(ck, out)
-    log.info("exported %s (step %s) to %s: %d file(s), %.2f GB", ck, meta.get("step"), out, n, total / 1e9)
+    log.info("exported %s (step %s) to %s: %d file(s), %.2f GB", ck, meta.get("step"), out, len(files),
+             writer.total_bytes / 1e9)
     return out
 
 
@@ -135,7 +93,11 @@ def _copy_tokenizer(ck: Path, out: Path) -> None:
         data = (yaml.safe_load((ck / "config.yaml").read_text()) or {}).get("data", {})
     except (OSError, yaml.YAMLError):
         return
-    tok = Path(data.get("tokenizer") or "")
+    try:  # a path the saved config keeps as its ${VAR} reference: resolve it in this environment
+        tok = Path(expand_env(data.get("tokenizer") or "", "data.tokenizer"))
+    except ConfigError as e:
+        log.warning("not copying the tokenizer: %s", e)
+        tok = Path("")
     if tok.is_dir():
         for name in TOKENIZER_FILES:
             if (tok / name).is_file():
@@ -145,8 +107,8 @@ def _copy_tokenizer(ck: Path, out: Path) -> None:
         "processor_class": "Qwen2VLProcessor",
         "do_resize": True, "do_rescale": True, "do_normalize": True, "do_convert_rgb": True,
         "rescale_factor": 1 / 255,
-        "image_mean": [0.48145466, 0.4578275, 0.40821073],
-        "image_std": [0.26862954, 0.26130258, 0.27577711],
+        "image_mean": list(PIXEL_MEAN),
+        "image_std": list(PIXEL_STD),
         "min_pixels": int(data.get("min_pixels", 3136)),
         "max_pixels": int(data.get("max_pixels", 12845056)),
         "patch_size": 14, "temporal_patch_size": 2, "merge_size": 2,

@@ -10,7 +10,8 @@ optimizer state and no gradient reduction. Trainable parameters form up to six A
 
 The LR is a pure function of the step (warmup, then cosine/linear/constant decay to min_lr_ratio x peak at
 train.steps), so a resumed run sets exactly the LR the uninterrupted run would have, with no scheduler
-state to drift.
+state to drift. Optimizer state is created by AdamW's first step (or, on resume, by
+torch.distributed.checkpoint.state_dict before the saved state is loaded into it: train/state.py).
 """
 
 from __future__ import annotations
@@ -69,7 +70,6 @@ def param_groups(named_params: Iterable[tuple[str, nn.Parameter]], cfg: JobConfi
         groups.append(
             {
                 "params": [p for _, p in items],
-                "param_names": [n for n, _ in items],
                 "name": f"{g}{'' if decay else '_no_decay'}",
                 "group": g,
                 "peak_lr": peak,
@@ -121,37 +121,3 @@ def set_lr(optimizer: torch.optim.Optimizer | None, step: int, cfg: JobConfig) -
         for g in optimizer.param_groups:
             g["lr"] = g["peak_lr"] * mult
     return {g: cfg.group_lr(g) * mult for g in GROUPS if g not in cfg.frozen_groups}
-
-
-@torch.no_grad()
-def init_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
-    """Materialize AdamW's lazily created state (so a checkpoint can be loaded into it in place).
-
-    NOTE: done by one step with zero gradients and lr 0, as torch.distributed.checkpoint.state_dict does it:
-    the parameters do not move (decoupled decay is multiplied by lr), and whatever tensor type and
-    placement each parameter has (DTensor under TP/FSDP), the state gets the same, built by AdamW itself.
-    """
-    saved = []
-    for g in optimizer.param_groups:
-        saved.append(g["lr"])
-        g["lr"] = 0.0
-        for p in g["params"]:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-    optimizer.step()
-    for g, lr in zip(optimizer.param_groups, saved):
-        g["lr"] = lr
-    optimizer.zero_grad(set_to_none=True)
-
-
-def optimizer_state_tensors(optimizer: torch.optim.Optimizer | None) -> dict[str, torch.Tensor]:
-    """{'<fqn>.<stat>': tensor} for every parameter's state, keyed by FQN (layout independent)."""
-    out: dict[str, torch.Tensor] = {}
-    if optimizer is None:
-        return out
-    for g in optimizer.param_groups:
-        for name, p in zip(g["param_names"], g["params"]):
-            for stat, t in optimizer.state.get(p, {}).items():
-                if isinstance(t, torch.Tensor):
-                    out[f"{name}.{stat}"] = t
-    return out

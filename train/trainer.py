@@ -34,35 +34,26 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from core.config import ConfigError
 from data.loader import build_loader
 from model.flops import batch_flops
+from model.hf_adapter import is_hf_dir, load_hf_slices
 from model.qwen2_vl import Qwen2VL
 from parallel import init_distributed, parallelize
-from train.cfgparse import ConfigError
 from train.checkpoint import (
     CheckpointManager,
     Layout,
     checkpoint_keys,
-    from_bytes,
     latest_complete,
     list_complete,
     read_meta,
     resolve_checkpoint,
-    rng_state,
-    set_rng_state,
-    to_bytes,
 )
 from train.config import JobConfig
 from train.metrics import MetricsLogger, device_peak_tflops, peak_memory_gb
-from train.optim import apply_freeze, build_optimizer, init_optimizer_state, optimizer_state_tensors, set_lr
-from train.weights import (
-    describe_init,
-    is_hf_dir,
-    load_checkpoint_weights,
-    load_hf_weights,
-    meta_model,
-    resolve_model_config,
-)
+from train.optim import apply_freeze, build_optimizer, set_lr
+from train.state import BlobState, ModelState, OptimizerState, ValuesState, rng_state, set_rng_state
+from train.weights import describe_init, load_checkpoint_weights, meta_model, resolve_model_config
 
 log = logging.getLogger(__name__)
 
@@ -104,8 +95,31 @@ def microbatches_per_rank(cfg: JobConfig, dp: int) -> int:
     return g // dp
 
 
+@dataclass
+class StepStats:
+    """What one optimizer step measured (reduced over ranks where it says so)."""
+
+    loss: float
+    grad_norm: float
+    lrs: dict[str, float]
+    tokens: float
+    """Packed tokens of the step, summed over dp ranks."""
+    supervised: float
+    samples: float
+    flops: float
+    """Model FLOPs of the step (model.flops), summed over ranks."""
+    step_time_s: float
+    data_wait_s: float
+    """The longest wait for the loader over ranks."""
+    peak_mem_gb: float
+    skipped: bool
+    """The update was skipped: a non-finite loss or gradient norm on some rank."""
+    stop_requested: bool
+    """A rank received SIGTERM / SIGUSR1 / SIGINT."""
+
+
 class Trainer:
-    """Builds everything for one stage; `train()` runs it. All ranks construct one."""
+    """Builds everything for one stage; `train()` runs it, one `train_step()` at a time. All ranks build one."""
 
     def __init__(self, cfg: JobConfig) -> None:
         self.cfg = cfg
@@ -150,8 +164,6 @@ class Trainer:
             self.engine.materialize(init_weights=not loading)
         apply_freeze(self.engine.named_parameters(), cfg.frozen_groups)
         self.optimizer = build_optimizer(list(self.engine.named_parameters()), cfg)
-        if self.optimizer is not None:
-            init_optimizer_state(self.optimizer)
         self.trainable_groups = [g for g in ("vision", "merger", "llm") if g not in cfg.frozen_groups]
 
         # ---- counters (checkpointed)
@@ -161,25 +173,29 @@ class Trainer:
         self.tokens_seen = 0
         self.samples_seen = 0
         self.data_pass = 0  # bumped when the loader cannot continue its position (dp size changed)
-        restore_data = False
-        if self.resume_path is not None:
-            restore_data = self._peek_trainer_state(self.resume_path)
 
-        # ---- data: only the first pipeline stage consumes microbatches (tp peers get identical ones)
-        self.loader = None
+        # ---- resume (one load of everything) or init_from; then the data, seeded by the restored data pass
+        loader_state = None
+        resumed_from = None
+        if self.resume_path is not None:
+            loader_state = self._load_resume(self.resume_path)
+            resumed_from = self.step
+        elif cfg.model.init_from is not None:
+            self._load_init(cfg.model.init_from)
+        self._saved_step = self.step
+        self.loader = None  # only the first pipeline stage consumes microbatches (tp peers get identical ones)
         if self.layout.has_data:
             data_cfg = dataclasses.replace(cfg.data, seed=cfg.data.seed + DATA_PASS_SEED_STRIDE * self.data_pass)
             self.loader = build_loader(data_cfg, d.dp_rank, d.dp)
+            if loader_state is not None:
+                try:
+                    self.loader.load_state_dict(loader_state)
+                except ValueError as e:
+                    raise ConfigError(
+                        f"cannot restore the data position from {self.resume_path}: {e} (to continue with a new, "
+                        "reseeded pass over the data instead, set checkpoint.data_state=restart)"
+                    ) from e
         self._it = None
-
-        resumed_from = None
-        self._saved_step = 0
-        if self.resume_path is not None:
-            self._load_resume(self.resume_path, restore_data)
-            resumed_from = self.step
-            self._saved_step = self.step
-        elif cfg.model.init_from is not None:
-            self._load_init(cfg.model.init_from)
         self.metrics = MetricsLogger(cfg, self.is_main, resumed_from=resumed_from)
         self.peak_tflops = device_peak_tflops(self.device, cfg.metrics.peak_tflops)
         self._stop_signal: int | None = None
@@ -192,6 +208,45 @@ class Trainer:
             restart=int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")), data_pass=self.data_pass,
             microbatches_per_rank=self.m,
         )
+
+    # ------------------------------------------------------------------------------------ state
+    def _counters(self) -> dict[str, int]:
+        return {"step": self.step, "skipped_steps": self.skipped_steps, "consecutive_skips": self.consecutive_skips,
+                "tokens_seen": self.tokens_seen, "samples_seen": self.samples_seen, "data_pass": self.data_pass}
+
+    def _set_counters(self, c: dict[str, Any]) -> None:
+        self.step, self.skipped_steps = int(c["step"]), int(c["skipped_steps"])
+        self.consecutive_skips, self.tokens_seen = int(c["consecutive_skips"]), int(c["tokens_seen"])
+        self.samples_seen, self.data_pass = int(c["samples_seen"]), int(c["data_pass"])
+
+    def _schedule(self) -> dict[str, Any]:
+        """The settings that decide every step's update: a resumed run that changes one is warned about."""
+        o = self.cfg.optim
+        out: dict[str, Any] = {f"lr_{g}": self.cfg.group_lr(g) for g in ("vision", "merger", "llm")}
+        out.update(schedule=o.schedule, warmup_steps=o.warmup_steps, min_lr_ratio=o.min_lr_ratio,
+                   steps=self.cfg.train.steps, weight_decay=o.weight_decay, betas=list(o.betas), eps=o.eps)
+        return out
+
+    def _check_schedule(self, saved: dict[str, Any]) -> None:
+        now = self._schedule()
+        changed = [f"{k}: {saved[k]!r} -> {now[k]!r}" for k in now if k in saved and saved[k] != now[k]]
+        if changed and self.is_main:
+            log.warning("resuming with a different optimizer schedule than the checkpoint's (saved -> now): %s; "
+                        "the new values apply from step %d", "; ".join(changed), self.step + 1)
+
+    def _state(self) -> dict[str, Any]:
+        """The Stateful objects of a checkpoint (train/state.py) for this rank."""
+        state: dict[str, Any] = {
+            "model": ModelState(self.engine.modules),
+            "optim": OptimizerState(self.engine.modules, self.optimizer),
+            "trainer": ValuesState(self._counters, self._set_counters),
+            "schedule": ValuesState(self._schedule, self._check_schedule),
+            "rng": BlobState(f"rank{self.layout.rank}", rng_state()),
+        }
+        if self.layout.has_data and self.layout.tp_rank == 0:
+            state["loader"] = BlobState(f"dp{self.layout.dp_rank}",
+                                        self.loader.state_dict() if getattr(self, "loader", None) else None)
+        return state
 
     # ------------------------------------------------------------------------------------ resume / init
     def _find_resume(self) -> Path | None:
@@ -208,117 +263,68 @@ class Trainer:
             return latest_complete(self.cfg.checkpoint_dir)
         return resolve_checkpoint(r)
 
-    def _model_state(self) -> dict[str, torch.Tensor]:
-        return dict(self.engine.state_dict())
-
     def _load_init(self, src: str) -> None:
-        sd = self._model_state()
         if is_hf_dir(src):
-            load_hf_weights(sd, src, self.mcfg)
+            sd = dict(self.engine.state_dict())
+            load_hf_slices(sd, src, self.mcfg)
+            self.engine.load_state_dict(sd)
         else:
-            load_checkpoint_weights(sd, src)
-        self.engine.load_state_dict(sd)
+            load_checkpoint_weights(self.engine.modules, src)
         if self.is_main:
             log.info("initialized weights from %s", describe_init(src))
 
-    def _trainer_state_template(self) -> dict[str, int]:
-        return {"step": 0, "skipped_steps": 0, "consecutive_skips": 0, "tokens_seen": 0, "samples_seen": 0,
-                "data_pass": 0}
-
-    def _peek_trainer_state(self, path: Path) -> bool:
-        """Read the checkpoint's counters (before the loader is built); return whether the loader position
-        can be restored (same dp size and checkpoint.data_state='exact')."""
-        keys = checkpoint_keys(path)
-        state = {"trainer": {k: 0 for k in self._trainer_state_template() if f"trainer.{k}" in keys}}
-        self.ckpt.load(path, state)
-        t = state["trainer"]
-        self.data_pass = int(t.get("data_pass", 0))
-        saved_dp = read_meta(path)["layout"]["dp"]
-        restore = saved_dp == self.layout.dp and self.cfg.checkpoint.data_state == "exact"
-        if not restore:
-            self.data_pass += 1
-            if self.is_main:
-                why = (f"the dp size changed ({saved_dp} -> {self.layout.dp}): a loader position is per dp rank and "
-                       "cannot be mapped to another dp size" if saved_dp != self.layout.dp
-                       else "checkpoint.data_state=restart")
-                log.warning("resuming %s: %s; the data continues with a new pass, reseeded (data pass %d)",
-                            path, why, self.data_pass)
-        return restore
-
-    def _load_resume(self, path: Path, restore_data: bool) -> None:
-        meta = read_meta(path)
-        keys = checkpoint_keys(path)
-        saved = meta["layout"]
+    def _load_resume(self, path: Path) -> Any:
+        """Load everything of checkpoint `path` in one DCP load; returns this rank's loader position to restore
+        (None when the data continues with a new pass: dp size changed or checkpoint.data_state=restart)."""
+        saved = read_meta(path)["layout"]
         same_dp = saved["dp"] == self.layout.dp
         same_layout = same_dp and saved["tp"] == self.layout.tp and saved["pp"] == self.layout.pp
-        model_sd = self._model_state()
-        optim_sd = optimizer_state_tensors(self.optimizer)
-        state: dict[str, Any] = {f"model.{k}": v for k, v in model_sd.items()}
-        state.update({f"optim.{k}": v for k, v in optim_sd.items()})
-        if self.mcfg.text.tie_word_embeddings:
-            # Tied embeddings: one process (or pp=1) has ONE parameter, named embed_tokens.weight; a pipeline's
-            # last stage holds its own copy as lm_head.weight (kept equal by the engine). A checkpoint of the
-            # former has no optimizer state under lm_head.weight: the copy takes the embedding's.
-            for k in [k for k in state if k.startswith("optim.lm_head.weight.") and k not in keys]:
-                alias = k.replace("optim.lm_head.weight.", "optim.embed_tokens.weight.", 1)
-                if alias in keys and alias not in state:
-                    state[alias] = state.pop(k)
-        absent = [k for k in state if k not in keys]
+        restore_data = same_dp and self.cfg.checkpoint.data_state == "exact"
+        state = self._state()
+        if not same_layout:
+            state.pop("rng")  # RNG streams belong to ranks of one layout
+        if not restore_data:
+            state.pop("loader", None)
+        keys = checkpoint_keys(path)
+        absent = [f"{name}.{k}" for name, obj in state.items() if name in ("model", "optim")
+                  for k in obj.state_dict() if f"{name}.{k}" not in keys]
         if absent:
             raise ConfigError(
                 f"checkpoint {path} has no {absent[0]} (and {len(absent) - 1} more): it was saved with other "
                 "trainable groups or another model. To start a new stage from its weights, use model.init_from "
                 "with checkpoint.resume=never in a new run_dir."
             )
-        state["trainer"] = {k: v for k, v in self._trainer_state_template().items() if f"trainer.{k}" in keys}
-        loader_key = f"loader.dp{self.layout.dp_rank}"
-        if self.loader is not None and restore_data:
-            if loader_key not in keys:
-                raise ConfigError(f"checkpoint {path} has no loader state for dp rank {self.layout.dp_rank}")
-            state[loader_key] = None
-        rng_key = f"rng.rank{self.layout.rank}"
-        if same_layout and rng_key in keys:
-            state[rng_key] = None
+        if "loader" in state and f"loader.{state['loader'].key}" not in keys:
+            raise ConfigError(f"checkpoint {path} has no loader state for dp rank {self.layout.dp_rank}")
         self.ckpt.load(path, state)
-        self.engine.load_state_dict(model_sd)
-        t = state["trainer"]
-        self.step, self.skipped_steps = int(t["step"]), int(t["skipped_steps"])
-        self.consecutive_skips, self.tokens_seen = int(t["consecutive_skips"]), int(t["tokens_seen"])
-        self.samples_seen = int(t["samples_seen"])
-        if self.loader is not None and loader_key in state:
-            try:
-                self.loader.load_state_dict(from_bytes(state[loader_key]))
-            except ValueError as e:
-                raise ConfigError(
-                    f"cannot restore the data position from {path}: {e} (to continue with a new, reseeded pass "
-                    "over the data instead, set checkpoint.data_state=restart)"
-                ) from e
-        if rng_key in state:
-            set_rng_state(from_bytes(state[rng_key]))
+        if "rng" in state:
+            set_rng_state(state["rng"].value)
+        if not restore_data:
+            self.data_pass += 1
+            if self.is_main:
+                why = (f"the dp size changed ({saved['dp']} -> {self.layout.dp}): a loader position is per dp rank "
+                       "and cannot be mapped to another dp size" if not same_dp else "checkpoint.data_state=restart")
+                log.warning("resuming %s: %s; the data continues with a new pass, reseeded (data pass %d)",
+                            path, why, self.data_pass)
+        if self.step > self.cfg.train.steps:
+            raise ConfigError(
+                f"checkpoint {path} is at step {self.step}, past this recipe's train.steps={self.cfg.train.steps}: "
+                f"raise train.steps above {self.step}, or start a new run_dir"
+            )
         if self.is_main:
-            log.info("resumed from %s at step %d (saved as %s)", path, self.step, saved)
-
-    def _checkpoint_state(self) -> dict[str, Any]:
-        state: dict[str, Any] = {f"model.{k}": v for k, v in self._model_state().items()}
-        state.update({f"optim.{k}": v for k, v in optimizer_state_tensors(self.optimizer).items()})
-        state["trainer"] = {
-            "step": self.step, "skipped_steps": self.skipped_steps, "consecutive_skips": self.consecutive_skips,
-            "tokens_seen": self.tokens_seen, "samples_seen": self.samples_seen, "data_pass": self.data_pass,
-        }
-        if self.loader is not None and self.layout.tp_rank == 0:
-            state[f"loader.dp{self.layout.dp_rank}"] = to_bytes(self.loader.state_dict())
-        state[f"rng.rank{self.layout.rank}"] = to_bytes(rng_state())
-        return state
+            log.info("resumed from %s at step %d (saved as dp%d x tp%d x pp%d)", path, self.step, saved["dp"],
+                     saved["tp"], saved["pp"])
+        return state["loader"].value if "loader" in state else None
 
     def save(self) -> None:
         meta = {"model_config": self.mcfg.to_hf_dict(), "stage": self.cfg.train.stage,
                 "frozen": list(self.cfg.frozen_groups), "tokens_seen": self.tokens_seen}
-        self.ckpt.save(self.step, self._checkpoint_state(), self.cfg.to_yaml(), meta)
+        self.ckpt.save(self.step, self._state(), self.cfg.to_yaml(), meta)
         self._saved_step = self.step
         self.metrics.event("checkpoint", step=self.step, seconds=round(self.ckpt.save_seconds, 3),
                            path=str(self.ckpt.dir / f"step_{self.step:08d}"))
 
-    # ------------------------------------------------------------------------------------ loop
+    # ------------------------------------------------------------------------------------ one step
     def _next_microbatches(self) -> list | None:
         if self.loader is None:
             return None
@@ -342,6 +348,63 @@ class Trainer:
         dist.all_reduce(t, op=op)
         return t.tolist()
 
+    def _step_flops(self, mbs: list) -> tuple[float, float, float, float]:
+        """(FLOPs, tokens, supervised tokens, samples) of this rank's microbatches (one reporter per dp rank)."""
+        flops = tokens = sup = samples = 0.0
+        if self.layout.pp_rank == 0 and self.layout.tp_rank == 0 and mbs:
+            for mb in mbs:
+                f = batch_flops(
+                    self.mcfg, mb.cu_seqlens, [mb.image_grid_thw, mb.video_grid_thw],
+                    n_supervised=mb.num_supervised, trainable=[_FLOPS_GROUP[g] for g in self.trainable_groups],
+                )
+                flops += f["total"]
+                tokens += mb.num_tokens
+                sup += mb.num_supervised
+                samples += len(mb.cu_seqlens) - 1
+        return flops, tokens, sup, samples
+
+    def train_step(self) -> StepStats | None:
+        """One optimizer step on every rank: microbatches, forward + backward (the engine), global clipping, the
+        update (skipped on every rank when any rank saw a non-finite value). None when the data ran out."""
+        cfg = self.cfg
+        lrs = set_lr(self.optimizer, self.step, cfg)
+        t0 = time.perf_counter()
+        mbs = self._next_microbatches()
+        t_data = time.perf_counter() - t0
+        # Every rank must agree before the engine runs: a first-stage rank out of data stops all.
+        (exhausted,) = self._allreduce([float(self.layout.has_data and mbs is None)], dist.ReduceOp.MAX)
+        if exhausted:
+            return None
+        res = self.engine.step(mbs)
+        # max_norm 0 = measure only (the engine scales nothing), so grad_clip: 0 disables clipping.
+        gnorm = float(self.engine.clip_grad_norm_(cfg.optim.grad_clip))
+        loss = float(res.loss)
+        nonfinite_local = float(not (math.isfinite(loss) and math.isfinite(gnorm)))
+        flops, tokens, sup, samples = self._step_flops(mbs)
+        nonfinite, data_wait, mem, stop_flag = self._allreduce(
+            [nonfinite_local, t_data, peak_memory_gb(self.device), float(self._stop_signal is not None)],
+            dist.ReduceOp.MAX,
+        )
+        tokens, sup, samples, flops = self._allreduce([tokens, sup, samples, flops], dist.ReduceOp.SUM)
+        if nonfinite:
+            self.skipped_steps += 1
+            self.consecutive_skips += 1
+            if self.is_main:
+                log.warning("step %d: non-finite loss=%s grad_norm=%s: update skipped (%d so far)",
+                            self.step + 1, loss, gnorm, self.skipped_steps)
+        else:
+            if self.optimizer is not None:
+                self.optimizer.step()
+            self.consecutive_skips = 0
+        self._zero_grad()
+        self.step += 1
+        self.tokens_seen += int(tokens)
+        self.samples_seen += int(samples)
+        return StepStats(loss=loss, grad_norm=gnorm, lrs=lrs, tokens=tokens, supervised=sup, samples=samples,
+                         flops=flops, step_time_s=time.perf_counter() - t0, data_wait_s=data_wait, peak_mem_gb=mem,
+                         skipped=bool(nonfinite), stop_requested=bool(stop_flag))
+
+    # ------------------------------------------------------------------------------------ loop
     def _install_signal_handlers(self) -> None:
         def handler(signum, frame):  # noqa: ARG001
             self._stop_signal = signum
@@ -351,6 +414,19 @@ class Trainer:
             with contextlib.suppress(ValueError):  # not the main thread (e.g. embedded use): no handler
                 self._prev_handlers[s] = signal.signal(s, handler)
 
+    def _check_divergence(self) -> None:
+        tcfg = self.cfg.train
+        if self.skipped_steps > tcfg.max_skipped_steps or self.consecutive_skips >= tcfg.max_consecutive_skips:
+            msg = (
+                f"stopping at step {self.step}: {self.skipped_steps} steps skipped for a non-finite loss or "
+                f"gradient norm ({self.consecutive_skips} in a row; limits train.max_skipped_steps="
+                f"{tcfg.max_skipped_steps}, train.max_consecutive_skips={tcfg.max_consecutive_skips}). "
+                "The run diverged: lower optim.lr, raise optim.warmup_steps or check the data; resume from "
+                f"the last good checkpoint in {self.ckpt.dir}."
+            )
+            self.metrics.event("stop", step=self.step, reason="diverged", message=msg)
+            raise TrainingStopped(msg)
+
     def train(self) -> TrainResult:
         cfg = self.cfg
         total = cfg.train.steps
@@ -358,80 +434,26 @@ class Trainer:
         losses: list[float] = []
         last_loss: float | None = None
         stop_reason = "completed"
-        first_stage_reporter = self.layout.pp_rank == 0 and self.layout.tp_rank == 0
         try:
             while self.step < total:
                 self.ckpt.poll()
-                lrs = set_lr(self.optimizer, self.step, cfg)
-                t0 = time.perf_counter()
-                mbs = self._next_microbatches()
-                t_data = time.perf_counter() - t0
-                # Every rank must agree before the engine runs: a first-stage rank out of data stops all.
-                (exhausted,) = self._allreduce([float(self.layout.has_data and mbs is None)], dist.ReduceOp.MAX)
-                if exhausted:
+                st = self.train_step()
+                if st is None:
                     stop_reason = "data_exhausted"
                     if self.is_main:
                         log.warning("data exhausted at step %d of %d (data.epochs=%s)", self.step, total,
                                     cfg.data.epochs)
                     break
-                res = self.engine.step(mbs)
-                # max_norm 0 = measure only (the engine scales nothing), so grad_clip: 0 disables clipping.
-                gnorm = float(self.engine.clip_grad_norm_(cfg.optim.grad_clip))
-                loss = float(res.loss)
-                nonfinite_local = float(not (math.isfinite(loss) and math.isfinite(gnorm)))
-                mem = peak_memory_gb(self.device)
-                flops = tokens = sup = samples = 0.0
-                if first_stage_reporter and mbs:
-                    for mb in mbs:
-                        f = batch_flops(
-                            self.mcfg, mb.cu_seqlens, [mb.image_grid_thw, mb.video_grid_thw],
-                            n_supervised=mb.num_supervised, trainable=[_FLOPS_GROUP[g] for g in self.trainable_groups],
-                        )
-                        flops += f["total"]
-                        tokens += mb.num_tokens
-                        sup += mb.num_supervised
-                        samples += len(mb.cu_seqlens) - 1
-                stop_flag = float(self._stop_signal is not None)
-                nonfinite, data_wait, mem, stop_flag = self._allreduce(
-                    [nonfinite_local, t_data, mem, stop_flag], dist.ReduceOp.MAX
-                )
-                tokens, sup, samples, flops = self._allreduce([tokens, sup, samples, flops], dist.ReduceOp.SUM)
-                if nonfinite:
-                    self._zero_grad()
-                    self.skipped_steps += 1
-                    self.consecutive_skips += 1
-                    if self.is_main:
-                        log.warning("step %d: non-finite loss=%s grad_norm=%s: update skipped (%d so far)",
-                                    self.step + 1, loss, gnorm, self.skipped_steps)
-                else:
-                    if self.optimizer is not None:
-                        self.optimizer.step()
-                    self._zero_grad()
-                    self.consecutive_skips = 0
-                self.step += 1
-                self.tokens_seen += int(tokens)
-                self.samples_seen += int(samples)
-                dt = time.perf_counter() - t0
-                if not nonfinite:
-                    losses.append(loss)
-                    last_loss = loss
+                if not st.skipped:
+                    losses.append(st.loss)
+                    last_loss = st.loss
                 if self.step % cfg.metrics.log_every == 0 or self.step == total:
-                    self._log_step(loss, gnorm, lrs, tokens, sup, samples, flops, dt, data_wait, mem)
-                tcfg = cfg.train
-                if self.skipped_steps > tcfg.max_skipped_steps or self.consecutive_skips >= tcfg.max_consecutive_skips:
-                    msg = (
-                        f"stopping at step {self.step}: {self.skipped_steps} steps skipped for a non-finite loss or "
-                        f"gradient norm ({self.consecutive_skips} in a row; limits train.max_skipped_steps="
-                        f"{tcfg.max_skipped_steps}, train.max_consecutive_skips={tcfg.max_consecutive_skips}). "
-                        "The run diverged: lower optim.lr, raise optim.warmup_steps or check the data; resume from "
-                        f"the last good checkpoint in {self.ckpt.dir}."
-                    )
-                    self.metrics.event("stop", step=self.step, reason="diverged", message=msg)
-                    raise TrainingStopped(msg)
+                    self._log_step(st)
+                self._check_divergence()
                 due = cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 and self.step < total
-                if due or stop_flag:
+                if due or st.stop_requested:
                     self.save()
-                if stop_flag:
+                if st.stop_requested:
                     stop_reason = "signal"
                     if self.is_main:
                         log.warning("stop requested by a signal: checkpoint saved at step %d; rerun to resume",
@@ -449,27 +471,27 @@ class Trainer:
             losses=losses, skipped_steps=self.skipped_steps, stop_reason=stop_reason,
         )
 
-    def _log_step(self, loss, gnorm, lrs, tokens, sup, samples, flops, dt, data_wait, mem) -> None:
+    def _log_step(self, st: StepStats) -> None:
         loader_metrics = self._loader_metrics()
-        world = self.layout.world
+        world, dt = self.layout.world, st.step_time_s
         rec = {
             "step": self.step,
-            "loss": loss,
-            "lr": next(iter(lrs.values())),
-            "lr_groups": lrs,
-            "grad_norm": gnorm,
-            "tokens": int(tokens),
-            "supervised_tokens": int(sup),
-            "samples": int(samples),
+            "loss": st.loss,
+            "lr": next(iter(st.lrs.values())),
+            "lr_groups": st.lrs,
+            "grad_norm": st.grad_norm,
+            "tokens": int(st.tokens),
+            "supervised_tokens": int(st.supervised),
+            "samples": int(st.samples),
             "tokens_seen": self.tokens_seen,
             "step_time_s": round(dt, 4),
-            "tokens_per_s": tokens / dt if dt > 0 else 0.0,
-            "flops": flops,
-            "flops_per_s": flops / dt if dt > 0 else 0.0,
-            "tflops_per_device": flops / dt / world / 1e12 if dt > 0 else 0.0,
-            "mfu": (flops / dt / world / (self.peak_tflops * 1e12)) if self.peak_tflops and dt > 0 else None,
-            "data_wait_s": round(data_wait, 5),
-            "peak_mem_gb": round(mem, 3),
+            "tokens_per_s": st.tokens / dt if dt > 0 else 0.0,
+            "flops": st.flops,
+            "flops_per_s": st.flops / dt if dt > 0 else 0.0,
+            "tflops_per_device": st.flops / dt / world / 1e12 if dt > 0 else 0.0,
+            "mfu": (st.flops / dt / world / (self.peak_tflops * 1e12)) if self.peak_tflops and dt > 0 else None,
+            "data_wait_s": round(st.data_wait_s, 5),
+            "peak_mem_gb": round(st.peak_mem_gb, 3),
             "skipped_steps": self.skipped_steps,
             **loader_metrics,
         }

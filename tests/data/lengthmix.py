@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from data.vision import smart_resize
+from data.media.vision import smart_resize
 
 MAX_PIXELS = 1280 * 28 * 28
 COCO_SIZES = [(640, 480), (480, 640), (640, 427), (427, 640), (500, 375), (612, 612), (640, 360)]

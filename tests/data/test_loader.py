@@ -10,11 +10,12 @@ import pytest
 import torch
 from datahelpers import js, mixed_samples, small_image, text_chat, write_dataset
 
-from data.batch import IMAGE_ROW_DIM, PATCH_DIM
+from core.batch import IMAGE_ROW_DIM, PATCH_DIM
 from data.config import DataConfig, DatasetSpec
 from data.indexed import write_indexed
 from data.loader import build_loader
 from model.config import tiny
+from model.loss import model_loss
 from model.position_ids import packed_mrope_position_ids
 from model.qwen2_vl import Qwen2VL
 
@@ -51,7 +52,7 @@ def test_microbatch_contract_and_model_consumes_it(tok_dir, chat_ds):
         assert all(int(b.labels[e - 1]) == -100 for e in cu[1:])
         sup = b.labels != -100
         assert torch.equal(b.labels[:-1][sup[:-1]], b.input_ids[1:][sup[:-1]])
-        # Raw uint8 rows (data/batch.py): one frame per image row; the model normalizes on the device.
+        # Raw uint8 rows (core/batch.py): one frame per image row; the model normalizes on the device.
         assert b.pixel_values.dtype == torch.uint8 and b.pixel_values.shape[1] == IMAGE_ROW_DIM
     # Empty vision input is a valid (0, width) / (0, 3) input.
     if text_only:
@@ -65,7 +66,7 @@ def test_microbatch_contract_and_model_consumes_it(tok_dir, chat_ds):
     model = Qwen2VL(tiny()).eval()
     for b in ([with_img[0]] + text_only[:1]):
         with torch.no_grad():
-            loss_sum, n = model(**b.model_inputs())
+            loss_sum, n = model_loss(model, b.labels, **b.model_inputs())
             parts = 0.0
             cu = b.cu_seqlens.tolist()
             img_rows = (b.image_grid_thw.prod(-1)).tolist()
@@ -79,10 +80,10 @@ def test_microbatch_contract_and_model_consumes_it(tok_dir, chat_ds):
                     acc += img_rows[g0] // 4
                     g0 += 1
                 rows = sum(int(g.prod()) for g in grids)
-                one = model(input_ids=ids, labels=b.labels[s:e], position_ids=b.position_ids[:, s:e],
-                            cu_seqlens=torch.tensor([0, e - s], dtype=torch.int32), max_seqlen=e - s,
-                            pixel_values=b.pixel_values[row0 : row0 + rows],
-                            image_grid_thw=torch.stack(grids) if grids else torch.zeros(0, 3, dtype=torch.long))
+                one = model_loss(model, b.labels[s:e], input_ids=ids, position_ids=b.position_ids[:, s:e],
+                                 cu_seqlens=torch.tensor([0, e - s], dtype=torch.int32), max_seqlen=e - s,
+                                 pixel_values=b.pixel_values[row0 : row0 + rows],
+                                 image_grid_thw=torch.stack(grids) if grids else torch.zeros(0, 3, dtype=torch.long))
                 parts += float(one[0])
                 row0 += rows
         assert int(n) == b.num_supervised
@@ -216,15 +217,15 @@ def test_config_is_strict(tok_dir, chat_ds):
     good = {"datasets": [{"path": chat_ds, "weight": 2}], "tokenizer": tok_dir, "max_tokens": 1024}
     cfg = DataConfig.from_dict(good)
     assert cfg.datasets[0].weight == 2.0 and cfg.video.fps == 2.0
-    with pytest.raises(ValueError, match="unknown key data.max_token"):
+    with pytest.raises(ValueError, match=r"unknown config key 'data.max_token' \(did you mean 'max_tokens'\?\)"):
         DataConfig.from_dict({**good, "max_token": 5})
-    with pytest.raises(ValueError, match=r"data.datasets\[0\].wieght"):
+    with pytest.raises(ValueError, match=r"unknown config key 'data.datasets\[0\].wieght' \(did you mean 'weight'"):
         DataConfig.from_dict({**good, "datasets": [{"path": chat_ds, "wieght": 1}]})
-    with pytest.raises(ValueError, match="data.max_tokens: expected an integer"):
+    with pytest.raises(ValueError, match="data.max_tokens: expected int, got 'many'"):
         DataConfig.from_dict({**good, "max_tokens": "many"})
-    with pytest.raises(ValueError, match="supervise"):
+    with pytest.raises(ValueError, match=r"data.supervise: must be one of 'auto' \| 'assistant' \| 'all', got 'every"):
         DataConfig.from_dict({**good, "supervise": "everything"})
-    with pytest.raises(ValueError, match="unknown key data.video.fsp"):
+    with pytest.raises(ValueError, match=r"unknown config key 'data.video.fsp' \(did you mean 'fps'\?\)"):
         DataConfig.from_dict({**good, "video": {"fsp": 1}})
     with pytest.raises(ValueError, match="datasets is empty"):
         DataConfig.from_dict({"tokenizer": tok_dir})

@@ -12,7 +12,7 @@ import torch
 from datahelpers import mixed_samples, write_dataset
 
 import data.sources as sources
-from data.batch import PackedBatch
+from core.batch import PackedBatch
 from data.config import DataConfig, DatasetSpec
 from data.indexed import write_indexed
 from data.loader import build_loader

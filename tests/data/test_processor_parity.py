@@ -17,9 +17,9 @@ from PIL import Image
 
 from data.chatml import box_text
 from data.config import DataConfig
-from data.image import load_image
+from data.media.image import load_image
+from data.media.vision import AspectRatioError, image_rows_u8
 from data.sample import RawSample, SampleProcessor
-from data.vision import AspectRatioError, image_rows_u8
 
 MIN_DEFAULT, MAX_DEFAULT = 4 * 28 * 28, 16384 * 28 * 28
 PIXEL_SETTINGS = [(MIN_DEFAULT, MAX_DEFAULT), (100 * 28 * 28, 16384 * 28 * 28), (MIN_DEFAULT, 256 * 28 * 28)]

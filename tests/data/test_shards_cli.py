@@ -19,7 +19,7 @@ from data.config import DataConfig, DatasetSpec
 from data.inspect import main as inspect_main
 from data.loader import build_loader
 from data.shards import INDEX_SUFFIX, MANIFEST
-from data.shards import main as shards_main
+from data.shards.__main__ import main as shards_main
 from data.storage import StorageConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -8,8 +8,10 @@ from datahelpers import encode_video, hf_processor, js, small_image, write_datas
 
 from data.config import DataConfig, DatasetSpec
 from data.loader import build_loader
-from data.video import VideoConfig, load_video
+from data.media.video import VideoConfig
+from data.media.video_cache import load_video
 from model.config import tiny
+from model.loss import model_loss
 from model.position_ids import packed_mrope_position_ids
 from model.qwen2_vl import Qwen2VL
 
@@ -64,5 +66,5 @@ def test_video_samples_end_to_end(tok_dir, tmp_path):
     # The model consumes the video microbatch.
     torch.manual_seed(0)
     with torch.no_grad():
-        loss_sum, n = Qwen2VL(tiny()).eval()(**batches[0].model_inputs())
+        loss_sum, n = model_loss(Qwen2VL(tiny()).eval(), batches[0].labels, **batches[0].model_inputs())
     assert torch.isfinite(loss_sum) and int(n) == batches[0].num_supervised

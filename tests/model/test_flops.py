@@ -17,8 +17,10 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import model.qwen2_vl as qwen2_vl
 import model.vision as vision
+from core.batch import IGNORE_INDEX
 from model.config import get_preset
 from model.flops import GROUPS, batch_flops, llm_flops_per_token, llm_forward_flops, vit_flops_per_patch
+from model.loss import model_loss
 from model.parity import SampleBuilder
 from model.position_ids import packed_mrope_position_ids
 from model.qwen2_vl import Qwen2VL
@@ -53,7 +55,7 @@ def packed_batch():
     g_img = torch.cat([s.image_grid_thw for s in samples if s.image_grid_thw is not None])
     g_vid = torch.cat([s.video_grid_thw for s in samples if s.video_grid_thw is not None])
     labels = torch.randint(0, 1000, ids.shape)
-    labels[torch.rand(ids.shape) < 0.4] = -100
+    labels[torch.rand(ids.shape) < 0.4] = IGNORE_INDEX
     batch = dict(
         input_ids=ids, labels=labels, cu_seqlens=cu, max_seqlen=max(lengths),
         position_ids=packed_mrope_position_ids(ids, cu, g_img, g_vid, image_token_id=cfg.image_token_id,
@@ -79,7 +81,7 @@ def test_matches_flop_counter_exactly(monkeypatch, packed_batch, trainable):
         group = "merger" if name.startswith("visual.merger") else "vit" if name.startswith("visual.") else "llm"
         p.requires_grad_(group in trainable)
     with FlopCounterMode(display=False) as counter:
-        loss, n = model(**batch)
+        loss, n = model_loss(model, **batch)
         if loss.requires_grad:
             loss.backward()
     want = batch_flops(cfg, batch["cu_seqlens"], [batch["image_grid_thw"], batch["video_grid_thw"]],

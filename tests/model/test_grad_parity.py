@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import torch
 
+from core.batch import IGNORE_INDEX
 from model.hf_adapter import normalize_hf_key, to_hf_state_dict
+from model.loss import model_loss
 from model.parity import Sample, SampleBuilder, mm_token_type_ids, sample_positions
 from model.position_ids import packed_mrope_position_ids
 from model.qwen2_vl import Qwen2VL
-
-IGNORE = -100
 
 
 def _hf_labels(s: Sample, cfg, gen) -> torch.Tensor:
@@ -23,12 +23,12 @@ def _hf_labels(s: Sample, cfg, gen) -> torch.Tensor:
     ids = s.input_ids
     lab = ids.clone()
     vision = (ids == cfg.image_token_id) | (ids == cfg.video_token_id)
-    lab[vision | (torch.rand(ids.shape, generator=gen) < 0.5)] = IGNORE
+    lab[vision | (torch.rand(ids.shape, generator=gen) < 0.5)] = IGNORE_INDEX
     return lab
 
 
 def _shift(hf_labels: torch.Tensor) -> torch.Tensor:
-    return torch.cat([hf_labels[1:], torch.tensor([IGNORE])])
+    return torch.cat([hf_labels[1:], torch.tensor([IGNORE_INDEX])])
 
 
 def _hf_grads(hf) -> dict[str, torch.Tensor]:
@@ -75,10 +75,10 @@ def test_loss_and_grads_match_transformers_single_sample(hf_tiny):
              video_grid_thw=s.video_grid_thw, use_cache=False)
     out.loss.backward()
 
-    loss_sum, n = ours(input_ids=s.input_ids, position_ids=pos, labels=_shift(lab), pixel_values=s.pixel_values,
-                       image_grid_thw=s.image_grid_thw, pixel_values_videos=s.pixel_values_videos,
-                       video_grid_thw=s.video_grid_thw)
-    assert int(n) == int((lab[1:] != IGNORE).sum()) > 0
+    loss_sum, n = model_loss(ours, _shift(lab), input_ids=s.input_ids, position_ids=pos, pixel_values=s.pixel_values,
+                             image_grid_thw=s.image_grid_thw, pixel_values_videos=s.pixel_values_videos,
+                             video_grid_thw=s.video_grid_thw)
+    assert int(n) == int((lab[1:] != IGNORE_INDEX).sum()) > 0
     (loss_sum / n).backward()
     torch.testing.assert_close(loss_sum / n, out.loss.float(), rtol=1e-5, atol=1e-6)
     _compare(_hf_grads(hf), _our_grads(ours))
@@ -97,7 +97,7 @@ def test_packed_grads_match_transformers_padded_batch(hf_tiny):
     L = max(s.input_ids.numel() for s in samples)
     B = len(samples)
     ids = torch.zeros(B, L, dtype=torch.long)
-    lab = torch.full((B, L), IGNORE)
+    lab = torch.full((B, L), IGNORE_INDEX)
     mask = torch.zeros(B, L, dtype=torch.long)
     pos = torch.zeros(3, B, L, dtype=torch.long)
     for i, (s, y) in enumerate(zip(samples, labels)):
@@ -120,8 +120,8 @@ def test_packed_grads_match_transformers_padded_batch(hf_tiny):
     cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
     p_pos = packed_mrope_position_ids(p_ids, cu, g_img, g_vid)
     p_lab = torch.cat([_shift(y) for y in labels])
-    loss_sum, n = ours(input_ids=p_ids, position_ids=p_pos, cu_seqlens=cu, max_seqlen=L, labels=p_lab,
-                       pixel_values=pv, image_grid_thw=g_img, pixel_values_videos=pvv, video_grid_thw=g_vid)
+    loss_sum, n = model_loss(ours, p_lab, input_ids=p_ids, position_ids=p_pos, cu_seqlens=cu, max_seqlen=L,
+                             pixel_values=pv, image_grid_thw=g_img, pixel_values_videos=pvv, video_grid_thw=g_vid)
     (loss_sum / n).backward()
     torch.testing.assert_close(loss_sum / n, out.loss.float(), rtol=1e-5, atol=1e-6)
     _compare(_hf_grads(hf), _our_grads(ours))

@@ -14,8 +14,10 @@ from model.hf_adapter import (
     CheckpointMismatchError,
     from_hf_state_dict,
     load_hf_checkpoint,
+    load_hf_model,
     read_hf_tensors,
     save_hf_checkpoint,
+    save_hf_model,
 )
 from model.parity import make_tiny_checkpoint
 from model.qwen2_vl import Qwen2VL
@@ -65,7 +67,7 @@ def test_transformers_loads_what_we_save(tmp_path, hf_tiny):
 
     ours = Qwen2VL(small_cfg())
     ours.load_state_dict(from_hf_state_dict(hf_tiny.state_dict(), False), strict=True)
-    ours.save_hf(tmp_path / "ours", max_shard_bytes=SHARD)
+    save_hf_model(ours, tmp_path / "ours", max_shard_bytes=SHARD)
     cfg_json = json.loads((tmp_path / "ours" / "config.json").read_text())
     assert cfg_json["model_type"] == "qwen2_vl" and cfg_json["torch_dtype"] == "float32"
     back, info = Qwen2VLForConditionalGeneration.from_pretrained(
@@ -86,9 +88,9 @@ def test_tied_embeddings_round_trip(tmp_path):
     assert "lm_head.weight" not in read_hf_tensors(src)
     cfg, sd = load_hf_checkpoint(src)
     assert cfg.text.tie_word_embeddings and sd["lm_head.weight"] is sd["embed_tokens.weight"]
-    model = Qwen2VL.from_hf(src)
+    model = load_hf_model(src)
     assert model.lm_head.weight is model.embed_tokens.weight
-    model.save_hf(tmp_path / "out")
+    save_hf_model(model, tmp_path / "out")
     assert "lm_head.weight" not in load_file(tmp_path / "out" / "model.safetensors")
     _assert_bit_exact(sd, load_hf_checkpoint(tmp_path / "out")[1])
     back = Qwen2VLForConditionalGeneration.from_pretrained(tmp_path / "out")
@@ -98,9 +100,9 @@ def test_tied_embeddings_round_trip(tmp_path):
 
 def test_from_hf_matches_state_dict_and_dtype(tmp_path, hf_tiny_dir):
     cfg, sd = load_hf_checkpoint(hf_tiny_dir)
-    m = Qwen2VL.from_hf(hf_tiny_dir)
+    m = load_hf_model(hf_tiny_dir)
     _assert_bit_exact({k: v for k, v in m.state_dict().items()}, sd)
-    mb = Qwen2VL.from_hf(hf_tiny_dir, dtype=torch.bfloat16)
+    mb = load_hf_model(hf_tiny_dir, dtype=torch.bfloat16)
     assert all(p.dtype == torch.bfloat16 for p in mb.parameters())
     assert mb.rotary.inv_freq.dtype == torch.float32 and not mb.rotary.inv_freq.is_meta
     torch.testing.assert_close(mb.rotary.inv_freq, m.rotary.inv_freq, rtol=0, atol=0)

@@ -7,7 +7,8 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from model.loss import IGNORE_INDEX, lm_loss, naive_lm_loss
+from core.batch import IGNORE_INDEX
+from model.loss import lm_loss, naive_lm_loss
 
 
 def _inputs(T=300, D=32, V=5000, dtype=torch.float32, frac_supervised=0.6, seed=0):

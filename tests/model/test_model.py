@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from model.config import get_preset
+from model.loss import model_loss
 from model.parity import SampleBuilder
 from model.position_ids import mrope_position_ids
 from model.qwen2_vl import Qwen2VL
@@ -81,7 +82,7 @@ def test_text_only_batch_gives_vision_a_zero_gradient():
     model = Qwen2VL(cfg)
     ids = torch.randint(0, 2000, (16,))
     labels = torch.randint(0, 2000, (16,))
-    loss, n = model(input_ids=ids, labels=labels)
+    loss, n = model_loss(model, labels, input_ids=ids)
     loss.backward()
     for name, p in model.visual.named_parameters():
         assert p.grad is not None and not p.grad.any(), name

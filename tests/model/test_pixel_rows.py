@@ -9,7 +9,7 @@ from PIL import Image
 from skimage import data as skdata
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-from data.vision import image_rows_raw, normalize, patchify, smart_resize, video_rows_raw
+from data.media.vision import image_rows_raw, normalize, patchify, smart_resize, video_rows_raw
 from model.config import VisionConfig, tiny
 from model.qwen2_vl import Qwen2VL
 from model.vision import normalize_pixel_rows

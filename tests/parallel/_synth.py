@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import torch
 
-from data.batch import PATCH_DIM, PackedBatch
+from core.batch import PATCH_DIM, PackedBatch
 from model.config import ModelConfig, TextConfig, VisionConfig
+from model.loss import model_loss
 from model.position_ids import packed_mrope_position_ids
 
 IMG, VID, VSTART, VEND = 500, 501, 502, 503
@@ -113,7 +114,7 @@ def reference_step(model: torch.nn.Module, mbs: list[PackedBatch]) -> float:
     total = sum(mb.num_supervised for mb in mbs)
     loss_total = 0.0
     for mb in mbs:
-        loss_sum, _ = model(**mb.model_inputs())
+        loss_sum, _ = model_loss(model, mb.labels, **mb.model_inputs())
         (loss_sum / total).backward()
         loss_total += float(loss_sum)
     return loss_total / total

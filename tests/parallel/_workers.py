@@ -16,6 +16,7 @@ import torch.distributed as dist
 from _synth import global_batch, reference_step, tiny_config
 from torch.distributed.tensor import DTensor, Shard
 
+from model.loss import model_loss
 from model.qwen2_vl import Qwen2VL
 from parallel import ParallelConfig, init_distributed, parallelize
 from parallel.tensor_parallel import pad_microbatch
@@ -333,7 +334,7 @@ def check_bf16_smoke(dims, cfg) -> dict:
     for step in range(2):
         gb = global_batch(10 + step, dims.dp * m)
         with torch.no_grad():
-            ref_loss = sum(float(ref(**mb.model_inputs())[0]) for mb in gb) / sum(mb.num_supervised for mb in gb)
+            ref_loss = sum(float(model_loss(ref, mb.labels, **mb.model_inputs())[0]) for mb in gb) / sum(mb.num_supervised for mb in gb)
         res = pm.step(gb[dims.dp_rank * m : (dims.dp_rank + 1) * m] if dims.is_first_stage else None)
         assert abs(res.loss - ref_loss) <= 2e-2 * ref_loss, (res.loss, ref_loss)
         out.append((res.loss, ref_loss))

@@ -8,25 +8,27 @@ import copy
 import pytest
 import torch
 from _synth import global_batch, tiny_config
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from model.config import get_preset
+from model.loss import model_loss
 from model.qwen2_vl import Qwen2VL
 from parallel import ParallelConfig, ParallelDims, resolve_launch_env, stage_layer_ids
 from parallel.checkpointing import apply_activation_checkpointing
 from parallel.pipeline_split import auto_first_stage_layers, prune_to_stage
-from parallel.tensor_parallel import _install_vit_row_padding, check_tp_divisibility, pad_microbatch
+from parallel.tensor_parallel import check_tp_divisibility, pad_microbatch, register_vit_row_padding
 
 
 # ------------------------------------------------------------------------------------------ config
 def test_config_from_dict_is_strict_and_validates():
     cfg = ParallelConfig.from_dict({"tp": 2, "pp": 2, "num_microbatches": 4, "mixed_precision": "bf16"})
     assert (cfg.tp, cfg.pp, cfg.dp, cfg.num_microbatches) == (2, 2, -1, 4)
-    with pytest.raises(ValueError, match="unknown parallel config keys.*'tensor_parallel'"):
+    with pytest.raises(ValueError, match=r"unknown config key 'parallel.tensor_parallel'.*valid keys in section"):
         ParallelConfig.from_dict({"tensor_parallel": 2})
     for bad, match in [
         ({"tp": 0}, "parallel.tp=0"),
         ({"dp": 0}, "parallel.dp=0"),
-        ({"zero_stage": 2}, "zero_stage=2"),
+        ({"zero_stage": 2}, r"parallel.zero_stage: must be one of 1 \| 3, got 2"),
         ({"mixed_precision": "fp16"}, "mixed_precision"),
         ({"activation_checkpoint": "some"}, "activation_checkpoint"),
         ({"pp_first_stage_layers": 0}, "pp_first_stage_layers"),
@@ -67,6 +69,8 @@ def test_parallel_dims_fill_and_errors():
         ({"OMPI_COMM_WORLD_RANK": "6", "OMPI_COMM_WORLD_SIZE": "8", "OMPI_COMM_WORLD_LOCAL_RANK": "2",
           "MASTER_ADDR": "n1", "MASTER_PORT": "2"}, [], (6, 8, 2, "n1", 2, "openmpi")),
         ({"SLURM_PROCID": "9", "SLURM_NTASKS": "16", "SLURM_LOCALID": "1"}, [], (9, 16, 1, None, None, "slurm")),
+        ({"SLURM_PROCID": "1", "SLURM_NTASKS": "2", "SLURM_JOB_NODELIST": "n[7-8]", "SLURM_JOB_ID": "20001"}, [],
+         (1, 2, 0, "n7", 20001, "slurm")),
         ({}, [], (0, 1, 0, None, None, "none")),
     ],
 )
@@ -94,17 +98,24 @@ def test_stage_layer_ids_explicit_auto_and_errors():
     assert sum(map(len, ids)) == 28 and len(ids[0]) == k_vis
 
 
-def test_prune_to_stage_keeps_names_and_unties_head_copy():
+def test_prune_to_stage_keeps_names_and_the_tied_head_as_the_embedding():
     torch.manual_seed(0)
     full = Qwen2VL(tiny_config(tie=True))
     ids = stage_layer_ids(full.cfg, 2, 1)
     s0 = prune_to_stage(copy.deepcopy(full), 0, ids)
     s1 = prune_to_stage(copy.deepcopy(full), 1, ids)
     assert s0.lm_head is None and s0.norm is None and list(s0.layers) == ["0"]
-    assert s1.visual is None and s1.embed_tokens is None and list(s1.layers) == ["1", "2", "3"]
-    names = {n for n, _ in s0.named_parameters()} | {n for n, _ in s1.named_parameters()}
+    assert s1.visual is None and list(s1.layers) == ["1", "2", "3"]
+    # The last stage of a tied model keeps the embedding as its head: the same FQN as stage 0's copy, so its
+    # optimizer state and checkpoint keys are the embedding's under every layout.
+    assert s1.lm_head.weight is s1.embed_tokens.weight
+    assert [n for n, p in s1.named_parameters() if p is s1.lm_head.weight] == ["embed_tokens.weight"]
+    names = {n for n, _ in s0.named_parameters()} | {n for n, _ in s1.named_parameters(remove_duplicate=False)}
     assert names == set(dict(full.named_parameters(remove_duplicate=False)))
     assert torch.equal(s1.lm_head.weight, full.embed_tokens.weight)
+    # Untied: the last stage holds no embedding.
+    untied = Qwen2VL(tiny_config())
+    assert prune_to_stage(untied, 1, stage_layer_ids(untied.cfg, 2, 1)).embed_tokens is None
 
 
 def test_check_tp_divisibility_names_the_values():
@@ -126,10 +137,10 @@ def test_pad_microbatch_is_a_separate_unsupervised_segment():
         padded.validate()
         assert padded.cu_seqlens[:-1].tolist() == mb.cu_seqlens.tolist()
         with torch.no_grad():
-            a, na = model(**mb.model_inputs())
-            b, nb = model(**padded.model_inputs())
-            h_a = model(**{**mb.model_inputs(), "labels": None})
-            h_b = model(**{**padded.model_inputs(), "labels": None})
+            a, na = model_loss(model, mb.labels, **mb.model_inputs())
+            b, nb = model_loss(model, padded.labels, **padded.model_inputs())
+            h_a = model(**mb.model_inputs())
+            h_b = model(**padded.model_inputs())
         assert int(na) == int(nb)
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
         # Real tokens see exactly what they saw before: the padding attends to nothing else.
@@ -143,7 +154,7 @@ def test_vit_row_padding_leaves_real_rows_unchanged(multiple):
     mb = global_batch(0, 1)[0]
     grid = mb.image_grid_thw
     ref_visual = copy.deepcopy(model.visual)
-    _install_vit_row_padding(model.visual, multiple)
+    register_vit_row_padding(model.visual, multiple)
     seen = []
     model.visual.patch_embed.register_forward_hook(lambda m, a, o: seen.append(o.shape[0]))
     with torch.no_grad():
@@ -161,6 +172,41 @@ def test_activation_checkpointing_selection():
     assert done == ["visual.blocks.0", "layers.0", "layers.2"]
     model = Qwen2VL(tiny_config())
     done = apply_activation_checkpointing(model, ParallelConfig(activation_checkpoint="full"))
-    assert len(done) == 6 and all(model.layers[n]._parallel_ac == "full" for n in model.layers)
+    assert len(done) == 6
     # Names are untouched (no wrapper module in the path).
     assert {n for n, _ in model.named_parameters()} == {n for n, _ in Qwen2VL(tiny_config()).named_parameters()}
+
+
+class _CountOps(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.counts: dict = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.counts[func] = self.counts.get(func, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("mode", ["none", "full", "op"])
+def test_activation_checkpointing_recomputes_in_backward(mode):
+    """A checkpointed block runs again in backward: the decoder's SiLU (never saved) runs twice per layer, the
+    matmuls run twice under full recompute and once under per-op selective recompute (their outputs are
+    saved); the gradients equal the un-checkpointed model's."""
+    torch.manual_seed(0)
+    ref = Qwen2VL(tiny_config())
+    model = copy.deepcopy(ref)
+    ac = {"none": "none", "full": "full", "op": "selective"}[mode]
+    apply_activation_checkpointing(model, ParallelConfig(activation_checkpoint=ac, ac_selective="op"))
+    mb = global_batch(0, 1)[0]
+    counts = []
+    for m in (ref, model):
+        with _CountOps() as c:
+            model_loss(m, mb.labels, **mb.model_inputs())[0].backward()
+        counts.append(c.counts)
+    silu, mm = torch.ops.aten.silu.default, torch.ops.aten.mm.default
+    layers = tiny_config().text.num_layers
+    assert counts[1][silu] - counts[0][silu] == (0 if mode == "none" else layers)
+    extra_mm = counts[1].get(mm, 0) - counts[0].get(mm, 0)
+    assert (extra_mm > 0) == (mode == "full"), (mode, extra_mm)
+    for (n, a), (_, b) in zip(ref.named_parameters(), model.named_parameters()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-5, atol=1e-7, msg=n)

@@ -18,7 +18,7 @@ from storage_helpers import BUCKET, storage_cfg
 
 from data.config import DataConfig, DatasetSpec
 from data.loader import build_loader
-from data.shards import main as shards_main
+from data.shards.__main__ import main as shards_main
 from data.storage import reset_storage_metrics, storage_metrics
 
 

@@ -17,7 +17,6 @@ import pytest
 from fault_proxy import FaultPlan
 from storage_helpers import BUCKET, FAKE_CREDENTIALS, storage_cfg
 
-from data import storage_oss, storage_s3
 from data.storage import (
     LocalStorage,
     ObjectNotFoundError,
@@ -28,8 +27,11 @@ from data.storage import (
     reset_storage_metrics,
     storage_metrics,
 )
-from data.storage_errors import scrub
-from data.storage_retry import RequestGate
+from data.storage.base import ObjectStore
+from data.storage.errors import scrub
+from data.storage.oss import OssStorage
+from data.storage.retry import RequestGate
+from data.storage.s3 import S3Storage
 
 SCHEMES = ["s3", "oss"]
 
@@ -96,7 +98,7 @@ def test_object_store_api(scheme, objects, s3_admin, make_proxy, monkeypatch):
         assert st.read_range(url, 0, 0) == b""
     assert not st.exists(f"{scheme}://{BUCKET}/objs/missing.bin")
     # Listing pages: a small page size forces several requests and continuation tokens / markers.
-    monkeypatch.setattr(storage_s3 if scheme == "s3" else storage_oss, "LIST_PAGE", 2)
+    monkeypatch.setattr(S3Storage if scheme == "s3" else OssStorage, "LIST_PAGE", 2)
     expect = sorted(f"{scheme}://{BUCKET}/{k}" for k in objects)
     assert st.list(f"{scheme}://{BUCKET}/objs/") == expect
     assert st.list(f"{scheme}://{BUCKET}/objs/sub") == [f"{scheme}://{BUCKET}/objs/sub/x.bin"]
@@ -148,8 +150,8 @@ def test_broken_body_resumes_where_it_stopped(scheme, objects, make_proxy):
     that arrived) with If-Match on the first ETag, and the bytes are stitched correctly."""
     key = "objs/blob3.bin"
     data = objects[key]
-    chunk = storage_s3._CHUNK
-    assert chunk == storage_oss._CHUNK
+    chunk = ObjectStore.CHUNK  # one chunk size for both services (the shared base)
+    assert S3Storage.CHUNK == OssStorage.CHUNK == chunk
     px = make_proxy(FaultPlan(reset_at_bytes=200_000, cut_with_fin=True), oss_dialect=(scheme == "oss"))
     st = _backend(scheme, px)
     reset_storage_metrics()

@@ -15,12 +15,11 @@ from train.checkpoint import (
     CheckpointManager,
     Layout,
     checkpoint_keys,
-    from_bytes,
     latest_complete,
     list_complete,
     resolve_checkpoint,
-    to_bytes,
 )
+from train.state import BlobState
 
 
 @pytest.fixture(autouse=True)
@@ -34,13 +33,13 @@ def state(step: int) -> dict:
         "model.w": torch.randn(8, 4, generator=g),
         "optim.w.exp_avg": torch.randn(8, 4, generator=g),
         "trainer": {"step": step, "skipped_steps": 0},
-        "loader.dp0": to_bytes({"consumed": step * 3, "buffers": ["a/0", "a/1"]}),
+        "loader": BlobState("dp0", {"consumed": step * 3, "buffers": ["a/0", "a/1"]}),
     }
 
 
 def blank() -> dict:
     return {"model.w": torch.zeros(8, 4), "optim.w.exp_avg": torch.zeros(8, 4),
-            "trainer": {"step": 0, "skipped_steps": 0}, "loader.dp0": None}
+            "trainer": {"step": 0, "skipped_steps": 0}, "loader": BlobState("dp0")}
 
 
 def test_save_publish_and_load(tmp_path):
@@ -57,7 +56,7 @@ def test_save_publish_and_load(tmp_path):
     ref = state(3)
     assert torch.equal(got["model.w"], ref["model.w"]) and torch.equal(got["optim.w.exp_avg"], ref["optim.w.exp_avg"])
     assert got["trainer"] == {"step": 3, "skipped_steps": 0}
-    assert from_bytes(got["loader.dp0"]) == {"consumed": 9, "buffers": ["a/0", "a/1"]}
+    assert got["loader"].value == {"consumed": 9, "buffers": ["a/0", "a/1"]}
     assert resolve_checkpoint(tmp_path) == p and resolve_checkpoint(tmp_path.parent / tmp_path.name) == p
 
 
@@ -115,8 +114,11 @@ def test_async_save_publishes_after_the_write(tmp_path):
     assert torch.equal(got["model.w"], state(5)["model.w"])
 
 
-def test_bytes_round_trip():
-    obj = {"a": torch.arange(3), "b": [1, "x"]}
-    back = from_bytes(to_bytes(obj))
-    assert torch.equal(back["a"], obj["a"]) and back["b"] == [1, "x"]
-    assert from_bytes(io.BytesIO(to_bytes(5).getvalue())) == 5
+def test_blob_values_round_trip_as_plain_data(tmp_path):
+    m = CheckpointManager(tmp_path, Layout(), keep_last=0)
+    obj = {"a": torch.arange(3), "b": [1, "x"], "c": (2, None)}
+    m.save(1, {"blob": BlobState("k", obj)}, "")
+    got = {"blob": BlobState("k")}
+    m.load(tmp_path / "step_00000001", got)
+    assert torch.equal(got["blob"].value["a"], obj["a"]) and got["blob"].value["b"] == [1, "x"]
+    assert got["blob"].value["c"] == (2, None)

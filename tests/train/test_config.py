@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from train.cfgparse import ConfigError, field_docs, iter_fields
+from core.config import ConfigError, field_docs, iter_fields
 from train.config import JobConfig, load_config
 from train.config_doc import BEGIN, DOC, END, config_reference
 

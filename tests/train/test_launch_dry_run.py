@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from launch.env import first_host, resolve_env, strip_local_rank
+from parallel.launcher import export_launch_env, first_host, resolve_launch_env, strip_local_rank
 from model.config import get_preset
 from train.config import load_config
 from train.dry_run import dry_run, local_numel
@@ -23,17 +23,18 @@ def test_deepspeed_local_rank_argument_is_stripped_and_checked():
     # What `deepspeed --num_gpus 2 --module train ...` gives rank 1 (observed from deepspeed 0.19 on CPU).
     env = {"RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29611",
            "CROSS_RANK": "0", "LOCAL_SIZE": "2"}
-    argv, launcher = resolve_env(["--local_rank=1", "recipes/tiny/stage1.yaml", "train.steps=2"], env)
-    assert launcher == "deepspeed" and argv == ["recipes/tiny/stage1.yaml", "train.steps=2"]
+    launch = resolve_launch_env(env, ["--local_rank=1", "recipes/tiny/stage1.yaml", "train.steps=2"])
+    assert (launch.launcher, launch.rank, launch.local_rank) == ("deepspeed", 1, 1)
     with pytest.raises(ValueError, match="--local_rank=0 disagrees with LOCAL_RANK=1"):
-        resolve_env(["--local_rank=0", "r.yaml"], dict(env))
+        resolve_launch_env(env, ["--local_rank=0", "r.yaml"])
 
 
 def test_slurm_without_torchrun():
     env = {"SLURM_PROCID": "9", "SLURM_NTASKS": "16", "SLURM_LOCALID": "1", "SLURM_JOB_ID": "123456",
            "SLURM_JOB_NODELIST": "gpu[003-004,017]"}
-    argv, launcher = resolve_env(["r.yaml"], env)
-    assert launcher == "slurm" and argv == ["r.yaml"]
+    launch = resolve_launch_env(env, ["r.yaml"])
+    assert launch.launcher == "slurm"
+    export_launch_env(launch, env)
     assert (env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"]) == ("9", "16", "1")
     assert env["MASTER_ADDR"] == "gpu003" and env["MASTER_PORT"] == str(20000 + 123456 % 20000)
     assert first_host("node17") == "node17" and first_host("a[1-2],b3") == "a1"
@@ -42,14 +43,17 @@ def test_slurm_without_torchrun():
 def test_mpi_and_single_process():
     env = {"OMPI_COMM_WORLD_RANK": "3", "OMPI_COMM_WORLD_SIZE": "4", "OMPI_COMM_WORLD_LOCAL_RANK": "3"}
     with pytest.raises(ValueError, match="MASTER_ADDR"):
-        resolve_env([], dict(env))
+        resolve_launch_env(env, [])
     env["MASTER_ADDR"] = "h0"
-    _, launcher = resolve_env([], env)
-    assert launcher == "mpi" and env["RANK"] == "3" and env["MASTER_PORT"] == "29500"
+    launch = resolve_launch_env(env, [])
+    export_launch_env(launch, env)
+    assert launch.launcher == "openmpi" and env["RANK"] == "3" and env["MASTER_PORT"] == "29500"
     single: dict[str, str] = {}
-    assert resolve_env(["r.yaml"], single) == (["r.yaml"], "single") and "RANK" not in single
+    launch = resolve_launch_env(single, ["r.yaml"])
+    export_launch_env(launch, single)
+    assert launch.launcher == "none" and "RANK" not in single
     with pytest.raises(ValueError, match="RANK=5 is outside WORLD_SIZE=2"):
-        resolve_env([], {"RANK": "5", "WORLD_SIZE": "2", "MASTER_ADDR": "x", "MASTER_PORT": "1"})
+        resolve_launch_env({"RANK": "5", "WORLD_SIZE": "2", "MASTER_ADDR": "x", "MASTER_PORT": "1"}, [])
 
 
 def test_launch_scripts_are_valid_shell():

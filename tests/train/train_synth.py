@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from data.batch import PATCH_DIM, PackedBatch
+from core.batch import PATCH_DIM, PackedBatch
 from model.config import IMAGE_PAD_ID, VISION_END_ID, VISION_START_ID
 from model.position_ids import packed_mrope_position_ids
 

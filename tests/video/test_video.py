@@ -14,8 +14,9 @@ import pytest
 import torch
 from video_clips import encode_clip, qwen_fetch_video_plan
 
-from data import video as video_mod
-from data.video import VideoClip, VideoConfig, VideoDecodeError, decode_frames, load_video, plan_sampling
+from data.media import video as video_mod
+from data.media.video import VideoClip, VideoConfig, VideoDecodeError, decode_frames, plan_sampling
+from data.media.video_cache import load_video
 
 TOTAL_PIXELS = 16384 * 28 * 28  # max_tokens=16384 stated as qwen-vl-utils' total_pixels
 
@@ -103,8 +104,8 @@ def test_pixel_rows_match_transformers_processor():
 
 @pytest.mark.parametrize("nframes", [4, 3])
 def test_fast_rows_equal_vision_normalize_patchify(nframes):
-    """frames_to_rows (uint8 patchify, in-place normalize) == data.vision.patchify(normalize(...))."""
-    from data.vision import normalize, patchify
+    """frames_to_rows (uint8 patchify, in-place normalize) == data.media.vision.patchify(normalize(...))."""
+    from data.media.vision import normalize, patchify
 
     sf = decode_frames(encode_clip(320, 180, 45, 30), VideoConfig())
     frames = sf.frames_FHWC[:nframes]

@@ -17,8 +17,11 @@ import pytest
 import torch
 from video_clips import encode_clip
 
-from data import video_cache as vc
-from data.video import VideoConfig, VideoDecodeError, decode_frames, load_video
+from data.media import video_cache as vc
+from data.media.video import VideoConfig, VideoDecodeError, decode_frames
+from data.media.video_cache import load_video
+from data.shards import index_dir
+from data.shards.__main__ import main as shards_main
 
 
 @pytest.fixture(autouse=True)
@@ -235,7 +238,8 @@ def test_warm_cli_fills_the_cache_the_loader_reads(tmp_path):
     )
     (ds / "shard-000001.tar").write_bytes(_tar_bytes({"c.json": msg("broken.mp4").encode(), "c.broken.mp4": b"xx"}))
     cache_dir = tmp_path / "cache"
-    rc = vc.main(["warm", "--data", str(ds), "--cache-dir", str(cache_dir), "--workers", "1"])
+    index_dir(str(ds))  # the loader (and so warm) reads shards through their sidecar indexes
+    rc = shards_main(["warm", "--data", str(ds), "--cache-dir", str(cache_dir), "--workers", "1"])
     assert rc == 0
     m = vc.cache_metrics()
     assert m["decodes"] == 3 and m["writes"] == 2

@@ -14,13 +14,13 @@ floor can exceed the budget on long videos. There qwen-vl-utils overshoots; we k
 count is lowered (an even number of evenly spaced frames, i.e. a lower effective fps) until the tokens fit, and
 `fps_used` records the rate actually sampled. Frames are resized with PIL bicubic (antialiased like the
 torchvision resize qwen-vl-utils uses; measured difference <= 2/255, see docs/storage_video.md), then
-CLIP-normalized and patchified by data.vision (transformers' row order).
+CLIP-normalized and patchified by data.media.vision (transformers' row order).
 
 Decoding: backend "pyav" (default: in-process, bundled FFmpeg, frame-threaded) or "ffmpeg" (the imageio-ffmpeg
 binary in a subprocess). Every decode runs under a wall-clock watchdog (`decode_timeout_s`); a corrupt,
 truncated, zero-length, over-reporting (header claims frames the stream does not hold) or timed-out video
 raises VideoDecodeError, which the loader counts as a skip. Decoded, sampled, resized uint8 frames can be
-cached on local disk (data/video_cache.py) so a video is decoded once per node.
+cached on local disk (data/media/video_cache.py) so a video is decoded once per node.
 """
 
 from __future__ import annotations
@@ -33,12 +33,13 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 import torch
 from PIL import Image
 
-from data.vision import FACTOR, TEMPORAL_PATCH_SIZE, AspectRatioError, smart_resize, video_rows_raw
+from data.media.vision import FACTOR, TEMPORAL_PATCH_SIZE, AspectRatioError, smart_resize, video_rows_raw
 from model.config import VisionConfig
 from model.vision import normalize_pixel_rows
 
@@ -73,7 +74,7 @@ class VideoConfig:
     max_tokens: int = 16384
     """Hard cap on merged tokens per video (t/2 * h/28 * w/28): sets the per-video pixel budget
     (max_tokens * 28 * 28) and, when the per-frame minimum would still exceed it, lowers the frame count."""
-    backend: str = "pyav"
+    backend: Literal["pyav", "ffmpeg"] = "pyav"
     """Decoder: "pyav" (in-process, default) or "ffmpeg" (imageio-ffmpeg binary, a subprocess)."""
     decode_threads: int = 0
     """FFmpeg decoding threads per video; 0 = FFmpeg's choice (all cores). Use 1-2 with many DataLoader
@@ -84,7 +85,7 @@ class VideoConfig:
     """A header may claim at most this fraction more frames than the stream holds before the video counts as
     over-reporting (a few frames of slack are common in real files)."""
     cache_dir: str | None = None
-    """Local directory for the decode cache (data/video_cache.py); None = no cache."""
+    """Local directory for the decode cache (data/media/video_cache.py); None = no cache."""
     cache_max_bytes: int = 50 * 1024**3
     """Size cap of the cache directory; least recently used entries are evicted past it."""
     cache_trust_identity: bool = False
@@ -426,9 +427,9 @@ def decode_frames(data: bytes, cfg: VideoConfig) -> SampledFrames:
 
 
 def frames_to_rows(frames_FHWC: np.ndarray) -> tuple[torch.Tensor, tuple[int, int, int]]:
-    """uint8 frames -> the processor's float32 pixel rows (N, P) and grid; the same values as data.vision's
+    """uint8 frames -> the processor's float32 pixel rows (N, P) and grid; the same values as data.media.vision's
     patchify(normalize(frames)) (equal to within 1e-6). The loader ships the raw rows instead
-    (data.vision.video_rows_raw); this is for callers that want the processor's floats."""
+    (data.media.vision.video_rows_raw); this is for callers that want the processor's floats."""
     rows_u8, grid = video_rows_raw(frames_FHWC)
     return normalize_pixel_rows(rows_u8, VisionConfig()), grid
 
@@ -438,15 +439,3 @@ def frames_to_clip(sf: SampledFrames) -> VideoClip:
     rearrangement of bytes (normalization happens on the device)."""
     rows_u8, grid = video_rows_raw(sf.frames_FHWC)
     return VideoClip(rows_u8, grid, float(sf.fps_used), list(sf.frame_indices))
-
-
-def load_video(data: bytes, cfg: VideoConfig, identity: str | None = None) -> VideoClip:
-    """The loader's entry point: bytes of a video file -> VideoClip. `identity` (e.g. the storage ETag of the
-    object) keys the decode cache; None = the content hash. Raises VideoDecodeError for unusable videos."""
-    if cfg.cache_dir:
-        from data.video_cache import get_cache
-
-        sf = get_cache(cfg).get_or_decode(data, cfg, identity)
-    else:
-        sf = decode_frames(data, cfg)
-    return frames_to_clip(sf)

@@ -2,7 +2,7 @@
 
 Shape legend: F = frames, C = channels (3), H/W = resized height/width, P = 3 * 2 * 14 * 14 pixel-row length.
 
-These are pure functions with no I/O; data/image.py (images) and data/video.py (videos) build on them.
+These are pure functions with no I/O; data/media/image.py (images) and data/media/video.py (videos) build on them.
 """
 
 from __future__ import annotations

@@ -1,17 +1,23 @@
-"""Strict dataclass <-> YAML machinery behind the recipe config (train/config.py).
+"""Strict dataclass <-> YAML machinery: the one config mechanism of train/, data/, parallel/ and the CLIs.
 
-What it guarantees, because a mistyped key in a 72B recipe must fail on the laptop and not after the job
-waited a day in the queue:
-- every key of a recipe or of a `dotted.key=value` override must name a field; otherwise a `ConfigError`
-  names the key, the closest valid key ("did you mean ...?") and all valid keys of that section;
+Every section of a recipe is a plain dataclass with a docstring under each field (torchtitan style); this
+module turns YAML (and `dotted.key=value` overrides) into those dataclasses and guarantees, because a mistyped
+key in a 72B recipe must fail on the laptop and not after the job waited a day in the queue:
+- every key must name a field; otherwise a `ConfigError` names the key, the closest valid key ("did you
+  mean ...?") and all valid keys of that section;
 - every value is checked against the field's annotation (int, float, bool, str, Literal, Optional, list,
-  tuple, dict, nested dataclasses); a wrong type names the key, the expected type and the value;
+  tuple, dict, nested dataclasses, lists of dataclasses); a wrong type names the key, the expected type and
+  the value; floats must be finite (NaN or inf anywhere is an error, never a silently disabled feature);
+- after a dataclass is built, its own `__post_init__` / `validate()` checks run and their ValueError becomes a
+  ConfigError naming the section;
 - precedence is CLI override > recipe file(s) > dataclass defaults; recipes may list `base:` files that they
-  extend (paths relative to the recipe), so recipes only select and override;
+  extend (paths relative to the recipe), so recipes only select and override; a key written twice in one YAML
+  mapping is an error (PyYAML would keep the last one silently);
 - `${NAME}` / `${NAME:-default}` in string values expand from the environment (an unset variable without a
-  default is an error naming it), so cluster recipes can take paths from the job's environment;
-- field documentation is the docstring written under each field (torchtitan style) and is read from the
-  source with `ast`, for `--help-config` and docs/train.md.
+  default is an error naming it). A value that is exactly one reference is read like a YAML literal
+  (`steps: ${STEPS}` gives an int). Where each expanded value came from is recorded, so a saved config
+  writes the reference back instead of the value (secrets in the environment never land in config.yaml);
+- field documentation is read from the source with `ast`, for `--help-config` and the generated docs.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import copy
 import dataclasses
 import difflib
 import inspect
+import math
 import os
 import re
 import textwrap
@@ -34,7 +41,7 @@ import yaml
 
 
 class ConfigError(ValueError):
-    """A recipe or override that does not match the config schema."""
+    """A recipe, override or value that does not match the config schema (the message says what to change)."""
 
 
 # ------------------------------------------------------------------------------------------ key errors
@@ -51,22 +58,44 @@ def unknown_key_error(path: str, key: str, valid: list[str]) -> ConfigError:
 
 
 # ------------------------------------------------------------------------------------------ typing helpers
-def _type_name(tp: Any) -> str:
+def type_name(tp: Any) -> str:
+    """A short readable name of an annotation: 'int | null', "'fp32' | 'bf16'", 'list[str]'."""
     origin = typing.get_origin(tp)
     if origin is Literal:
         return " | ".join(repr(a) for a in typing.get_args(tp))
     if origin in (Union, types.UnionType):
-        return " | ".join(_type_name(a) for a in typing.get_args(tp))
+        return " | ".join(type_name(a) for a in typing.get_args(tp))
     if origin is not None:
-        args = ", ".join(_type_name(a) for a in typing.get_args(tp))
+        args = ", ".join(type_name(a) for a in typing.get_args(tp))
         return f"{getattr(origin, '__name__', str(origin))}[{args}]"
     if tp is type(None):
         return "null"
     return getattr(tp, "__name__", str(tp))
 
 
-def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
+def strip_optional(tp: Any) -> Any:
+    """`X | None` -> X (anything else unchanged)."""
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return tp
+
+
+def _init_fields(cls: type) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls) if f.init]
+
+
+class EnvValue(str):
+    """A string that came from an environment variable in full (`${NAME}`): a numeric or boolean field reads it
+    like a YAML literal."""
+
+
+def _literal(value: str) -> Any:
+    try:
+        return yaml.load(value, Loader=RecipeLoader) if value.strip() else value
+    except yaml.YAMLError:
+        return value
 
 
 def coerce(value: Any, tp: Any, path: str) -> Any:
@@ -75,7 +104,9 @@ def coerce(value: Any, tp: Any, path: str) -> Any:
     Raises ConfigError naming `path`, the expected type and the value.
     """
     origin = typing.get_origin(tp)
-    bad = ConfigError(f"{path}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+    if isinstance(value, EnvValue) and strip_optional(tp) in (int, float, bool):
+        value = _literal(value)
+    bad = ConfigError(f"{path}: expected {type_name(tp)}, got {value!r} ({type(value).__name__})")
     if tp is Any:
         return value
     if origin in (Union, types.UnionType):
@@ -97,10 +128,11 @@ def coerce(value: Any, tp: Any, path: str) -> Any:
             raise errors[0]
         raise bad
     if origin is Literal:
-        if value in typing.get_args(tp):
+        if value in typing.get_args(tp) and not (isinstance(value, bool) and not any(
+                isinstance(a, bool) for a in typing.get_args(tp))):
             return value
         hint = suggest(str(value), [str(a) for a in typing.get_args(tp)])
-        raise ConfigError(f"{path}: must be one of {_type_name(tp)}, got {value!r}{hint}")
+        raise ConfigError(f"{path}: must be one of {type_name(tp)}, got {value!r}{hint}")
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
@@ -115,7 +147,7 @@ def coerce(value: Any, tp: Any, path: str) -> Any:
             if len(args) == 2 and args[1] is Ellipsis:
                 return tuple(coerce(v, args[0], f"{path}[{i}]") for i, v in enumerate(value))
             if len(args) != len(value):
-                raise ConfigError(f"{path}: expected {len(args)} values ({_type_name(tp)}), got {list(value)!r}")
+                raise ConfigError(f"{path}: expected {len(args)} values ({type_name(tp)}), got {list(value)!r}")
             return tuple(coerce(v, a, f"{path}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
         (elem,) = args or (Any,)
         return [coerce(v, elem, f"{path}[{i}]") for i, v in enumerate(value)]
@@ -136,11 +168,13 @@ def coerce(value: Any, tp: Any, path: str) -> Any:
         raise bad
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise ConfigError(f"{path}: must be a finite number, got {value!r}")
             return float(value)
         raise bad
     if tp is str:
         if isinstance(value, str):
-            return value
+            return str(value)
         raise bad
     if isinstance(tp, type) and isinstance(value, tp):
         return value
@@ -148,77 +182,63 @@ def coerce(value: Any, tp: Any, path: str) -> Any:
 
 
 def from_dict(cls: type, data: Mapping[str, Any], path: str = "") -> Any:
-    """Build dataclass `cls` from a mapping, strictly: unknown keys and wrong types raise ConfigError.
-
-    A nested dataclass that defines its own `from_dict` classmethod (e.g. the loader's DataConfig and the
-    engine's ParallelConfig) is built by it, after the same unknown-key check, so its own validation runs.
-    """
+    """Build dataclass `cls` from a mapping, strictly: unknown keys and wrong types raise ConfigError, then the
+    dataclass's own checks (`__post_init__`, `validate()`) run and their ValueError becomes a ConfigError."""
     if not isinstance(data, Mapping):
         raise ConfigError(f"{path or 'config'}: expected a mapping of keys, got {data!r}")
-    hints = _hints(cls)
-    names = [f.name for f in dataclasses.fields(cls) if f.init]
+    hints = typing.get_type_hints(cls)
+    names = _init_fields(cls)
     for key in data:
         if key not in names:
             raise unknown_key_error(path, str(key), names)
-    kwargs = {}
-    for name in names:
-        if name not in data:
-            continue
-        sub = f"{path}.{name}" if path else name
-        tp = hints[name]
-        value = data[name]
-        if dataclasses.is_dataclass(tp) and isinstance(value, Mapping) and "from_dict" in vars(tp):
-            _check_keys_deep(tp, value, sub)
-            try:
-                kwargs[name] = tp.from_dict(dict(value))
-            except (ValueError, TypeError, KeyError) as e:
-                raise ConfigError(f"{sub}: {e}") from e
-        else:
-            kwargs[name] = coerce(value, tp, sub)
+    kwargs = {name: coerce(data[name], hints[name], f"{path}.{name}" if path else name)
+              for name in names if name in data}
     try:
         obj = cls(**kwargs)
+        if callable(getattr(obj, "validate", None)):
+            obj.validate()
+    except ConfigError:
+        raise
     except (ValueError, TypeError) as e:
-        raise ConfigError(f"{path or 'config'}: {e}") from e
+        msg = str(e)
+        raise ConfigError(msg if not path or msg.startswith(path) else f"{path}: {msg}") from e
     return obj
 
 
-def _check_keys_deep(cls: type, data: Mapping[str, Any], path: str) -> None:
-    """Unknown-key check (with suggestions) through nested dataclass sections, without building them."""
-    hints = _hints(cls)
-    names = [f.name for f in dataclasses.fields(cls) if f.init]
-    for key, value in data.items():
-        if key not in names:
-            raise unknown_key_error(path, str(key), names)
-        tp = _strip_optional(hints[key])
-        if dataclasses.is_dataclass(tp) and isinstance(value, Mapping):
-            _check_keys_deep(tp, value, f"{path}.{key}")
-        args = typing.get_args(tp)
-        if typing.get_origin(tp) is list and args and dataclasses.is_dataclass(args[0]) and isinstance(value, list):
-            for i, item in enumerate(value):
-                if isinstance(item, Mapping):
-                    _check_keys_deep(args[0], item, f"{path}.{key}[{i}]")
-
-
 def to_dict(obj: Any) -> Any:
-    """Dataclass -> plain YAML-able structures (tuples become lists)."""
+    """Dataclass -> plain YAML-able structures (tuples become lists; fields with init=False are left out)."""
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj) if f.init}
     if isinstance(obj, Mapping):
         return {k: to_dict(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [to_dict(v) for v in obj]
     if isinstance(obj, Path):
         return str(obj)
+    if isinstance(obj, str):
+        return str(obj)
     return obj
 
 
 # ------------------------------------------------------------------------------------------ YAML + overrides
 class RecipeLoader(yaml.SafeLoader):
-    """yaml.SafeLoader that also reads 3e-4 / 1e6 as floats.
+    """yaml.SafeLoader that reads 3e-4 / 1e6 as floats and rejects a key written twice in one mapping.
 
     NOTE: PyYAML implements YAML 1.1, where a float needs a dot (3.0e-4); '3e-4' would silently stay a string,
     and learning rates are written exactly like that.
     """
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                where = f"lines {seen[key] + 1} and {key_node.start_mark.line + 1} of {key_node.start_mark.name}"
+                raise ConfigError(
+                    f"key {key!r} appears twice in one mapping ({where}); YAML would keep only the last: merge them"
+                )
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
 
 
 RecipeLoader.add_implicit_resolver(
@@ -230,9 +250,14 @@ RecipeLoader.add_implicit_resolver(
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
-def expand_env(value: Any, path: str = "") -> Any:
-    """Expand ${NAME} and ${NAME:-default} in every string of a nested structure."""
+def expand_env(value: Any, path: str = "", refs: dict[str, str] | None = None) -> Any:
+    """Expand ${NAME} and ${NAME:-default} in every string of a nested structure.
+
+    `refs` (when given) receives {dotted path: original string} for every value that held a reference, so the
+    saved config can write the reference instead of what it expanded to."""
     if isinstance(value, str):
+        if not _ENV.search(value):
+            return value
 
         def sub(m: re.Match) -> str:
             name, default = m.group(1), m.group(2)
@@ -242,12 +267,34 @@ def expand_env(value: Any, path: str = "") -> Any:
                 return default
             raise ConfigError(f"{path}: environment variable {name} is not set (or write ${{{name}:-default}})")
 
-        return _ENV.sub(sub, value)
+        out = _ENV.sub(sub, value)
+        if refs is not None:
+            refs[path] = value
+        return EnvValue(out) if _ENV.fullmatch(value) else out
     if isinstance(value, Mapping):
-        return {k: expand_env(v, f"{path}.{k}" if path else str(k)) for k, v in value.items()}
+        return {k: expand_env(v, f"{path}.{k}" if path else str(k), refs) for k, v in value.items()}
     if isinstance(value, list):
-        return [expand_env(v, f"{path}[{i}]") for i, v in enumerate(value)]
+        return [expand_env(v, f"{path}[{i}]", refs) for i, v in enumerate(value)]
     return value
+
+
+_PATH_PART = re.compile(r"([^.\[\]]+)|\[(\d+)\]")
+
+
+def restore_env_refs(data: Any, refs: Mapping[str, str]) -> Any:
+    """A copy of the plain dict `data` with every value named in `refs` replaced by its ${...} reference."""
+    out = copy.deepcopy(data)
+    for path, ref in refs.items():
+        parts = [int(m.group(2)) if m.group(2) is not None else m.group(1) for m in _PATH_PART.finditer(path)]
+        node = out
+        try:
+            for p in parts[:-1]:
+                node = node[p]
+            if isinstance(node, (dict, list)):
+                node[parts[-1]] = ref
+        except (KeyError, IndexError, TypeError):
+            continue  # a value the schema dropped or reshaped: nothing to hide there
+    return out
 
 
 def deep_merge(base: dict, over: Mapping) -> dict:
@@ -261,15 +308,22 @@ def deep_merge(base: dict, over: Mapping) -> dict:
     return out
 
 
+def _one_line(e: Exception) -> str:
+    return " ".join(str(e).split())
+
+
 def load_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
     """Read a recipe, resolving `base:` (a path or a list of paths, relative to the file) first."""
     p = Path(path).resolve()
     if p in _seen:
         raise ConfigError(f"recipe {p} includes itself through base: {' -> '.join(map(str, _seen))}")
     if not p.is_file():
-        raise ConfigError(f"recipe file not found: {path}")
-    with open(p) as f:
-        data = yaml.load(f, Loader=RecipeLoader) or {}
+        raise ConfigError(f"recipe file not found: {path} (working directory {Path.cwd()})")
+    try:
+        with open(p) as f:
+            data = yaml.load(f, Loader=RecipeLoader) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {_one_line(e)}") from e
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a recipe must be a mapping of sections, got {type(data).__name__}")
     bases = data.pop("base", None)
@@ -290,7 +344,7 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     try:
         value = yaml.load(raw, Loader=RecipeLoader) if raw.strip() else ""
     except yaml.YAMLError as e:
-        raise ConfigError(f"override {item!r}: value is not valid YAML: {e}") from e
+        raise ConfigError(f"override {item!r}: value is not valid YAML: {_one_line(e)}") from e
     return key.split("."), value
 
 
@@ -305,10 +359,10 @@ def apply_overrides(data: dict, overrides: list[str], schema: type) -> dict:
         for i, part in enumerate(parts):
             prefix = ".".join(parts[:i])
             if cls is not None and dataclasses.is_dataclass(cls):
-                names = [f.name for f in dataclasses.fields(cls) if f.init]
+                names = _init_fields(cls)
                 if part not in names:
                     raise unknown_key_error(prefix, part, names)
-                tp = _strip_optional(_hints(cls)[part])
+                tp = strip_optional(typing.get_type_hints(cls)[part])
                 cls = tp if dataclasses.is_dataclass(tp) else None
             if i == len(parts) - 1:
                 node[part] = value
@@ -319,14 +373,6 @@ def apply_overrides(data: dict, overrides: list[str], schema: type) -> dict:
                     node[part] = nxt
                 node = nxt
     return out
-
-
-def _strip_optional(tp: Any) -> Any:
-    if typing.get_origin(tp) in (Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if len(args) == 1:
-            return args[0]
-    return tp
 
 
 # ------------------------------------------------------------------------------------------ field docs
@@ -353,14 +399,14 @@ def field_docs(cls: type) -> dict[str, str]:
 
 def iter_fields(cls: type, prefix: str = ""):
     """Yield (dotted_key, type_name, default_repr, doc, is_section) for every field, depth first."""
-    hints = _hints(cls)
+    hints = typing.get_type_hints(cls)
     docs = field_docs(cls)
     for f in dataclasses.fields(cls):
         if not f.init:
             continue
         key = f"{prefix}{f.name}"
         tp = hints[f.name]
-        inner = _strip_optional(tp)
+        inner = strip_optional(tp)
         if dataclasses.is_dataclass(inner):
             yield key, inner.__name__, "", docs.get(f.name, ""), True
             yield from iter_fields(inner, key + ".")
@@ -368,7 +414,7 @@ def iter_fields(cls: type, prefix: str = ""):
         args = typing.get_args(inner)
         if typing.get_origin(inner) is list and args and dataclasses.is_dataclass(args[0]):
             # A list of sub-sections (e.g. data.datasets): document the element's fields as key[].field.
-            yield key, _type_name(tp), "[]", docs.get(f.name, ""), True
+            yield key, type_name(tp), "[]", docs.get(f.name, ""), True
             yield from iter_fields(args[0], key + "[].")
             continue
         if f.default is not dataclasses.MISSING:
@@ -377,4 +423,4 @@ def iter_fields(cls: type, prefix: str = ""):
             default = f.default_factory()
         else:
             default = "(required)"
-        yield key, _type_name(tp), repr(to_dict(default)), docs.get(f.name, ""), False
+        yield key, type_name(tp), repr(to_dict(default)), docs.get(f.name, ""), False

@@ -1,4 +1,4 @@
-"""Retries, request gating and counters shared by the object-store backends (data/storage_s3.py, storage_oss.py).
+"""Retries, request gating and counters shared by the object-store backends (data/storage/s3.py, oss.py).
 
 Why this layer owns retries instead of botocore / oss2: both clients retry (or not) with their own budgets and
 never tell us, so a loader could not report how often a bucket throttled it, and neither resumes a ranged
@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TypeVar
 
-from data.storage_errors import (
+from data.storage.errors import (
     ObjectChangedError,
     ObjectNotFoundError,
     StorageAccessDenied,

@@ -1,6 +1,6 @@
 """Local-disk cache of decoded videos: sampled, resized uint8 frames, so a video is decoded once per node.
 
-    python -m data.video_cache warm --data s3://bucket/videos-shards --cache-dir /local/vcache [--workers 8]
+    python -m data.shards warm --data s3://bucket/videos-shards --cache-dir /local/vcache [--workers 8]
 
 Key: sha256 of the video's identity and of every parameter that changes the frames (fps, min/max frames,
 min/max pixels, max tokens, frame-count tolerance, resize method, decoder backend and its version, entry format).
@@ -24,16 +24,13 @@ Concurrency (DataLoader workers and ranks of one node sharing the directory):
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import dataclasses
 import hashlib
 import json
 import logging
 import os
 import socket
 import struct
-import sys
 import threading
 import time
 import zlib
@@ -41,9 +38,18 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 
-from data.video import RESIZE_METHOD, SampledFrames, VideoConfig, VideoDecodeError, backend_version, decode_frames
+from data.media.video import (
+    RESIZE_METHOD,
+    SampledFrames,
+    VideoClip,
+    VideoConfig,
+    VideoDecodeError,
+    backend_version,
+    decode_frames,
+    frames_to_clip,
+)
 
-log = logging.getLogger("data.video_cache")
+log = logging.getLogger("data.media.video_cache")
 
 FORMAT_VERSION = 1
 _MAGIC = b"QVC1"
@@ -407,148 +413,9 @@ def _after_fork() -> None:
 os.register_at_fork(after_in_child=_after_fork)
 
 
-# ==================================================================== warm CLI
-VIDEO_EXTS = (".mp4", ".webm", ".mkv", ".mov", ".avi", ".m4v", ".ts", ".flv", ".mpeg", ".mpg")
-
-
-def _video_refs(obj: object) -> Iterator[str]:
-    """Every `{"type": "video", "video": REF}` (or `{"video": REF}`) reference in a sample's JSON."""
-    if isinstance(obj, dict):
-        ref = obj.get("video")
-        if isinstance(ref, str):
-            yield ref
-        for v in obj.values():
-            yield from _video_refs(v)
-    elif isinstance(obj, list):
-        for v in obj:
-            yield from _video_refs(v)
-
-
-def iter_shard_videos(shard_url: str, storage_cfg) -> Iterator[tuple[str, bytes]]:
-    """(name, bytes) of every video of a WebDataset shard: members with a video extension, and the videos its
-    samples' JSON references by URL or by a path relative to the shard's folder (read through data.storage)."""
-    import tarfile
-
-    from data.storage import get_storage
-
-    st = get_storage(shard_url, storage_cfg)
-    raw = st.read(shard_url)
-    root = shard_url.rsplit("/", 1)[0]
-    with tarfile.open(fileobj=__import__("io").BytesIO(raw), mode="r:") as tf:
-        members = {m.name: m for m in tf.getmembers() if m.isfile()}
-        for name, m in members.items():
-            if name.lower().endswith(VIDEO_EXTS):
-                f = tf.extractfile(m)
-                if f is not None:
-                    yield f"{shard_url}:{name}", f.read()
-            elif name.endswith(".json"):
-                f = tf.extractfile(m)
-                try:
-                    obj = json.loads(f.read()) if f is not None else None
-                except ValueError:
-                    continue
-                key = name[: -len(".json")]
-                for ref in _video_refs(obj):
-                    if ref in members or f"{key}.{ref}" in members:
-                        continue  # a member: handled above
-                    url = ref if ("://" in ref or os.path.isabs(ref)) else f"{root}/{ref}"
-                    try:
-                        yield url, get_storage(url, storage_cfg).read(url)
-                    except OSError as e:
-                        log.warning("warm: cannot read %s referenced by %s: %s", url, name, e)
-
-
-def _warm_shard(args: tuple) -> dict:
-    shard, vcfg, scfg = args
-    out: dict = {"videos": 0, "cached": 0, "decoded": 0, "failed": {}}
-    cache = get_cache(vcfg)
-    for name, data in iter_shard_videos(shard, scfg):
-        out["videos"] += 1
-        before = METRICS.snapshot()["decodes"]
-        try:
-            cache.get_or_decode(data, vcfg)
-        except VideoDecodeError as e:
-            out["failed"][e.reason] = out["failed"].get(e.reason, 0) + 1
-            log.warning("warm: %s: %s", name, e)
-            continue
-        if METRICS.snapshot()["decodes"] > before:
-            out["decoded"] += 1
-        else:
-            out["cached"] += 1
-    return out
-
-
-def list_shards(path: str, storage_cfg) -> list[str]:
-    """The .tar shards of a dataset path (local folder, s3:// or oss:// prefix), or the path if it is a shard."""
-    from data.storage import get_storage
-
-    if path.endswith(".tar"):
-        return [path]
-    prefix = path.rstrip("/") + "/"
-    st = get_storage(prefix, storage_cfg)
-    return [u for u in st.list(prefix) if u.endswith(".tar")]
-
-
-def warm(paths: list[str], vcfg: VideoConfig, storage_cfg=None, workers: int = 1) -> dict:
-    """Decode every video of the shards under `paths` into the cache (the loader's frames, the loader's keys)."""
-    import multiprocessing as mp
-
-    shards = [s for p in paths for s in list_shards(p, storage_cfg)]
-    if not shards:
-        raise ValueError(f"no .tar shards under {paths}")
-    jobs = [(s, vcfg, storage_cfg) for s in shards]
-    total: dict = {"shards": len(shards), "videos": 0, "cached": 0, "decoded": 0, "failed": {}}
-    if workers > 1:
-        with mp.get_context("spawn").Pool(workers) as pool:
-            results = list(pool.imap_unordered(_warm_shard, jobs))
-    else:
-        results = [_warm_shard(j) for j in jobs]
-    for r in results:
-        for k in ("videos", "cached", "decoded"):
-            total[k] += r[k]
-        for k, v in r["failed"].items():
-            total["failed"][k] = total["failed"].get(k, 0) + v
-    return total
-
-
-def main(argv: list[str] | None = None) -> int:
-    from data.storage import StorageConfig
-
-    ap = argparse.ArgumentParser(prog="python -m data.video_cache", description=__doc__.split("\n")[0])
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    w = sub.add_parser("warm", help="decode the videos of a dataset's shards into the cache ahead of training")
-    w.add_argument("--data", nargs="+", required=True, help="dataset paths (folder or s3:// / oss:// prefix) or shards")
-    w.add_argument("--cache-dir", required=True)
-    w.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) // 2))
-    vdef = VideoConfig()
-    for f in dataclasses.fields(VideoConfig):
-        if f.name in ("cache_dir",):
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        default = getattr(vdef, f.name)
-        if isinstance(default, bool):
-            w.add_argument(flag, type=lambda v: v.lower() in ("1", "true", "yes"), default=default)
-        elif f.name in ("backend",):
-            w.add_argument(flag, default=default)
-        else:
-            w.add_argument(flag, type=type(default), default=default)
-    w.add_argument("--endpoint-url", default=None, help="S3 endpoint for s3:// paths")
-    w.add_argument("--oss-endpoint", default=None, help="OSS endpoint for oss:// paths")
-    w.add_argument("--region", default=None)
-    a = ap.parse_args(argv)
-    kw = {f.name: getattr(a, f.name) for f in dataclasses.fields(VideoConfig) if f.name != "cache_dir"}
-    vcfg = VideoConfig(cache_dir=a.cache_dir, **kw)
-    scfg = StorageConfig(endpoint_url=a.endpoint_url, oss_endpoint=a.oss_endpoint, region=a.region)
-    t0 = time.monotonic()
-    r = warm(a.data, vcfg, scfg, a.workers)
-    dt = time.monotonic() - t0
-    print(
-        f"warm: {r['shards']} shards, {r['videos']} videos: {r['decoded']} decoded, {r['cached']} already cached, "
-        f"{sum(r['failed'].values())} failed {r['failed']} in {dt:.1f}s -> {a.cache_dir}"
-    )
-    return 0
-
-
-if __name__ == "__main__":
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    sys.exit(main())
+def load_video(data: bytes, cfg: VideoConfig, identity: str | None = None) -> VideoClip:
+    """The loader's entry point: bytes of a video file -> VideoClip, through the decode cache when
+    `cfg.cache_dir` is set. `identity` (e.g. the storage ETag of the object) keys the cache; None = the content
+    hash. Raises VideoDecodeError for unusable videos."""
+    sf = get_cache(cfg).get_or_decode(data, cfg, identity) if cfg.cache_dir else decode_frames(data, cfg)
+    return frames_to_clip(sf)

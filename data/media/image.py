@@ -4,7 +4,7 @@ Shape legend: H/W = resized height/width, C = 3 channels, N = patch rows, P = 11
 
 Pipeline per image, the same steps as transformers' Qwen2VLImageProcessorPil (and qwen-vl-utils):
 bytes -> PIL decode -> RGB (transparency composited onto white) -> smart_resize(h, w) -> PIL BICUBIC resize
--> uint8 (H, W, C). The packing buffer keeps this uint8 image; `data.vision.image_rows_raw` patchifies it into
+-> uint8 (H, W, C). The packing buffer keeps this uint8 image; `data.media.vision.image_rows_raw` patchifies it into
 raw uint8 rows (one frame per row) when the microbatch is assembled, and the model rescales, CLIP-normalizes
 and adds the temporal copy on the device (model.vision.normalize_pixel_rows): the float32 rows transformers'
 processor returns would be 8x the bytes through worker queues and host-to-device copies.
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from data.vision import AspectRatioError, smart_resize
+from data.media.vision import AspectRatioError, smart_resize
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 

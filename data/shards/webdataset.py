@@ -1,7 +1,6 @@
-"""WebDataset shards with a sidecar index per shard, and the CLI that makes them.
+"""The shard format: WebDataset tars with a sidecar index per shard, and a manifest (writing, indexing, reading).
 
-    python -m data.shards make --input FILE.jsonl --media DIR --out DIR [--samples-per-shard N] [--tokenizer DIR]
-    python -m data.shards index DIR [--tokenizer DIR]     # index shards written by other tools (webdataset etc.)
+Made by `python -m data.shards make` (data/shards/make.py) or indexed by `python -m data.shards index`.
 
 Layout of a dataset directory (or object-store prefix):
 
@@ -22,21 +21,18 @@ cannot contain dots (make replaces them).
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import os
 import re
-import sys
 import tarfile
 from collections import Counter
-from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
 
-from data.image import IMAGE_EXTS, image_size
-from data.vision import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, AspectRatioError, smart_resize
+from data.media.image import IMAGE_EXTS, image_size
+from data.media.vision import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, AspectRatioError, smart_resize
 
 INDEX_SUFFIX = ".index.json"
 MANIFEST = "dataset.json"
@@ -234,86 +230,6 @@ def split_sample(buf: bytes | memoryview, members: list[list]) -> dict[str, byte
     return {name: bytes(buf[off : off + size]) for name, off, size in members}
 
 
-# ---------------------------------------------------------------------------------------------- make
-def _walk_media(obj: dict) -> Iterable[dict]:
-    """Every image/video item dict of a sample (to embed or rewrite their references)."""
-    contents = [m.get("content") for m in obj.get("messages") or [] if isinstance(m, dict)]
-    contents.append(obj.get("content"))
-    for c in contents:
-        if isinstance(c, list):
-            for it in c:
-                if isinstance(it, dict) and any(k in it for k in ("image", "video")):
-                    yield it
-
-
-def make(input_path: str, media_dir: str, out_dir: str, samples_per_shard: int = 1000, tokenizer=None,
-         prefix: str = "shard") -> dict:
-    """JSONL + media folder -> shards, sidecar indexes and the manifest. Returns the manifest."""
-    os.makedirs(out_dir, exist_ok=True)
-    skipped: Counter = Counter()
-    indexes: list[dict] = []
-    writer: ShardWriter | None = None
-    used_keys: set[str] = set()
-
-    def close_shard() -> None:
-        nonlocal writer
-        if writer is not None:
-            writer.close()
-            indexes.append(index_shard_file(writer.path, tokenizer))
-            writer = None
-
-    with open(input_path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                skipped["malformed_json"] += 1
-                print(f"[make] line {lineno}: malformed JSON ({e}); skipped", file=sys.stderr)
-                continue
-            if not isinstance(obj, dict) or not ("messages" in obj or "content" in obj):
-                skipped["bad_format"] += 1
-                print(f"[make] line {lineno}: neither 'messages' nor 'content'; skipped", file=sys.stderr)
-                continue
-            key = str(obj.pop("__key__", None) or obj.get("id") or obj.get("key") or f"{lineno:09d}")
-            key = re.sub(r"[^A-Za-z0-9_-]", "_", key)
-            base, n = key, 1
-            while key in used_keys:
-                key, n = f"{base}_{n}", n + 1
-            used_keys.add(key)
-            members: dict[str, bytes] = {}
-            missing = None
-            for i, it in enumerate(_walk_media(obj)):
-                t = "image" if "image" in it else "video"
-                ref = it[t]
-                if not isinstance(ref, str) or "://" in ref:
-                    continue  # URLs stay references; the loader reads them through data.storage
-                path = ref if os.path.isabs(ref) else os.path.join(media_dir, ref)
-                if not os.path.isfile(path):
-                    missing = ref
-                    break
-                ext = os.path.splitext(path)[1].lower() or (".jpg" if t == "image" else ".mp4")
-                name = f"{'img' if t == 'image' else 'vid'}{i}{ext}"
-                with open(path, "rb") as mf:
-                    members[name] = mf.read()
-                it[t] = name
-            if missing is not None:
-                skipped["missing_media"] += 1
-                print(f"[make] line {lineno} (key {key}): media {missing!r} not found under {media_dir}; skipped",
-                      file=sys.stderr)
-                continue
-            members["json"] = json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode()
-            if writer is None:
-                writer = ShardWriter(os.path.join(out_dir, f"{prefix}-{len(indexes):06d}.tar"))
-            writer.write(key, members)
-            if writer.count >= samples_per_shard:
-                close_shard()
-    close_shard()
-    man = write_manifest(out_dir, indexes, {"skipped": dict(skipped)})
-    return man
-
-
 def index_dir(root: str, tokenizer=None) -> dict:
     """(Re)index every .tar of a local directory and write the manifest."""
     names = sorted(n for n in os.listdir(root) if n.endswith(".tar"))
@@ -321,38 +237,3 @@ def index_dir(root: str, tokenizer=None) -> dict:
         raise ValueError(f"no .tar shards in {root}")
     indexes = [index_shard_file(os.path.join(root, n), tokenizer) for n in names]
     return write_manifest(root, indexes)
-
-
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m data.shards", description=__doc__.split("\n\n")[0])
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    mk = sub.add_parser("make", help="JSONL + media folder -> shards + sidecar indexes + dataset.json")
-    mk.add_argument("--input", required=True, help="JSONL file, one sample per line")
-    mk.add_argument("--media", default=".", help="folder that relative image/video paths resolve against")
-    mk.add_argument("--out", required=True, help="output directory")
-    mk.add_argument("--samples-per-shard", type=int, default=1000)
-    mk.add_argument("--prefix", default="shard", help="shard file name prefix")
-    mk.add_argument("--tokenizer", default=None, help="tokenizer dir: exact text token counts in the index")
-    ix = sub.add_parser("index", help="write sidecar indexes + dataset.json for existing .tar shards")
-    ix.add_argument("dir")
-    ix.add_argument("--tokenizer", default=None)
-    args = ap.parse_args(argv)
-    tok = None
-    if args.tokenizer:
-        from data.tokenizer import Tokenizer
-
-        tok = Tokenizer(args.tokenizer)
-    if args.cmd == "make":
-        if args.samples_per_shard < 1:
-            ap.error("--samples-per-shard must be >= 1")
-        man = make(args.input, args.media, args.out, args.samples_per_shard, tok, args.prefix)
-        print(f"wrote {man['samples']} samples in {len(man['shards'])} shards to {args.out}; "
-              f"skipped: {man.get('skipped') or 'none'}")
-    else:
-        man = index_dir(args.dir, tok)
-        print(f"indexed {man['samples']} samples in {len(man['shards'])} shards under {args.dir}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -35,6 +35,8 @@ from dataclasses import dataclass, field, fields
 
 import torch
 
+IGNORE_INDEX = -100
+"""The label of a position that is not supervised (torch's cross_entropy default ignore_index)."""
 PATCH_DIM = 3 * 2 * 14 * 14
 IMAGE_ROW_DIM = 3 * 14 * 14  # a raw image row: one frame
 
@@ -58,7 +60,7 @@ class PackedBatch:
 
     @property
     def num_supervised(self) -> int:
-        return int((self.labels != -100).sum())
+        return int((self.labels != IGNORE_INDEX).sum())
 
     @property
     def num_patches(self) -> int:
@@ -92,10 +94,9 @@ class PackedBatch:
         return PackedBatch(**kw)
 
     def model_inputs(self) -> dict:
-        """Keyword arguments for model.qwen2_vl.Qwen2VL.forward."""
+        """Keyword arguments for model.qwen2_vl.Qwen2VL.forward (the labels go to the loss, not the model)."""
         return {
             "input_ids": self.input_ids,
-            "labels": self.labels,
             "position_ids": self.position_ids,
             "cu_seqlens": self.cu_seqlens,
             "max_seqlen": self.max_seqlen,

@@ -12,24 +12,12 @@ CRC is off and integrity of a stitched body rests on exact lengths plus If-Match
 from __future__ import annotations
 
 import os
-import re
 import threading
-from collections.abc import Iterator
 
-from data.storage import StorageConfig, split_url
-from data.storage_errors import (
-    ObjectNotFoundError,
-    StorageError,
-    install_log_scrubber,
-    register_secret,
-    scrub,
-    scrub_url,
-)
-from data.storage_retry import Failure, RetryingTransport, RetryPolicy, classify_http, get_gate
-
-_CHUNK = 64 << 10  # a broken body loses at most one chunk: resume starts at the last whole one
-LIST_PAGE = 1000  # keys per listing request (the services' maximum)
-_CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
+from data.storage.base import Body, ObjectStore
+from data.storage.config import StorageConfig
+from data.storage.errors import register_secret, scrub, scrub_url
+from data.storage.retry import Failure, classify_http
 
 
 def _classify(exc: BaseException) -> Failure | None:
@@ -59,13 +47,15 @@ def resolve_oss_endpoint(cfg: StorageConfig) -> str:
     return ep
 
 
-class OssStorage:
+class OssStorage(ObjectStore):
     """Alibaba Cloud OSS objects. Thread-safe; one instance per process and config (get_storage)."""
+
+    scheme = "oss"
 
     def __init__(self, cfg: StorageConfig):
         import oss2
 
-        self.cfg = cfg
+        super().__init__(cfg, _classify)
         self._endpoint = resolve_oss_endpoint(cfg)
         ak = os.environ.get("OSS_ACCESS_KEY_ID")
         sk = os.environ.get("OSS_ACCESS_KEY_SECRET")
@@ -89,12 +79,6 @@ class OssStorage:
         self._session = oss2.Session(pool_size=max(cfg.max_in_flight, 1))
         self._buckets: dict[str, oss2.Bucket] = {}
         self._lock = threading.Lock()
-        install_log_scrubber()
-        self._t = RetryingTransport(
-            RetryPolicy(cfg.max_retries, cfg.backoff_base_s, cfg.backoff_max_s),
-            get_gate(cfg.max_in_flight, cfg.max_requests_per_second),
-            _classify,
-        )
 
     def __repr__(self) -> str:
         return (
@@ -103,12 +87,9 @@ class OssStorage:
             f"max_requests_per_second={self.cfg.max_requests_per_second})"
         )
 
-    def _bucket(self, url: str):
+    def _bucket(self, bucket: str):
         import oss2
 
-        scheme, bucket, key = split_url(url)
-        if scheme != "oss":
-            raise ValueError(f"OssStorage got a {scheme}:// URL: {url!r}")
         with self._lock:
             b = self._buckets.get(bucket)
             if b is None:
@@ -123,79 +104,30 @@ class OssStorage:
                     region=self._region,
                 )
                 self._buckets[bucket] = b
-        return b, key
+        return b
 
-    def _open_body(self, url: str, whole: bool):
-        b, key = self._bucket(url)
+    def _get(self, bucket: str, key: str, byte_range: tuple[int, int | None] | None, etag: str | None) -> Body:
+        # "standard" range behaviour: an unsatisfiable range is a 416, not silently the whole object.
+        headers = {"x-oss-range-behavior": "standard"}
+        if etag is not None:
+            headers["If-Match"] = etag
+        res = self._bucket(bucket).get_object(key, byte_range=byte_range, headers=headers)
+        total = self.total_size(res.headers.get("Content-Range"), byte_range is not None, res.content_length)
 
-        def open_body(offset: int, end: int | None, etag: str | None) -> tuple[Iterator[bytes], int | None, str]:
-            # "standard" range behaviour: an unsatisfiable range is a 416, not silently the whole object.
-            headers = {"x-oss-range-behavior": "standard"}
-            if etag is not None:
-                headers["If-Match"] = etag
-            byte_range = None if (whole and offset == 0 and end is None) else (offset, end)
-            res = b.get_object(key, byte_range=byte_range, headers=headers)
-            total: int | None = None
-            m = _CONTENT_RANGE.match(res.headers.get("Content-Range", "") or "")
-            if m and m.group(3) != "*":
-                total = int(m.group(3))
-            elif byte_range is None and res.content_length is not None:
-                total = int(res.content_length)
-            tag = res.headers.get("ETag")
+        def chunks():
+            try:
+                if res.content_length == 0:  # oss2 already drained an empty body (see oss2.Bucket._do)
+                    return
+                yield from res.resp.response.iter_content(self.CHUNK)
+            finally:
+                res.resp.response.close()
 
-            def chunks() -> Iterator[bytes]:
-                try:
-                    if res.content_length == 0:  # oss2 already drained an empty body (see oss2.Bucket._do)
-                        return
-                    yield from res.resp.response.iter_content(_CHUNK)
-                finally:
-                    res.resp.response.close()
+        return chunks(), total, res.headers.get("ETag")
 
-            return chunks(), total, tag
+    def _list_page(self, bucket: str, prefix: str, token: str | None) -> tuple[list[str], str | None, bool]:
+        page = self._bucket(bucket).list_objects(prefix=prefix, marker=token or "", max_keys=self.LIST_PAGE)
+        return [o.key for o in page.object_list], page.next_marker or None, bool(page.is_truncated)
 
-        return open_body
-
-    def read(self, url: str) -> bytes:
-        return self._t.read_stream(url, 0, None, self._open_body(url, whole=True))
-
-    def read_range(self, url: str, start: int, length: int) -> bytes:
-        if start < 0 or length < 0:
-            raise ValueError(f"read_range {url}: start and length must be >= 0, got {start}, {length}")
-        if length == 0:
-            return b""
-        return self._t.read_stream(url, start, length, self._open_body(url, whole=False))
-
-    def list(self, prefix: str) -> list[str]:
-        b, key = self._bucket(prefix)
-        bucket = split_url(prefix)[1]
-        out: list[str] = []
-        marker = ""
-        while True:
-            page = self._t.call(
-                prefix, "list", lambda m=marker: b.list_objects(prefix=key, marker=m, max_keys=LIST_PAGE)
-            )
-            out.extend(f"oss://{bucket}/{o.key}" for o in page.object_list)
-            if not page.is_truncated:
-                break
-            if not page.next_marker:
-                raise StorageError(f"list {prefix}: truncated listing without a next marker")
-            marker = page.next_marker
-        return sorted(out)
-
-    def _head(self, url: str, missing_ok: bool = False):
-        b, key = self._bucket(url)
-        return self._t.call(url, "head", lambda: b.head_object(key), missing_ok)
-
-    def exists(self, url: str) -> bool:
-        try:
-            self._head(url, missing_ok=True)
-        except ObjectNotFoundError:
-            return False
-        return True
-
-    def size(self, url: str) -> int:
-        return int(self._head(url).content_length)
-
-    def identity(self, url: str) -> str:
-        h = self._head(url)
-        return f"{str(h.etag).strip(chr(34))}-{int(h.content_length)}"
+    def _head(self, bucket: str, key: str) -> tuple[str, int]:
+        h = self._bucket(bucket).head_object(key)
+        return str(h.etag), int(h.content_length)
