@@ -21,6 +21,7 @@ import time
 import torch
 
 from core.batch import IGNORE_INDEX
+from core.cli import run_cli
 from data.config import DataConfig, DatasetSpec
 from data.loader import build_loader
 from data.tokenizer import Tokenizer
@@ -84,15 +85,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=10, help="microbatches to stream")
     ap.add_argument("--dump", default=None, help="torch.save the microbatches (list of dicts) to this file")
     ap.add_argument("--show", type=int, default=0, help="print the first K samples of the first microbatch")
-    ap.add_argument("--max-tokens", type=int, default=None)
-    ap.add_argument("--max-patches", type=int, default=None)
-    ap.add_argument("--max-pixels", type=int, default=None)
-    ap.add_argument("--workers", type=int, default=None)
-    ap.add_argument("--seed", type=int, default=None)
-    ap.add_argument("--epochs", type=int, default=None)
-    ap.add_argument("--kind", choices=["auto", "chat", "pretrain", "indexed"], default=None)
-    ap.add_argument("--dp-rank", type=int, default=0)
-    ap.add_argument("--dp-size", type=int, default=1)
+    ap.add_argument("--max-tokens", type=int, default=None, help="data.max_tokens: tokens per microbatch")
+    ap.add_argument("--max-patches", type=int, default=None, help="data.max_patches: ViT patch rows per microbatch")
+    ap.add_argument("--max-pixels", type=int, default=None, help="data.max_pixels: largest resized image area")
+    ap.add_argument("--workers", type=int, default=None, help="data.num_workers: loader worker processes")
+    ap.add_argument("--seed", type=int, default=None, help="data.seed: shard order, shuffle and mix")
+    ap.add_argument("--epochs", type=int, default=None, help="data.epochs: passes over each dataset (default forever)")
+    ap.add_argument("--kind", choices=["auto", "chat", "pretrain", "indexed"], default=None,
+                    help="data.datasets[].kind of every dataset given with --data")
+    ap.add_argument("--dp-rank", type=int, default=0, help="read as this data-parallel rank (default 0)")
+    ap.add_argument("--dp-size", type=int, default=1, help="... of this many (default 1)")
     args = ap.parse_args(argv)
     try:
         cfg = _config(args)
@@ -134,4 +136,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli("python -m data.inspect", main))

@@ -31,9 +31,10 @@ from pathlib import Path
 
 import torch
 
+from core.cli import run_cli
 from core.dtypes import DTYPES
 from model.config import ModelConfig, tiny
-from model.hf_adapter import load_hf_model, write_safetensors_shards
+from model.hf_adapter import is_hf_dir, load_hf_model, write_safetensors_shards
 from model.position_ids import mrope_position_ids, packed_mrope_position_ids
 from model.qwen2_vl import Qwen2VL
 
@@ -224,6 +225,10 @@ def load_pair(hf_dir: str | Path, dtype: torch.dtype, device: str, hf_attn: str)
     """transformers' model and ours from the same directory, each through its own loader."""
     from transformers import Qwen2VLForConditionalGeneration
 
+    if not is_hf_dir(hf_dir):
+        # transformers would take a missing path for a hub repo id and fail with "Repo id must be in the form".
+        raise FileNotFoundError(f"--hf {hf_dir}: no HF Qwen2-VL directory there (it needs config.json and "
+                                "*.safetensors); export one with `python -m train.export CHECKPOINT DIR`")
     hf, info = Qwen2VLForConditionalGeneration.from_pretrained(
         str(hf_dir), dtype=dtype, attn_implementation=hf_attn, output_loading_info=True
     )
@@ -324,4 +329,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli("python -m model.parity", main))

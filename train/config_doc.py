@@ -8,6 +8,7 @@ docs/train.md holds the output between the BEGIN/END markers; a test checks that
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -60,8 +61,12 @@ def write_doc(path: Path = DOC) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if "--write" in argv:
+    ap = argparse.ArgumentParser(prog="python -m train.config_doc",
+                                 description="Print every recipe key with its type, default and documentation "
+                                             "(Markdown), or refresh the generated block of docs/train.md.")
+    ap.add_argument("--write", action="store_true", help=f"replace the generated reference in {DOC.name}")
+    args = ap.parse_args(argv)
+    if args.write:
         print(f"{DOC}: {'updated' if write_doc() else 'already current'}")
     else:
         print(config_reference())

@@ -28,6 +28,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
 
+from core.cli import run_cli
 from core.config import ConfigError, expand_env
 from core.dtypes import DTYPES
 from model.config import ModelConfig
@@ -124,14 +125,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-shard-gb", type=float, default=5.0, help="safetensors shard size (default 5)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    try:
-        out = export(args.checkpoint, args.out_dir, args.dtype, args.max_shard_gb)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"export failed: {e}", file=sys.stderr)
-        return 2
-    print(out)
+    print(export(args.checkpoint, args.out_dir, args.dtype, args.max_shard_gb))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli("python -m train.export", main))

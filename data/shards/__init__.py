@@ -1,5 +1,6 @@
-"""Dataset shards: the WebDataset + sidecar-index format (data/shards/webdataset.py), making shards from JSONL
-(make.py), filling the video cache ahead of training (warm.py), and the CLI (`python -m data.shards`)."""
+"""Dataset shards: the WebDataset + sidecar-index format (data/shards/webdataset.py), making shards from JSONL or
+JSON records (make.py; other tools' formats through convert.py), filling the video cache ahead of training
+(warm.py), and the CLI (`python -m data.shards`)."""
 
 from data.shards.webdataset import (
     INDEX_SUFFIX,

@@ -1,11 +1,14 @@
 """python -m data.shards make|index|warm: build, index and pre-decode datasets.
 
-    python -m data.shards make --input FILE.jsonl --media DIR --out DIR [--samples-per-shard N] [--tokenizer DIR]
+    python -m data.shards make --input FILE --media DIR --out DIR [--format ours|llava|sharegpt|llamafactory|swift]
+        [--dataset-info dataset_info.json [--dataset NAME]] [--allow-absolute-media] [--samples-per-shard N]
+        [--prefix P] [--tokenizer DIR]
     python -m data.shards index DIR [--tokenizer DIR]      # shards written by other tools (webdataset etc.)
     python -m data.shards warm --data DATASET... --cache-dir DIR [--workers N] [video options]
 
-Each subcommand prints one summary line; bad input is reported per line / per sample and counted, never a
-traceback (set QWEN2VL_DEBUG=1 to see one).
+Each subcommand prints one summary line; bad input is reported per line / per sample and counted. A mistake
+(a missing file, a wrong directory, a truncated shard) is one line on stderr and exit code 2, no traceback (set
+QWEN2VL_DEBUG=1 to see one).
 """
 
 from __future__ import annotations
@@ -17,27 +20,50 @@ import os
 import sys
 import time
 
+from core.cli import run_cli
 from core.config import field_docs
+from data.shards.convert import DEFAULT_FORMAT, FORMATS
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (usage is one `--help` away)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _parser() -> argparse.ArgumentParser:
     from data.media.video import VideoConfig
 
-    ap = argparse.ArgumentParser(prog="python -m data.shards", description=__doc__.split("\n\n")[0])
+    ap = _Parser(prog="python -m data.shards", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True, metavar="{make,index,warm}")
-    mk = sub.add_parser("make", help="JSONL + media folder -> shards + sidecar indexes + dataset.json",
-                        description="Convert a JSONL file (one sample per line, our format: docs/data.md) and the "
-                                    "media it references into WebDataset shards with sidecar indexes.")
-    mk.add_argument("--input", required=True, help="JSONL file, one sample per line")
-    mk.add_argument("--media", default=".", help="folder that relative image/video paths resolve against "
-                                                 "(default: the working directory)")
+    mk = sub.add_parser("make", help="records + media folder -> shards + sidecar indexes + dataset.json",
+                        description="Convert a JSONL file or JSON list (one sample per record: our format, or "
+                                    "another tool's with --format; docs/data.md) and the media it references into "
+                                    "WebDataset shards with sidecar indexes.")
+    mk.add_argument("--input", required=True, help="JSONL file (one record per line) or JSON list of records")
+    mk.add_argument("--format", choices=FORMATS, default=DEFAULT_FORMAT,
+                    help="the records' format: ours (docs/data.md), llava (LLaVA conversations + image/video), "
+                         "sharegpt or llamafactory (LLaMA-Factory's sharegpt/messages layouts with images/videos "
+                         f"lists), swift (ms-swift messages, images, videos, objects) (default {DEFAULT_FORMAT})")
+    mk.add_argument("--media", default=".", help="folder that relative image/video paths resolve against; media "
+                                                 "must lie inside it (default: the working directory)")
+    mk.add_argument("--allow-absolute-media", action="store_true",
+                    help="also embed media given by absolute paths anywhere on this machine (only for input you "
+                         "trust); relative paths must still stay inside --media")
+    mk.add_argument("--dataset-info", default=None,
+                    help="LLaMA-Factory dataset_info.json whose entry gives the columns and tags (with --format "
+                         "sharegpt or llamafactory)")
+    mk.add_argument("--dataset", default=None,
+                    help="the entry of --dataset-info to use (default: the one whose file_name is the input's name)")
     mk.add_argument("--out", required=True, help="output directory (created if missing)")
     mk.add_argument("--samples-per-shard", type=int, default=1000, help="samples per .tar shard (default 1000)")
     mk.add_argument("--prefix", default="shard", help="shard file name prefix (default 'shard')")
     mk.add_argument("--tokenizer", default=None,
                     help="tokenizer directory: exact text token counts in the index (default: a bytes/4 estimate)")
     ix = sub.add_parser("index", help="write sidecar indexes + dataset.json for existing .tar shards",
-                        description="(Re)index every .tar shard of a local directory and write its manifest.")
+                        description="(Re)index every .tar shard of a local directory and write its manifest; a "
+                                    "truncated shard is an error naming it.")
     ix.add_argument("dir", help="directory holding the .tar shards")
     ix.add_argument("--tokenizer", default=None, help="tokenizer directory: exact text token counts in the index")
     w = sub.add_parser("warm", help="decode a dataset's videos into the decode cache ahead of training",
@@ -62,9 +88,16 @@ def _parser() -> argparse.ArgumentParser:
     return ap
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = _parser()
-    args = ap.parse_args(argv)
+def _run(args: argparse.Namespace, ap: argparse.ArgumentParser) -> int:
+    if args.cmd == "make":
+        if args.samples_per_shard < 1:
+            ap.error("--samples-per-shard must be >= 1")
+        if not os.path.isfile(args.input):
+            raise ValueError(f"--input {args.input!r} is not a file: give the JSONL / JSON file of records")
+        if not os.path.isdir(args.media):
+            raise ValueError(f"--media {args.media!r} is not a directory: give the folder the media paths are in")
+    elif args.cmd == "index" and not os.path.isdir(args.dir):
+        raise ValueError(f"{args.dir!r} is not a directory: give the directory holding the .tar shards")
     tok = None
     if getattr(args, "tokenizer", None):
         from data.tokenizer import Tokenizer
@@ -73,9 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "make":
         from data.shards.make import make
 
-        if args.samples_per_shard < 1:
-            ap.error("--samples-per-shard must be >= 1")
-        man = make(args.input, args.media, args.out, args.samples_per_shard, tok, args.prefix)
+        man = make(args.input, args.media, args.out, args.samples_per_shard, tok, args.prefix, args.format,
+                   args.allow_absolute_media, args.dataset_info, args.dataset)
         print(f"wrote {man['samples']} samples in {len(man['shards'])} shards to {args.out}; "
               f"skipped: {man.get('skipped') or 'none'}")
     elif args.cmd == "index":
@@ -97,6 +129,13 @@ def main(argv: list[str] | None = None) -> int:
               f"cached, {sum(r['failed'].values())} failed {r['failed']} in {time.monotonic() - t0:.1f}s "
               f"-> {args.cache_dir}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = _parser()
+    args = ap.parse_args(argv)
+    # A user's mistake (ValueError / OSError: a wrong path, a truncated shard) is one line and exit code 2.
+    return run_cli(f"python -m data.shards {args.cmd}", lambda _: _run(args, ap))
 
 
 if __name__ == "__main__":

@@ -114,12 +114,38 @@ def _image_tokens(size: list[int] | None, min_pixels: int, max_pixels: int) -> i
     return (h // 28) * (w // 28)
 
 
+class TruncatedShardError(ValueError):
+    """A shard whose bytes end before its archive does (an interrupted copy or download)."""
+
+
+def _truncated(shard_name: str, what: str) -> TruncatedShardError:
+    return TruncatedShardError(
+        f"{shard_name} is truncated or corrupt: {what}; its samples from there on would be lost. Re-create it "
+        "(`python -m data.shards make`) or re-download it, then index again"
+    )
+
+
 def index_tar(fileobj, shard_name: str, nbytes: int, tokenizer=None) -> dict:
-    """Sidecar index of one tar shard (see the module docstring)."""
+    """Sidecar index of one tar shard (see the module docstring).
+
+    Raises TruncatedShardError when the archive does not end with its end-of-archive marker (a zero block right
+    after the last member) or a member's data runs past `nbytes`: Python's tarfile stops silently at a header
+    position past the end of the file, so a shard cut on a 512-byte boundary would otherwise index as a
+    shorter, valid-looking shard.
+    """
     samples: list[dict] = []
     cur: dict | None = None
-    with tarfile.open(fileobj=fileobj, mode="r:") as tar:
+    n_members = 0
+    try:
+        tar = tarfile.open(fileobj=fileobj, mode="r:")  # noqa: SIM115 - closed below
+    except tarfile.ReadError as e:
+        raise ValueError(f"{shard_name} is not a tar archive ({e}); re-create it or re-download it") from None
+    try:
         for info in tar:
+            n_members += 1
+            if info.offset_data + info.size > nbytes:
+                raise _truncated(shard_name, f"member {info.name!r} needs bytes up to {info.offset_data + info.size}"
+                                             f", the file has {nbytes}")
             if not info.isfile():
                 continue
             parts = split_member(info.name)
@@ -142,6 +168,17 @@ def index_tar(fileobj, shard_name: str, nbytes: int, tokenizer=None) -> dict:
                 else:
                     size = image_size(data)
                     cur["media"][name] = list(size) if size else None
+        archive_end = tar.offset  # where a header after the last member would start: the end marker
+    except tarfile.ReadError as e:  # a member's data cut short ("unexpected end of data")
+        raise _truncated(shard_name, f"{e} after member {n_members} (sample {len(samples)})") from None
+    finally:
+        tar.close()
+    fileobj.seek(archive_end)
+    marker = fileobj.read(512)
+    if len(marker) < 512 or marker.count(0) != 512:
+        found = "the file ends there" if len(marker) < 512 else "the bytes there are not a tar header"
+        raise _truncated(shard_name, f"no end-of-archive marker after {len(samples)} samples at byte {archive_end} "
+                                     f"({found}, file size {nbytes})")
     keys = Counter(s["key"] for s in samples)
     dup = [k for k, n in keys.items() if n > 1]
     if dup:
@@ -232,6 +269,8 @@ def split_sample(buf: bytes | memoryview, members: list[list]) -> dict[str, byte
 
 def index_dir(root: str, tokenizer=None) -> dict:
     """(Re)index every .tar of a local directory and write the manifest."""
+    if not os.path.isdir(root):
+        raise ValueError(f"{root!r} is not a directory: give the directory holding the .tar shards")
     names = sorted(n for n in os.listdir(root) if n.endswith(".tar"))
     if not names:
         raise ValueError(f"no .tar shards in {root}")

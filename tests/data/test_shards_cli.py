@@ -148,3 +148,157 @@ def test_inspect_cli_dump(made, tok_dir, tmp_path, capsys):
     for b in batches:
         assert need <= set(b) and b["position_ids"].shape == (3, b["input_ids"].numel())
         assert int(b["cu_seqlens"][-1]) == b["input_ids"].numel() <= 256
+
+
+# ------------------------------------------------------------------------------------------------ reported bugs
+def _vid_bytes(n: int) -> bytes:
+    return bytes((i * 37 + 11) % 251 for i in range(n))  # stands in for an mp4: index never decodes it
+
+
+def _write_shard(path, n: int) -> None:
+    from data.shards import ShardWriter
+
+    with ShardWriter(str(path)) as w:
+        for i in range(n):
+            w.write(f"k{i:03d}", {"json": json.dumps(text_chat(i, 40)).encode(), "vid0.mp4": _vid_bytes(3000 + i)})
+
+
+@pytest.mark.parametrize("where", ["between_samples", "inside_a_member"])
+def test_index_reports_a_truncated_shard(tmp_path, where):
+    # Issue: a tar cut on a 512-byte boundary (an interrupted copy) indexed as "239 samples", 49 silently lost.
+    root = tmp_path / "ds"
+    root.mkdir()
+    _write_shard(root / "ok-000000.tar", 5)
+    shard = root / "part-000001.tar"
+    _write_shard(shard, 12)
+    with tarfile.open(shard) as tar:
+        members = [m for m in tar]
+    if where == "between_samples":
+        cut = next(m.offset for m in members if m.name == "k007.json")  # the header of sample 7
+    else:
+        m = next(m for m in members if m.name == "k007.vid0.mp4")
+        cut = m.offset_data + 1024  # mid-data
+    assert cut % 512 == 0
+    shard.write_bytes(shard.read_bytes()[:cut])
+    r = _run("data.shards", "index", str(root))
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    err = r.stderr.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    low = err.lower()
+    assert "part-000001.tar" in err and "truncated" in low and "re-create" in low and "re-download" in low, err
+    assert "indexed" not in r.stdout and not (root / MANIFEST).exists()
+
+
+def test_index_accepts_shards_written_by_gnu_tar(tmp_path):
+    src = tmp_path / "files"
+    src.mkdir()
+    names = []
+    for i in range(9):
+        (src / f"s{i}.json").write_text(json.dumps(text_chat(i, 5 + 7 * i)))
+        names.append(f"s{i}.json")
+    root = tmp_path / "ds"
+    root.mkdir()
+    subprocess.run(["tar", "-cf", str(root / "a.tar"), "-C", str(src), *names], check=True)
+    r = _run("data.shards", "index", str(root))
+    assert r.returncode == 0, r.stderr
+    assert "indexed 9 samples in 1 shards" in r.stdout
+
+
+def test_make_skips_a_line_that_is_not_utf8(tmp_path):
+    # Issue: one non-UTF-8 line aborted `make` with a UnicodeDecodeError and no output.
+    good = [json.dumps(text_chat(i, 6)).encode() for i in range(3)]
+    bad = b'{"messages": [{"role": "user", "content": "caf\xe9 cr\xe8me"}, {"role": "assistant", "content": "ok"}]}'
+    (tmp_path / "in.jsonl").write_bytes(b"\n".join([good[0], bad, good[1], good[2]]) + b"\n")
+    r = _run("data.shards", "make", "--input", str(tmp_path / "in.jsonl"), "--out", str(tmp_path / "out"))
+    assert r.returncode == 0, r.stderr
+    assert "wrote 3 samples" in r.stdout and "line 2" in r.stderr and "UTF-8" in r.stderr
+    man = json.loads((tmp_path / "out" / MANIFEST).read_text())
+    assert man["samples"] == 3 and man["skipped"] == {"bad_encoding": 1}
+
+
+def test_make_keeps_media_inside_the_media_folder(tmp_path):
+    # Issue: `make` followed '..' and absolute paths (it embedded /etc/passwd and /etc/hostname into shards).
+    media, outside = tmp_path / "media", tmp_path / "private"
+    (media / "sub").mkdir(parents=True)
+    outside.mkdir()
+    (media / "ok.png").write_bytes(small_image(0, 40, 40))
+    secret = small_image(1, 30, 30) + b"TOPSECRET"
+    (outside / "secret.png").write_bytes(secret)
+    os.symlink(outside / "secret.png", media / "link.png")
+    refs = ["ok.png", "../private/secret.png", str(outside / "secret.png"), "link.png", "sub/../ok.png",
+            "s3://bucket/x.png", f"file://{outside / 'secret.png'}"]
+    lines = [{"content": [{"type": "image", "image": ref}, {"type": "text", "text": f"sample {i}"}]}
+             for i, ref in enumerate(refs)]
+    (tmp_path / "in.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+
+    def make(out: str, *flags: str) -> tuple[subprocess.CompletedProcess, bytes]:
+        r = _run("data.shards", "make", "--input", str(tmp_path / "in.jsonl"), "--media", str(media), "--out",
+                 str(tmp_path / out), *flags)
+        assert r.returncode == 0, r.stderr
+        blob = b"".join(p.read_bytes() for p in sorted((tmp_path / out).glob("*.tar")))
+        return r, blob
+
+    r, blob = make("strict")
+    man = json.loads((tmp_path / "strict" / MANIFEST).read_text())
+    assert man["samples"] == 3 and man["skipped"] == {"media_outside_root": 4}, (man, r.stderr)
+    assert b"TOPSECRET" not in blob
+    for lineno, ref in ((2, "../private/secret.png"), (3, str(outside / "secret.png")), (4, "link.png"),
+                        (7, str(outside / "secret.png"))):
+        assert any(f"line {lineno}" in ln and ref in ln for ln in r.stderr.splitlines()), (lineno, r.stderr)
+    assert "--allow-absolute-media" in r.stderr
+    # The flag admits absolute paths only: '..' and symlinks out of --media stay refused.
+    r, blob = make("absolute", "--allow-absolute-media")
+    man = json.loads((tmp_path / "absolute" / MANIFEST).read_text())
+    assert man["samples"] == 5 and man["skipped"] == {"media_outside_root": 2}, (man, r.stderr)
+    assert blob.count(b"TOPSECRET") == 2
+
+
+def _parser_actions():
+    import argparse
+
+    from data.shards.__main__ import _parser
+
+    sub = next(a for a in _parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return {name: p for name, p in sub.choices.items()}
+
+
+def test_every_option_has_a_help_text():
+    subs = _parser_actions()
+    assert set(subs) == {"make", "index", "warm"}
+    for name, p in subs.items():
+        text = p.format_help()
+        for a in p._actions:
+            if a.dest == "help":
+                continue
+            words = (a.help or "").split("(default")[0].split()
+            assert len(words) >= 3, f"{name} {a.option_strings or a.dest}: help {a.help!r}"
+            for opt in a.option_strings:
+                assert opt in text
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["make", "--input", "/nonexistent/in.jsonl", "--out", "OUT"], "/nonexistent/in.jsonl"),
+    (["make", "--input", "IN", "--media", "/nonexistent/media", "--out", "OUT"], "/nonexistent/media"),
+    (["make", "--input", "IN", "--out", "OUT", "--samples-per-shard", "0"], "--samples-per-shard"),
+    (["make", "--input", "IN", "--out", "OUT", "--format", "alpaca"], "--format"),
+    (["make", "--out", "OUT"], "--input"),
+    (["index", "/nonexistent/shards"], "/nonexistent/shards"),
+    (["index", "EMPTY"], "no .tar shards"),
+    (["warm", "--data", "/nonexistent/ds", "--cache-dir", "CACHE"], "/nonexistent/ds"),
+])
+def test_cli_errors_are_one_line_with_exit_code_2(tmp_path, argv, needle):
+    (tmp_path / "in.jsonl").write_text(json.dumps(text_chat(0, 3)) + "\n")
+    (tmp_path / "empty").mkdir()
+    subst = {"IN": str(tmp_path / "in.jsonl"), "OUT": str(tmp_path / "out"), "EMPTY": str(tmp_path / "empty"),
+             "CACHE": str(tmp_path / "cache")}
+    r = _run("data.shards", *[subst.get(a, a) for a in argv])
+    err = r.stderr.strip()
+    assert r.returncode == 2, (r.returncode, err)
+    assert len(err.splitlines()) == 1 and "Traceback" not in err and needle in err, err
+
+
+def test_debug_env_shows_the_traceback(tmp_path):
+    env = {**os.environ, "PYTHONPATH": REPO, "QWEN2VL_DEBUG": "1"}
+    r = subprocess.run([sys.executable, "-m", "data.shards", "index", str(tmp_path / "nope")], capture_output=True,
+                       text=True, env=env, cwd=REPO, timeout=120)
+    assert r.returncode != 0 and "Traceback" in r.stderr
