@@ -130,8 +130,12 @@ def parse_sample(obj: object, kind: str = "auto") -> ParsedSample:
             raise SkipSample("bad_format", "sample has neither 'messages' (chat) nor 'content' (pretraining)")
     if kind == "chat":
         msgs = obj.get("messages")
+        if msgs is None and "content" in obj:
+            raise SkipSample("bad_format", "this looks like a pretraining sample ('content' without 'messages'); "
+                                           "use kind: pretrain or auto for its dataset")
         if not isinstance(msgs, list):
-            raise SkipSample("bad_format", "'messages' must be a list")
+            raise SkipSample("bad_format", "'messages' must be a list" if "messages" in obj else
+                             "chat sample without 'messages' (a list of {'role', 'content'} turns)")
         if not msgs:
             raise SkipSample("empty_conversation", "'messages' is empty")
         turns = []

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from core.config import from_dict
+from data.media.video import DEFAULT_MAX_TOKENS as DEFAULT_VIDEO_TOKENS
 from data.media.video import VideoConfig
 from data.media.vision import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, FACTOR
 from data.storage import StorageConfig
@@ -83,6 +84,14 @@ class DataConfig:
     max_patches: int | None = None
     """ViT patch-row budget per microbatch (images + videos), so a few high-resolution images cannot blow up the
     ViT's memory. None = 4 * max_tokens (a microbatch made only of vision tokens then fits)."""
+    max_video_sample_tokens: int | None = None
+    """Token budget of a sample that holds a video: a video sample longer than max_tokens (up to this many tokens)
+    travels alone in a microbatch of its own, so long videos (video.max_tokens merged tokens each, plus their
+    text) train without raising max_tokens for every microbatch. None = max_tokens. The longest microbatch, which
+    activation memory must hold, has max(max_tokens, max_video_sample_tokens) tokens."""
+    max_video_sample_patches: int | None = None
+    """ViT patch-row budget of a sample that holds a video (a video of N merged tokens has 4 * N rows); like
+    max_video_sample_tokens, a sample over max_patches travels alone. None = max_patches."""
     min_pixels: int = DEFAULT_MIN_PIXELS
     """Images: smallest resized area (smart_resize), as qwen-vl-utils (default 4*28*28)."""
     max_pixels: int = DEFAULT_MAX_PIXELS
@@ -121,7 +130,15 @@ class DataConfig:
     read_chunk_bytes: int = 16 * 1024 * 1024
     """Sequential shard reads fetch up to this many bytes of consecutive samples per request."""
     worker_timeout_s: float = 600.0
-    """A worker that produces no microbatch for this long raises instead of hanging the job."""
+    """A worker that produces no usable sample for this long (everything it reads is skipped, or it is stuck)
+    stops the run with an error naming the dataset and the skip counts by reason, instead of hanging the job."""
+    stall_report_s: float = 30.0
+    """A worker that has produced no microbatch for this long reports which datasets and skip reasons keep it busy
+    (logged by the training process), and again every as long."""
+    max_bad_shard_fraction: float = 0.1
+    """Unreadable shards (a truncated tar, a missing or stale sidecar index) are skipped, counted
+    (skipped/bad_shard, per sample) and logged once with the fix; when more than this fraction of a dataset's
+    shards is found unreadable, the run stops with an error. 0 = stop at the first unreadable shard."""
     start_method: Literal["fork", "spawn", "forkserver"] | None = None
     """multiprocessing start method of the workers; None = the platform default."""
     log_skips: int = 20
@@ -152,6 +169,28 @@ class DataConfig:
     def pack_patch_cap(self) -> int:
         return self.pack_buffer_patches if self.pack_buffer_patches is not None else 4 * self.patch_budget
 
+    @property
+    def video_sample_tokens(self) -> int:
+        """Token budget of a sample holding a video (a longer one than max_tokens travels alone)."""
+        return max(self.max_tokens, self.max_video_sample_tokens or 0)
+
+    @property
+    def video_sample_patches(self) -> int:
+        """Patch-row budget of a sample holding a video."""
+        return max(self.patch_budget, self.max_video_sample_patches or 0)
+
+    def resolved_video(self) -> VideoConfig:
+        """The video config the loader uses: video.max_tokens = 0 (automatic) becomes Qwen2-VL's 16384 or less,
+        so that one video plus text fits a video sample's budgets (at most a quarter of the patch rows' worth of
+        tokens, and three quarters of the tokens: the rest is the text's)."""
+        v = self.video
+        if v.max_tokens:
+            return v
+        fit = min(DEFAULT_VIDEO_TOKENS, self.video_sample_patches // 4, self.video_sample_tokens * 3 // 4)
+        # Below one frame pair no video fits at all: keep the smallest valid cap, and every video sample is then
+        # a counted skip whose message names the budget to raise (data.sample).
+        return dataclasses.replace(v, max_tokens=max(fit, v.floor_tokens))
+
     def validate(self) -> None:
         """Raise ValueError naming the first bad value and the fix (called by build_loader)."""
         if not self.datasets:
@@ -177,10 +216,43 @@ class DataConfig:
             (self.epochs is None or self.epochs >= 1, f"epochs must be >= 1 or null, got {self.epochs}"),
             (self.read_chunk_bytes >= 4096, f"read_chunk_bytes must be >= 4096, got {self.read_chunk_bytes}"),
             (self.worker_timeout_s > 0, f"worker_timeout_s must be > 0, got {self.worker_timeout_s}"),
+            (self.stall_report_s > 0, f"stall_report_s must be > 0, got {self.stall_report_s}"),
+            (0 <= self.max_bad_shard_fraction <= 1,
+             f"max_bad_shard_fraction must be in [0, 1], got {self.max_bad_shard_fraction}"),
+            (self.max_video_sample_tokens is None or self.max_video_sample_tokens >= self.max_tokens,
+             f"max_video_sample_tokens ({self.max_video_sample_tokens}) < max_tokens ({self.max_tokens}): raise it "
+             "or leave it null (= max_tokens)"),
+            (self.max_video_sample_patches is None or self.max_video_sample_patches >= self.patch_budget,
+             f"max_video_sample_patches ({self.max_video_sample_patches}) < max_patches ({self.patch_budget}): "
+             "raise it or leave it null (= max_patches)"),
         ]
         for ok, msg in checks:
             if not ok:
                 raise ValueError(msg)
+        self._check_video_fits()
+
+    def _check_video_fits(self) -> None:
+        """An explicit video.max_tokens must fit a video sample's budgets: otherwise every video that reaches the
+        cap (any long video) would be decoded and then skipped, epoch after epoch."""
+        cap = self.video.max_tokens
+        if not cap:
+            return
+        need_t, need_p = cap + 2, 4 * cap  # + <|vision_start|>, <|vision_end|>; 4 patch rows per merged token
+        t_key = "data.max_video_sample_tokens" if self.max_video_sample_tokens else "data.max_tokens"
+        p_key = "data.max_video_sample_patches" if self.max_video_sample_patches else "data.max_patches"
+        short = []
+        if need_t > self.video_sample_tokens:
+            short.append(f"{need_t} LLM tokens > {t_key}={self.video_sample_tokens}")
+        if need_p > self.video_sample_patches:
+            short.append(f"{need_p} ViT patch rows > {p_key}={self.video_sample_patches}")
+        if short:
+            fit = min(self.video_sample_tokens - 2, self.video_sample_patches // 4)
+            raise ValueError(
+                f"data.video.max_tokens={cap} cannot fit in a microbatch: such a video needs {' and '.join(short)}. "
+                f"Raise data.max_video_sample_tokens to >= {need_t} plus room for the text (e.g. {need_t + 4094}) "
+                f"and data.max_video_sample_patches to >= {need_p} (a video sample then travels alone in a microbatch "
+                f"that large), or lower data.video.max_tokens to <= {fit} (0 = the largest that fits)"
+            )
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> DataConfig:

@@ -5,7 +5,9 @@ Shape legend: T = packed tokens, S = samples in the microbatch, N = patch rows, 
 The packer holds a buffer of samples (bounded by count and by patch rows). When it is full, one microbatch is
 formed: the OLDEST sample opens it (so no sample waits forever), then the largest buffered sample that still
 fits both remaining budgets is added, again and again, until nothing fits (best fit: each choice leaves the
-least room). Samples never share attention (cu_seqlens), positions restart per sample.
+least room). Samples never share attention (cu_seqlens), positions restart per sample. A sample over the budgets
+but within the larger ones of video samples (data.max_video_sample_tokens / _patches) fits no open microbatch:
+it opens one when it is the oldest, and travels alone.
 """
 
 from __future__ import annotations
@@ -36,11 +38,15 @@ class Entry:
 
 
 class Packer:
-    """Best-fit over a buffer; `max_tokens` / `max_patches` are hard limits of every microbatch."""
+    """Best-fit over a buffer; `max_tokens` / `max_patches` are hard limits of every microbatch of several samples,
+    `solo_tokens` / `solo_patches` (default: the same) of a microbatch holding one sample."""
 
-    def __init__(self, max_tokens: int, max_patches: int, buffer_size: int, buffer_patches: int) -> None:
+    def __init__(self, max_tokens: int, max_patches: int, buffer_size: int, buffer_patches: int,
+                 solo_tokens: int | None = None, solo_patches: int | None = None) -> None:
         self.max_tokens = max_tokens
         self.max_patches = max_patches
+        self.solo_tokens = max(max_tokens, solo_tokens or 0)
+        self.solo_patches = max(max_patches, solo_patches or 0)
         self.buffer_size = buffer_size
         self.buffer_patches = buffer_patches
         self.entries: list[Entry] = []
@@ -50,9 +56,9 @@ class Packer:
         return len(self.entries)
 
     def add(self, entry: Entry) -> None:
-        if entry.tokens > self.max_tokens or entry.patches > self.max_patches:
+        if entry.tokens > self.solo_tokens or entry.patches > self.solo_patches:
             raise ValueError(f"sample {entry.sample.key} ({entry.tokens} tokens, {entry.patches} patches) exceeds "
-                             f"the budget ({self.max_tokens}, {self.max_patches}); it should have been skipped")
+                             f"the budget ({self.solo_tokens}, {self.solo_patches}); it should have been skipped")
         self.entries.append(entry)
         self._patches += entry.patches
 
@@ -68,6 +74,7 @@ class Packer:
         free = np.ones(len(self.entries), dtype=bool)
         free[0] = False
         chosen = [0]
+        # An oversized opener (a long video sample) leaves negative room: nothing joins it.
         rem_t, rem_p = self.max_tokens - int(tok[0]), self.max_patches - int(pat[0])
         while True:
             ok = free & (tok <= rem_t) & (pat <= rem_p)

@@ -14,16 +14,17 @@ from __future__ import annotations
 
 import json
 import os
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from core.batch import IGNORE_INDEX
-from data.chatml import SkipSample, VisionInfo, parse_sample, render, tokenize
+from data.chatml import ParsedSample, SkipSample, VisionInfo, parse_sample, render, tokenize
 from data.config import DataConfig
 from data.media.image import ImageDecodeError, load_image
-from data.media.video import VideoDecodeError
+from data.media.video import VideoDecodeError, probe_plan
 from data.media.video_cache import load_video
 from data.media.vision import AspectRatioError
 from data.storage import StorageConfig, get_storage
@@ -111,20 +112,31 @@ def media_bytes(raw: RawSample, ref: str, storage: StorageConfig) -> tuple[bytes
         raise SkipSample("media_read_error", f"cannot read {url!r}: {type(e).__name__}: {e}") from e
 
 
+# Skip reasons of a video sample that are a pure function of its bytes and the config: remembered, so the next
+# epoch skips the sample without opening its videos again (a timeout or an unreadable URL may pass next time).
+_TRANSIENT = ("video_timeout", "missing_media", "media_read_error")
+_REMEMBER_MAX = 100_000  # sample keys remembered per worker (a key and a short message each: ~30 MB at most)
+
+
 class SampleProcessor:
     """Turns RawSamples into Processed samples under one DataConfig (one instance per worker)."""
 
     def __init__(self, cfg: DataConfig, tokenizer: Tokenizer | None = None) -> None:
         self.cfg = cfg
         self.tok = tokenizer or Tokenizer.load(cfg.tokenizer)
+        self.vcfg = cfg.resolved_video()  # video.max_tokens 0 -> what a video sample's budgets hold
+        self._remembered: OrderedDict[str, tuple[str, str]] = OrderedDict()  # key -> (reason, detail)
+
+    def _video_error(self, e: Exception) -> SkipSample:
+        if isinstance(e, VideoDecodeError):
+            return SkipSample(f"video_{getattr(e, 'reason', 'decode_failed')}", str(e))
+        return SkipSample("video_aspect_ratio", str(e))
 
     def _load_video(self, data: bytes, identity: str):
         try:
-            return load_video(data, self.cfg.video, identity=identity)
-        except VideoDecodeError as e:
-            raise SkipSample(f"video_{getattr(e, 'reason', 'decode_failed')}", str(e)) from e
-        except AspectRatioError as e:
-            raise SkipSample("video_aspect_ratio", str(e)) from e
+            return load_video(data, self.vcfg, identity=identity)
+        except (VideoDecodeError, AspectRatioError) as e:
+            raise self._video_error(e) from e
 
     # ------------------------------------------------------------------ processing
     def process(self, raw: RawSample, kind: str = "auto", supervise: str | None = None,
@@ -132,6 +144,9 @@ class SampleProcessor:
         """Raises SkipSample (reason + detail) for anything unusable."""
         if raw.tokens is not None:
             return self._process_tokens(raw, append_eod)
+        known = self._remembered.get(raw.key)
+        if known is not None:
+            raise SkipSample(known[0], f"{known[1]} (remembered: not opened again)")
         members = raw.members or {}
         if "json" not in members:
             raise SkipSample("missing_json", f"no .json member (members: {sorted(members)})")
@@ -140,9 +155,27 @@ class SampleProcessor:
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise SkipSample("malformed_json", str(e)) from e
         parsed = parse_sample(obj, kind)
+        if not any(t == "video" for t, _ in parsed.media):
+            return self._process_parsed(raw, parsed, supervise)
+        try:
+            return self._process_parsed(raw, parsed, supervise)
+        except SkipSample as e:
+            if e.reason not in _TRANSIENT:  # the reason and text only: the exception would hold the video's bytes
+                self._remembered[raw.key] = (e.reason, e.detail)
+                if len(self._remembered) > _REMEMBER_MAX:
+                    self._remembered.popitem(last=False)
+            raise
+
+    def _process_parsed(self, raw: RawSample, parsed: ParsedSample, supervise: str | None) -> Processed:
         cfg = self.cfg
-        vision: list[VisionInfo] = []
-        images, image_grids, video_rows, video_grids = [], [], [], []
+        has_video = any(t == "video" for t, _ in parsed.media)
+        # A sample holding a video may use the larger budgets of its own (it then travels alone).
+        max_tok = cfg.video_sample_tokens if has_video else cfg.max_tokens
+        max_pat = cfg.video_sample_patches if has_video else cfg.patch_budget
+        mode = supervise or cfg.supervise
+        vision: list[VisionInfo | None] = []
+        images, image_grids = [], []
+        videos: list[tuple[int, bytes, str]] = []  # (index in vision, bytes, identity), decoded after the check
         patches = 0
         for mtype, ref in parsed.media:
             data, identity = media_bytes(raw, ref, cfg.storage)
@@ -157,27 +190,32 @@ class SampleProcessor:
                 image_grids.append(img.grid_thw)
                 vision.append(VisionInfo("image", img.num_tokens, img.orig_size))
                 patches += img.num_patches
+                if patches > max_pat:
+                    raise SkipSample("too_many_patches", f"{patches} ViT patches > max_patches {max_pat}")
             else:
+                videos.append((len(vision), data, identity))
+                vision.append(None)
+        video_rows, video_grids = [], []
+        if videos:
+            self._check_videos_fit(parsed, vision, videos, patches, max_tok, max_pat, mode)
+            for k, data, identity in videos:
                 clip = self._load_video(data, identity)
                 grid = tuple(int(x) for x in clip.grid_thw)
                 video_rows.append(clip.rows_u8)
-                video_grids.append(grid)  # type: ignore[arg-type]
+                video_grids.append(grid)
                 n = grid[0] * grid[1] * grid[2]
-                vision.append(VisionInfo("video", n // 4, None))
+                vision[k] = VisionInfo("video", n // 4, None)
                 patches += n
-            if patches > cfg.patch_budget:
-                raise SkipSample("too_many_patches", f"{patches} ViT patches > max_patches {cfg.patch_budget}")
-        mode = supervise or cfg.supervise
-        pieces = render(parsed, vision, self.tok.special, mode, cfg.default_system, cfg.pretrain_eos)
-        ids, targets = tokenize(pieces, vision, self.tok)
+            if patches > max_pat:
+                raise SkipSample("too_many_patches", f"{patches} ViT patches > max_patches {max_pat}")
+        pieces = render(parsed, vision, self.tok.special, mode, cfg.default_system, cfg.pretrain_eos)  # type: ignore[arg-type]
+        ids, targets = tokenize(pieces, vision, self.tok)  # type: ignore[arg-type]
         truncated = False
-        if ids.shape[0] > cfg.max_tokens:
+        if ids.shape[0] > max_tok:
             if cfg.overlong == "truncate" and not vision:
-                ids, targets, truncated = ids[: cfg.max_tokens], targets[: cfg.max_tokens], True
+                ids, targets, truncated = ids[:max_tok], targets[:max_tok], True
             else:
-                hint = (f" (videos: {sum(t * h * w // 4 for t, h, w in video_grids)} tokens; data.video.max_tokens "
-                        "caps a video's tokens)" if video_grids else "")
-                raise SkipSample("overlong", f"{ids.shape[0]} tokens > max_tokens {cfg.max_tokens}{hint}")
+                raise SkipSample("overlong", f"{ids.shape[0]} tokens > max_tokens {max_tok}{self._hint(video_grids)}")
         labels = shift_labels(ids, targets)
         if not (labels != IGNORE_INDEX).any():
             raise SkipSample("no_supervised_tokens", f"nothing to train on under supervise={mode!r}")
@@ -192,6 +230,43 @@ class SampleProcessor:
         )
         return Processed(raw.key, ids_t, torch.from_numpy(labels), pos, images, image_grids, video_rows,
                          video_grids, truncated)
+
+    def _hint(self, video_grids: list[tuple[int, int, int]]) -> str:
+        if not video_grids:
+            return ""
+        n = sum(t * h * w // 4 for t, h, w in video_grids)
+        return (f" (videos: {n} tokens; data.video.max_tokens={self.vcfg.max_tokens} caps a video's tokens, "
+                "data.max_video_sample_tokens is the budget of a video sample)")
+
+    def _check_videos_fit(self, parsed: ParsedSample, vision: list[VisionInfo | None],
+                          videos: list[tuple[int, bytes, str]], patches: int, max_tok: int, max_pat: int,
+                          mode: str) -> None:
+        """Skip a sample whose videos cannot fit its budgets BEFORE decoding them (a long video costs seconds).
+
+        Bound first: a video has at most video.max_tokens merged tokens (4 patch rows each); when the sample fits
+        even so, nothing is opened here. Otherwise each video's exact grid comes from its container (demuxed, not
+        decoded: data.media.video.probe_plan) and the sample is skipped when the grids do not fit. The text's
+        length counts: it is tokenized with empty video blocks (their tokens are added from the grids).
+        """
+        cap = self.vcfg.max_tokens
+        empty = [v if v is not None else VisionInfo("video", 0, None) for v in vision]
+        pieces = render(parsed, empty, self.tok.special, mode, self.cfg.default_system, self.cfg.pretrain_eos)
+        base = int(tokenize(pieces, empty, self.tok)[0].shape[0])  # text + images + 2 per video
+        if base + cap * len(videos) <= max_tok and patches + 4 * cap * len(videos) <= max_pat:
+            return
+        n_rows = 0
+        for _, data, _ in videos:
+            try:
+                t, h, w = probe_plan(data, self.vcfg).grid_thw
+            except (VideoDecodeError, AspectRatioError) as e:
+                raise self._video_error(e) from e
+            n_rows += t * h * w
+        if patches + n_rows > max_pat:
+            raise SkipSample("too_many_patches", f"{patches + n_rows} ViT patches > max_patches {max_pat} (the "
+                                                 "videos' grids from their metadata; not decoded)")
+        if base + n_rows // 4 > max_tok:
+            raise SkipSample("overlong", f"{base + n_rows // 4} tokens > max_tokens {max_tok} (the videos' grids from "
+                                         f"their metadata; not decoded){self._hint([(1, 1, n_rows)])}")
 
     def _process_tokens(self, raw: RawSample, append_eod: bool) -> Processed:
         ids = np.asarray(raw.tokens, dtype=np.int64)

@@ -6,14 +6,18 @@ Epoch e of dataset d visits its shards in a seeded permutation; the concatenated
 sequentially (object-store friendly) and every sample of the epoch is read by exactly one worker. A position in
 that sequence, (epoch, pos), is the sample reference the loader state stores: it maps back to (shard, index)
 and, through the sidecar index, to a byte range - random access for resume.
+
+Unreadable shards (a truncated tar, a missing or stale sidecar index) raise BadShard from the Reader; the worker
+pipeline skips the samples it cannot read and counts them (data/pipeline.py).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -22,6 +26,9 @@ from data.indexed import IndexedText
 from data.sample import RawSample
 from data.shards.webdataset import INDEX_SUFFIX, MANIFEST, ShardIndex, check_header, join_url, split_sample
 from data.storage import StorageConfig, get_storage
+from data.storage.errors import ObjectNotFoundError, StorageAccessDenied, StorageError
+
+log = logging.getLogger("data.loader")
 
 INDEXED_BLOCK = 1024  # sequences per virtual shard of an indexed dataset (the unit of the epoch permutation)
 _M64 = (1 << 64) - 1
@@ -51,6 +58,26 @@ def permutation(n: int, *key: int) -> np.ndarray:
     return p
 
 
+SHARD_FIX = ("`python -m data.shards index DIR` rebuilds missing or stale sidecar indexes; re-create or "
+             "re-download a truncated shard")
+
+
+class BadShard(Exception):
+    """A shard cannot be read (from sample `index` on, or at all when `whole`): the tar is truncated or missing,
+    its sidecar index is missing, unreadable or out of date. The pipeline skips and counts what it cannot read."""
+
+    def __init__(self, url: str, detail: str, whole: bool = False) -> None:
+        super().__init__(f"shard {url}: {detail}; fix: {SHARD_FIX}")
+        self.url, self.detail, self.whole = url, detail, whole
+
+
+def _is_bad_object(e: BaseException) -> bool:
+    """A storage error about the object itself (gone, denied, shorter than the index says), not the service:
+    transient failures that outlived the retries (StorageRetriesExhausted) and objects replaced mid-read
+    (ObjectChangedError) are not the shard's fault and stay errors."""
+    return isinstance(e, (ObjectNotFoundError, StorageAccessDenied)) or type(e) is StorageError
+
+
 @dataclass
 class ShardRef:
     name: str
@@ -67,6 +94,8 @@ class DatasetPlan:
     source: str  # "shards" | "indexed"
     root: str
     shards: list[ShardRef]
+    bad: list[tuple[str, str]] = field(default_factory=list)
+    """Shards left out at planning (url, why): listed without a manifest but with no readable sidecar index."""
 
     @property
     def total(self) -> int:
@@ -77,8 +106,17 @@ class DatasetPlan:
         return self.spec.label
 
 
-def plan_dataset(index: int, spec: DatasetSpec, storage: StorageConfig) -> DatasetPlan:
-    """Read a dataset's manifest (or list its shards) and return its plan. Raises ValueError with the fix."""
+def plan_dataset(index: int, spec: DatasetSpec, storage: StorageConfig, max_bad_fraction: float = 1.0) -> DatasetPlan:
+    """Read a dataset's manifest (or list its shards) and return its plan. Raises ValueError with the fix.
+
+    NOTE: what is a startup error and what is a counted skip. Nothing readable at all (no manifest and no .tar,
+    an unreadable manifest, no shard with a readable index) is an error now: training could not start anyway.
+    Without a manifest the sidecar indexes are read here to count samples, so a shard whose index is missing or
+    unreadable is left out of the plan, logged once with the fix, and counted (DatasetPlan.bad); only when more
+    than `max_bad_fraction` of the shards are such is it an error (the fraction is exact here). With a manifest
+    nothing is read per shard at startup (thousands of requests on an object store); bad shards are found, skipped
+    and counted by the workers that read them (data/pipeline.py).
+    """
     root = spec.path.rstrip("/")
     st = get_storage(root + "/" if "://" in root else root, storage)
     if spec.kind == "indexed" or (spec.kind == "auto" and st.exists(root + ".idx")):
@@ -91,9 +129,14 @@ def plan_dataset(index: int, spec: DatasetSpec, storage: StorageConfig) -> Datas
         shards = [ShardRef(f"{name}@{b}", root, min(INDEXED_BLOCK, n - b)) for b in range(0, n, INDEXED_BLOCK)]
         return DatasetPlan(index, spec, "indexed", root, shards)
     man_url = join_url(root, MANIFEST)
+    bad: list[tuple[str, str]] = []
     if st.exists(man_url):
-        man = json.loads(st.read(man_url))
-        shards = [ShardRef(s["name"], join_url(root, s["name"]), int(s["samples"])) for s in man["shards"]]
+        try:
+            man = json.loads(st.read(man_url))
+            shards = [ShardRef(s["name"], join_url(root, s["name"]), int(s["samples"])) for s in man["shards"]]
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"dataset {spec.path!r}: {man_url} is not a readable manifest ({type(e).__name__}: "
+                             f"{e}); rebuild it with `python -m data.shards index DIR`") from None
     else:
         urls = [u for u in st.list(root + "/") if u.endswith(".tar")] if _is_dir(st, root) else []
         if not urls:
@@ -104,13 +147,30 @@ def plan_dataset(index: int, spec: DatasetSpec, storage: StorageConfig) -> Datas
         shards = []
         for u in urls:
             iu = u + INDEX_SUFFIX
-            if not st.exists(iu):
-                raise ValueError(f"shard {u} has no sidecar index {iu}: run `python -m data.shards index DIR`")
-            shards.append(ShardRef(os.path.basename(u), u, len(json.loads(st.read(iu))["samples"])))
+            try:
+                n = len(json.loads(st.read(iu))["samples"]) if st.exists(iu) else None
+            except (ValueError, KeyError, TypeError) as e:
+                bad.append((u, f"its sidecar index {iu} is unreadable ({type(e).__name__})"))
+                continue
+            if n is None:
+                bad.append((u, f"it has no sidecar index {iu}"))
+                continue
+            shards.append(ShardRef(os.path.basename(u), u, n))
+        for u, why in bad:
+            log.warning("dataset %r: shard %s is left out: %s; fix: %s", spec.label, u, why, SHARD_FIX)
+        if not shards:
+            raise ValueError(f"dataset {spec.path!r}: none of its {len(urls)} shards has a readable sidecar index "
+                             f"(e.g. {bad[0][0]}: {bad[0][1]}): run `python -m data.shards index DIR`")
+        if len(bad) > max_bad_fraction * len(urls):
+            raise ValueError(
+                f"dataset {spec.path!r}: {len(bad)} of its {len(urls)} shards have no readable sidecar index (e.g. "
+                f"{bad[0][0]}), more than data.max_bad_shard_fraction={max_bad_fraction}: run "
+                "`python -m data.shards index DIR`, or raise the limit to train on the rest"
+            )
     shards = [s for s in shards if s.samples > 0]
     if not shards:
         raise ValueError(f"dataset {spec.path!r} has no samples")
-    return DatasetPlan(index, spec, "shards", root, shards)
+    return DatasetPlan(index, spec, "shards", root, shards, bad)
 
 
 def _is_dir(st, root: str) -> bool:
@@ -160,14 +220,21 @@ class Reader:
     def _index(self, shard: int) -> ShardIndex:
         idx = self._indexes.get(shard)
         if idx is None:
-            url = self.plan.shards[shard].url + INDEX_SUFFIX
-            idx = ShardIndex.from_json(json.loads(get_storage(url, self.storage).read(url)))
+            ref = self.plan.shards[shard]
+            url = ref.url + INDEX_SUFFIX
+            try:
+                idx = ShardIndex.from_json(json.loads(get_storage(url, self.storage).read(url)))
+            except StorageError as e:
+                if not _is_bad_object(e):
+                    raise
+                raise BadShard(ref.url, f"its sidecar index cannot be read ({e})", whole=True) from None
+            except (ValueError, KeyError, TypeError) as e:
+                raise BadShard(ref.url, f"its sidecar index {url} is unreadable ({type(e).__name__}: {e})",
+                               whole=True) from None
             self.requests += 1
-            if len(idx) != self.plan.shards[shard].samples:
-                raise ValueError(
-                    f"{url} lists {len(idx)} samples but the manifest says {self.plan.shards[shard].samples}: "
-                    "rebuild with `python -m data.shards index DIR`"
-                )
+            if len(idx) != ref.samples:
+                raise BadShard(ref.url, f"its sidecar index lists {len(idx)} samples but the manifest says "
+                                        f"{ref.samples} (the index or the manifest is out of date)", whole=True)
             self._indexes[shard] = idx
             if len(self._indexes) > self._max_idx:
                 self._indexes.popitem(last=False)
@@ -177,7 +244,7 @@ class Reader:
 
     def read(self, shard: int, i: int, upto: int | None = None) -> RawSample:
         """Sample i of a shard. With `upto`, also read ahead samples i+1 .. upto-1 of the same shard (one
-        request, at most chunk_bytes) and serve them from memory on the next calls."""
+        request, at most chunk_bytes) and serve them from memory on the next calls. Raises BadShard."""
         raw = self._chunk.pop((shard, i), None)
         if raw is not None:
             return raw
@@ -190,13 +257,33 @@ class Reader:
             while end < min(upto, len(idx)) and int(idx.offsets[end] + idx.sizes[end]) <= limit:
                 end += 1
         self._chunk = {}
-        for j, raw in zip(range(i, end), self._read_range(shard, idx, i, end)):
+        for j, raw in zip(range(i, end), self._read_prefix(shard, idx, i, end)):
             self._chunk[(shard, j)] = raw
         return self._chunk.pop((shard, i))
 
-    def read_many(self, refs: list[tuple[int, int]]) -> list[RawSample]:
-        """Random access to several samples (restore): neighbours in a shard share one ranged read."""
-        out: dict[tuple[int, int], RawSample] = {}
+    def _read_prefix(self, shard: int, idx: ShardIndex, i: int, end: int) -> list[RawSample]:
+        """Samples i .. end-1, or the readable ones among the first of them: when the range cannot be read (a
+        truncated shard, a stale index), the samples are read one by one up to the first that fails, so what is
+        readable is the same whatever the chunking. Raises BadShard when sample i itself cannot be read."""
+        try:
+            return self._read_range(shard, idx, i, end)
+        except BadShard:
+            if end - i == 1:
+                raise
+        out = []
+        for j in range(i, end):
+            try:
+                out.extend(self._read_range(shard, idx, j, j + 1))
+            except BadShard:
+                if j == i:
+                    raise
+                break
+        return out
+
+    def read_many(self, refs: list[tuple[int, int]]) -> list[RawSample | None]:
+        """Random access to several samples (restore): neighbours in a shard share one ranged read. A sample that
+        can no longer be read (the shard changed since the state was saved) is None."""
+        out: dict[tuple[int, int], RawSample | None] = {}
         by_shard: dict[int, list[int]] = {}
         for s, i in refs:
             by_shard.setdefault(s, []).append(i)
@@ -205,7 +292,10 @@ class Reader:
                 for i in idxs:
                     out[(s, i)] = self._read_indexed(s, i)
                 continue
-            idx = self._index(s)
+            try:
+                idx = self._index(s)
+            except BadShard:
+                continue
             idxs = sorted(set(idxs))
             run = [idxs[0]]
             for i in idxs[1:] + [None]:  # type: ignore[list-item]
@@ -213,29 +303,43 @@ class Reader:
                 if i is not None and span <= self.chunk_bytes and i - run[-1] <= 8:
                     run.append(i)
                     continue
-                got = self._read_range(s, idx, run[0], run[-1] + 1)
+                try:
+                    got = self._read_prefix(s, idx, run[0], run[-1] + 1)
+                except BadShard:
+                    got = []
                 for j, raw in zip(range(run[0], run[-1] + 1), got):
                     if j in run:
                         out[(s, j)] = raw
                 if i is not None:
                     run = [i]
-        return [out[r] for r in refs]
+        return [out.get(r) for r in refs]
 
     def _read_range(self, shard: int, idx: ShardIndex, i: int, end: int) -> list[RawSample]:
         ref = self.plan.shards[shard]
         start = int(idx.offsets[i])
         stop = int(idx.offsets[end - 1] + idx.sizes[end - 1])
-        buf = get_storage(ref.url, self.storage).read_range(ref.url, start, stop - start)
+        try:
+            buf = get_storage(ref.url, self.storage).read_range(ref.url, start, stop - start)
+        except StorageError as e:
+            if not _is_bad_object(e):
+                raise
+            raise BadShard(ref.url, f"sample {idx.keys[i]!r} cannot be read ({e}): the shard is truncated or "
+                                    "gone, or its index is out of date") from None
         self.requests += 1
         self.bytes_read += len(buf)
         if len(buf) != stop - start:
-            raise OSError(f"short read from {ref.url}: {len(buf)} of {stop - start} bytes at {start}")
+            raise BadShard(ref.url, f"short read: {len(buf)} of {stop - start} bytes at {start} (truncated?)")
         mv = memoryview(buf)
         out = []
         for j in range(i, end):
             o = int(idx.offsets[j]) - start
             view = mv[o : o + int(idx.sizes[j])]
-            check_header(view[:512], f"{ref.url} sample {idx.keys[j]!r}")
+            where = f"{ref.url} sample {idx.keys[j]!r}"
+            try:
+                check_header(view[:512], where)
+                _check_member_name(view[:512], f"{idx.keys[j]}.{idx.members[j][0][0]}", where)
+            except ValueError as e:
+                raise BadShard(ref.url, f"sample {idx.keys[j]!r}: {e}") from None
             out.append(RawSample(f"{self.plan.label}/{ref.name}/{idx.keys[j]}", split_sample(view, idx.members[j]),
                                  root=self.plan.root, nbytes=int(idx.sizes[j])))
         return out
@@ -248,3 +352,18 @@ class Reader:
         self.requests += 1
         self.bytes_read += int(tokens.nbytes)
         return RawSample(f"{self.plan.label}/{seq}", tokens=tokens, root=self.plan.root, nbytes=int(tokens.nbytes))
+
+
+def _check_member_name(block: bytes | memoryview, expected: str, where: str) -> None:
+    """The tar header at a sample's offset must name the sample's first member: a shard rewritten after indexing
+    whose headers happen to land on the old offsets still fails here. Only plain ustar headers carry the name
+    (a PAX or GNU long-name header before the member holds it elsewhere; those pass)."""
+    b = bytes(block)
+    if b[156:157] not in (b"0", b"\0"):
+        return
+    name = b[0:100].split(b"\0", 1)[0]
+    prefix = b[345:500].split(b"\0", 1)[0] if b[257:263] == b"ustar\0" else b""  # GNU headers: no prefix field
+    found = (prefix + b"/" + name if prefix else name).decode("utf-8", "replace")
+    if found != expected:
+        raise ValueError(f"{where}: the tar header at the indexed offset is {found!r}, not {expected!r}: the sidecar "
+                         "index is out of date")

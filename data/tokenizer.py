@@ -2,7 +2,7 @@
 
 The loader tokenizes the text between special tokens run by run and inserts the special tokens as ids. That is
 the same split the Hugging Face tokenizer makes (added special tokens are cut out of the string before the
-pre-tokenizer runs), so the ids equal those of `tokenizer(rendered_text)`; tests/data/test_parity.py checks it
+pre-tokenizer runs), so the ids equal those of `tokenizer(rendered_text)`; tests/data/test_processor_parity.py checks it
 against transformers' processor with the real Qwen2 tokenizer files.
 """
 
@@ -57,9 +57,10 @@ class Tokenizer:
     def __init__(self, path: str) -> None:
         file = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
         if not os.path.isfile(file):
+            where = "" if os.path.isabs(path) else f" (a relative path, read from the working directory {os.getcwd()})"
             raise ValueError(
-                f"no tokenizer.json at {path!r}: data.tokenizer must be a local Hugging Face tokenizer directory "
-                "(e.g. a downloaded Qwen2-VL checkpoint) holding tokenizer.json"
+                f"no tokenizer.json at {path!r}{where}: data.tokenizer must be a local Hugging Face tokenizer "
+                "directory (e.g. a downloaded Qwen2-VL checkpoint) holding tokenizer.json"
             )
         self.path = path
         self._tok = _HFTokenizer.from_file(file)

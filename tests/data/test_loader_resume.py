@@ -8,11 +8,9 @@ import pickle
 
 import numpy as np
 import pytest
-import torch
-from datahelpers import mixed_samples, write_dataset
+from datahelpers import assert_same_batches, mixed_samples, take, write_dataset
 
 import data.sources as sources
-from core.batch import PackedBatch
 from data.config import DataConfig, DatasetSpec
 from data.indexed import write_indexed
 from data.loader import build_loader
@@ -38,33 +36,12 @@ def _cfg(tok_dir, chat, text, **kw) -> DataConfig:
     return DataConfig(**base)
 
 
-def _take(loader, n: int) -> list[PackedBatch]:
-    out = []
-    for b in loader:
-        out.append(b)
-        if len(out) == n:
-            break
-    return out
-
-
-def _assert_same(a: list[PackedBatch], b: list[PackedBatch]) -> None:
-    assert len(a) == len(b)
-    for i, (x, y) in enumerate(zip(a, b)):
-        assert x.sample_keys == y.sample_keys, f"batch {i}"
-        for name, v in x.as_dict().items():
-            w = getattr(y, name)
-            if isinstance(v, torch.Tensor):
-                assert v.dtype == w.dtype and torch.equal(v, w), f"batch {i}: {name} differs"
-            else:
-                assert v == w, f"batch {i}: {name} differs"
-
-
 @pytest.mark.timeout(240)
 def test_resume_with_workers_is_exact(tok_dir, datasets):
     chat, text = datasets
     cfg = _cfg(tok_dir, chat, text)
     full_loader = build_loader(cfg, 0, 1)
-    full = _take(full_loader, 46)
+    full = take(full_loader, 46)
     full_loader.close()
     # The run crosses epoch boundaries of both datasets (so restore also covers a new epoch's order).
     assert any(k.startswith("text/") for b in full for k in b.sample_keys)
@@ -74,15 +51,15 @@ def test_resume_with_workers_is_exact(tok_dir, datasets):
 
     for cut in (3, 19):
         first = build_loader(cfg, 0, 1)
-        head = _take(first, cut)
+        head = take(first, cut)
         state = pickle.loads(pickle.dumps(first.state_dict()))
         first.close()
         assert len(pickle.dumps(state)) < 16_000  # references and counters, no sample bytes
         resumed = build_loader(cfg, 0, 1)
         resumed.load_state_dict(state)
-        tail = _take(resumed, len(full) - cut)
+        tail = take(resumed, len(full) - cut)
         resumed.close()
-        _assert_same(head + tail, full)
+        assert_same_batches(head + tail, full)
         assert resumed.metrics()["batches"] == len(full)
 
 
@@ -95,12 +72,12 @@ def test_resume_finite_epochs_to_the_end(tok_dir, datasets):
     assert len(keys) == len(set(keys)) == 70 + 90  # one epoch: every sample exactly once
     for cut in (len(full) // 2, len(full) - 1):
         first = build_loader(cfg, 0, 1)
-        head = _take(first, cut)
+        head = take(first, cut)
         state = first.state_dict()
         first.close()
         resumed = build_loader(cfg, 0, 1)
         resumed.load_state_dict(state)
-        _assert_same(head + list(resumed), full)
+        assert_same_batches(head + list(resumed), full)
     # A state saved at the very end resumes to nothing.
     done = build_loader(cfg, 0, 1)
     assert len(list(done)) == len(full)
@@ -130,14 +107,14 @@ def test_restore_reads_only_the_buffers(tok_dir, datasets, monkeypatch):
     cfg = DataConfig(datasets=[DatasetSpec(chat)], tokenizer=tok_dir, max_tokens=256, max_pixels=64 * 28 * 28,
                      shuffle_buffer=4, pack_buffer=3, num_workers=0, read_chunk_bytes=4096)
     ref = build_loader(cfg, 0, 1)
-    head = _take(ref, 40)  # > 2 epochs of the 70-sample dataset
+    head = take(ref, 40)  # > 2 epochs of the 70-sample dataset
     state = ref.state_dict()
-    nxt = _take(ref, 1)
+    nxt = take(ref, 1)
     before = counter["bytes"]
     counter["bytes"] = 0
     resumed = build_loader(cfg, 0, 1)
     resumed.load_state_dict(state)
-    _assert_same(_take(resumed, 1), nxt)
+    assert_same_batches(take(resumed, 1), nxt)
     assert len(head) == 40
     assert counter["bytes"] < before / 8, (counter["bytes"], before)
 
@@ -146,7 +123,7 @@ def test_load_state_dict_rejects_changed_settings(tok_dir, datasets):
     chat, text = datasets
     cfg = _cfg(tok_dir, chat, text, num_workers=0)
     loader = build_loader(cfg, 0, 1)
-    _take(loader, 1)
+    take(loader, 1)
     state = loader.state_dict()
     for change in ({"seed": 8}, {"max_tokens": 400}, {"num_workers": 3}):
         other = build_loader(_cfg(tok_dir, chat, text, **{"num_workers": 0, **change}), 0, 1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from lengthmix import length_mix
 
 from data.packing import Entry, Packer, simulate
@@ -57,3 +58,16 @@ def test_tight_patch_budget_is_the_one_filled():
     mix = [x for x in length_mix(3000, seed=2) if x[0] <= 8192 and x[1] <= 8192]
     r = simulate(mix, 8192, 8192, 256)
     assert r["patch_utilization"] >= 0.95, r
+
+
+def test_a_sample_over_the_budgets_travels_alone():
+    """A long video sample (within the video-sample budgets) opens a microbatch nothing else joins."""
+    pk = Packer(10, 40, 8, 1 << 62, solo_tokens=30, solo_patches=120)
+    for i, (t, p) in enumerate([(2, 0), (25, 100), (3, 0), (4, 0), (1, 0)]):
+        pk.add(Entry((i,), _S(t, p, str(i))))
+    bins = []
+    while len(pk):
+        bins.append([e.ref[0] for e in pk.pop_bin()])
+    assert bins == [[0, 2, 3, 4], [1]]
+    with pytest.raises(ValueError, match="exceeds the budget"):
+        pk.add(Entry((9,), _S(31, 0, "9")))

@@ -45,17 +45,17 @@ def test_plan_matches_qwen_formula_or_caps_tokens(total, fps, H, W, fps_cfg, min
     idx, (h, w), sample_fps = qwen_fetch_video_plan(ele, total, fps, H, W)
     plan = plan_sampling(total, fps, H, W, cfg)
     assert (plan.height, plan.width) == (h, w)
-    if _tokens(len(idx), h, w) <= cfg.max_tokens:
+    if _tokens(len(idx), h, w) <= cfg.token_cap:
         # Within the cap: exactly Qwen's frames, size and fps.
         assert plan.indices == idx and not plan.capped
         assert plan.fps_used == pytest.approx(sample_fps)
     else:
         # Beyond it Qwen overshoots; we keep the cap hard with fewer, evenly spaced frames and a lower fps.
         assert plan.capped and plan.nframes % 2 == 0 and plan.nframes < len(idx)
-        assert _tokens(plan.nframes, h, w) <= cfg.max_tokens < _tokens(plan.nframes + 2, h, w)
+        assert _tokens(plan.nframes, h, w) <= cfg.token_cap < _tokens(plan.nframes + 2, h, w)
         assert plan.indices == torch.linspace(0, total - 1, plan.nframes).round().long().tolist()
         assert plan.fps_used == pytest.approx(plan.nframes / total * fps) and plan.fps_used < sample_fps
-    assert _tokens(plan.nframes, plan.height, plan.width) <= cfg.max_tokens
+    assert _tokens(plan.nframes, plan.height, plan.width) <= cfg.token_cap
 
 
 @pytest.mark.parametrize("w,h,n,fps", [(320, 240, 45, 30), (640, 360, 150, 25), (200, 600, 61, 24)])
