@@ -1,16 +1,24 @@
-"""python benchmarks/bench_pipeline.py --stages 2 --microbatches 1 2 4 8 [--hidden 256 --tokens 256] [--json]
+"""python benchmarks/bench_pipeline.py --stages 2 --microbatches 2 4 8 --schedules 1f1b interleaved_1f1b [--json]
 
-The 1F1B pipeline bubble on CPU (gloo): with p stages and m equal microbatches each stage is idle for
-(p-1)/(m+p-1) of the schedule (Narayanan et al. 2021). This launches p processes (pp = p, one thread each),
-runs text-only microbatches of `--tokens` tokens through a model of equal stages (stage 0 also embeds and runs
-the zero-weighted dummy ViT pass, the last stage also runs norm + head + loss), and prints for every m the
-measured idle fraction of every stage (median of --repeats steps after a warm-up step) next to the theory.
-A stage's idle fraction is 1 - (its forward + backward compute time) / (the pipeline's span: the earliest
-schedule start to the latest schedule end, on the shared host clock). With --json the last line is the
-result as JSON (used by tests/parallel/test_bubble.py).
+1F1B and interleaved 1F1B side by side on CPU (gloo): per step and schedule, the pipeline bubble (idle share)
+next to theory, the bytes and messages each rank sends, and the step time. With p stages, v virtual stages
+per rank and m equal microbatches, theory is (p-1)/(m+p-1) for 1F1B and (p-1)/(v*m+p-1) interleaved
+(Narayanan et al. 2021).
 
-Needs p free cores for a clean figure: with more stages than cores the processes time-share and the idle
-fractions mean little.
+This launches p processes (pp = p, one thread each) and runs text-only microbatches of `--tokens` tokens
+through a model of `--layers-per-stage` decoder layers per rank (stage 0 also embeds and runs the zero-weighted
+dummy ViT pass, the last stage runs norm + head + loss). Interleaved: the same layers cut into p*v virtual
+stages. For every schedule and m: one warm-up step, then the median of --repeats steps of
+  idle   1 - (this rank's forward + backward compute time) / (the pipeline's span: earliest schedule start
+         to latest schedule end on the shared host clock), averaged over the ranks;
+  sent   bytes (and P2P messages) this rank sent in the schedule, averaged over the ranks;
+  step   the span, and the full step() time (with the length broadcast and loss all-reduce).
+With --json the last line is the result as JSON (tests/parallel/test_bubble.py).
+
+--sleep-ms S: every decoder layer's forward also sleeps S ms and its backward 2*S ms (an autograd Function
+around the layer's output). Sleeping holds no core, so p processes on fewer cores behave like p devices that
+compute while their host waits: the schedule, not the CPU, sets the time (use tiny --hidden/--tokens so the
+real compute is small next to S). Without it (S = 0) the real matmuls are the work: needs p free cores.
 """
 
 from __future__ import annotations
@@ -22,9 +30,12 @@ import os
 import socket
 import statistics
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+SCHEDULES = ("1f1b", "interleaved_1f1b")
 
 
 def _model_config(hidden: int, layers: int):
@@ -55,6 +66,26 @@ def _text_microbatch(T: int, seed: int):
                        cu_seqlens=torch.tensor([0, T], dtype=torch.int32), max_seqlen=T)
 
 
+def _add_sleeps(pm, seconds: float) -> None:
+    """Each decoder layer: forward sleeps `seconds`, backward 2 x `seconds` (a device's compute, no CPU)."""
+    import torch
+
+    class Sleep(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            time.sleep(seconds)
+            return x.clone()  # (not a view: FSDP2 warns about views returned by its root)
+
+        @staticmethod
+        def backward(ctx, g):
+            time.sleep(2 * seconds)
+            return g
+
+    for chunk in pm.modules:
+        for layer in chunk.layers.values():
+            layer.register_forward_hook(lambda mod, args, out: Sleep.apply(out))
+
+
 def _rank(rank: int, world: int, port: int, args: dict, q) -> None:
     os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
@@ -66,26 +97,33 @@ def _rank(rank: int, world: int, port: int, args: dict, q) -> None:
     from parallel import ParallelConfig, destroy_distributed, init_distributed, parallelize
 
     try:
-        p = world
-        layers = args["layers_per_stage"] * p
-        cfg = ParallelConfig(pp=p, pp_first_stage_layers=args["layers_per_stage"], device="cpu")
-        dims = init_distributed(cfg)
-        torch.manual_seed(0)
-        pm = parallelize(Qwen2VL(_model_config(args["hidden"], layers)), dims, cfg)
+        p, lps, v = world, args["layers_per_stage"], args["virtual_stages"]
+        dims = init_distributed(ParallelConfig(pp=p, device="cpu"))
         out = {}
-        for m in args["microbatches"]:
-            mbs = [_text_microbatch(args["tokens"], seed=i) for i in range(m)]
-            mine = mbs if dims.is_first_stage else None
-            pm.step(mine)  # warm-up: allocator, DTensor/FSDP caches
-            idle, wall = [], []
-            for _ in range(args["repeats"]):
-                st = pm.step(mine).schedule
-                spans = [None] * world
-                dist.all_gather_object(spans, (st.start_time, st.end_time))
-                span = max(e for _, e in spans) - min(s for s, _ in spans)
-                idle.append(1.0 - st.compute_s / span)
-                wall.append(span)
-            out[m] = {"idle": statistics.median(idle), "wall_s": statistics.median(wall)}
+        for schedule in args["schedules"]:
+            inter = schedule == "interleaved_1f1b"
+            cfg = ParallelConfig(pp=p, device="cpu", pp_schedule=schedule, pp_virtual_stages=v if inter else 1,
+                                 pp_first_stage_layers=lps // v if inter else lps,
+                                 num_microbatches=args["microbatches"][0])  # (step() takes any valid count)
+            torch.manual_seed(0)
+            pm = parallelize(Qwen2VL(_model_config(args["hidden"], lps * p)), dims, cfg)
+            if args["sleep_ms"] > 0:
+                _add_sleeps(pm, args["sleep_ms"] / 1000)
+            for m in args["microbatches"]:
+                mbs = [_text_microbatch(args["tokens"], seed=i) for i in range(m)]
+                mine = mbs if dims.is_first_stage else None
+                pm.step(mine)  # warm-up: allocator, DTensor/FSDP caches
+                rows = []
+                for _ in range(args["repeats"]):
+                    res = pm.step(mine)
+                    st = res.schedule
+                    spans = [None] * world
+                    dist.all_gather_object(spans, (st.start_time, st.end_time))
+                    span = max(e for _, e in spans) - min(s for s, _ in spans)
+                    rows.append((1.0 - st.compute_s / span, span, res.step_time_s, st.sent_bytes, st.messages))
+                idle, span, step_s, sent, msgs = (statistics.median(c) for c in zip(*rows))
+                out[(schedule, m)] = {"idle": idle, "span_s": span, "step_s": step_s, "sent_bytes": sent,
+                                      "messages": msgs}
         gathered = [None] * world
         dist.all_gather_object(gathered, out)
         if rank == 0:
@@ -96,15 +134,24 @@ def _rank(rank: int, world: int, port: int, args: dict, q) -> None:
         raise
 
 
-def run(stages: int, microbatches: list[int], hidden: int, tokens: int, layers_per_stage: int,
-        repeats: int, timeout: float = 500.0) -> dict:
+def run(stages: int, microbatches: list[int], hidden: int, tokens: int, layers_per_stage: int, repeats: int,
+        schedules: tuple[str, ...] = ("1f1b",), virtual_stages: int = 2, sleep_ms: float = 0.0,
+        timeout: float = 900.0) -> dict:
+    if "interleaved_1f1b" in schedules:
+        if layers_per_stage % virtual_stages:
+            raise ValueError(f"--layers-per-stage {layers_per_stage} must be a multiple of --virtual-stages "
+                             f"{virtual_stages} (equal virtual stages)")
+        bad = [m for m in microbatches if m % stages]
+        if bad:
+            raise ValueError(f"interleaved 1F1B needs microbatch counts that are multiples of {stages}: {bad}")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    args = {"microbatches": microbatches, "hidden": hidden, "tokens": tokens,
-            "layers_per_stage": layers_per_stage, "repeats": repeats}
+    args = {"microbatches": microbatches, "hidden": hidden, "tokens": tokens, "layers_per_stage": layers_per_stage,
+            "repeats": repeats, "schedules": list(schedules), "virtual_stages": virtual_stages,
+            "sleep_ms": sleep_ms}
     env_before = os.environ.get("OMP_NUM_THREADS")
     os.environ["OMP_NUM_THREADS"] = "1"
     procs = [ctx.Process(target=_rank, args=(r, stages, port, args, q)) for r in range(stages)]
@@ -123,35 +170,52 @@ def run(stages: int, microbatches: list[int], hidden: int, tokens: int, layers_p
             os.environ["OMP_NUM_THREADS"] = env_before
     if status != "ok":
         raise RuntimeError(payload)
-    result = {"stages": stages, "cpus": os.cpu_count(), "rows": []}
-    for m in microbatches:
-        theory = (stages - 1) / (m + stages - 1)
-        idle = [payload[r][m]["idle"] for r in range(stages)]
-        result["rows"].append({"m": m, "theory": theory, "idle_per_stage": idle, "idle_mean": sum(idle) / stages,
-                               "wall_s": payload[0][m]["wall_s"]})
+    result = {"stages": stages, "cpus": os.cpu_count(), "hidden": hidden, "tokens": tokens,
+              "layers_per_stage": layers_per_stage, "sleep_ms": sleep_ms, "rows": []}
+    for schedule in schedules:
+        v = virtual_stages if schedule == "interleaved_1f1b" else 1
+        for m in microbatches:
+            per = [payload[r][(schedule, m)] for r in range(stages)]
+            idle = [x["idle"] for x in per]
+            result["rows"].append({
+                "schedule": schedule, "v": v, "m": m, "theory": (stages - 1) / (v * m + stages - 1),
+                "idle_per_stage": idle, "idle_mean": sum(idle) / stages, "wall_s": per[0]["span_s"],
+                "step_s": max(x["step_s"] for x in per),
+                "sent_bytes_per_rank": sum(x["sent_bytes"] for x in per) / stages,
+                "messages_per_rank": sum(x["messages"] for x in per) / stages,
+            })
     return result
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[1])
     ap.add_argument("--stages", type=int, default=2)
-    ap.add_argument("--microbatches", type=int, nargs="+", default=[1, 2, 4, 8])
+    ap.add_argument("--microbatches", type=int, nargs="+", default=[2, 4, 8])
+    ap.add_argument("--schedules", nargs="+", choices=SCHEDULES, default=["1f1b"])
+    ap.add_argument("--virtual-stages", type=int, default=2, help="v of the interleaved schedule")
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--tokens", type=int, default=256)
     ap.add_argument("--layers-per-stage", type=int, default=2)
+    ap.add_argument("--sleep-ms", type=float, default=0.0,
+                    help="per decoder layer: forward sleeps this, backward twice this (see the docstring)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
-    if a.stages > (os.cpu_count() or 1):
+    if a.stages > (os.cpu_count() or 1) and a.sleep_ms <= 0:
         print(f"WARNING: {a.stages} stages on {os.cpu_count()} CPUs: stages time-share cores; idle fractions are "
-              "not meaningful", file=sys.stderr)
-    res = run(a.stages, a.microbatches, a.hidden, a.tokens, a.layers_per_stage, a.repeats)
-    print(f"1F1B bubble, p={a.stages} stages, hidden={a.hidden}, {a.tokens} tokens/microbatch, "
-          f"{a.layers_per_stage} layers/stage, CPU gloo ({res['cpus']} cpus)")
-    print(f"{'m':>3} {'theory (p-1)/(m+p-1)':>22} {'measured mean':>14}  per stage                 pipeline span")
+              "not meaningful (use --sleep-ms)", file=sys.stderr)
+    res = run(a.stages, a.microbatches, a.hidden, a.tokens, a.layers_per_stage, a.repeats, tuple(a.schedules),
+              a.virtual_stages, a.sleep_ms)
+    work = f"sleep {a.sleep_ms:g} ms fwd / {2 * a.sleep_ms:g} ms bwd per layer" if a.sleep_ms > 0 else "real compute"
+    print(f"pipeline schedules, p={a.stages} stages, hidden={a.hidden}, {a.tokens} tokens/microbatch, "
+          f"{a.layers_per_stage} layers/rank, {work}, CPU gloo ({res['cpus']} cpus)")
+    print(f"{'schedule':<17} {'v':>2} {'m':>3} {'theory':>7} {'idle':>6}  {'per stage':<27} {'span s':>7} "
+          f"{'step s':>7} {'KB sent/rank':>12} {'msgs/rank':>9}")
     for row in res["rows"]:
         per = " ".join(f"{x:.3f}" for x in row["idle_per_stage"])
-        print(f"{row['m']:>3} {row['theory']:>22.3f} {row['idle_mean']:>14.3f}  {per:<25} {row['wall_s']:.3f}s")
+        print(f"{row['schedule']:<17} {row['v']:>2} {row['m']:>3} {row['theory']:>7.3f} {row['idle_mean']:>6.3f}  "
+              f"{per:<27} {row['wall_s']:>7.3f} {row['step_s']:>7.3f} {row['sent_bytes_per_rank'] / 1024:>12.1f} "
+              f"{row['messages_per_rank']:>9.1f}")
     if a.json:
         print(json.dumps(res))
 

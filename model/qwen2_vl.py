@@ -1,7 +1,7 @@
 """Qwen2-VL as plain single-device modules: ViT + merger + Qwen2 decoder with M-RoPE, on packed input.
 
 Shape legend: T = packed tokens (several samples back to back), D = LLM width, H = query heads,
-Hkv = kv heads, Dh = head dim, N = ViT patches, M = merged vision tokens, V = vocab.
+Hkv = kv heads, Dh = head dim, N = ViT patches, M = merged vision tokens, V = vocab, S = tokens held in a KV cache.
 
 Pipeline-friendly (torchtitan style): decoder layers live in a ModuleDict keyed by their global index; the
 top modules (visual, embed_tokens, norm, lm_head) may be set to None by a pipeline split, and a later stage's
@@ -12,6 +12,10 @@ vocab-parallel version), and HF checkpoints are read and written by model.hf_ada
 The inputs (one packed microbatch, see core/batch.py for the producer's contract):
   input_ids (T,) int64, position_ids (3, T) int64, cu_seqlens (S+1,) int32, max_seqlen int,
   pixel_values (N_img, 1176) + image_grid_thw (I, 3), pixel_values_videos (N_vid, 1176) + video_grid_thw (K, 3).
+
+Inference (model/generate.py) adds one optional input, `kv_cache` (a KVCache): the forward then runs ONE sequence,
+appends every layer's keys and values to the cache, and attends over everything cached so far. Training never
+passes it, and the layers are then called exactly as without it.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import torch.nn.functional as F
 
 from model.attention import varlen_attention
 from model.config import ModelConfig, TextConfig
-from model.vision import VisionTransformer, normalize_pixel_rows, rotate_half
+from model.vision import Recompute, VisionTransformer, normalize_pixel_rows, rotate_half, run_block
 
 
 class RMSNorm(nn.Module):
@@ -32,10 +36,10 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # fp32 statistics, then back to the input dtype before the weight (as Qwen2).
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        # fp32 statistics, then back to the input dtype before the weight (as Qwen2). F.rms_norm without a weight
+        # is exactly that normalization (half inputs are upcast inside) in one fused kernel where torch has one;
+        # the weight is applied after the cast, so the result is bitwise the unfused formula's.
+        return self.weight * F.rms_norm(x, (x.shape[-1],), eps=self.eps)
 
 
 class MRotary(nn.Module):
@@ -64,6 +68,54 @@ class MRotary(nn.Module):
         return emb_TDh.cos().to(dtype), emb_TDh.sin().to(dtype)
 
 
+class KVCache:
+    """Keys and values of every decoder layer for ONE sequence being generated (inference only).
+
+    Buffers of `capacity` tokens are allocated per layer on first use (no re-allocation while decoding);
+    `Qwen2VL.forward(..., kv_cache=cache)` writes the new tokens' keys/values of each layer at `length` and then
+    advances `length` by the number of tokens it ran."""
+
+    def __init__(self, capacity: int) -> None:
+        if capacity < 1:
+            raise ValueError(f"KVCache capacity={capacity}: must be >= 1 token")
+        self.capacity = capacity
+        self.length = 0
+        self._k: dict[str, torch.Tensor] = {}
+        self._v: dict[str, torch.Tensor] = {}
+
+    def append(self, layer: str, k_THkvDh: torch.Tensor, v_THkvDh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store layer `layer`'s keys/values of the T new tokens; return all S = length + T cached ones."""
+        end = self.length + k_THkvDh.shape[0]
+        if end > self.capacity:
+            raise ValueError(f"KVCache holds {self.capacity} tokens; {self.length} cached + {k_THkvDh.shape[0]} new "
+                             "do not fit (size it as prompt length + max_new_tokens)")
+        if layer not in self._k:
+            shape = (self.capacity, *k_THkvDh.shape[1:])
+            self._k[layer] = k_THkvDh.new_empty(shape)
+            self._v[layer] = v_THkvDh.new_empty(shape)
+        k_SHkvDh, v_SHkvDh = self._k[layer], self._v[layer]
+        k_SHkvDh[self.length : end] = k_THkvDh
+        v_SHkvDh[self.length : end] = v_THkvDh
+        return k_SHkvDh[:end], v_SHkvDh[:end]
+
+    def advance(self, n: int) -> None:
+        self.length += n
+
+
+def cached_attention(q_THDh: torch.Tensor, k_SHkvDh: torch.Tensor, v_SHkvDh: torch.Tensor) -> torch.Tensor:
+    """Attention of the T newest tokens over all S cached ones (the T newest are the last T): new token i sees
+    keys 0 .. S - T + i. One SDPA call; a single new token (decoding) needs no mask."""
+    T, S = q_THDh.shape[0], k_SHkvDh.shape[0]
+    q_1HTD, k_1HSD, v_1HSD = (x.transpose(0, 1).unsqueeze(0) for x in (q_THDh, k_SHkvDh, v_SHkvDh))
+    mask_TS = None
+    if T > 1:
+        keys_S = torch.arange(S, device=q_THDh.device)
+        mask_TS = keys_S[None, :] <= torch.arange(S - T, S, device=q_THDh.device)[:, None]
+    o_1HTD = F.scaled_dot_product_attention(q_1HTD, k_1HSD, v_1HSD, attn_mask=mask_TS,
+                                            enable_gqa=q_1HTD.shape[1] != k_1HSD.shape[1])
+    return o_1HTD.squeeze(0).transpose(0, 1)
+
+
 def apply_rope(x_THDh: torch.Tensor, cos_TDh: torch.Tensor, sin_TDh: torch.Tensor) -> torch.Tensor:
     return x_THDh * cos_TDh[:, None, :] + rotate_half(x_THDh) * sin_TDh[:, None, :]
 
@@ -80,13 +132,21 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(D, cfg.num_kv_heads * Dh, bias=True)
         self.o_proj = nn.Linear(cfg.num_heads * Dh, D, bias=False)
 
-    def forward(self, x_TD, rope, cu_seqlens, max_seqlen: int) -> torch.Tensor:
+    def forward(self, x_TD, rope, cu_seqlens, max_seqlen: int, kv_cache: KVCache | None = None,
+                layer: str = "") -> torch.Tensor:
         T = x_TD.shape[0]
         # -1 heads: under tensor parallelism each rank holds a slice of the heads.
         q_THDh = apply_rope(self.q_proj(x_TD).view(T, -1, self.head_dim), *rope)
         k_THDh = apply_rope(self.k_proj(x_TD).view(T, -1, self.head_dim), *rope)
         v_THDh = self.v_proj(x_TD).view(T, -1, self.head_dim)
-        o_THDh = varlen_attention(q_THDh, k_THDh, v_THDh, cu_seqlens, max_seqlen, causal=True, backend=self.backend)
+        if kv_cache is not None and kv_cache.length > 0:
+            k_SHkvDh, v_SHkvDh = kv_cache.append(layer, k_THDh, v_THDh)
+            o_THDh = cached_attention(q_THDh, k_SHkvDh, v_SHkvDh)
+        else:
+            if kv_cache is not None:  # prefill: the training kernel, so the prompt's logits equal a plain forward
+                kv_cache.append(layer, k_THDh, v_THDh)
+            o_THDh = varlen_attention(q_THDh, k_THDh, v_THDh, cu_seqlens, max_seqlen, causal=True,
+                                      backend=self.backend)
         return self.o_proj(o_THDh.reshape(T, -1))
 
 
@@ -108,9 +168,27 @@ class DecoderLayer(nn.Module):
         self.self_attn = Attention(cfg, backend)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
+        self.recompute: Recompute | None = None
+        """Activation checkpointing of this layer (set by parallel/checkpointing.py): recompute(body, *args)
+        runs the layer's computation so that its activations are recomputed in backward. It wraps the body
+        only, never the module call, so the hooks of tensor and data parallelism run once per call, outside the
+        recomputed region (their ops would otherwise replay in backward)."""
 
-    def forward(self, x_TD, rope, cu_seqlens, max_seqlen: int) -> torch.Tensor:
-        x_TD = x_TD + self.self_attn(self.input_layernorm(x_TD), rope, cu_seqlens, max_seqlen)
+    def forward(self, x_TD, rope, cu_seqlens, max_seqlen: int, kv_cache: KVCache | None = None,
+                layer: str = "") -> torch.Tensor:
+        if kv_cache is None:
+            return run_block(self.recompute, self._body, x_TD, rope, cu_seqlens, max_seqlen)
+        return self._body(x_TD, rope, cu_seqlens, max_seqlen, kv_cache, layer)
+
+    def _body(self, x_TD, rope, cu_seqlens, max_seqlen: int, kv_cache: KVCache | None = None,
+              layer: str = "") -> torch.Tensor:
+        xn_TD = self.input_layernorm(x_TD)
+        # NOTE: the cache goes by keyword and only when given: tensor parallelism's PrepareModuleInput hooks
+        # match the 4 positional inputs of a training call.
+        if kv_cache is None:
+            x_TD = x_TD + self.self_attn(xn_TD, rope, cu_seqlens, max_seqlen)
+        else:
+            x_TD = x_TD + self.self_attn(xn_TD, rope, cu_seqlens, max_seqlen, kv_cache=kv_cache, layer=layer)
         return x_TD + self.mlp(self.post_attention_layernorm(x_TD))
 
 
@@ -237,10 +315,15 @@ class Qwen2VL(nn.Module):
         pixel_values_videos: torch.Tensor | None = None,
         video_grid_thw: torch.Tensor | None = None,
         hidden_states: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
     ) -> torch.Tensor:
         """One packed microbatch through the modules this (stage of the) model holds: the hidden states (T, D),
         normalized when this stage holds the final norm. Stage 0 takes ids (and pixels); later stages take the
-        previous stage's `hidden_states`."""
+        previous stage's `hidden_states`.
+
+        With `kv_cache` (inference, model/generate.py): one sequence, whose new tokens attend to everything the
+        cache holds; continuing a cached sequence needs explicit `position_ids` (generated tokens continue after
+        the prompt's highest M-RoPE id, not after its length)."""
         if hidden_states is None:
             if self.embed_tokens is None:
                 raise ValueError("a stage without embed_tokens needs hidden_states from the previous stage")
@@ -248,6 +331,11 @@ class Qwen2VL(nn.Module):
         else:
             h_TD = hidden_states
         T = h_TD.shape[0]
+        if kv_cache is not None:
+            if cu_seqlens is not None and cu_seqlens.numel() != 2:
+                raise ValueError(f"a KV cache holds one sequence; got cu_seqlens with {cu_seqlens.numel() - 1}")
+            if position_ids is None and kv_cache.length > 0:
+                raise ValueError(f"continuing a KV cache of {kv_cache.length} tokens needs explicit position_ids")
         if position_ids is None:
             position_ids = torch.arange(T, device=h_TD.device).expand(3, -1)
         if cu_seqlens is None:
@@ -255,8 +343,13 @@ class Qwen2VL(nn.Module):
         if max_seqlen is None:
             max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
         rope = self.rotary(position_ids.reshape(3, -1), h_TD.dtype)
-        for layer in self.layers.values():
-            h_TD = layer(h_TD, rope, cu_seqlens, max_seqlen)
+        if kv_cache is None:
+            for layer in self.layers.values():
+                h_TD = layer(h_TD, rope, cu_seqlens, max_seqlen)
+        else:
+            for name, layer in self.layers.items():
+                h_TD = layer(h_TD, rope, cu_seqlens, max_seqlen, kv_cache=kv_cache, layer=name)
+            kv_cache.advance(T)
         if self.norm is not None:
             h_TD = self.norm(h_TD)
         return h_TD

@@ -18,6 +18,8 @@ the processor's values on the device, where it costs nothing.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -154,6 +156,15 @@ class VisionMLP(nn.Module):
         return self.fc2(quick_gelu(self.fc1(x)))
 
 
+Recompute = Callable[..., torch.Tensor]
+"""recompute(body, *args) -> body(*args), recomputing body's activations in backward (activation checkpointing)."""
+
+
+def run_block(recompute: Recompute | None, body: Callable[..., torch.Tensor], *args) -> torch.Tensor:
+    """body(*args), through the block's activation-checkpointing function when one is set."""
+    return body(*args) if recompute is None else recompute(body, *args)
+
+
 class VisionBlock(nn.Module):
     def __init__(self, cfg: VisionConfig, backend: str) -> None:
         super().__init__()
@@ -161,8 +172,13 @@ class VisionBlock(nn.Module):
         self.norm2 = nn.LayerNorm(cfg.embed_dim, eps=cfg.layer_norm_eps)
         self.attn = VisionAttention(cfg, backend)
         self.mlp = VisionMLP(cfg)
+        self.recompute: Recompute | None = None
+        """Activation checkpointing of this block (set by parallel/checkpointing.py); see DecoderLayer.recompute."""
 
     def forward(self, x_NC, cu_seqlens, max_seqlen: int, rope) -> torch.Tensor:
+        return run_block(self.recompute, self._body, x_NC, cu_seqlens, max_seqlen, rope)
+
+    def _body(self, x_NC, cu_seqlens, max_seqlen: int, rope) -> torch.Tensor:
         x_NC = x_NC + self.attn(self.norm1(x_NC), cu_seqlens, max_seqlen, rope)
         return x_NC + self.mlp(self.norm2(x_NC))
 

@@ -16,20 +16,23 @@ Usage (the trainer's view)::
         norm = pm.clip_grad_norm_(1.0)
         opt.step(); opt.zero_grad()
         print(res.loss, res.num_tokens, res.num_supervised)
+    ev = pm.evaluate(eval_microbatches if dims.is_first_stage else None)   # forward only: ev.loss, ev.loss_sum
 
-Order applied by parallelize: pipeline split -> activation checkpointing -> TP/SP -> FSDP2 (docs/parallel.md).
+Order applied by parallelize: pipeline split -> TP/SP -> activation checkpointing -> compile -> FSDP2
+(docs/parallel.md).
 """
 
 from __future__ import annotations
 
 from parallel.config import ParallelConfig
 from parallel.dims import ParallelDims, destroy_distributed, init_distributed
-from parallel.engine import ParallelModel, StepResult, parallelize
+from parallel.engine import EvalResult, ParallelModel, StepResult, parallelize
 from parallel.launcher import LaunchEnv, resolve_launch_env
 from parallel.pipeline_schedule import ScheduleStats
 from parallel.pipeline_split import auto_first_stage_layers, stage_layer_ids
 
 __all__ = [
+    "EvalResult",
     "LaunchEnv",
     "ParallelConfig",
     "ParallelDims",

@@ -1,9 +1,14 @@
 """Activation checkpointing of ViT blocks and decoder layers: full, per block (every n-th), or per op class.
 
-Through PyTorch's composable API (`torch.distributed._composable.checkpoint`): non-reentrant checkpointing as
-forward hooks on the block, so module names (FQNs), TP hooks and FSDP2 hooks are untouched (checkpoint_wrapper
-would add `_checkpoint_wrapped_module.` to every name). Applied before TP and FSDP: the recompute replays the
-block's own hooks (TP's input redistribution, FSDP's unshard) on the inputs the forward saw.
+Non-reentrant `torch.utils.checkpoint` through each block's explicit `recompute` slot (model/vision.py
+VisionBlock, model/qwen2_vl.py DecoderLayer): the block runs its body as recompute(body, *args). Only the body is
+recomputed, never the module call, so module names (FQNs) are unchanged and the hooks of TP (input
+redistribution) and FSDP2 (unshard, mixed-precision input casts) run exactly once per call, outside the region.
+NOTE: both library alternatives fall short here. checkpoint_wrapper adds `_checkpoint_wrapped_module.` to every
+name. The composable `torch.distributed._composable.checkpoint` recomputes by calling the module again, which
+replays FSDP's pre-forward hook inside backward: under bf16 its input cast is an op the forward never recorded in
+the region, and per-op selective checkpointing then fails ("... encountered during backward but not found in
+storage"; tests/parallel/test_engine.py reproduces it). Applied after TP and before FSDP (torchtitan's order).
 
 Per op class ("selective", ac_selective='op'): inside every block, the outputs of matmuls, attention kernels
 and TP collectives are saved; norms, activations, rotary and other elementwise ops are recomputed. This keeps
@@ -12,10 +17,11 @@ most of the memory win of full recomputation for a fraction of its extra FLOPs (
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn as nn
-from torch.distributed._composable import checkpoint
-from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from parallel.config import ParallelConfig
 
@@ -57,9 +63,11 @@ def _selective_context():
 
 
 def checkpoint_module(module: nn.Module, selective_ops: bool) -> None:
-    """Recompute `module`'s forward in backward (all of it, or all but the saved op outputs)."""
+    """Recompute the block's body in backward (all of it, or all but the saved op outputs)."""
+    if not hasattr(module, "recompute"):
+        raise TypeError(f"{type(module).__name__} has no `recompute` slot for activation checkpointing")
     kwargs = {"context_fn": _selective_context} if selective_ops else {}
-    checkpoint(module, preserve_rng_state=False, **kwargs)
+    module.recompute = partial(checkpoint, use_reentrant=False, preserve_rng_state=False, **kwargs)
 
 
 def apply_activation_checkpointing(model: nn.Module, cfg: ParallelConfig) -> list[str]:

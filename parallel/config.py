@@ -20,10 +20,13 @@ ACSelective = Literal["op", "block"]
 Precision = Literal["fp32", "bf16"]
 Backend = Literal["auto", "nccl", "gloo"]
 DeviceKind = Literal["auto", "cpu", "cuda"]
+CompileBackend = Literal["inductor", "aot_eager", "eager"]
+PPSchedule = Literal["1f1b", "interleaved_1f1b"]
 _AC_MODES = typing.get_args(ACMode)
 _AC_SELECTIVE = typing.get_args(ACSelective)
 _PRECISIONS = typing.get_args(Precision)
 _BACKENDS = typing.get_args(Backend)
+_PP_SCHEDULES = typing.get_args(PPSchedule)
 
 
 @dataclass
@@ -52,6 +55,15 @@ class ParallelConfig:
     num_microbatches: int = 1
     """Microbatches per optimizer step per dp rank (gradient accumulation; with pp > 1 the 1F1B microbatches).
     The engine takes whatever list step() gets and checks that every dp rank passed the same count."""
+    pp_schedule: PPSchedule = "1f1b"
+    """Pipeline schedule with pp > 1: '1f1b' (one model chunk per rank; idle share of a step (p-1)/(m+p-1)) or
+    'interleaved_1f1b' (Narayanan et al. 2021: pp_virtual_stages chunks per rank; idle share (p-1)/(v*m+p-1)
+    for v times the inter-stage messages; needs the microbatches per step to be a multiple of pp). Which one
+    is faster depends on the message cost: docs/parallel.md has the measurements."""
+    pp_virtual_stages: int = 1
+    """With pp_schedule='interleaved_1f1b': model chunks per rank, v >= 2. The model is cut into pp * v stages
+    (pp_first_stage_layers applies to the first of them) and rank r holds stages r, r + pp, ..., r + (v-1)pp.
+    Must be 1 with '1f1b'."""
     activation_checkpoint: ACMode = "none"
     """'none', 'selective' (see ac_selective) or 'full' (recompute every ViT block and decoder layer)."""
     ac_selective: ACSelective = "op"
@@ -78,6 +90,14 @@ class ParallelConfig:
     loss_chunk_size: int = 0
     """Supervised rows per chunk of the (vocab-parallel) LM head + cross-entropy: peak memory is one chunk of
     logits (rows x V/tp, fp32), never T x V. 0 = the model's default (model.loss.DEFAULT_CHUNK_SIZE)."""
+    compile: bool = False
+    """torch.compile every ViT block and decoder layer (parallel/compile.py; after TP and activation
+    checkpointing, before FSDP; parameter names unchanged). Shapes are compiled dynamic, so packed lengths that
+    change every step reuse one graph per block kind instead of compiling once per length."""
+    compile_backend: CompileBackend = "inductor"
+    """With compile: 'inductor' (generated fused kernels: the fast one), 'aot_eager' (traces forward and
+    backward as inductor does but runs eager kernels: compiles in seconds, for CPU CI and debugging) or 'eager'
+    (graph capture only)."""
 
     # ------------------------------------------------------------------------------------------------ API
     @classmethod
@@ -128,5 +148,28 @@ class ParallelConfig:
             raise ValueError(f"parallel.device={self.device!r}; choose 'auto', 'cpu' or 'cuda'")
         if not isinstance(self.sp_pad_multiple, int) or self.sp_pad_multiple < 0:
             raise ValueError(f"parallel.sp_pad_multiple={self.sp_pad_multiple!r} must be an integer >= 0")
+        if self.pp_schedule not in _PP_SCHEDULES:
+            raise ValueError(f"parallel.pp_schedule={self.pp_schedule!r}; choose one of {_PP_SCHEDULES}")
+        v = self.pp_virtual_stages
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"parallel.pp_virtual_stages={v!r} must be an integer >= 1")
+        if self.pp_schedule == "1f1b" and v != 1:
+            raise ValueError(f"parallel.pp_virtual_stages={v} needs pp_schedule='interleaved_1f1b' (or set it to 1)")
+        if self.pp_schedule == "interleaved_1f1b":
+            if self.pp < 2 or v < 2:
+                raise ValueError(
+                    f"parallel.pp_schedule='interleaved_1f1b' needs pp >= 2 and pp_virtual_stages >= 2, got pp="
+                    f"{self.pp}, pp_virtual_stages={v}; or use pp_schedule='1f1b'"
+                )
+            if self.num_microbatches % self.pp:
+                m, p = self.num_microbatches, self.pp
+                use = " or ".join(str(x) for x in (m - m % p, m - m % p + p) if x >= p)
+                raise ValueError(
+                    f"parallel.num_microbatches={m} must be a multiple of pp={p} with pp_schedule="
+                    f"'interleaved_1f1b'; use {use}"
+                )
         if not isinstance(self.loss_chunk_size, int) or self.loss_chunk_size < 0:
             raise ValueError(f"parallel.loss_chunk_size={self.loss_chunk_size!r} must be an integer >= 0")
+        if self.compile_backend not in typing.get_args(CompileBackend):
+            raise ValueError(f"parallel.compile_backend={self.compile_backend!r}; choose one of "
+                             f"{typing.get_args(CompileBackend)}")

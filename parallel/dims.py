@@ -195,7 +195,11 @@ def init_distributed(cfg: ParallelConfig, env: Mapping[str, str] | None = None) 
                 agent_store = environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
                 store = dist.TCPStore(launch.master_addr, int(launch.master_port), launch.world_size,
                                       is_master=not agent_store and launch.rank == 0, timeout=timeout)
-                store = dist.PrefixStore(f"qwen2vl/attempt_{restart}", store)
+                # Multi-node runs turn the agent-store sharing off (launch/torchrun.sh: a replacement node cannot join
+                # a shared store, pytorch/pytorch#135712); each rendezvous round then has a fresh store of its own,
+                # whose keys the surviving and the replacement nodes must name alike: no attempt prefix there.
+                if agent_store:
+                    store = dist.PrefixStore(f"qwen2vl/attempt_{restart}", store)
                 dist.init_process_group(backend, store=store, rank=launch.rank, world_size=launch.world_size,
                                         timeout=timeout)
     dims.build_mesh(device.type)

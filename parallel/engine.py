@@ -1,10 +1,10 @@
-"""parallelize(): PP split -> activation checkpointing -> TP/SP -> FSDP2, and the ParallelModel that runs steps.
+"""parallelize(): PP split -> TP/SP -> activation checkpointing -> compile -> FSDP2, and the ParallelModel that runs
+steps.
 
-One documented order: the pipeline split prunes the model to this rank's stage first, activation checkpointing
-marks blocks, tensor parallelism shards what is left, FSDP2 shards over dp last. torchtitan applies TP before
-AC because its AC is a wrapper module; ours is PyTorch's composable AC (forward hooks, FQNs unchanged), whose
-recompute calls the block with the arguments its pre-hook saw: registered before TP's input hooks, it sees the
-block's original inputs, so the recompute replays TP's input redistribution exactly as the forward did.
+One documented order (torchtitan's): the pipeline split prunes the model to this rank's stage first, tensor
+parallelism shards what is left, activation checkpointing sets each block's recompute function (it recomputes
+the block's body only, so TP's and FSDP's module hooks stay outside the region: parallel/checkpointing.py),
+compile wraps blocks, FSDP2 shards over dp last.
 
 A step (ParallelModel.step):
   1. stage 0 pads each microbatch for SP (when tp > 1) and, with pp > 1, broadcasts the step's lengths and
@@ -16,6 +16,13 @@ A step (ParallelModel.step):
   4. post-backward: the pipeline-tied embedding's two gradients are summed, the gradients of weights that
      every tp rank computes redundantly (patch embed, merger) are averaged over tp, so they cannot drift;
   5. the loss is summed over dp and sent to every rank.
+
+With pp_schedule='interleaved_1f1b' a rank holds pp_virtual_stages model chunks (`modules`), virtual stages
+r, r + pp, ... of the pp * v-stage split, each a pruned copy of the model with single-process FQNs and its own
+TP plan and FSDP root; the same step runs the interleaved program (parallel/pipeline_schedule.py).
+
+ParallelModel.evaluate runs the same path forward-only (no gradients, no gradient sync) and returns the loss
+normalized like the training loss.
 """
 
 from __future__ import annotations
@@ -32,20 +39,21 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from core.batch import PackedBatch
+from core.batch import IGNORE_INDEX, PackedBatch
 from model.loss import DEFAULT_CHUNK_SIZE, lm_loss
 from parallel.checkpointing import apply_activation_checkpointing
+from parallel.compile import apply_compile
 from parallel.config import ParallelConfig
 from parallel.data_parallel import apply_fsdp, set_microbatch_flags
 from parallel.dims import ParallelDims
 from parallel.pipeline_schedule import (
     MicrobatchMeta,
-    OneFOneB,
+    PipelineExecutor,
     ScheduleStats,
     broadcast_step_metadata,
     metas_from_batches,
 )
-from parallel.pipeline_split import prune_to_stage, stage_layer_ids
+from parallel.pipeline_split import copy_stage, prune_to_stage, stage_layer_ids
 from parallel.tensor_parallel import apply_tensor_parallel, check_tp_divisibility, pad_microbatch
 from parallel.vocab_parallel import make_loss_fn
 
@@ -68,7 +76,25 @@ class StepResult:
     step_time_s: float
     """Wall time of this rank's step() call."""
     schedule: ScheduleStats | None = None
-    """This rank's schedule record: receive-buffer shapes, compute time, idle fraction (this rank only)."""
+    """This rank's schedule record: receive-buffer shapes, compute time, bytes sent, idle fraction (this rank)."""
+
+
+@dataclass
+class EvalResult:
+    """What one ParallelModel.evaluate() call measured (identical on every rank)."""
+
+    loss: float
+    """loss_sum / num_supervised, like the training loss (nan when nothing was supervised)."""
+    loss_sum: float
+    """Sum of supervised-token cross-entropies over all dp ranks and eval microbatches (fp64 accumulation)."""
+    num_supervised: int
+    """Global supervised tokens."""
+    num_tokens: int
+    """Global packed tokens of the real eval microbatches (before SP padding; fillers not counted)."""
+    num_microbatches: int
+    """Global real eval microbatches (dp ranks with fewer ran unsupervised fillers, not counted)."""
+    eval_time_s: float
+    """Wall time of this rank's evaluate() call."""
 
 
 # ------------------------------------------------------------------------------------------ parallelize
@@ -91,24 +117,33 @@ def parallelize(model: nn.Module, dims: ParallelDims, cfg: ParallelConfig) -> Pa
     tied = mcfg.text.tie_word_embeddings and model.lm_head is not None and (
         model.lm_head.weight is model.embed_tokens.weight
     )
-    layer_ids = stage_layer_ids(mcfg, dims.pp, cfg.pp_first_stage_layers, cfg.pp_vision_fraction)
+    # pp * v (virtual) stages; rank r runs stages r, r + pp, ..., one model chunk each (v = 1 with '1f1b').
+    v = cfg.pp_virtual_stages
+    layer_ids = stage_layer_ids(mcfg, dims.pp * v, cfg.pp_first_stage_layers, cfg.pp_vision_fraction)
     stage = dims.pp_rank
-    prune_to_stage(model, stage, layer_ids)
-    if not on_meta:
-        model.to(dims.device)  # after pruning: only this stage's weights ever reach the device whole
-    apply_activation_checkpointing(model, cfg)
+    vstages = [c * dims.pp + stage for c in range(v)]
+    # The later chunks are copied first (each copy holds only its own weights); the model becomes chunk 0.
+    chunks = [copy_stage(model, vs, layer_ids) for vs in vstages[1:]]
+    chunks.insert(0, prune_to_stage(model, vstages[0], layer_ids))
     sp = cfg.sequence_parallel and dims.tp > 1
     plain_replicated: list[str] = []
-    chunk = cfg.loss_chunk_size or DEFAULT_CHUNK_SIZE
-    loss_fn = partial(lm_loss, chunk_size=chunk)
+    rows = cfg.loss_chunk_size or DEFAULT_CHUNK_SIZE
+    loss_fn = partial(lm_loss, chunk_size=rows)
     if dims.tp > 1:
         tp_mesh = dims.get_mesh("tp")
-        apply_tensor_parallel(model, tp_mesh, sp, cfg.pad_multiple(dims.tp), first_stage=stage == 0)
-        plain_replicated = [n for n, p in model.named_parameters() if not isinstance(p, DTensor)]
-        loss_fn = make_loss_fn(tp_mesh, sp, chunk)
-    apply_fsdp(model, dims.get_mesh("dp"), cfg)
-    pm = ParallelModel(model, dims, cfg, stage=stage, layer_ids=layer_ids, tied_across_stages=tied and dims.pp > 1,
-                       plain_replicated=plain_replicated, sequence_parallel=sp, loss_fn=loss_fn)
+        loss_fn = make_loss_fn(tp_mesh, sp, rows)
+    for vs, chunk in zip(vstages, chunks):
+        if not on_meta:
+            chunk.to(dims.device)  # after pruning: only this stage's weights ever reach the device whole
+        if dims.tp > 1:
+            apply_tensor_parallel(chunk, tp_mesh, sp, cfg.pad_multiple(dims.tp), first_stage=vs == 0)
+            plain_replicated += [n for n, p in chunk.named_parameters() if not isinstance(p, DTensor)]
+        apply_activation_checkpointing(chunk, cfg)
+        apply_compile(chunk, cfg)  # after TP/AC, before FSDP (parallel/compile.py)
+        apply_fsdp(chunk, dims.get_mesh("dp"), cfg)
+    pm = ParallelModel(chunks, dims, cfg, stage=stage, virtual_stages=vstages, layer_ids=layer_ids,
+                       tied_across_stages=tied and dims.pp > 1, plain_replicated=plain_replicated,
+                       sequence_parallel=sp, loss_fn=loss_fn)
     if not on_meta:
         pm.sync_tied_weights()
     return pm
@@ -118,13 +153,17 @@ def parallelize(model: nn.Module, dims: ParallelDims, cfg: ParallelConfig) -> Pa
 class ParallelModel:
     """This rank's stage of the model, sharded over tp and dp, and the step that trains it."""
 
-    def __init__(self, module: nn.Module, dims: ParallelDims, cfg: ParallelConfig, *, stage: int,
-                 layer_ids: list[list[int]], tied_across_stages: bool, plain_replicated: list[str],
-                 sequence_parallel: bool, loss_fn: Callable) -> None:
-        self.modules: list[nn.Module] = [module]
-        """This rank's pipeline stage module(s); parameter names equal the single-process model's."""
+    def __init__(self, modules: list[nn.Module], dims: ParallelDims, cfg: ParallelConfig, *, stage: int,
+                 virtual_stages: list[int], layer_ids: list[list[int]], tied_across_stages: bool,
+                 plain_replicated: list[str], sequence_parallel: bool, loss_fn: Callable) -> None:
+        self.modules: list[nn.Module] = list(modules)
+        """This rank's model chunks, one per virtual stage (one with '1f1b'); parameter names equal the
+        single-process model's (train/state.py merges several for the optimizer state)."""
         self.dims, self.cfg = dims, cfg
         self.stage, self.layer_ids = stage, layer_ids
+        self.virtual_stages = list(virtual_stages)
+        """The virtual stage of each chunk: chunk c runs stage c * pp + pp_rank of layer_ids."""
+        self.num_virtual_stages = len(layer_ids)
         self.sequence_parallel = sequence_parallel
         self.loss_fn = loss_fn
         """loss_fn(final hidden states, head weight, labels) -> (loss_sum, n): model.loss.lm_loss, or its
@@ -132,20 +171,20 @@ class ParallelModel:
         composes the loss (on the last stage, right after the stage's forward, inside the same FSDP step)."""
         self.tied_across_stages = tied_across_stages
         self.plain_replicated = plain_replicated
-        self.hidden_size = module.cfg.text.hidden_size
+        self.hidden_size = self.modules[0].cfg.text.hidden_size
         self.compute_dtype = torch.bfloat16 if cfg.mixed_precision == "bf16" else torch.float32
         self.steps = 0
         self._tie_group = self._make_tie_group() if tied_across_stages else None
         pp_group = dims.get_group("pp") if dims.pp > 1 else None
-        self.executor = OneFOneB(
-            stage=stage, num_stages=dims.pp, group=pp_group,
-            prev_rank=dims.stage_rank(stage - 1) if stage > 0 else None,
-            next_rank=dims.stage_rank(stage + 1) if stage < dims.pp - 1 else None,
+        self.executor = PipelineExecutor(
+            schedule=cfg.pp_schedule, stage=stage, num_stages=dims.pp, num_chunks=len(self.modules), group=pp_group,
+            stage_ranks=[dims.stage_rank(s) for s in range(dims.pp)] if pp_group is not None else [],
             timeout=dims.timeout, device=dims.device,
         )
 
     @property
     def module(self) -> nn.Module:
+        """The first (with '1f1b' the only) model chunk of this rank."""
         return self.modules[0]
 
     def reshard(self) -> None:
@@ -188,7 +227,10 @@ class ParallelModel:
         self.sync_tied_weights()
 
     # ---------------------------------------------------------------- step
-    def _stage0_batches(self, microbatches: list[PackedBatch] | None) -> list[tuple[PackedBatch, int]] | None:
+    def _stage0_batches(self, microbatches: list[PackedBatch] | None,
+                        num_real: int | None = None) -> list[tuple[PackedBatch, int]] | None:
+        """(device, SP-padded microbatch, real length) on stage 0; entries from num_real on are fillers (length
+        0 in the counts)."""
         if self.stage != 0:
             return None
         if not microbatches:
@@ -201,18 +243,29 @@ class ParallelModel:
             if not isinstance(mb, PackedBatch):
                 raise ValueError(f"microbatch {i} is a {type(mb).__name__}, expected core.batch.PackedBatch")
             mb = mb.to(self.dims.device)
-            real = mb.num_tokens
+            real = mb.num_tokens if num_real is None or i < num_real else 0
             if self.sequence_parallel:
                 mb = pad_microbatch(mb, self.cfg.pad_multiple(self.dims.tp))
             out.append((mb, real))
         return out
 
+    def _metas(self, batches: list[tuple[PackedBatch, int]] | None) -> list[MicrobatchMeta]:
+        """Every microbatch's lengths and small tensors on every stage (one broadcast from stage 0 when pp > 1)."""
+        dims = self.dims
+        if dims.pp > 1:
+            return broadcast_step_metadata(batches, src=dims.stage_rank(0), group=dims.get_group("pp"),
+                                           device=dims.device)
+        return metas_from_batches(batches)
+
     def _global_counts(self, metas: list[MicrobatchMeta]) -> tuple[int, int, int, int]:
+        """Global (supervised, real tokens, padding tokens, real microbatches); raises when dp ranks' counts
+        differ."""
         dev = self.dims.device
         m = len(metas)
         sums = torch.tensor(
             [sum(x.num_supervised for x in metas), sum(x.num_real_tokens for x in metas),
-             sum(x.num_tokens - x.num_real_tokens for x in metas), m], dtype=torch.long, device=dev,
+             sum(x.num_tokens - x.num_real_tokens for x in metas), sum(x.num_real_tokens > 0 for x in metas)],
+            dtype=torch.long, device=dev,
         )
         mm = torch.tensor([m, -m], dtype=torch.long, device=dev)
         dp_group = self.dims.get_group("dp")
@@ -238,30 +291,48 @@ class ParallelModel:
             (self.steps % cfg.check_replicated_every) == 0
         ):
             self._check_tp_inputs(batches)
-        if dims.pp > 1:
-            metas = broadcast_step_metadata(batches, src=dims.stage_rank(0), group=dims.get_group("pp"),
-                                            device=dims.device)
-        else:
-            metas = metas_from_batches(batches)
+        metas = self._metas(batches)
         n_sup, n_tok, n_pad, n_mb = self._global_counts(metas)
         m = len(metas)
+        self.executor.check_microbatches(m)  # every rank knows m here: all raise alike
         inv_count = 1.0 / max(n_sup, 1)
-        module, last_stage = self.module, self.stage == dims.pp - 1
-        loss_acc = torch.zeros((), dtype=torch.float32, device=dims.device)
 
-        def forward_fn(i: int, x: torch.Tensor | None) -> torch.Tensor:
+        def before_backward(c: int, i: int) -> None:
+            # Each chunk is an FSDP root: it reduces its gradients at its own last backward (microbatch m - 1).
+            set_microbatch_flags(self.modules[c], last=(i == m - 1), zero_stage=cfg.zero_stage)
+
+        loss_acc, stats = self._run_schedule(batches, metas, inv_count, before_backward)
+        self._post_backward()
+        loss_sum = self._global_loss(loss_acc)
+        self.steps += 1
+        return StepResult(
+            loss=loss_sum * inv_count if n_sup else 0.0, num_tokens=n_tok, num_supervised=n_sup,
+            num_microbatches=n_mb, padded_tokens=n_pad, step_time_s=time.perf_counter() - t0, schedule=stats,
+        )
+
+    def _run_schedule(self, batches: list[tuple[PackedBatch, int]] | None, metas: list[MicrobatchMeta],
+                      scale: float, before_backward: Callable[[int, int], None],
+                      forward_only: bool = False) -> tuple[torch.Tensor, ScheduleStats]:
+        """Run this rank's pipeline program (plain accumulation with pp = 1); returns this rank's sum of token
+        cross-entropies (fp64, nonzero on the last stage only) and its schedule record. The last stage
+        backpropagates loss_sum * scale."""
+        dims = self.dims
+        last_vs = self.num_virtual_stages - 1
+        loss_acc = torch.zeros((), dtype=torch.float64, device=dims.device)
+
+        def forward_fn(c: int, i: int, x: torch.Tensor | None) -> torch.Tensor:
             nonlocal loss_acc
-            meta = metas[i]
-            if batches is not None:
+            meta, module, vs = metas[i], self.modules[c], self.virtual_stages[c]
+            if vs == 0:
                 kwargs = batches[i][0].model_inputs()
             else:
                 kwargs = {"hidden_states": x, "position_ids": meta.position_ids, "cu_seqlens": meta.cu_seqlens,
                           "max_seqlen": meta.max_seqlen}
             out = module(**kwargs)
-            if last_stage:
+            if vs == last_vs:
                 loss_sum, _ = self.loss_fn(out, module.lm_head.weight, meta.labels)
-                loss_acc = loss_acc + loss_sum.detach().float()
-                return loss_sum * inv_count
+                loss_acc = loss_acc + loss_sum.detach().double()
+                return loss_sum * scale
             if isinstance(out, DTensor):
                 out = out.to_local()
             return out.contiguous()
@@ -270,18 +341,52 @@ class ParallelModel:
             T = metas[i].num_tokens
             return (T // dims.tp if self.sequence_parallel else T, self.hidden_size)
 
-        stats = self.executor.run(
-            m, forward_fn, lambda i: set_microbatch_flags(module, last=(i == m - 1), zero_stage=cfg.zero_stage),
-            act_shape, self.compute_dtype,
-        )
-        self._post_backward()
-        # Loss: the last stage's tp-rank-0 ranks hold one share per dp rank; one world all-reduce sums them.
-        contrib = loss_acc if (last_stage and dims.tp_rank == 0) else torch.zeros_like(loss_acc)
+        stats = self.executor.run(len(metas), forward_fn, before_backward, act_shape, self.compute_dtype,
+                                  forward_only=forward_only)
+        return loss_acc, stats
+
+    def _global_loss(self, loss_acc: torch.Tensor) -> float:
+        """Sum of this step's token CE over the world: the last stage's tp-rank-0 ranks hold one share per dp
+        rank; one world all-reduce sums them."""
+        dims = self.dims
+        contrib = loss_acc if (self.stage == dims.pp - 1 and dims.tp_rank == 0) else torch.zeros_like(loss_acc)
         dist.all_reduce(contrib)
-        self.steps += 1
-        return StepResult(
-            loss=float(contrib) * inv_count if n_sup else 0.0, num_tokens=n_tok, num_supervised=n_sup,
-            num_microbatches=n_mb, padded_tokens=n_pad, step_time_s=time.perf_counter() - t0, schedule=stats,
+        return float(contrib)
+
+    # ---------------------------------------------------------------- evaluation
+    @torch.no_grad()
+    def evaluate(self, microbatches: list[PackedBatch] | None) -> EvalResult:
+        """Forward-only loss over this dp rank's eval microbatches through the training layout (the pipeline
+        schedule without backwards, TP/SP, FSDP all-gathers; no gradients, no gradient sync). FSDP units are
+        resharded afterwards. Normalized like the training loss: token CE summed over all dp ranks / their
+        global supervised count.
+
+        Every rank of the world calls it together; pipeline stages > 0 pass None. dp ranks may pass different
+        counts, or none ([] or None): one all-reduce tells every rank the largest, ranks with fewer run
+        one-token unsupervised fillers up to it (with 'interleaved_1f1b', up to the next multiple of pp), so
+        every rank runs the same collectives and none waits on another."""
+        t0 = time.perf_counter()
+        dims = self.dims
+        own = list(microbatches or []) if self.stage == 0 else []
+        count = torch.tensor([len(own)], dtype=torch.long, device=dims.device)
+        dist.all_reduce(count, op=dist.ReduceOp.MAX)
+        m = int(count.item())
+        if self.cfg.pp_schedule == "interleaved_1f1b":
+            m = -(-m // dims.pp) * dims.pp
+        if m == 0:
+            return EvalResult(loss=float("nan"), loss_sum=0.0, num_supervised=0, num_tokens=0, num_microbatches=0,
+                              eval_time_s=time.perf_counter() - t0)
+        batches = None
+        if self.stage == 0:
+            batches = self._stage0_batches(own + [_filler_microbatch() for _ in range(m - len(own))], len(own))
+        metas = self._metas(batches)
+        n_sup, n_tok, _, n_mb = self._global_counts(metas)
+        loss_acc, _ = self._run_schedule(batches, metas, 1.0, _no_backward, forward_only=True)
+        self.reshard()
+        loss_sum = self._global_loss(loss_acc)
+        return EvalResult(
+            loss=loss_sum / n_sup if n_sup else float("nan"), loss_sum=loss_sum, num_supervised=n_sup,
+            num_tokens=n_tok, num_microbatches=n_mb, eval_time_s=time.perf_counter() - t0,
         )
 
     def _check_tp_inputs(self, batches: list[tuple[PackedBatch, int]]) -> None:
@@ -302,10 +407,9 @@ class ParallelModel:
     def _tied_param(self) -> nn.Parameter | None:
         if not self.tied_across_stages:
             return None
-        m = self.module
         if self.stage == 0:
-            return m.embed_tokens.weight
-        return m.lm_head.weight if self.stage == self.dims.pp - 1 else None
+            return self.modules[0].embed_tokens.weight  # virtual stage 0
+        return self.modules[-1].lm_head.weight if self.stage == self.dims.pp - 1 else None
 
     def _make_tie_group(self) -> dist.ProcessGroup | None:
         """A 2-rank group {stage 0, last stage} per (dp, tp) coordinate (Megatron's embedding group)."""
@@ -432,6 +536,17 @@ class ParallelModel:
 
 
 # ------------------------------------------------------------------------------------------ helpers
+def _filler_microbatch() -> PackedBatch:
+    """One unsupervised token: what a dp rank with fewer eval microbatches runs, so all run as many."""
+    return PackedBatch(input_ids=torch.zeros(1, dtype=torch.long), labels=torch.full((1,), IGNORE_INDEX),
+                       position_ids=torch.zeros(3, 1, dtype=torch.long),
+                       cu_seqlens=torch.tensor([0, 1], dtype=torch.int32), max_seqlen=1)
+
+
+def _no_backward(chunk: int, i: int) -> None:
+    raise AssertionError("a forward-only schedule ran a backward")
+
+
 def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 

@@ -1,4 +1,5 @@
-"""1F1B (PipeDream-Flush, Narayanan et al. 2021) over torch.distributed P2P, with per-step length broadcast.
+"""Pipeline schedules (1F1B, interleaved 1F1B) as per-rank programs, the executor that runs them over
+torch.distributed P2P, and the per-step length broadcast.
 
 Why our own executor: torch.distributed.pipelining fixes inter-stage shapes at the first microbatch
 (pytorch/torchtitan#431; on gloo a new length in step 2 fails with "Received data size doesn't match"), and
@@ -12,10 +13,25 @@ Every stage then allocates its activation / gradient receive buffers by microbat
 microbatch's length (T_i, or T_i / tp under sequence parallelism). No padding to a common length, no
 per-send shape exchange. Every wait has a timeout (the process-group timeout on NCCL via its watchdog).
 
-The schedule of stage s of p with m microbatches: min(p - s - 1, m) warm-up forwards, then alternating one
-forward / one backward, then the cool-down backwards. Paired sends and receives are issued together with
-batch_isend_irecv (Megatron's send_forward_recv_backward / send_backward_recv_forward), which is
-deadlock-free for this schedule.
+Schedules (Narayanan et al. 2021), p ranks, m microbatches:
+    '1f1b'              PipeDream-Flush: rank s runs min(p - s - 1, m) warm-up forwards, then one forward / one
+                        backward, then the cool-down backwards. Idle share of the step (p-1)/(m+p-1).
+    'interleaved_1f1b'  every rank holds v model chunks: the model is cut into p*v virtual stages and rank r runs
+                        virtual stages r, r+p, ..., r+(v-1)p (chunk c = virtual stage c*p + r). Forwards go
+                        through the chunks in groups of p microbatches (chunk 0 of microbatches 0..p-1, chunk 1
+                        of the same, ..., then the next group), with 2(p-r-1) + (v-1)p warm-up forwards
+                        (Megatron's forward_backward_pipelining_with_interleaving). Idle share (p-1)/(v*m+p-1),
+                        for v times the inter-stage messages. Needs m to be a multiple of p: with other counts
+                        this lockstep pairing stalls or deadlocks (simulate() shows it), so they are an error.
+
+A program is data: compute items (F or B of (chunk, microbatch)) and exchanges (sends and receives issued
+together with batch_isend_irecv and all waited for before the next item, Megatron's pairing: a rank's send to
+its neighbour goes out with its receive for the next compute). Within one exchange activations come before
+gradients on both sides, so with p = 2 (both neighbours are the same rank) the per-pair message order still
+matches. `simulate()` runs the programs of all ranks in a rendezvous model (an exchange completes only once
+every peer has posted the matching op; stricter than gloo's or NCCL's, so a program that passes cannot hang
+there) and raises on a mismatched message or a deadlock; tests/parallel/test_schedule.py runs it on a grid of
+(p, v, m) and checks the simulated idle share against the formulas above.
 """
 
 from __future__ import annotations
@@ -24,11 +40,14 @@ import datetime
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 import torch.distributed as dist
 
 from core.batch import PackedBatch
+
+Schedule = Literal["1f1b", "interleaved_1f1b"]
 
 
 # ------------------------------------------------------------------------------------------ metadata
@@ -117,59 +136,324 @@ def broadcast_step_metadata(
     return out
 
 
+# ------------------------------------------------------------------------------------------ programs
+@dataclass(frozen=True)
+class Msg:
+    """One inter-stage message: the activation a virtual stage sends forward, or the input gradient it sends
+    back, for one microbatch. Named by the SENDER's virtual stage (the receiver names it the same way)."""
+
+    kind: Literal["act", "grad"]
+    mb: int
+    vstage: int
+
+
+@dataclass(frozen=True)
+class Compute:
+    kind: Literal["F", "B"]
+    chunk: int
+    mb: int
+
+
+@dataclass(frozen=True)
+class Exchange:
+    sends: tuple[Msg, ...]
+    recvs: tuple[Msg, ...]
+
+
+Program = list[Compute | Exchange]
+
+
+class _Builder:
+    """Appends the items of rank r's program; knows which messages a chunk's forward/backward needs and sends."""
+
+    def __init__(self, p: int, v: int, r: int) -> None:
+        self.p, self.v, self.r = p, v, r
+        self.last = p * v - 1
+        self.items: Program = []
+
+    def vs(self, a: Compute) -> int:
+        return a.chunk * self.p + self.r
+
+    def recv_in(self, a: Compute) -> Msg | None:
+        return Msg("act", a.mb, self.vs(a) - 1) if self.vs(a) > 0 else None
+
+    def send_out(self, a: Compute) -> Msg | None:
+        return Msg("act", a.mb, self.vs(a)) if self.vs(a) < self.last else None
+
+    def recv_grad(self, a: Compute) -> Msg | None:
+        return Msg("grad", a.mb, self.vs(a) + 1) if self.vs(a) < self.last else None
+
+    def send_grad(self, a: Compute) -> Msg | None:
+        return Msg("grad", a.mb, self.vs(a)) if self.vs(a) > 0 else None
+
+    def compute(self, *actions: Compute) -> None:
+        self.items.extend(actions)
+
+    def exchange(self, sends: list[Msg | None], recvs: list[Msg | None]) -> None:
+        # Activations before gradients on both sides: see the module docstring (p = 2).
+        key = {"act": 0, "grad": 1}
+        s = tuple(sorted((m for m in sends if m is not None), key=lambda m: key[m.kind]))
+        r = tuple(sorted((m for m in recvs if m is not None), key=lambda m: key[m.kind]))
+        if s or r:
+            self.items.append(Exchange(s, r))
+
+
+def one_f_one_b_program(p: int, r: int, m: int, forward_only: bool = False) -> Program:
+    """Rank r's 1F1B program (one chunk): Megatron's non-interleaved schedule and communication pairing."""
+    b = _Builder(p, 1, r)
+    F = [Compute("F", 0, i) for i in range(m)]
+    B = [Compute("B", 0, i) for i in range(m)]
+    if forward_only:
+        for f in F:
+            b.exchange([], [b.recv_in(f)])
+            b.compute(f)
+            b.exchange([b.send_out(f)], [])
+        return b.items
+    warmup = min(p - r - 1, m)
+    remaining = m - warmup
+    for f in F[:warmup]:
+        b.exchange([], [b.recv_in(f)])
+        b.compute(f)
+        b.exchange([b.send_out(f)], [])
+    if remaining:
+        b.exchange([], [b.recv_in(F[warmup])])
+    for j in range(remaining):
+        f = F[warmup + j]
+        b.compute(f)
+        b.exchange([b.send_out(f)], [b.recv_grad(B[j])])
+        b.compute(B[j])
+        nxt = [b.recv_in(F[warmup + j + 1])] if j < remaining - 1 else []
+        b.exchange([b.send_grad(B[j])], nxt)
+    for bw in B[remaining:]:
+        b.exchange([], [b.recv_grad(bw)])
+        b.compute(bw)
+        b.exchange([b.send_grad(bw)], [])
+    return b.items
+
+
+def check_interleaved_microbatches(m: int, p: int) -> None:
+    """The interleaved schedule needs m to be a multiple of p (Narayanan et al. 2021; Megatron's rule)."""
+    if m < 1 or m % p:
+        use = " or ".join(str(x) for x in (m - m % p, m - m % p + p) if x >= p)
+        raise ValueError(
+            f"pp_schedule='interleaved_1f1b' needs the microbatches per step to be a multiple of pp={p}, got {m}; "
+            f"use {use}, or pp_schedule='1f1b'"
+        )
+
+
+def interleaved_table(m: int, v: int, p: int) -> list[tuple[int, int]]:
+    """(chunk, microbatch) of every forward in order: groups of p microbatches, each through chunk 0, then chunk
+    1, ..., then chunk v-1. Backward k runs chunk v-1-c of entry k = (c, i)."""
+    return [(c, i) for start in range(0, m, p) for c in range(v) for i in range(start, start + p)]
+
+
+def interleaved_program(p: int, v: int, r: int, m: int, forward_only: bool = False) -> Program:
+    """Rank r's interleaved 1F1B program (Megatron's forward_backward_pipelining_with_interleaving)."""
+    check_interleaved_microbatches(m, p)
+    table = interleaved_table(m, v, p)
+    F = [Compute("F", c, i) for c, i in table]
+    B = [Compute("B", v - 1 - c, i) for c, i in table]
+    n = len(table)
+    warmup = n if forward_only else min(n, 2 * (p - r - 1) + (v - 1) * p)
+    remaining = n - warmup
+    b = _Builder(p, v, r)
+    b.exchange([], [b.recv_in(F[0])])
+    for k in range(warmup):
+        b.compute(F[k])
+        recvs = [b.recv_in(F[k + 1])] if k + 1 < n else []
+        if k == warmup - 1 and remaining:
+            recvs.append(b.recv_grad(B[0]))  # the first steady-state iteration runs B[0] right after a forward
+        b.exchange([b.send_out(F[k])], recvs)
+    if forward_only:
+        return b.items
+    if not remaining:
+        b.exchange([], [b.recv_grad(B[0])])
+    for j in range(remaining):
+        f = F[warmup + j]
+        b.compute(f, B[j])
+        recvs = [b.recv_in(F[warmup + j + 1])] if warmup + j + 1 < n else []
+        recvs.append(b.recv_grad(B[j + 1]))
+        b.exchange([b.send_out(f), b.send_grad(B[j])], recvs)
+    for k in range(remaining, n):
+        b.compute(B[k])
+        b.exchange([b.send_grad(B[k])], [b.recv_grad(B[k + 1])] if k + 1 < n else [])
+    return b.items
+
+
+def build_program(schedule: Schedule, p: int, v: int, r: int, m: int, forward_only: bool = False) -> Program:
+    if schedule == "1f1b":
+        if v != 1:
+            raise ValueError(f"pp_schedule='1f1b' runs one chunk per rank, got {v} virtual stages")
+        return one_f_one_b_program(p, r, m, forward_only)
+    if schedule == "interleaved_1f1b":
+        return interleaved_program(p, v, r, m, forward_only)
+    raise ValueError(f"unknown pipeline schedule {schedule!r}; choose '1f1b' or 'interleaved_1f1b'")
+
+
+# ------------------------------------------------------------------------------------------ simulation
+@dataclass
+class SimResult:
+    """simulate(): when every rank finished, and how long each computed."""
+
+    makespan: float
+    busy: list[float]
+    messages: list[int]
+    """Messages sent per rank."""
+
+    @property
+    def idle_fraction(self) -> float:
+        """Mean idle share of the makespan over the ranks (the pipeline bubble)."""
+        return 1.0 - sum(self.busy) / (len(self.busy) * self.makespan)
+
+
+def simulate(programs: list[Program], v: int, cost_f: float = 1.0, cost_b: float = 2.0,
+             forward_only: bool = False) -> SimResult:
+    """Run every rank's program in a rendezvous model (compute items take cost_f / cost_b divided by v, one
+    chunk being 1/v of a rank's layers; an exchange completes when every peer posted the matching op).
+
+    Raises RuntimeError when a compute item lacks its input, a message is matched with a different one, an
+    F/B is missing or repeated, or the ranks deadlock."""
+    p = len(programs)
+    last = p * v - 1
+    pc, clock, busy, sent = [0] * p, [0.0] * p, [0.0] * p, [0] * p
+    posted: list[list[tuple[str, int, int]] | None] = [None] * p  # this rank's ops of its current exchange
+    sends: dict[tuple[int, int], list[tuple[Msg, float]]] = {}
+    recvs: dict[tuple[int, int], list[tuple[Msg, float]]] = {}
+    have: list[set] = [set() for _ in range(p)]
+    done: list[set] = [set() for _ in range(p)]
+
+    def peer(r: int, msg: Msg, sending: bool) -> int:
+        if sending:
+            return (msg.vstage + (1 if msg.kind == "act" else -1)) % p
+        return msg.vstage % p
+
+    def step(r: int) -> bool:
+        item = programs[r][pc[r]]
+        if isinstance(item, Compute):
+            vs = item.chunk * p + r
+            key = (item.kind, item.chunk, item.mb)
+            if key in done[r]:
+                raise RuntimeError(f"rank {r} runs {key} twice")
+            if item.kind == "F" and vs > 0 and ("act", item.mb, vs - 1) not in have[r]:
+                raise RuntimeError(f"rank {r} runs {key} before receiving its input")
+            if item.kind == "B":
+                if ("F", item.chunk, item.mb) not in done[r]:
+                    raise RuntimeError(f"rank {r} runs {key} before its forward")
+                if vs < last and ("grad", item.mb, vs + 1) not in have[r]:
+                    raise RuntimeError(f"rank {r} runs {key} before receiving its gradient")
+            done[r].add(key)
+            cost = (cost_f if item.kind == "F" else cost_b) / v
+            clock[r] += cost
+            busy[r] += cost
+            pc[r] += 1
+            return True
+        if posted[r] is None:
+            ops = []
+            for msg in item.sends:
+                q = sends.setdefault((r, peer(r, msg, True)), [])
+                ops.append(("send", peer(r, msg, True), len(q)))
+                q.append((msg, clock[r]))
+                sent[r] += 1
+            for msg in item.recvs:
+                q = recvs.setdefault((peer(r, msg, False), r), [])
+                ops.append(("recv", peer(r, msg, False), len(q)))
+                q.append((msg, clock[r]))
+            posted[r] = ops
+        t = clock[r]
+        for kind, other, k in posted[r]:
+            mine, theirs = (sends[(r, other)], recvs.get((r, other), [])) if kind == "send" else (
+                recvs[(other, r)], sends.get((other, r), []))
+            if len(theirs) <= k:
+                return False
+            if theirs[k][0] != mine[k][0]:
+                raise RuntimeError(f"rank {r} {kind} #{k} with rank {other}: {mine[k][0]} matched {theirs[k][0]}")
+            t = max(t, theirs[k][1])
+        for msg in item.recvs:
+            have[r].add((msg.kind, msg.mb, msg.vstage))
+        clock[r] = t
+        posted[r] = None
+        pc[r] += 1
+        return True
+
+    while any(pc[r] < len(programs[r]) for r in range(p)):
+        progressed = False
+        for r in range(p):
+            while pc[r] < len(programs[r]) and step(r):
+                progressed = True
+        if not progressed:
+            stuck = {r: programs[r][pc[r]] for r in range(p) if pc[r] < len(programs[r])}
+            raise RuntimeError(f"pipeline programs deadlock: {stuck}")
+    kinds = ("F",) if forward_only else ("F", "B")
+    n_mb = 1 + max((a.mb for prog in programs for a in prog if isinstance(a, Compute)), default=-1)
+    for r in range(p):
+        want = {(k, c, i) for k in kinds for c in range(v) for i in range(n_mb)}
+        if done[r] != want:
+            raise RuntimeError(f"rank {r} computed {sorted(done[r] ^ want)[:6]} wrongly (missing or extra)")
+    return SimResult(makespan=max(clock), busy=busy, messages=sent)
+
+
 # ------------------------------------------------------------------------------------------ executor
 @dataclass
 class ScheduleStats:
-    """Per-step record of one stage's schedule (for tests and the bubble benchmark)."""
+    """Per-step record of one rank's schedule (for tests and the pipeline benchmark)."""
 
-    recv_shapes: list[tuple[str, int, tuple[int, ...]]] = field(default_factory=list)
-    """(direction 'fwd'|'bwd', microbatch index, buffer shape) of every receive buffer allocated."""
+    recv_shapes: list[tuple[str, int, int, tuple[int, ...]]] = field(default_factory=list)
+    """(direction 'fwd'|'bwd', chunk, microbatch, buffer shape) of every receive buffer allocated."""
     compute_s: float = 0.0
     """Seconds spent in forward/backward compute (CPU timing; excludes waiting for peers)."""
     wall_s: float = 0.0
     """Seconds from the first to the last schedule action."""
-    order: list[tuple[str, int]] = field(default_factory=list)
-    """('F'|'B', microbatch) in execution order."""
+    order: list[tuple[str, int, int]] = field(default_factory=list)
+    """('F'|'B', chunk, microbatch) in execution order."""
+    sent_bytes: int = 0
+    """Bytes this rank sent to other pipeline ranks (activations and gradients; not the metadata broadcast)."""
+    messages: int = 0
+    """P2P sends this rank issued."""
     start_time: float = 0.0
-    """time.time() when the schedule started (to line stages up on one host: the bubble benchmark)."""
+    """time.time() when the schedule started (to line stages up on one host: the pipeline benchmark)."""
     end_time: float = 0.0
-    """time.time() when this stage's schedule ended."""
+    """time.time() when this rank's schedule ended."""
 
     @property
     def idle_fraction(self) -> float:
-        """This stage's idle share of its OWN schedule span. The pipeline bubble proper is measured against the
+        """This rank's idle share of its OWN schedule span. The pipeline bubble proper is measured against the
         whole pipeline's span (first stage start to last stage end), see benchmarks/bench_pipeline.py."""
         return 1.0 - self.compute_s / self.wall_s if self.wall_s > 0 else 0.0
 
 
-class OneFOneB:
-    """The 1F1B schedule of one pipeline stage over P2P ops in `group`.
+class PipelineExecutor:
+    """Runs this rank's program of `schedule` over P2P ops in `group`.
 
-    forward_fn(i, x) -> y: runs microbatch i (x = received activation, None on stage 0); returns the tensor
-        to send (or, on the last stage, the scalar to backpropagate).
-    before_backward(i): called before microbatch i's backward (FSDP sync flags).
+    forward_fn(chunk, i, x) -> y: runs microbatch i through model chunk `chunk` (x = received activation, None
+        on virtual stage 0); returns the tensor to send (or, on the last virtual stage, the scalar to
+        backpropagate).
+    before_backward(chunk, i): called before that chunk's backward of microbatch i (FSDP sync flags).
     act_shape(i) -> shape of microbatch i's inter-stage activation (and of its gradient).
     """
 
     def __init__(
         self,
         *,
+        schedule: Schedule,
         stage: int,
         num_stages: int,
+        num_chunks: int,
         group: dist.ProcessGroup | None,
-        prev_rank: int | None,
-        next_rank: int | None,
+        stage_ranks: list[int],
         timeout: datetime.timedelta,
         device: torch.device,
     ) -> None:
-        self.stage, self.num_stages = stage, num_stages
-        self.group, self.prev_rank, self.next_rank = group, prev_rank, next_rank
+        self.schedule, self.stage, self.num_stages, self.num_chunks = schedule, stage, num_stages, num_chunks
+        self.group, self.stage_ranks = group, stage_ranks
         self.timeout, self.device = timeout, device
-        self.first, self.last = stage == 0, stage == num_stages - 1
         # NCCL work.wait(timeout) would block the CPU on every P2P; its watchdog enforces the timeout instead.
         self._wait_timeout = group is not None and dist.get_backend(group) == "gloo"
 
-    # ---------------------------------------------------------------- p2p
+    def check_microbatches(self, m: int) -> None:
+        """Raise ValueError (on every rank alike) when the schedule cannot run m microbatches."""
+        if self.schedule == "interleaved_1f1b":
+            check_interleaved_microbatches(m, self.num_stages)
+
     def _exchange(self, sends: list[tuple[torch.Tensor, int]], recvs: list[tuple[torch.Tensor, int]]) -> None:
         ops = [dist.P2POp(dist.isend, t, peer, self.group) for t, peer in sends]
         ops += [dist.P2POp(dist.irecv, t, peer, self.group) for t, peer in recvs]
@@ -184,100 +468,80 @@ class OneFOneB:
     def run(
         self,
         num_microbatches: int,
-        forward_fn: Callable[[int, torch.Tensor | None], torch.Tensor],
-        before_backward: Callable[[int], None],
+        forward_fn: Callable[[int, int, torch.Tensor | None], torch.Tensor],
+        before_backward: Callable[[int, int], None],
         act_shape: Callable[[int], tuple[int, ...]],
         dtype: torch.dtype,
+        forward_only: bool = False,
     ) -> ScheduleStats:
-        m, p, s = num_microbatches, self.num_stages, self.stage
+        p, s = self.num_stages, self.stage
+        program = build_program(self.schedule, p, self.num_chunks, s, num_microbatches, forward_only)
         stats = ScheduleStats()
-        inputs: dict[int, torch.Tensor | None] = {}
-        outputs: dict[int, torch.Tensor] = {}
+        inputs: dict[tuple[int, int], torch.Tensor] = {}  # (chunk, mb) -> received activation
+        grads: dict[tuple[int, int], torch.Tensor] = {}  # (chunk, mb) -> received output gradient
+        outputs: dict[tuple[int, int], torch.Tensor] = {}
+        input_grads: dict[tuple[int, int], torch.Tensor] = {}
 
-        def buf(direction: str, i: int) -> torch.Tensor:
-            shape = tuple(act_shape(i))
-            stats.recv_shapes.append((direction, i, shape))
-            return torch.empty(shape, dtype=dtype, device=self.device)
+        def chunk_of(vs: int) -> int:
+            return vs // p
 
-        def forward(i: int, x: torch.Tensor | None) -> None:
-            if x is not None:
+        def forward(c: int, i: int) -> None:
+            x = inputs.pop((c, i), None) if forward_only else inputs.get((c, i))
+            if x is not None and not forward_only:
                 x.requires_grad_(True)
             t0 = time.perf_counter()
-            y = forward_fn(i, x)
+            y = forward_fn(c, i, x)
             stats.compute_s += time.perf_counter() - t0
-            stats.order.append(("F", i))
-            inputs[i], outputs[i] = x, y
+            stats.order.append(("F", c, i))
+            if not (forward_only and c * p + s == p * self.num_chunks - 1):
+                outputs[(c, i)] = y  # (forward-only: the last virtual stage's loss is not kept)
 
-        def backward(i: int, grad: torch.Tensor | None) -> torch.Tensor | None:
-            x, y = inputs.pop(i), outputs.pop(i)
-            before_backward(i)
+        def backward(c: int, i: int) -> None:
+            x, y, g = inputs.pop((c, i), None), outputs.pop((c, i)), grads.pop((c, i), None)
+            before_backward(c, i)
             t0 = time.perf_counter()
             if y.requires_grad:
-                torch.autograd.backward(y, grad)
+                torch.autograd.backward(y, g)
             stats.compute_s += time.perf_counter() - t0
-            stats.order.append(("B", i))
-            if x is None:
-                return None
-            # A stage whose inputs reach no trainable parameter still sends a (zero) gradient: the
-            # schedule's sends and receives never depend on what is frozen.
-            return x.grad if x.grad is not None else torch.zeros_like(x)
+            stats.order.append(("B", c, i))
+            if x is not None:
+                # A stage whose inputs reach no trainable parameter still sends a (zero) gradient: the
+                # schedule's sends and receives never depend on what is frozen.
+                input_grads[(c, i)] = x.grad if x.grad is not None else torch.zeros_like(x)
 
-        def recv_forward(i: int) -> torch.Tensor | None:
-            if self.first:
-                return None
-            x = buf("fwd", i)
-            self._exchange([], [(x, self.prev_rank)])
-            return x
-
-        def send_forward(i: int) -> None:
-            if not self.last:
-                self._exchange([(outputs[i].detach(), self.next_rank)], [])
-
-        def send_forward_recv_backward(i_f: int, i_b: int) -> torch.Tensor | None:
-            if self.last:
-                return None
-            g = buf("bwd", i_b)
-            self._exchange([(outputs[i_f].detach(), self.next_rank)], [(g, self.next_rank)])
-            return g
-
-        def send_backward_recv_forward(i_b: int, dx: torch.Tensor | None, i_f: int) -> torch.Tensor | None:
-            if self.first:
-                return None
-            x = buf("fwd", i_f)
-            self._exchange([(dx, self.prev_rank)], [(x, self.prev_rank)])
-            return x
-
-        def send_backward(dx: torch.Tensor | None) -> None:
-            if not self.first:
-                self._exchange([(dx, self.prev_rank)], [])
-
-        def recv_backward(i: int) -> torch.Tensor | None:
-            if self.last:
-                return None
-            g = buf("bwd", i)
-            self._exchange([], [(g, self.next_rank)])
-            return g
+        def exchange(item: Exchange) -> None:
+            sends, recvs = [], []
+            for msg in item.sends:
+                if msg.kind == "act":
+                    key, peer = (chunk_of(msg.vstage), msg.mb), (msg.vstage + 1) % p
+                    t = (outputs.pop(key) if forward_only else outputs[key]).detach()
+                else:
+                    key, peer = (chunk_of(msg.vstage), msg.mb), (msg.vstage - 1) % p
+                    t = input_grads.pop(key)
+                sends.append((t, self.stage_ranks[peer]))
+                stats.sent_bytes += t.numel() * t.element_size()
+                stats.messages += 1
+            for msg in item.recvs:
+                shape = tuple(act_shape(msg.mb))
+                buf = torch.empty(shape, dtype=dtype, device=self.device)
+                if msg.kind == "act":
+                    stats.recv_shapes.append(("fwd", chunk_of(msg.vstage + 1), msg.mb, shape))
+                    inputs[(chunk_of(msg.vstage + 1), msg.mb)] = buf
+                else:
+                    stats.recv_shapes.append(("bwd", chunk_of(msg.vstage - 1), msg.mb, shape))
+                    grads[(chunk_of(msg.vstage - 1), msg.mb)] = buf
+                recvs.append((buf, self.stage_ranks[msg.vstage % p]))
+            self._exchange(sends, recvs)
 
         stats.start_time = time.time()
         t_start = time.perf_counter()
-        warmup = min(p - s - 1, m)
-        remaining = m - warmup
-        for i in range(warmup):
-            forward(i, recv_forward(i))
-            send_forward(i)
-        x = recv_forward(warmup) if remaining > 0 else None
-        for j in range(remaining):
-            i_f = warmup + j
-            forward(i_f, x)
-            g = send_forward_recv_backward(i_f, j)
-            dx = backward(j, g)
-            if j == remaining - 1:
-                send_backward(dx)
+        for item in program:
+            if isinstance(item, Exchange):
+                exchange(item)
+            elif item.kind == "F":
+                forward(item.chunk, item.mb)
             else:
-                x = send_backward_recv_forward(j, dx, i_f + 1)
-        for i in range(remaining, m):
-            dx = backward(i, recv_backward(i))
-            send_backward(dx)
+                backward(item.chunk, item.mb)
         stats.wall_s = time.perf_counter() - t_start
         stats.end_time = time.time()
         return stats

@@ -10,6 +10,11 @@ k comes from the config, or (k='auto') from FLOPs so that stage 0 is not the str
 where vit_cost is the ViT + merger work per LLM token at the configured vision fraction f (a vision token is
 4 ViT patch rows: 4 * f rows per LLM token).
 
+Interleaved 1F1B (pp_virtual_stages = v > 1): the model is cut into p*v virtual stages with the same rules, and
+rank r holds v model chunks, virtual stages r, r+p, ..., each a pruned copy of the model (`copy_stage`: only that
+stage's weights are copied) with the single-process FQNs. `merge_stage_modules` joins a rank's chunks into one
+module with those FQNs for APIs that take one module (DCP's get/set_optimizer_state_dict).
+
 Tied embeddings across stages: the last stage keeps its own copy of the embedding module, whose weight is its
 lm_head.weight (same values, same FQN embed_tokens.weight as stage 0's, so checkpoints and optimizer state
 need no renaming across layouts); after each backward the engine sums the two gradients over a 2-rank group
@@ -18,30 +23,26 @@ need no renaming across layouts); after each backward the engine sums the two gr
 
 from __future__ import annotations
 
+import copy
+
 import torch.nn as nn
 
 from model.config import ModelConfig
+from model.flops import llm_forward_flops, vit_forward_flops
 
 
 # ------------------------------------------------------------------------------------------ FLOPs
 def decoder_layer_flops_per_token(cfg: ModelConfig, context: int = 2048) -> float:
-    """Forward FLOPs of one decoder layer per token (matmuls + causal attention at `context` tokens)."""
-    t = cfg.text
-    D, Dh, H, Hkv, inter = t.hidden_size, t.head_dim, t.num_heads, t.num_kv_heads, t.intermediate_size
-    proj = D * H * Dh + 2 * D * Hkv * Dh + H * Dh * D + 3 * D * inter
-    attn = 2 * H * Dh * context / 2  # QK^T and AV, causal: half the context on average
-    return 2.0 * proj + 2.0 * attn
+    """Forward FLOPs of one decoder layer per token for samples of `context` tokens (model.flops' count)."""
+    f = llm_forward_flops(cfg, [context])
+    return (f["layers_linear"] + f["layers_attention"]) / (cfg.text.num_layers * context)
 
 
-def vit_flops_per_row(cfg: ModelConfig, context: int = 1024) -> float:
-    """Forward FLOPs of the ViT per patch row (patch embed + blocks + merger share), full attention."""
-    v = cfg.vision
-    C = v.embed_dim
-    block = 4 * C * C + 2 * C * v.mlp_dim
-    attn = 2 * C * context
-    merge = v.spatial_merge_size**2
-    merger = (merge * C * merge * C + merge * C * cfg.text.hidden_size) / merge
-    return 2.0 * (v.patch_dim * C + v.depth * (block + attn) + merger)
+def vit_flops_per_row(cfg: ModelConfig, grid_hw: tuple[int, int] = (32, 32)) -> float:
+    """Forward FLOPs of the ViT + merger per patch row for one image of grid_hw patches (model.flops' count)."""
+    f = vit_forward_flops(cfg, [(1, *grid_hw)])
+    return (f["patch_embed"] + f["blocks_linear"] + f["blocks_attention"] + f["merger_fc1"] + f["merger_fc2"]) / (
+        grid_hw[0] * grid_hw[1])
 
 
 def auto_first_stage_layers(cfg: ModelConfig, pp: int, vision_fraction: float) -> int:
@@ -61,7 +62,8 @@ def stage_layer_ids(cfg: ModelConfig, pp: int, first_stage_layers: int | str, vi
     if pp == 1:
         return [list(range(L))]
     if pp > L:
-        raise ValueError(f"pp={pp} stages need at least {pp} decoder layers, the model has text.num_layers={L}")
+        raise ValueError(f"{pp} pipeline stages (pp x pp_virtual_stages) need at least {pp} decoder layers, the "
+                         f"model has text.num_layers={L}; use fewer stages")
     k = auto_first_stage_layers(cfg, pp, vision_fraction) if first_stage_layers == "auto" else int(first_stage_layers)
     if not 1 <= k <= L - (pp - 1):
         raise ValueError(
@@ -79,6 +81,30 @@ def stage_layer_ids(cfg: ModelConfig, pp: int, first_stage_layers: int | str, vi
 
 
 # ------------------------------------------------------------------------------------------ pruning
+_TOP_MODULES = ("visual", "embed_tokens", "norm", "lm_head")
+
+
+def _is_tied(model: nn.Module) -> bool:
+    return model.lm_head is not None and model.embed_tokens is not None and (
+        model.lm_head.weight is model.embed_tokens.weight
+    )
+
+
+def _kept_top_modules(stage: int, num_stages: int, tied: bool) -> set[str]:
+    """The top modules pipeline stage `stage` runs: ViT and embedding first, norm and head last."""
+    kept = set()
+    if stage == 0:
+        kept |= {"visual", "embed_tokens"}
+    if stage == num_stages - 1:
+        kept |= {"norm", "lm_head"}
+        if tied:
+            # NOTE: with tied embeddings the last stage keeps the embedding module as its head (Megatron's
+            # embedding group): its own copy of the matrix, named embed_tokens.weight like stage 0's, which the
+            # engine's tie all-reduce keeps equal. The forward never embeds there (it gets hidden_states).
+            kept.add("embed_tokens")
+    return kept
+
+
 def prune_to_stage(model: nn.Module, stage: int, layer_ids: list[list[int]]) -> nn.Module:
     """Keep only what pipeline stage `stage` runs (in place; returns the model). FQNs are unchanged."""
     pp = len(layer_ids)
@@ -88,18 +114,58 @@ def prune_to_stage(model: nn.Module, stage: int, layer_ids: list[list[int]]) -> 
     for name in list(model.layers.keys()):
         if name not in keep:
             del model.layers[name]
-    first, last = stage == 0, stage == pp - 1
-    tied = model.lm_head is not None and model.embed_tokens is not None and (
-        model.lm_head.weight is model.embed_tokens.weight
-    )
-    if not first:
-        model.visual = None
-        if not (last and tied):
-            # NOTE: with tied embeddings the last stage keeps the embedding module as its head (Megatron's
-            # embedding group): its own copy of the matrix, named embed_tokens.weight like stage 0's, which the
-            # engine's tie all-reduce keeps equal. The forward never embeds there (it gets hidden_states).
-            model.embed_tokens = None
-    if not last:
-        model.norm = None
-        model.lm_head = None
+    kept = _kept_top_modules(stage, pp, _is_tied(model))
+    for name in _TOP_MODULES:
+        if name not in kept:
+            setattr(model, name, None)
     return model
+
+
+def copy_stage(model: nn.Module, stage: int, layer_ids: list[list[int]]) -> nn.Module:
+    """A deep copy of `model` pruned to `stage`; only that stage's modules are copied, `model` is unchanged."""
+    keep = {str(i) for i in layer_ids[stage]}
+    kept = _kept_top_modules(stage, len(layer_ids), _is_tied(model))
+    saved = dict(model._modules)
+    try:
+        # Hide what the stage does not hold while copying (deepcopy follows _modules).
+        model._modules["layers"] = nn.ModuleDict({k: m for k, m in model.layers.items() if k in keep})
+        for name in _TOP_MODULES:
+            if name not in kept:
+                model._modules[name] = None
+        return copy.deepcopy(model)
+    finally:
+        model._modules.clear()
+        model._modules.update(saved)
+
+
+def merge_stage_modules(modules: list[nn.Module]) -> nn.Module:
+    """One module over a rank's model chunks with the single-process FQNs (one chunk: that chunk itself).
+
+    ModuleDict children (the decoder layers, keyed by global index) are merged; any other child belongs to one
+    chunk, except stateless ones (the rotary embedding: no parameters, no persistent buffers), taken from the
+    first. The result shares every module with the chunks (no copies)."""
+    if len(modules) == 1:
+        return modules[0]
+    view = nn.Module()
+    for chunk in modules:
+        if next(chunk.parameters(recurse=False), None) is not None:
+            raise ValueError(f"{type(chunk).__name__} has parameters of its own; merge_stage_modules merges children")
+        for name, child in chunk.named_children():
+            have = view._modules.get(name)
+            if isinstance(child, nn.ModuleDict):
+                if have is None:
+                    have = nn.ModuleDict()
+                    view.add_module(name, have)
+                for key, sub in child.items():
+                    if key in have:
+                        raise ValueError(f"{name}.{key} is in two pipeline chunks of this rank")
+                    have[key] = sub
+            elif have is None:
+                view.add_module(name, child)
+            elif _has_state(child) or _has_state(have):
+                raise ValueError(f"{name} is in two pipeline chunks of this rank")
+    return view
+
+
+def _has_state(module: nn.Module) -> bool:
+    return next(module.parameters(), None) is not None or bool(module.state_dict())

@@ -7,13 +7,16 @@ AdamW steps, the same parameters. Each layout is one spawned job that also check
 ZeRO-1 optimizer-state bytes, TP sharding and SP activation shapes, PP receive buffers of exactly each
 microbatch's length, frozen parameters (recipe stages 1 and 3), ZeRO-3, tied embeddings across stages,
 activation checkpointing, the replicated-weights check and DCP checkpoints that reshard across layouts.
+Interleaved 1F1B (pp2 x 2 virtual stages, tied and untied, with tp2 + SP) is held to the same standard, and
+ParallelModel.evaluate to the one-process forward loss (dp2, tp2, pp2, pp2 x v2, dp2 x tp2; uneven eval
+counts across dp ranks).
 """
 
 from __future__ import annotations
 
 import pytest
 from _dist import run_distributed
-from _workers import layout_worker
+from _workers import interleaved_checkpoint_worker, layout_worker
 
 pytestmark = pytest.mark.distributed
 
@@ -31,6 +34,7 @@ def _run(world: int, spec: dict, timeout: float = 240.0) -> list[dict]:
 def test_dp2_zero1_frozen_and_zero3():
     reports = _run(2, {
         "parallel": {"dp": 2, "num_microbatches": 2},
+        "eval": True,
         "checks": ["zero1", "zero1_comm", "variant:stage1_frozen_llm", "variant:stage3_frozen_vit", "variant:zero3"],
         "variants": {
             "stage1_frozen_llm": {"freeze": "llm"},
@@ -47,18 +51,53 @@ def test_tp2_sequence_parallel_tied():
     _run(2, {
         "parallel": {"tp": 2, "num_microbatches": 2},
         "tie": True,
-        "checks": ["tp", "variant:no_sp", "variant:pad16"],
+        "eval": True,
+        "checks": ["tp", "variant:no_sp", "variant:pad16", "variant:recipe_eps"],
         "variants": {
             "no_sp": {"parallel": {"sequence_parallel": False}},
             # Bucketed SP padding: sequences and ViT rows (blank-image padding) to multiples of 16.
             "pad16": {"parallel": {"sp_pad_multiple": 16}},
+            # AdamW at the recipes' eps (1e-8), with the tolerance argued at NOISE_GRAD_REL in _workers.py.
+            "recipe_eps": {"adam_eps": 1e-8},
         },
     })
 
 
 @pytest.mark.timeout(300)
 def test_pp2_dynamic_lengths():
-    _run(2, {"parallel": {"pp": 2, "num_microbatches": 4, "pp_first_stage_layers": 1}, "checks": ["pp"]})
+    _run(2, {"parallel": {"pp": 2, "num_microbatches": 4, "pp_first_stage_layers": 1}, "checks": ["pp"],
+             "eval": True})
+
+
+_INTERLEAVED = {"pp": 2, "pp_schedule": "interleaved_1f1b", "pp_virtual_stages": 2, "pp_first_stage_layers": 1}
+
+
+@pytest.mark.timeout(300)
+def test_pp2_interleaved_v2_untied_and_tied_meta():
+    # 4 virtual stages of one decoder layer each; rank 0 holds stages 0 and 2, rank 1 stages 1 and 3.
+    _run(2, {
+        "parallel": {**_INTERLEAVED, "num_microbatches": 4},
+        "eval": True,
+        "checks": ["pp", "variant:tied_meta"],
+        # Tied, built on the meta device, materialized and loaded (the trainer's path for big models).
+        "variants": {"tied_meta": {"tie": True, "meta": True}},
+    })
+
+
+@pytest.mark.timeout(400)
+def test_tp2_pp2_interleaved_v2_sp_tied_selective_ac():
+    _run(4, {"parallel": {**_INTERLEAVED, "tp": 2, "num_microbatches": 4, "activation_checkpoint": "selective",
+                          "check_replicated_every": 1},
+             "tie": True, "checks": ["pp", "tp"]}, timeout=360)
+
+
+@pytest.mark.timeout(400)
+def test_dp2_pp2_interleaved_v2_full_ac_zero3_eval():
+    # m = 2 = pp: rank 0 runs every forward in its warm-up (the all-warm-up path of the schedule).
+    _run(4, {"parallel": {**_INTERLEAVED, "dp": 2, "num_microbatches": 2, "activation_checkpoint": "full"},
+             "eval": True,
+             "checks": ["pp", "variant:zero3"], "variants": {"zero3": {"parallel": {"zero_stage": 3}}}},
+         timeout=360)
 
 
 @pytest.mark.timeout(400)
@@ -66,6 +105,7 @@ def test_dp2_tp2_selective_ac_dcp(tmp_path):
     _run(4, {
         "parallel": {"dp": 2, "tp": 2, "num_microbatches": 2, "activation_checkpoint": "selective",
                      "check_replicated_every": 1, "loss_chunk_size": 5},  # several vocab-parallel head chunks
+        "eval": True,
         "checks": ["tp", "dcp"],
         "tmpdir": str(tmp_path),
     }, timeout=360)
@@ -91,3 +131,12 @@ def test_tp2_pp2_sp_tied_full_ac_meta_bf16():
         "meta": True,
         "checks": ["pp", "tp", "bf16_smoke"],
     }, timeout=360)
+
+
+@pytest.mark.timeout(300)
+def test_pp2_interleaved_checkpoint_resumes_into_1f1b_and_one_process(tmp_path):
+    reports = run_distributed(interleaved_checkpoint_worker, 2, str(tmp_path), timeout=240)
+    for r in reports:
+        print({k: (len(v) if isinstance(v, list) else v) for k, v in r.items()})
+    # The two pp2 stages together hold the one process's optimizer state (the tied embedding's on both).
+    assert set(reports[0]["one_process_opt_keys"]) == set(reports[0]["pp2_opt_keys"]) | set(reports[1]["pp2_opt_keys"])

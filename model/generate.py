@@ -1,0 +1,117 @@
+"""Greedy decoding with a KV cache in our own model: one sequence at a time, on one device.
+
+    from model.generate import greedy_generate
+    out = greedy_generate(model, input_ids, pixel_values=..., image_grid_thw=..., max_new_tokens=32)
+    out.tokens        # generated ids (the EOS that ended it included), out.finished: an EOS ended it
+
+Shape legend: L = prompt tokens, T = tokens of one forward (L at prefill, 1 when decoding), D = width, V = vocab.
+
+How it runs:
+1. prefill: the prompt's embeddings, with images and videos through the ViT ONCE (Qwen2VL.embed scatters them
+   into the pad positions), go through the decoder with an empty KVCache (the training attention kernel, so
+   the prompt's logits equal a plain forward); the last position's logits give the first token;
+2. decode: each new token's embedding alone, against the cache (model.qwen2_vl.cached_attention).
+
+Positions (M-RoPE): the prompt gets Qwen's reference ids (3, L) (model/position_ids.py); generated token j
+(0-based) gets the same id on all three streams, max(prompt ids) + 1 + j. That is transformers' rope-delta rule
+(Qwen2VLModel.get_rope_index returns `rope_deltas` = max + 1 - L; decoding then uses (L + j) + rope_deltas):
+text continues right after the highest position of the prompt, which after a vision block is less than the
+token count. tests/model/test_generate.py checks the ids against transformers' `generate` token for token.
+
+The model must be whole (no pipeline split) and plain (no tensor-parallel shards): train/eval.py gathers one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from model.config import IM_END_ID
+from model.position_ids import mrope_position_ids
+from model.qwen2_vl import KVCache, Qwen2VL
+
+
+@dataclass
+class Generation:
+    """What greedy_generate produced for one prompt."""
+
+    tokens: list[int]
+    """Generated token ids, in order; the EOS that ended generation is included."""
+    finished: bool
+    """An EOS ended generation (False: max_new_tokens did)."""
+    logits: list[torch.Tensor] | None = None
+    """With return_logits: the (V,) fp32 logits each token was chosen from (transformers' `scores`)."""
+
+
+def rope_continuation(pos_3L: torch.Tensor) -> int:
+    """The M-RoPE id of the first generated token: one past the prompt's highest id on any stream."""
+    return int(pos_3L.max()) + 1
+
+
+def prompt_positions(model: Qwen2VL, input_ids: torch.Tensor, image_grid_thw: torch.Tensor | None = None,
+                     video_grid_thw: torch.Tensor | None = None) -> torch.Tensor:
+    """M-RoPE ids (3, L) of one prompt under the model's own special token ids (reference algorithm)."""
+    cfg = model.cfg
+    return mrope_position_ids(
+        input_ids.reshape(-1).cpu(),
+        None if image_grid_thw is None or not image_grid_thw.numel() else image_grid_thw.cpu(),
+        None if video_grid_thw is None or not video_grid_thw.numel() else video_grid_thw.cpu(),
+        spatial_merge_size=cfg.vision.spatial_merge_size, image_token_id=cfg.image_token_id,
+        video_token_id=cfg.video_token_id,
+    )
+
+
+@torch.no_grad()
+def greedy_generate(
+    model: Qwen2VL,
+    input_ids: torch.Tensor,
+    *,
+    max_new_tokens: int,
+    eos_token_ids: Sequence[int] = (IM_END_ID,),
+    position_ids: torch.Tensor | None = None,
+    pixel_values: torch.Tensor | None = None,
+    image_grid_thw: torch.Tensor | None = None,
+    pixel_values_videos: torch.Tensor | None = None,
+    video_grid_thw: torch.Tensor | None = None,
+    return_logits: bool = False,
+) -> Generation:
+    """Greedy (argmax) continuation of ONE prompt (input_ids (L,)) for up to max_new_tokens tokens, stopping
+    after the first token in eos_token_ids. position_ids (3, L) default to the reference M-RoPE ids; pixel rows
+    are raw uint8 or normalized float (core/batch.py)."""
+    if model.embed_tokens is None or model.norm is None or model.lm_head is None:
+        raise ValueError("greedy_generate needs the whole model (embeddings, final norm and head); this is a "
+                         "pipeline stage of it")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens}: must be >= 1")
+    device = model.embed_tokens.weight.device
+    ids_L = input_ids.reshape(-1).to(device)
+    L = ids_L.numel()
+    if L == 0:
+        raise ValueError("greedy_generate got an empty prompt")
+    if position_ids is None:
+        position_ids = prompt_positions(model, ids_L, image_grid_thw, video_grid_thw)
+    pos_3L = position_ids.reshape(3, L).to(device)
+    next_pos = rope_continuation(pos_3L)
+    eos = {int(e) for e in eos_token_ids}
+
+    h_TD = model.embed(ids_L, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
+    cache = KVCache(L + max_new_tokens)
+    h_TD = model(hidden_states=h_TD, position_ids=pos_3L, kv_cache=cache)
+    tokens: list[int] = []
+    scores: list[torch.Tensor] | None = [] if return_logits else None
+    for j in range(max_new_tokens):
+        logits_V = model.logits(h_TD[-1]).float()
+        if scores is not None:
+            scores.append(logits_V)
+        tok = int(logits_V.argmax())
+        tokens.append(tok)
+        if tok in eos:
+            return Generation(tokens, True, scores)
+        if j == max_new_tokens - 1:
+            break
+        h_TD = model.embed_tokens(torch.tensor([tok], device=device))
+        pos_31 = torch.full((3, 1), next_pos + j, dtype=torch.long, device=device)
+        h_TD = model(hidden_states=h_TD, position_ids=pos_31, kv_cache=cache)
+    return Generation(tokens, False, scores)

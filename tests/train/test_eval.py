@@ -1,0 +1,276 @@
+"""Held-out evaluation (train/eval.py): answer normalization, prompts equal to transformers' chat template with
+the generation prompt, the split of samples over dp ranks, the offline CLI against transformers' `generate`,
+and the in-training evaluation (metrics records, prediction files, held-out loss) on one process and under
+dp2 / tp2 / pp2 (gloo)."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from train_helpers import RECIPES, SHORT, env_for, torchrun
+
+from data.config import DataConfig, DatasetSpec
+from data.loader import build_loader
+from data.media.video import VideoConfig
+from data.sample import SampleProcessor
+from model.config import tiny
+from model.loss import lm_loss
+from model.parity import make_tiny_checkpoint, mm_token_type_ids
+from model.vision import normalize_pixel_rows
+from tests.data.datahelpers import encode_video, hf_processor, js, small_image, tokenizer_dir, write_dataset
+from train.config import load_config
+from train.eval import load_for_eval, main, normalize_answer, qa_samples, score
+from train.metrics import MetricsLogger
+from train.trainer import run
+
+IMG_Q = [{"role": "user", "content": [{"type": "image", "image": "img0.png"},
+                                      {"type": "text", "text": "Which animal is this?"}]},
+         {"role": "assistant", "content": "A cat."}]
+VID_Q = [{"role": "user", "content": [{"type": "video", "video": "vid0.mp4"},
+                                      {"type": "text", "text": "Which way does it move?"}]},
+         {"role": "assistant", "content": [{"type": "text", "text": "To the "}, {"type": "text", "text": "right."}]}]
+MULTI = [{"role": "system", "content": "You answer in one word."},
+         {"role": "user", "content": "Two plus two?"},
+         {"role": "assistant", "content": "Four."},
+         {"role": "user", "content": "And three plus three?"},
+         {"role": "assistant", "content": "Six."}]
+NOREF = [{"role": "user", "content": "A question nobody answered"}]
+VIDEO_CFG = VideoConfig(min_pixels=16 * 28 * 28, max_pixels=32 * 28 * 28, max_tokens=256)
+
+
+@pytest.fixture(scope="module")
+def qa_dir(tmp_path_factory) -> str:
+    clip = encode_video(112, 84, 8, fps=8)  # 1 s -> 4 frames at 2 fps -> 2 frame pairs
+    samples = [
+        ("img", {"json": js({"messages": IMG_Q}), "img0.png": small_image(2, 56, 84)}),
+        ("pre", {"json": js({"content": "A caption without roles."})}),
+        ("vid", {"json": js({"messages": VID_Q}), "vid0.mp4": clip}),
+        ("multi", {"json": js({"messages": MULTI})}),
+        ("noref", {"json": js({"messages": NOREF})}),
+        ("img2", {"json": js({"messages": IMG_Q}), "img0.png": small_image(0, 84, 56)}),
+    ]
+    return write_dataset(tmp_path_factory.mktemp("qa") / "heldout", samples, per_shard=4)
+
+
+def data_cfg(root: str, **kw) -> DataConfig:
+    return DataConfig(datasets=[DatasetSpec(root)], tokenizer=tokenizer_dir(), max_tokens=2048,
+                      max_pixels=64 * 28 * 28, video=VIDEO_CFG, **kw)
+
+
+def test_normalize_and_score():
+    assert normalize_answer("  It is  the digit\n7. ") == "it is the digit 7"
+    assert normalize_answer("Yes!?") == "yes" and normalize_answer("") == ""
+    assert normalize_answer("(3)") == "(3)"  # only sentence punctuation at the end goes
+    assert score("It is the digit 7.", "it is the digit 7") == (True, True)
+    assert score("It is 7, I think", "7") == (False, True)
+    assert score("It is 17.", "7") == (False, False)  # a whole phrase, not a part of a number
+    assert score("sevenfold", "seven") == (False, False)
+    assert score("anything", "") == (False, False)
+
+
+def test_prompts_equal_transformers_chat_template(qa_dir):
+    """Each prompt is the chat template with add_generation_prompt=True over the messages before the last
+    assistant turn, tokenized and expanded by transformers' processor; the reference is that turn's text."""
+    cfg = data_cfg(qa_dir)
+    samples, skips = qa_samples(cfg, cfg.datasets[0], 0, SampleProcessor(cfg))
+    assert [s.key.rsplit("/", 1)[-1] for s in samples] == ["img", "vid", "multi", "img2"]
+    assert skips == {"not_chat": 1, "no_reference": 1}
+    assert [s.reference for s in samples] == ["A cat.", "To the right.", "Six.", "A cat."]
+    proc = hf_processor(cfg.min_pixels, cfg.max_pixels)
+    members = {"img": small_image(2, 56, 84), "img2": small_image(0, 84, 56)}
+    for s in samples:
+        name = s.key.rsplit("/", 1)[-1]
+        msgs = {"img": IMG_Q, "img2": IMG_Q, "multi": MULTI, "vid": VID_Q}[name][:-1]
+        text = proc.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        assert text.endswith("<|im_start|>assistant\n")
+        b = s.batch
+        if name == "vid":  # transformers' video processor needs torchvision: compare the expanded text instead
+            t, h, w = b.video_grid_thw[0].tolist()
+            text = text.replace("<|video_pad|>", "<|video_pad|>" * (t * h * w // 4))
+            ref = proc.tokenizer(text)["input_ids"]
+        else:
+            images = [Image.open(io.BytesIO(members[name]))] if name in members else None
+            out = proc(text=[text], images=images, return_tensors="pt")
+            ref = out["input_ids"][0].tolist()
+            if images:
+                assert b.image_grid_thw.tolist() == out["image_grid_thw"].tolist()
+        assert b.input_ids.tolist() == ref, name
+        assert (b.labels == -100).all() and b.position_ids.shape == (3, len(ref))
+    assert "<|image_pad|>x" in samples[0].prompt and "Which animal" in samples[0].prompt
+
+
+def test_samples_split_over_ranks(qa_dir):
+    cfg = data_cfg(qa_dir)
+    proc = SampleProcessor(cfg)
+    whole = [s.key for s in qa_samples(cfg, cfg.datasets[0], 0, proc)[0]]
+    shares = [qa_samples(cfg, cfg.datasets[0], 0, proc, rank=r, world=2) for r in range(2)]
+    assert [s.key for s in shares[0][0]] == whole[0::2] and [s.key for s in shares[1][0]] == whole[1::2]
+    assert shares[0][1] == {"not_chat": 1, "no_reference": 1} and shares[1][1] == {}  # counted once
+    first3 = [s.key for r in range(2) for s in qa_samples(cfg, cfg.datasets[0], 0, proc, rank=r, world=2,
+                                                          max_samples=3)[0]]
+    assert sorted(first3) == sorted(whole[:3])
+    pre = dataclasses.replace(cfg.datasets[0], kind="pretrain")
+    assert qa_samples(cfg, pre, 0, proc) == ([], {})  # a pretraining dataset has no questions
+
+
+@pytest.mark.timeout(300)
+def test_cli_on_hf_dir_equals_transformers_generate(qa_dir, tmp_path, capsys):
+    """`python -m train.eval HF_DIR --data ...` writes every prediction; each equals transformers' greedy
+    `generate` on the same prompt (ids, pixel values, grids), decoded the same way."""
+    from transformers import Qwen2VLForConditionalGeneration
+
+    hf_dir = make_tiny_checkpoint(tmp_path / "hf", tiny(), seed=4)
+    out = tmp_path / "report.json"
+    rc = main([str(hf_dir), "--data", qa_dir, "--tokenizer", tokenizer_dir(), "--max-new-tokens", "5",
+               "--out", str(out)])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "heldout: exact 0.0% contains 0.0% on 4 samples" in printed and str(out) in printed
+    report = json.loads(out.read_text())
+    fig = report["datasets"]["heldout"]
+    assert fig["n"] == 4 and fig["skipped"] == {"not_chat": 1, "no_reference": 1}
+    preds = report["predictions"]
+    assert [p["reference"] for p in preds] == ["A cat.", "To the right.", "Six.", "A cat."]
+    assert set(preds[0]) == {"dataset", "key", "prompt", "reference", "prediction", "exact", "contains", "finished"}
+    assert fig["exact"] == sum(p["exact"] for p in preds) / 4
+
+    hf = Qwen2VLForConditionalGeneration.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
+    cfg = dataclasses.replace(DataConfig(tokenizer=tokenizer_dir()), datasets=[DatasetSpec(qa_dir)])
+    proc = SampleProcessor(cfg)
+    samples, _ = qa_samples(cfg, cfg.datasets[0], 0, proc)
+    sp, vcfg = proc.tok.special, tiny().vision
+    for s, p in zip(samples, preds):
+        b = s.batch
+        kw = {"input_ids": b.input_ids[None], "attention_mask": torch.ones_like(b.input_ids)[None],
+              "mm_token_type_ids": mm_token_type_ids(b.input_ids, tiny())[None]}
+        if b.image_grid_thw.numel():
+            kw.update(pixel_values=normalize_pixel_rows(b.pixel_values, vcfg), image_grid_thw=b.image_grid_thw)
+        if b.video_grid_thw.numel():
+            kw.update(pixel_values_videos=normalize_pixel_rows(b.pixel_values_videos, vcfg),
+                      video_grid_thw=b.video_grid_thw)
+        hf.model.rope_deltas = None
+        seq = hf.generate(**kw, do_sample=False, max_new_tokens=5, eos_token_id=[sp.im_end, sp.endoftext],
+                          pad_token_id=sp.endoftext)[0, b.input_ids.numel():].tolist()
+        if seq and seq[-1] in (sp.im_end, sp.endoftext):
+            seq = seq[:-1]
+        assert p["key"] == s.key and p["prediction"] == proc.tok.decode(seq), p["key"]
+
+
+def test_metrics_logger_eval_record(tmp_path, capsys):
+    """An eval record: metrics.jsonl (event 'eval'), one console line, W&B keys eval/<dataset>/<figure>."""
+    cfg = load_config(None, [f"run_dir={tmp_path}"])
+    logger = MetricsLogger(cfg, is_main=True)
+    logged = []
+    logger._wandb = type("FakeRun", (), {"log": lambda self, d, step: logged.append((step, d))})()
+    rec = {"step": 5, "stage": 3, "dataset": "digits", "loss": 1.25, "exact": 0.5, "contains": 0.75, "n": 8,
+           "skipped": {}}
+    logger.eval(rec)
+    logger._wandb = None
+    logger.close()
+    line = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
+    assert line["event"] == "eval" and {k: line[k] for k in rec} == rec
+    out = capsys.readouterr().out
+    assert "eval      5 | stage 3 | digits | loss 1.2500 | exact 50.0% | contains 75.0% | n 8" in out
+    assert logged == [(5, {"eval/digits/loss": 1.25, "eval/digits/exact": 0.5, "eval/digits/contains": 0.75,
+                           "eval/digits/n": 8})]
+
+
+def test_cli_bad_input_is_one_line(tmp_path, capsys):
+    rc = main([str(tmp_path / "nothing"), "--data", str(tmp_path)])
+    assert rc == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("eval failed:") and "\n" not in err
+
+
+# ------------------------------------------------------------------------------------------ during training
+def eval_overrides(qa_dir: str, *extra: str) -> list[str]:
+    # The tiny recipes' own pixel limits (small images, 16 tokens per video frame pair) apply to the eval data too.
+    return [f"eval.datasets=[{{path: {qa_dir}, kind: chat}}]", "eval.max_new_tokens=4", *extra]
+
+
+def eval_records(run_dir: Path) -> list[dict]:
+    recs = [json.loads(x) for x in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in recs if r.get("event") == "eval"]
+
+
+def reference_loss(ckpt_dir: Path, root: str, cfg: DataConfig) -> float:
+    """The held-out loss recomputed in this process: the checkpoint in a plain model, the eval data once,
+    summed supervised-token cross-entropies / their count (the training loss's normalization)."""
+    model, _ = load_for_eval(ckpt_dir)
+    cfg = dataclasses.replace(cfg, datasets=[DatasetSpec(root, kind="chat")], epochs=1, num_workers=0)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for mb in build_loader(cfg, 0, 1):
+            s, n = lm_loss(model(**mb.model_inputs()), model.lm_head.weight, mb.labels)
+            total, count = total + float(s), count + int(n)
+    return total / count
+
+
+def predictions(run_dir: Path, step: int) -> dict[str, str]:
+    out = {}
+    for f in sorted((Path(run_dir) / "eval" / f"step_{step:08d}").glob("heldout.dp*.jsonl")):
+        for line in f.read_text().splitlines():
+            p = json.loads(line)
+            assert p["key"] not in out  # every sample answered by exactly one dp rank
+            out[p["key"]] = p["prediction"]
+    return out
+
+
+def offline_predictions(ckpt: Path, qa_dir: str, tmp_path: Path) -> dict[str, str]:
+    out = tmp_path / "offline.json"
+    assert main([str(ckpt), "--data", qa_dir, "--max-new-tokens", "4", "--out", str(out)]) == 0
+    return {p["key"]: p["prediction"] for p in json.loads(out.read_text())["predictions"]}
+
+
+@pytest.mark.timeout(400)
+def test_in_training_eval_one_process(demo_dir, qa_dir, tmp_path):
+    import os
+
+    os.environ["DEMO_DIR"] = str(demo_dir)
+    run_dir = tmp_path / "run"
+    cfg = load_config(RECIPES / "stage3.yaml", [f"run_dir={run_dir}", "model.init_from=null", "train.steps=2",
+                                                "checkpoint.every=0", "optim.warmup_steps=1", "data.max_tokens=160",
+                                                *eval_overrides(qa_dir, "eval.every=1")])
+    res = run(cfg)
+    recs = eval_records(run_dir)
+    assert [r["step"] for r in recs] == [1, 2]  # every step, and not twice at the end
+    for r in recs:
+        assert r["stage"] == 3 and r["dataset"] == "heldout" and r["n"] == 4
+        assert r["skipped"] == {"not_chat": 1, "no_reference": 1}
+        assert 0.0 <= r["exact"] <= 1.0 and 0.0 <= r["contains"] <= 1.0
+        assert r["loss"] > 0 and r["supervised_tokens"] > 0
+    assert recs[0]["loss"] != recs[1]["loss"]  # the weights changed between the two evaluations
+    # The final evaluation equals the same checkpoint evaluated offline (one process, no engine).
+    assert predictions(run_dir, 2) == offline_predictions(res.checkpoint, qa_dir, tmp_path)
+    assert recs[1]["loss"] == pytest.approx(reference_loss(res.checkpoint, qa_dir, cfg.data), rel=1e-5)
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("layout", ["parallel.dp=2", "parallel.tp=2", "parallel.pp=2"])
+def test_in_training_eval_two_ranks(demo_dir, qa_dir, tmp_path, layout):
+    """The stage-end evaluation under dp2 / tp2 / pp2: the held-out loss equals the single-process value of the
+    run's final checkpoint; with pp = 1 every sample is answered once over the dp ranks, as offline; with pp2
+    generation is skipped, said in the record, and nothing hangs."""
+    run_dir = tmp_path / "run"
+    torchrun(2, "stage3.yaml", [f"run_dir={run_dir}", "model.init_from=null", *SHORT, "train.steps=2",
+                                layout, *eval_overrides(qa_dir)], env_for(demo_dir), timeout=500)
+    recs = eval_records(run_dir)
+    assert [r["step"] for r in recs] == [2]
+    rec = recs[0]
+    ckpt = run_dir / "checkpoints" / "step_00000002"
+    cfg = load_config(ckpt / "config.yaml")
+    assert rec["loss"] == pytest.approx(reference_loss(ckpt, qa_dir, cfg.data), rel=1e-5)
+    if layout == "parallel.pp=2":
+        assert rec["exact"] is None and rec["n"] == 0 and "pp=2 > 1" in rec["generation_skipped"]
+        assert not (run_dir / "eval").exists()
+        assert "generation skipped: pp=2 > 1" in (run_dir / "train.log").read_text()
+        return
+    assert rec["n"] == 4 and rec["skipped"] == {"not_chat": 1, "no_reference": 1}
+    assert predictions(run_dir, 2) == offline_predictions(ckpt, qa_dir, tmp_path)
