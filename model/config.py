@@ -111,9 +111,9 @@ class ModelConfig:
     """Token that opens a vision block (used by the position-id algorithm)."""
     vision_end_token_id: int = VISION_END_ID
     """Token that closes a vision block."""
-    attn_backend: Literal["auto", "flash", "torch_varlen", "sdpa"] = "auto"
+    attn_backend: Literal["auto", "flash", "torch_varlen", "flex", "sdpa"] = "auto"
     """Attention kernel: 'auto' (flash-attn varlen if importable on CUDA, else torch varlen, else SDPA),
-    'flash', 'torch_varlen' or 'sdpa'."""
+    'flash', 'torch_varlen', 'flex' (flex_attention with a block-sparse document mask) or 'sdpa'."""
 
     def validate(self) -> None:
         """Raise ValueError with the offending numbers if the shapes cannot work."""
@@ -131,8 +131,8 @@ class ModelConfig:
                 f"text.mrope_section={tuple(t.mrope_section)} sums to {sum(t.mrope_section)}, "
                 f"but must sum to head_dim/2 = {t.head_dim // 2}"
             )
-        if self.attn_backend not in ("auto", "flash", "torch_varlen", "sdpa"):
-            raise ValueError(f"attn_backend={self.attn_backend!r}; choose auto, flash, torch_varlen or sdpa")
+        if self.attn_backend not in ("auto", "flash", "torch_varlen", "flex", "sdpa"):
+            raise ValueError(f"attn_backend={self.attn_backend!r}; choose auto, flash, torch_varlen, flex or sdpa")
 
     # ---------------------------------------------------------------- HF config.json conversion
     def to_hf_dict(self) -> dict[str, Any]:
