@@ -10,8 +10,8 @@
 # and sets RANK/LOCAL_RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT; `python -m train` accepts and checks both.
 # (DeepSpeed's runner spells the module flag `--module`; it has no `-m`.)
 set -euo pipefail
-if [[ $# -lt 1 ]]; then
-  sed -n '2,12p' "$0"; exit 2
+if [[ $# -lt 1 || "$1" == "-h" || "$1" == "--help" ]]; then
+  sed -n '2,12p' "$0"; [[ $# -ge 1 ]] && exit 0; exit 2
 fi
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
   DEFAULT_N=$(nvidia-smi -L | wc -l)

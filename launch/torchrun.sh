@@ -11,13 +11,23 @@
 #   RDZV_ID         job id shared by all nodes (default: $SLURM_JOB_ID or "qwen2vl")
 #   MAX_RESTARTS    torchrun restarts after a failure (default 0); each restart resumes from the latest
 #                   complete checkpoint (checkpoint.resume: auto)
+#   RDZV_TIMEOUT    multi node: seconds a (re-)rendezvous waits for all NNODES nodes (default 600)
 #   OMP_NUM_THREADS CPU threads per process (default 1 on CPU-only machines, where ranks share the cores)
 #
 # Multi node: run the same command on every node with the same MASTER_ADDR/NNODES/RDZV_ID; the c10d rendezvous
-# assigns node ranks. On CPU-only machines the processes use gloo; on GPUs, NCCL (parallel.backend: auto).
+# assigns node ranks. MASTER_ADDR is the address of the node that hosts the rendezvous (it must resolve there to
+# one of its own addresses, and every node's hostname must resolve on the others); GLOO_SOCKET_IFNAME /
+# NCCL_SOCKET_IFNAME pick the interface. On CPU-only machines the processes use gloo; on GPUs, NCCL
+# (parallel.backend: auto).
+#
+# Losing a node: the other nodes' workers fail (at once on a reset connection, within parallel.timeout_s on a
+# silent one); with MAX_RESTARTS > 0 their agents restart them and wait up to RDZV_TIMEOUT for the node to
+# rejoin: start the same command on the repaired or a replacement node (the rendezvous host must survive) and
+# the job resumes from the latest complete checkpoint. If no node comes, they fail with RendezvousTimeoutError.
+# See docs/cluster.md.
 set -euo pipefail
-if [[ $# -lt 1 ]]; then
-  sed -n '2,18p' "$0"; exit 2
+if [[ $# -lt 1 || "$1" == "-h" || "$1" == "--help" ]]; then
+  sed -n '2,27p' "$0"; [[ $# -ge 1 ]] && exit 0; exit 2
 fi
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
   GPUS=$(nvidia-smi -L | wc -l)
@@ -38,6 +48,12 @@ if [[ "$NNODES" == "1" && -z "${FORCE_RDZV:-}" ]]; then
   exec "$PYTHON" -m torch.distributed.run --standalone --nnodes=1 --nproc-per-node="$NPROC_PER_NODE" \
     --max-restarts="$MAX_RESTARTS" -m train "$@"
 fi
+# NOTE: torch shares the rendezvous host's TCPStore with the workers by default, and a node that joins a running
+# job then never gets the store's address (the rendezvous host keeps the first round's bootstrap info), nor can
+# the workers namespace the store by restart count, which differs between a surviving and a replacement node
+# (pytorch/pytorch#135712). Without sharing, every rendezvous round publishes a fresh address and worker rank 0
+# hosts a new store.
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE="${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}"
 exec "$PYTHON" -m torch.distributed.run --nnodes="$NNODES" --nproc-per-node="$NPROC_PER_NODE" \
   --rdzv-backend=c10d --rdzv-endpoint="$MASTER_ADDR:$MASTER_PORT" --rdzv-id="$RDZV_ID" \
-  --max-restarts="$MAX_RESTARTS" -m train "$@"
+  --rdzv-conf="join_timeout=${RDZV_TIMEOUT:-600}" --max-restarts="$MAX_RESTARTS" -m train "$@"
