@@ -15,8 +15,10 @@ key in a 72B recipe must fail on the laptop and not after the job waited a day i
   mapping is an error (PyYAML would keep the last one silently);
 - `${NAME}` / `${NAME:-default}` in string values expand from the environment (an unset variable without a
   default is an error naming it). A value that is exactly one reference is read like a YAML literal
-  (`steps: ${STEPS}` gives an int). Where each expanded value came from is recorded, so a saved config
-  writes the reference back instead of the value (secrets in the environment never land in config.yaml);
+  (`steps: ${STEPS}` gives an int). A value that references a credential-like variable (a name with KEY,
+  SECRET, TOKEN, PASSWORD, CREDENTIAL or AUTH in it) is recorded, so a saved config writes the reference back
+  instead of the value: secrets in the environment never land in config.yaml, while paths and sizes are saved
+  as they were resolved (what the run really used);
 - field documentation is read from the source with `ast`, for `--help-config` and the generated docs.
 """
 
@@ -248,13 +250,19 @@ RecipeLoader.add_implicit_resolver(
 )
 
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+_SECRET_NAME = re.compile(r"KEY|SECRET|TOKEN|PASSW|CREDENTIAL|AUTH", re.IGNORECASE)
+
+
+def is_secret_name(name: str) -> bool:
+    """Whether an environment variable's name says it holds a credential."""
+    return _SECRET_NAME.search(name) is not None
 
 
 def expand_env(value: Any, path: str = "", refs: dict[str, str] | None = None) -> Any:
     """Expand ${NAME} and ${NAME:-default} in every string of a nested structure.
 
-    `refs` (when given) receives {dotted path: original string} for every value that held a reference, so the
-    saved config can write the reference instead of what it expanded to."""
+    `refs` (when given) receives {dotted path: original string} for every value that references a credential-like
+    variable, so the saved config can write the reference instead of the secret it expanded to."""
     if isinstance(value, str):
         if not _ENV.search(value):
             return value
@@ -268,7 +276,7 @@ def expand_env(value: Any, path: str = "", refs: dict[str, str] | None = None) -
             raise ConfigError(f"{path}: environment variable {name} is not set (or write ${{{name}:-default}})")
 
         out = _ENV.sub(sub, value)
-        if refs is not None:
+        if refs is not None and any(is_secret_name(m.group(1)) for m in _ENV.finditer(value)):
             refs[path] = value
         return EnvValue(out) if _ENV.fullmatch(value) else out
     if isinstance(value, Mapping):

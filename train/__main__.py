@@ -1,4 +1,4 @@
-"""python -m train RECIPE.yaml [dotted.key=value ...] [--dry-run [--world-size N]] [--print-config]
+"""python -m train RECIPE.yaml [dotted.key=value ...] [--dry-run [--world-size N]] [--print-config] [--debug]
 
 Runs one stage of a recipe (under torchrun, deepspeed, srun or as a single process), or validates it:
   --dry-run        build on the meta device under the recipe's layout and print parameters, the pipeline
@@ -6,6 +6,11 @@ Runs one stage of a recipe (under torchrun, deepspeed, srun or as a single proce
   --world-size N   world size for --dry-run when parallel.dp is -1
   --print-config   print the resolved config (CLI > recipe > defaults) and exit
   --help-config    print every config key with its type, default and documentation
+  --debug          show the traceback of a setup error (or set QWEN2VL_DEBUG=1)
+
+Exit codes: 0 done, 2 a mistake in the recipe, the layout, the paths or the data (one line says what to change),
+3 training stopped (diverged, or the data yielded nothing), 128 + N stopped by signal N after saving a
+checkpoint (143 SIGTERM, 130 SIGINT, 138 SIGUSR1): rerun the same command to resume.
 """
 
 from __future__ import annotations
@@ -14,30 +19,79 @@ import argparse
 import logging
 import os
 import sys
+from pathlib import Path
 
 from parallel.launcher import export_launch_env, resolve_launch_env, strip_local_rank
 
+OVERRIDES_HELP = """\
+overrides: dotted keys with YAML values, e.g.
+  optim.lr=3e-4 train.steps=100 parallel.tp=2 model.init_from=null
+  data.datasets='[{path: /data/shards, kind: chat}, {path: s3://b/caps, kind: pretrain, weight: 0.5}]'
+  model.overrides='{text.num_layers: 2}'
+(quote values with spaces, brackets or braces for your shell; a list replaces the recipe's list).
+"""
 
-def _setup_logging() -> None:
-    rank = int(os.environ.get("RANK", "0"))  # export_launch_env set it for every launcher
-    logging.basicConfig(
-        level=logging.INFO if rank == 0 else logging.WARNING,
-        format=f"%(asctime)s [rank{rank}] %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
+
+def _debug(args: argparse.Namespace | None = None) -> bool:
+    return bool(getattr(args, "debug", False)) or os.environ.get("QWEN2VL_DEBUG", "") not in ("", "0")
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))  # export_launch_env set it for every launcher
+
+
+def _setup_logging(run_dir: Path | None = None) -> None:
+    """Console: rank 0's info, every rank's warnings. RUN_DIR/train.log: the same lines, every rank appending."""
+    rank = _rank()
+    fmt = logging.Formatter(f"%(asctime)s [rank{rank}] %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    root = logging.getLogger()
+    level = logging.INFO if rank == 0 else logging.WARNING
+    root.setLevel(level)
+    if not any(getattr(h, "_qwen2vl", False) for h in root.handlers):
+        console = logging.StreamHandler()
+        console.setFormatter(fmt)
+        console._qwen2vl = True  # type: ignore[attr-defined]
+        root.addHandler(console)
+    if run_dir is not None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        fh = logging.FileHandler(run_dir / "train.log")
+        fh.setFormatter(fmt)
+        fh.setLevel(level)
+        root.addHandler(fh)
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+def _fail(kind: str, e: BaseException, args: argparse.Namespace | None) -> int:
+    """A setup mistake: one line on rank 0 (every rank logs it to train.log), exit 2; the traceback with --debug."""
+    if _debug(args):
+        raise e
+    logging.getLogger("train").debug("%s", e, exc_info=True)
+    if _rank() == 0:
+        print(f"{kind}: {_one_line(e)}", file=sys.stderr)
+    else:
+        logging.getLogger("train").error("%s: %s", kind, _one_line(e))
+    return 2
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     argv, _ = strip_local_rank(argv)  # deepspeed's --local_rank (the resolver below reads it from sys.argv)
-    export_launch_env(resolve_launch_env())  # SLURM / MPI / deepspeed variables -> RANK, WORLD_SIZE, ...
-    parser = argparse.ArgumentParser(prog="python -m train", description=__doc__.split("\n")[0])
+    try:
+        export_launch_env(resolve_launch_env())  # SLURM / MPI / deepspeed variables -> RANK, WORLD_SIZE, ...
+    except ValueError as e:
+        return _fail("launch error", e, None)
+    parser = argparse.ArgumentParser(prog="python -m train", description=__doc__.split("\n")[0],
+                                     epilog=OVERRIDES_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("recipe", nargs="?", help="recipe YAML (recipes/...)")
     parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides (CLI > recipe > defaults)")
     parser.add_argument("--dry-run", action="store_true", help="validate the layout on the meta device and exit")
     parser.add_argument("--world-size", type=int, default=None, help="world size for --dry-run when dp is -1")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     parser.add_argument("--help-config", action="store_true", help="print every config key and its doc")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of setup errors (or QWEN2VL_DEBUG=1)")
     args = parser.parse_intermixed_args(argv)  # flags may come after overrides
 
     from core.config import ConfigError
@@ -51,14 +105,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("a recipe is required (e.g. recipes/tiny/stage1.yaml)")
     if "=" in args.recipe:
         parser.error(f"the first argument must be the recipe file, got the override {args.recipe!r}")
-    _setup_logging()
     from train.config import load_config
 
     try:
         cfg = load_config(args.recipe, args.overrides)
     except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
+        return _fail("config error", e, args)
     if args.print_config:
         print(cfg.to_yaml())
         return 0
@@ -68,29 +120,37 @@ def main(argv: list[str] | None = None) -> int:
         try:
             print(dry_run(cfg, args.world_size).text)
         except (ValueError, ConfigError) as e:
-            print(f"invalid layout: {e}", file=sys.stderr)
-            return 2
+            return _fail("invalid layout", e, args)
         return 0
 
+    _setup_logging(Path(cfg.run_dir))
     from parallel import destroy_distributed
-    from train.trainer import TrainingStopped, run
+    from train.metrics import format_duration
+    from train.trainer import Trainer, TrainingStopped
 
     try:
-        result = run(cfg)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
+        try:
+            trainer = Trainer(cfg)
+        except (ConfigError, ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
+            # Everything the setup reads comes from the recipe: a layout that does not fit the world size, a
+            # missing data path or tokenizer, a checkpoint that does not match the model.
+            return _fail("config error", e, args)
+        try:
+            result = trainer.train()
+        finally:
+            trainer.close()
     except TrainingStopped as e:
-        print(f"training stopped: {e}", file=sys.stderr)
+        print(f"training stopped: {_one_line(e)}", file=sys.stderr)
         return 3
     finally:
         destroy_distributed()
-    if int(os.environ.get("RANK", "0")) == 0:
+    if _rank() == 0:
         print(
             f"done: {result.stop_reason} at step {result.final_step}, final loss {result.final_loss}, "
-            f"checkpoint {result.checkpoint}, metrics {result.run_dir / 'metrics.jsonl'}"
+            f"in {format_duration(result.elapsed_s)}; checkpoint {result.checkpoint}, metrics "
+            f"{result.run_dir / 'metrics.jsonl'}, log {result.run_dir / 'train.log'}"
         )
-    return 0
+    return 128 + int(result.stop_signal) if result.stop_signal is not None else 0
 
 
 if __name__ == "__main__":

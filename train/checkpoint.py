@@ -6,14 +6,17 @@ On disk (CKPT_DIR, shared by all nodes):
         .metadata           DCP's global index (written last by the coordinator, after every rank's shards)
         __<rank>_0.distcp   each rank's own shards
         config.yaml         the resolved recipe of the run that wrote it
-        meta.json           step, layout (dp/tp/pp), world size, time; written last: its presence = complete
+        meta.json           step, layout (dp/tp/pp), world size, time, and the size + sha256 of every other file
+                            (each rank hashes its own shards right after writing them); written last: its
+                            presence = complete
     step_00000200.tmp/      a save in progress (or interrupted by a crash): never read
     latest                  name of the newest complete step directory (replaced atomically)
 
 A save writes into `step_N.tmp`, and only after every rank's shards and the DCP metadata are on disk does
 rank 0 write meta.json, rename the directory to `step_N` and replace `latest`. A crash at any point of a
 save leaves the previous checkpoint as the latest complete one; stale `.tmp` directories are removed by the
-next save.
+next save. A resume verifies the checkpoint's checksums first (the ranks share the reading); with
+`checkpoint.resume: auto` a damaged checkpoint is passed over, with a warning, for the newest one that verifies.
 
 What a checkpoint holds (flat DCP keys; FQNs are the single-process model's, so any layout can load any), as
 the Stateful objects of train/state.py:
@@ -32,6 +35,9 @@ True)`, so a crafted checkpoint cannot run code; it fails with an error naming t
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import hashlib
 import io
 import json
 import logging
@@ -86,6 +92,13 @@ def step_dir_name(step: int) -> str:
 
 def is_complete(path: Path) -> bool:
     return _STEP_RE.match(path.name) is not None and (path / ".metadata").is_file() and (path / "meta.json").is_file()
+
+
+def step_dirs(ckpt_dir: Path) -> list[Path]:
+    """Published step directories (complete or damaged; not the `.tmp` of a save in progress), oldest first."""
+    if not ckpt_dir.is_dir():
+        return []
+    return sorted((p for p in ckpt_dir.iterdir() if p.is_dir() and _STEP_RE.match(p.name)), key=lambda p: p.name)
 
 
 def list_complete(ckpt_dir: Path) -> list[Path]:
@@ -204,9 +217,82 @@ def load_state(path: Path, state: dict[str, Any], process_group: dist.ProcessGro
              no_dist=no_dist)
 
 
+# ------------------------------------------------------------------------------------------ integrity
+class CheckpointCorruptError(ValueError):
+    """A checkpoint file is missing, truncated or altered since it was saved (the message names it)."""
+
+
+_SUMS = ".sums"
+_HASH_CHUNK = 8 << 20
+
+
+def file_digest(path: Path) -> dict[str, Any]:
+    """{"size", "sha256"} of one file, read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            h.update(chunk)
+    return {"size": path.stat().st_size, "sha256": h.hexdigest()}
+
+
+def _own_files(tmp: Path, rank: int) -> list[Path]:
+    """The shard files a rank wrote: DCP's FileSystemWriter names them __<rank>_<n>.distcp."""
+    return sorted(p for p in tmp.glob(f"__{rank}_*") if p.is_file())
+
+
+def _write_own_sums(tmp: Path, rank: int) -> None:
+    """Each rank hashes the files it wrote, right after writing them (in parallel over ranks, not by rank 0 alone),
+    into a small sidecar that the coordinator merges into meta.json."""
+    sums = {p.name: file_digest(p) for p in _own_files(tmp, rank)}
+    d = tmp / _SUMS
+    d.mkdir(exist_ok=True)
+    _write_atomic(d / f"rank{rank}.json", json.dumps(sums))
+
+
+def _collect_sums(tmp: Path, world: int, timeout_s: float) -> dict[str, Any]:
+    """Merge every rank's sidecar (waiting up to timeout_s for ranks still hashing, async saves)."""
+    deadline = time.monotonic() + timeout_s
+    files: dict[str, Any] = {}
+    for r in range(world):
+        p = tmp / _SUMS / f"rank{r}.json"
+        while not p.is_file():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"rank {r} did not record the checksums of its checkpoint files in {tmp} within "
+                                   f"{timeout_s:.0f}s")
+            time.sleep(0.05)
+        files.update(json.loads(p.read_text()))
+    return files
+
+
+def verify_checkpoint(path: Path, rank: int = 0, world: int = 1) -> list[str]:
+    """Problems found in a complete checkpoint: an unreadable meta.json, and files missing, truncated or altered
+    since their checksums were recorded. With world > 1, rank r checks every world-th file (the caller gathers).
+    An empty list means verified."""
+    try:
+        meta = read_meta(path)
+    except (OSError, ValueError) as e:
+        return [f"{path / 'meta.json'} is unreadable ({type(e).__name__}: {e})"]
+    files = meta.get("files")
+    if not isinstance(files, dict) or ".metadata" not in files:
+        return [f"{path / 'meta.json'} records no file checksums (a checkpoint of an older version or altered)"]
+    problems = []
+    for name in sorted(files)[rank::world]:
+        want, p = files[name], path / name
+        if not p.is_file():
+            problems.append(f"{p} is missing")
+            continue
+        size = p.stat().st_size
+        if size != want["size"]:
+            problems.append(f"{p} has {size} bytes, {want['size']} were saved (truncated or zero-byte)")
+        elif file_digest(p)["sha256"] != want["sha256"]:
+            problems.append(f"{p} does not match its checksum (altered or bit-flipped since the save)")
+    return problems
+
+
 # ------------------------------------------------------------------------------------------ manager
 class CheckpointManager:
-    """Saves and finds checkpoints of one run. All ranks call save/load; rank 0 does the bookkeeping."""
+    """Saves, verifies and finds checkpoints of one run. All ranks call save/load/verify; rank 0 does the
+    bookkeeping."""
 
     def __init__(
         self,
@@ -215,14 +301,19 @@ class CheckpointManager:
         keep_last: int = 3,
         async_save: bool = False,
         process_group: dist.ProcessGroup | None = None,
+        timeout_s: float = 600.0,
     ) -> None:
         self.dir = Path(ckpt_dir)
         self.layout = layout
         self.keep_last = keep_last
         self.async_save = async_save
         self.pg = process_group  # async saves run their collectives on a separate (gloo) group
+        self.timeout_s = timeout_s
         self._pending: tuple[Future, Path, Path, dict, str] | None = None
+        self._pending_hashed = False
         self.save_seconds: float = 0.0  # blocking time of the last save (staging time when async)
+        self.protected: Path | None = None
+        """A checkpoint keep_last must never prune (the last one saved before a run started skipping steps)."""
 
     # -------------------------------------------------------------------------------- helpers
     def _barrier(self) -> None:
@@ -238,7 +329,9 @@ class CheckpointManager:
 
     # -------------------------------------------------------------------------------- save
     def save(self, step: int, state: dict[str, Any], config_yaml: str, extra_meta: dict | None = None) -> None:
-        """Write `state` (flat DCP dict) as step_<step>. Returns after staging when async."""
+        """Write `state` (DCP dict of tensors and Stateful objects) as step_<step>. Returns after staging when
+        async. A failed write (disk full, I/O error) raises CheckpointSaveError and leaves the previous
+        checkpoint the latest."""
         self.wait()  # one save in flight at a time (DCP requirement, and bounded host memory)
         t0 = time.perf_counter()
         final = self.dir / step_dir_name(step)
@@ -260,20 +353,33 @@ class CheckpointManager:
             **(extra_meta or {}),
         }
         writer = FileSystemWriter(str(tmp))
-        if self.async_save:
-            fut = dcp.async_save(state, storage_writer=writer, process_group=self.pg)
-            self._pending = (fut, tmp, final, meta, config_yaml)
-        else:
-            dcp.save(state, storage_writer=writer, process_group=self.pg)
-            self._barrier()
-            if self.is_coordinator:
-                self._finalize(tmp, final, meta, config_yaml)
-            self._barrier()
+        with _save_errors(tmp, self.latest()):
+            if self.async_save:
+                fut = dcp.async_save(state, storage_writer=writer, process_group=self.pg)
+                self._pending, self._pending_hashed = (fut, tmp, final, meta, config_yaml), False
+            else:
+                dcp.save(state, storage_writer=writer, process_group=self.pg)
+                _write_own_sums(tmp, self.layout.rank)
+                self._barrier()
+                if self.is_coordinator:
+                    self._finalize(tmp, final, meta, config_yaml)
+                self._barrier()
         self.save_seconds = time.perf_counter() - t0
 
     def poll(self) -> None:
-        """Finish an async save whose files are all written (rank 0 renames; non-blocking)."""
-        if self._pending is not None and self._pending[0].done():
+        """Advance an async save without blocking: hash this rank's files once they are written; the coordinator
+        publishes once every rank has."""
+        if self._pending is None or not self._pending[0].done():
+            return
+        fut, tmp, final, meta, config_yaml = self._pending
+        if not self._pending_hashed:
+            with _save_errors(tmp, self.latest()):
+                fut.result()
+                _write_own_sums(tmp, self.layout.rank)
+            self._pending_hashed = True
+        if not self.is_coordinator:
+            self._pending = None
+        elif all((tmp / _SUMS / f"rank{r}.json").is_file() for r in range(self.layout.world)):
             self.wait()
 
     def wait(self) -> None:
@@ -281,16 +387,23 @@ class CheckpointManager:
         if self._pending is None:
             return
         fut, tmp, final, meta, config_yaml = self._pending
+        with _save_errors(tmp, self.latest()):
+            fut.result()  # re-raises a failed write: a checkpoint that failed must not be published
+            if not self._pending_hashed:
+                _write_own_sums(tmp, self.layout.rank)
         self._pending = None
-        fut.result()  # re-raises a failed write: a checkpoint that failed must not be published
-        # The coordinator's future completes after DCP gathered every rank's write results and wrote
-        # .metadata, so every shard of every rank is on disk here.
+        # The coordinator's future completes after DCP gathered every rank's write results and wrote .metadata,
+        # so every shard of every rank is on disk; their checksums follow from each rank's own wait()/poll().
         if self.is_coordinator:
             self._finalize(tmp, final, meta, config_yaml)
 
     def _finalize(self, tmp: Path, final: Path, meta: dict, config_yaml: str) -> None:
         (tmp / "config.yaml").write_text(config_yaml)
-        _write_atomic(tmp / "meta.json", json.dumps(meta, indent=1))
+        files = _collect_sums(tmp, self.layout.world, self.timeout_s)
+        for name in (".metadata", "config.yaml"):
+            files[name] = file_digest(tmp / name)
+        shutil.rmtree(tmp / _SUMS, ignore_errors=True)
+        _write_atomic(tmp / "meta.json", json.dumps({**meta, "files": dict(sorted(files.items()))}, indent=1))
         _fsync_dir(tmp)
         if final.exists():
             shutil.rmtree(final)
@@ -307,16 +420,73 @@ class CheckpointManager:
                 shutil.rmtree(p, ignore_errors=True)
         if self.keep_last <= 0:
             return
-        done = list_complete(self.dir)
+        done = [p for p in list_complete(self.dir) if p != self.protected]
         for p in done[: max(0, len(done) - self.keep_last)]:
             if p != keep:
                 shutil.rmtree(p, ignore_errors=True)
 
-    # -------------------------------------------------------------------------------- load
+    # -------------------------------------------------------------------------------- verify + load
+    def verify(self, path: Path) -> list[str]:
+        """verify_checkpoint over all ranks (each checks a share of the files); the same list on every rank."""
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(self.pg) == 1:
+            return verify_checkpoint(path)
+        world = dist.get_world_size(self.pg)
+        mine = verify_checkpoint(path, dist.get_rank(self.pg), world)
+        gathered: list[list[str] | None] = [None] * world
+        dist.all_gather_object(gathered, mine, group=self.pg)
+        return [p for g in gathered for p in (g or [])]
+
+    def newest_verified(self) -> tuple[Path | None, list[str]]:
+        """The newest complete checkpoint that verifies, and a warning line per newer one that did not."""
+        rejected: list[str] = []
+        for cand in reversed(list_complete(self.dir)):
+            problems = self.verify(cand)
+            if not problems:
+                return cand, rejected
+            rejected.append(f"{cand.name}: {'; '.join(problems[:3])}")
+        return None, rejected
+
     def load(self, path: Path, state: dict[str, Any]) -> None:
         """Fill `state` (DCP dict: tensors in place, Stateful values through load_state_dict) from a complete
         checkpoint, without running code from it."""
         load_state(path, state, self.pg)
+
+
+class CheckpointSaveError(OSError):
+    """Writing a checkpoint failed; the previous complete checkpoint stays the latest."""
+
+
+@contextlib.contextmanager
+def _save_errors(tmp: Path, previous: Path | None):
+    """Turn a failed write into one clear line: ENOSPC (which torch's zip writer reports as `unexpected pos N vs
+    M`) says so, with the free space left, and every failure says which checkpoint stays the one to resume."""
+    try:
+        yield
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as e:  # noqa: BLE001 - DCP's CheckpointException is a BaseException wrapping the OSError
+        chain, todo = [], [e]
+        while todo and len(chain) < 20:
+            cur = todo.pop(0)
+            chain.append(cur)
+            # DCP's CheckpointException carries each rank's own exception in .failures (not as a cause).
+            wrapped = [f[0] if isinstance(f, tuple) else f for f in getattr(cur, "failures", {}).values()]
+            todo += [c for c in (cur.__cause__, cur.__context__, *wrapped) if isinstance(c, BaseException)]
+        text = " ".join(str(c) for c in chain)
+        try:
+            free = shutil.disk_usage(tmp if tmp.exists() else tmp.parent).free
+        except OSError:
+            free = -1
+        nospace = any(getattr(c, "errno", None) == errno.ENOSPC for c in chain) or "No space left" in text or (
+            "unexpected pos" in text and 0 <= free < 64 << 20)
+        keep = f"the previous checkpoint {previous} stays the latest" if previous else "no earlier checkpoint exists"
+        if nospace:
+            raise CheckpointSaveError(
+                errno.ENOSPC, f"checkpoint save to {tmp} failed: no space left on device ({free / 2**20:.1f} MiB "
+                f"free); {keep}. Free space or point checkpoint.dir at a larger filesystem") from e
+        root = next((c for c in reversed(chain) if str(c)), e)
+        detail = " ".join(f"{type(root).__name__}: {root}".split())[:500]
+        raise CheckpointSaveError(f"checkpoint save to {tmp} failed: {detail}; {keep}") from e
 
 
 def _write_atomic(path: Path, text: str) -> None:

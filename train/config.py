@@ -4,8 +4,9 @@
     python -m train --help-config                           # every key, its type, default and doc
 
 Sections: model, data (the loader's DataConfig), parallel (the engine's ParallelConfig), optim, train,
-checkpoint, metrics, plus run_dir. Recipes under recipes/ only select and override. The resolved config is
-written to RUN_DIR/config.yaml and into every checkpoint (config.yaml next to the DCP files).
+checkpoint, metrics, eval (held-out evaluation, train/eval.py), plus run_dir. Recipes under recipes/ only
+select and override. The resolved config is written to RUN_DIR/config.yaml and into every checkpoint
+(config.yaml next to the DCP files).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any, Literal
 import yaml
 
 from core.config import ConfigError, apply_overrides, expand_env, from_dict, load_yaml, restore_env_refs, to_dict
-from data.config import DataConfig
+from data.config import DataConfig, DatasetSpec
 from parallel import ParallelConfig
 
 GROUPS = ("vision", "merger", "llm")
@@ -154,8 +155,63 @@ class MetricsConfig:
     peak_tflops: float | None = None
     """Peak dense bf16 TFLOP/s of one device for MFU; null = a table by device name (H100, H200, A100, ...).
     On CPU, MFU is not reported; achieved FLOP/s is."""
+    straggler_every: int = 100
+    """Every N steps, gather every rank's step time, data wait and compute time (averaged over those N steps),
+    log the slowest rank against the median of its peers, and flag a rank over straggler_ratio (a `straggler`
+    event in metrics.jsonl, a console warning naming its host and rank; train/straggler.py). 0 = never."""
+    straggler_ratio: float = 1.5
+    """Flag a rank whose busy time (data wait + compute) per step exceeds this multiple of its peers' median."""
     wandb: WandbConfig = field(default_factory=WandbConfig)
     """W&B settings."""
+
+
+@dataclass
+class EvalSection:
+    """Held-out evaluation during a stage (train/eval.py): teacher-forced loss and greedy-generation accuracy."""
+
+    datasets: list[DatasetSpec] = field(default_factory=list)
+    """Held-out datasets, in the data.datasets shard format (read with this run's data settings: tokenizer,
+    pixel limits, video sampling, system prompt). Each is evaluated and reported on its own (weights are
+    ignored). Empty = no evaluation."""
+    every: int = 0
+    """Evaluate every N optimizer steps; 0 = only at the end of the stage (with at_end)."""
+    at_end: bool = True
+    """Evaluate after the last step of the stage (also when the training data ran out first)."""
+    loss: bool = True
+    """Held-out loss: a forward-only pass through the training engine (every parallel layout, pipeline included)
+    over the whole dataset once; supervised tokens only, sum / count as in training."""
+    generation: bool = True
+    """Greedy generation accuracy on the chat samples (kind chat or auto): the last assistant turn is the
+    reference, everything before it the prompt; exact match and 'contains' after normalization. Runs with
+    pp = 1 only (under pp > 1 it is skipped, and the record says why)."""
+    max_new_tokens: int = 32
+    """Generation stops after this many new tokens (or at <|im_end|> / <|endoftext|>)."""
+    max_samples: int | None = None
+    """Generation uses the first N chat samples of each dataset (in shard order); null = all."""
+    num_workers: int = 0
+    """Loader worker processes of the held-out loss pass; 0 = in the training process."""
+    save_predictions: bool = True
+    """Write every prediction (key, prompt, reference, prediction, exact, contains) to
+    RUN_DIR/eval/step_<N>/<dataset>.dp<r>.jsonl."""
+
+    def validate(self) -> None:
+        if self.every < 0:
+            raise ValueError(f"eval.every={self.every}: must be >= 0 (0 = only at the end of the stage)")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"eval.max_new_tokens={self.max_new_tokens}: must be >= 1")
+        if self.max_samples is not None and self.max_samples < 1:
+            raise ValueError(f"eval.max_samples={self.max_samples}: must be >= 1 or null (all samples)")
+        if self.num_workers < 0:
+            raise ValueError(f"eval.num_workers={self.num_workers}: must be >= 0")
+        if self.datasets and not (self.loss or self.generation):
+            raise ValueError("eval.datasets are set but eval.loss and eval.generation are both false: enable one "
+                             "or remove the datasets")
+        names = [d.label for d in self.datasets]
+        if len(set(names)) != len(names):
+            raise ValueError(f"eval dataset names must be unique, got {names}: set eval.datasets[i].name")
+        for i, d in enumerate(self.datasets):
+            if not d.path:
+                raise ValueError(f"eval.datasets[{i}] has no path")
 
 
 @dataclass
@@ -178,9 +234,11 @@ class JobConfig:
     """Checkpointing and resume."""
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     """Logging."""
+    eval: EvalSection = field(default_factory=EvalSection)
+    """Held-out evaluation (loss and generation accuracy) every N steps and at the end of the stage."""
     env_refs: dict[str, str] = field(default_factory=dict, init=False, repr=False, compare=False)
-    # {dotted key: '${VAR}...'} of every value expanded from the environment: the saved config.yaml writes the
-    # reference back, so a secret in the environment never lands in a run directory or a checkpoint.
+    # {dotted key: '${VAR}...'} of every value expanded from a credential-like environment variable: the saved
+    # config.yaml writes the reference back, so a secret never lands in a run directory or a checkpoint.
 
     # -------------------------------------------------------------------------------- derived values
     @property
@@ -215,22 +273,31 @@ class JobConfig:
             raise ConfigError(f"optim.warmup_steps={o.warmup_steps}: must be in [0, train.steps={t.steps}]")
         if o.grad_clip < 0:
             raise ConfigError(f"optim.grad_clip={o.grad_clip}: must be >= 0 (0 disables clipping)")
+        if o.lr < 0:
+            raise ConfigError(f"optim.lr={o.lr}: must be >= 0")
         for g in GROUPS:
-            lr = self.group_lr(g)
-            if lr < 0:
-                raise ConfigError(f"optim.lr_{g}={lr}: must be >= 0")
+            own = getattr(o, f"lr_{g}")
+            if own is not None and own < 0:
+                raise ConfigError(f"optim.lr_{g}={own}: must be >= 0 (or null for optim.lr)")
+        if o.weight_decay < 0:
+            raise ConfigError(f"optim.weight_decay={o.weight_decay}: must be >= 0")
+        if not o.eps > 0:
+            raise ConfigError(f"optim.eps={o.eps}: must be > 0 (AdamW divides by sqrt(v) + eps)")
         if not (0 <= o.betas[0] < 1 and 0 <= o.betas[1] < 1):
             raise ConfigError(f"optim.betas={o.betas}: both must be in [0, 1)")
         if c.every < 0 or c.keep_last < 0:
             raise ConfigError(f"checkpoint.every={c.every} and checkpoint.keep_last={c.keep_last} must be >= 0")
         if self.metrics.log_every < 1:
             raise ConfigError(f"metrics.log_every={self.metrics.log_every}: must be >= 1")
+        if self.metrics.straggler_every < 0 or not self.metrics.straggler_ratio > 1.0:
+            raise ConfigError(f"metrics.straggler_every={self.metrics.straggler_every} must be >= 0 (0 = off) and "
+                              f"metrics.straggler_ratio={self.metrics.straggler_ratio} > 1")
         if self.model.preset is None and self.model.hf_config is None and self.model.init_from is None:
             raise ConfigError("model: set model.preset, model.hf_config or an HF directory in model.init_from")
 
     # -------------------------------------------------------------------------------- I/O
     def to_dict(self) -> dict[str, Any]:
-        """Plain dict of the resolved config, with environment-derived values written as their ${...} reference."""
+        """Plain dict of the resolved config; values from credential-like variables as their ${...} reference."""
         return restore_env_refs(to_dict(self), self.env_refs)
 
     def to_yaml(self) -> str:

@@ -16,9 +16,10 @@ trainable ones, dp = data-parallel degree):
   fp32                  params 4N + 4N/dp, grads 4G + 4G/dp
   ZeRO-3                the unsharded terms become one FSDP unit (the largest block) instead of the whole stage
   AdamW                 8G/dp (exp_avg, exp_avg_sq in fp32)
-Activations (per microbatch of data.max_tokens tokens and, on stage 0, data.max_patches ViT rows as the worst
-case) count the tensors autograd keeps per block for the chosen activation checkpointing, divided by tp where
-TP/SP shards them; 1F1B keeps min(m, pp - stage) microbatches in flight on each stage; the last stage adds one
+Activations (per microbatch of data.max_tokens tokens and, on stage 0, data.max_patches ViT rows; and again with
+the longest microbatch the recipe allows, a video sample of data.max_video_sample_tokens / _patches alone) count
+the tensors autograd keeps per block for the chosen activation checkpointing, divided by tp where TP/SP shards
+them; 1F1B keeps min(m, pp - stage) microbatches in flight on each stage; the last stage adds one
 chunk of fp32 logits (parallel.loss_chunk_size x vocab/tp) and its gradient. It is an estimate (allocator
 fragmentation, communication buffers and the CUDA context, ~1-3 GB, are not included).
 """
@@ -35,6 +36,7 @@ from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 
 from model.config import ModelConfig
 from model.flops import batch_flops
+from model.loss import DEFAULT_CHUNK_SIZE
 from parallel import ParallelDims
 from parallel.pipeline_split import prune_to_stage, stage_layer_ids
 from parallel.tensor_parallel import check_tp_divisibility, decoder_layer_plan, vision_block_plan
@@ -185,6 +187,8 @@ def dry_run(cfg: JobConfig, world_size: int | None = None) -> DryRunReport:
         dec_el = frac * dec_el + (1 - frac) * dec_none
         vit_el = frac * vit_el + (1 - frac) * vit_none
     N = cfg.data.patch_budget
+    # The longest microbatch the recipe allows: a video sample up to its own budgets (data.max_video_sample_*).
+    T_long, N_long = cfg.data.video_sample_tokens, cfg.data.video_sample_patches
 
     stages = []
     for s in range(pp):
@@ -225,18 +229,31 @@ def dry_run(cfg: JobConfig, world_size: int | None = None) -> DryRunReport:
             grads_b = 4 * (largest_unit if zero3 else g_loc) + 4 * g_loc / dp
         optim_b = 8 * g_loc / dp
         inflight = min(m, pp - s) if pp > 1 else 1
-        per_mb = T * len(ids) * dec_el
-        if s == 0:
-            per_mb += N * mcfg.vision.depth * vit_el + T * mcfg.text.hidden_size
-        if ac_mode == "full":  # one block's full activations alive during its recomputation
-            per_mb_peak_extra = max(T * dec_none, N * vit_none if s == 0 else 0)
-        else:
-            per_mb_peak_extra = 0
-        act_b = (inflight * per_mb + per_mb_peak_extra) * act_dtype
-        if s == pp - 1:
-            act_b += 2 * min(p.loss_chunk_size, T) * mcfg.text.vocab_size / tp * 4
+
+        def per_mb(tokens: int, rows: int, stage: int = s, n_layers: int = len(ids)) -> float:
+            """Activation elements one microbatch keeps on this stage until its backward."""
+            el = tokens * n_layers * dec_el
+            if stage == 0:
+                el += rows * mcfg.vision.depth * vit_el + tokens * mcfg.text.hidden_size
+            return el
+
+        def activations(tokens: int, rows: int, stage: int = s, inflight: int = inflight) -> float:
+            """Bytes with `inflight` microbatches alive, the largest being one of (tokens, rows) and the others
+            typical: the longest sample a recipe allows travels alone in its microbatch (data/packing.py)."""
+            el = per_mb(tokens, rows) + (inflight - 1) * per_mb(T, N)
+            if ac_mode == "full":  # one block's full activations alive during its recomputation
+                el += max(tokens * dec_none, rows * vit_none if stage == 0 else 0)
+            b = el * act_dtype
+            if stage == pp - 1:
+                b += 2 * min(p.loss_chunk_size or DEFAULT_CHUNK_SIZE, tokens) * mcfg.text.vocab_size / tp * 4
+            return b
+
+        act_b = activations(T, N)
+        act_long_b = activations(T_long, N_long)
         mem = {"params": params_b / GB, "grads": grads_b / GB, "optimizer": optim_b / GB, "activations": act_b / GB}
         mem["total"] = sum(mem.values())
+        mem["activations_longest"] = act_long_b / GB
+        mem["total_longest"] = mem["total"] - mem["activations"] + mem["activations_longest"]
         # forward FLOPs per LLM token of this stage (for the balance of the split)
         lf = 2 * len(ids) * _layer_matmul_params(mcfg) + (2 * mcfg.text.hidden_size * mcfg.text.vocab_size
                                                          if s == pp - 1 else 0)
@@ -290,13 +307,17 @@ def format_report(r: DryRunReport, cfg: JobConfig, mcfg: ModelConfig, sp: bool) 
             f"  stage {s.stage}: {', '.join(s.modules)} | per rank {_h(s.params)} params ({_h(s.trainable)} trainable)"
             f" | fwd {_h(s.fwd_flops_per_token)}FLOP/token/rank"
         )
-    lines.append("memory per rank, GB (estimate; see train/dry_run.py):")
-    lines.append(f"  {'stage':>5} {'params':>8} {'grads':>8} {'optim':>8} {'activ':>8} {'total':>8}")
+    d = cfg.data
+    lines.append(f"memory per rank, GB (estimate; see train/dry_run.py): typical microbatch <= {d.max_tokens} tokens / "
+                 f"{d.patch_budget} ViT rows; longest one allowed (a video sample alone) {d.video_sample_tokens} "
+                 f"tokens / {d.video_sample_patches} rows")
+    lines.append(f"  {'stage':>5} {'params':>8} {'grads':>8} {'optim':>8} {'activ':>8} {'total':>8} "
+                 f"{'activ*':>8} {'total*':>8}   (* with the longest microbatch in flight)")
     for s in r.stages:
         mm = s.memory
         lines.append(
             f"  {s.stage:>5} {mm['params']:8.2f} {mm['grads']:8.2f} {mm['optimizer']:8.2f} "
-            f"{mm['activations']:8.2f} {mm['total']:8.2f}"
+            f"{mm['activations']:8.2f} {mm['total']:8.2f} {mm['activations_longest']:8.2f} {mm['total_longest']:8.2f}"
         )
     f = r.flops
     lines.append(

@@ -3,7 +3,7 @@
 Every record is one JSON object per line: {"step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s",
 "tflops_per_device", "mfu", "data_wait_s", "peak_mem_gb", "skipped_steps", "skipped_samples": {reason: n},
 ...}. A resumed run appends (its first record has "resumed_from"), so the file tells the whole story of a
-run across restarts.
+run across restarts. Held-out evaluations add {"event": "eval", ...} records (MetricsLogger.eval, train/eval.py).
 
 MFU = model FLOPs of the step (model.flops: ViT + LLM, forward + backward, attention included, from the
 actual packed lengths) / (step time x devices x peak FLOP/s of one device). The peak comes from
@@ -130,7 +130,10 @@ class MetricsLogger:
                 id=_wandb_run_id(self.run_dir),
                 resume="allow",
             )
-            log.info("wandb %s run in %s", mode, self._wandb.dir)
+            # wandb.dir is the run's files/ folder; `wandb sync` takes the run directory above it.
+            run_path = Path(self._wandb.dir).parent
+            log.info("wandb %s run in %s%s", mode, run_path,
+                     f" (upload later with: wandb sync {run_path})" if mode == "offline" else "")
 
     def log(self, record: dict[str, Any]) -> None:
         if not self.is_main:
@@ -151,6 +154,18 @@ class MetricsLogger:
         """A non-step record (start, checkpoint, stop) in metrics.jsonl."""
         if self.is_main:
             self._file.write(json.dumps({"time": round(time.time(), 3), "event": name, **fields}) + "\n")
+
+    def eval(self, record: dict[str, Any]) -> None:
+        """A held-out evaluation of one dataset (train/eval.py): an {"event": "eval", "step", "stage", "dataset",
+        "loss", "exact", "contains", "n", ...} record, a console line, and W&B keys eval/<dataset>/<figure>."""
+        if not self.is_main:
+            return
+        self.event("eval", **record)
+        print(format_eval_line(record), flush=True)
+        if self._wandb is not None:
+            figures = {f"eval/{record['dataset']}/{k}": v for k, v in record.items()
+                       if k in ("loss", "exact", "contains", "n") and v is not None}
+            self._wandb.log(figures, step=record["step"])
 
     def close(self) -> None:
         if self._wandb is not None:
@@ -180,6 +195,29 @@ def _si(x: float) -> str:
     return f"{x:.0f}"
 
 
+def format_duration(seconds: float) -> str:
+    """3725 -> '1h02m05s', 65 -> '1m05s', 4.2 -> '4s'."""
+    s = int(round(seconds))
+    h, rem = divmod(s, 3600)
+    m, sec = divmod(rem, 60)
+    if h:
+        return f"{h}h{m:02d}m{sec:02d}s"
+    return f"{m}m{sec:02d}s" if m else f"{sec}s"
+
+
+def format_eval_line(r: dict[str, Any]) -> str:
+    """The console line of one eval record."""
+    parts = [f"eval  {r['step']:>5}", f"stage {r['stage']}", r["dataset"]]
+    if "loss" in r:
+        parts.append("loss n/a" if r["loss"] is None else f"loss {r['loss']:.4f}")
+    if r.get("generation_skipped"):
+        parts.append("generation skipped (pp > 1)")
+    elif "exact" in r:
+        pct = lambda v: "n/a" if v is None else f"{100 * v:.1f}%"  # noqa: E731
+        parts += [f"exact {pct(r['exact'])}", f"contains {pct(r['contains'])}", f"n {r['n']}"]
+    return " | ".join(parts)
+
+
 def format_line(r: dict[str, Any], total: int) -> str:
     """The console line of one step record."""
     parts = [f"step {r['step']:>5}/{total}", f"loss {r['loss']:.4f}"]
@@ -193,6 +231,8 @@ def format_line(r: dict[str, Any], total: int) -> str:
         parts.append(f"flop/s {_si(r['flops_per_s'])}")
     parts.append(f"data {1000 * r['data_wait_s']:.0f}ms")
     parts.append(f"mem {r['peak_mem_gb']:.2f}GB")
+    if "elapsed_s" in r:
+        parts.append(f"elapsed {format_duration(r['elapsed_s'])} eta {format_duration(r['eta_s'])}")
     if r.get("skipped_steps"):
         parts.append(f"skipped_steps {r['skipped_steps']}")
     if r.get("skipped_samples"):

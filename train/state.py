@@ -1,6 +1,7 @@
 """What a checkpoint holds, as `Stateful` objects that torch.distributed.checkpoint saves and loads in one call.
 
-    model     this rank's stage(s) through DCP's get/set_model_state_dict: FQNs of the single-process model,
+    model     this rank's stage(s) (interleaved 1F1B: several model chunks) through DCP's
+              get/set_model_state_dict: FQNs of the single-process model,
               DTensor shards under TP/FSDP, so any layout loads any other (DCP reshards)
     optim     AdamW state through get/set_optimizer_state_dict (flattened, keyed by FQN: layout independent;
               DCP creates the optimizer state of a fresh run itself before loading into it)
@@ -36,6 +37,8 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.checkpoint.stateful import Stateful
 
+from parallel.pipeline_split import merge_stage_modules
+
 _OPTIM_OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
 
 
@@ -61,18 +64,19 @@ class OptimizerState(Stateful):
     """AdamW state of this rank's trainable parameters (empty when the rank has none: a frozen stage)."""
 
     def __init__(self, modules: list[nn.Module], optimizer: torch.optim.Optimizer | None) -> None:
-        if len(modules) != 1 and optimizer is not None:
-            raise ValueError("OptimizerState takes one stage module per optimizer")
         self.modules, self.optimizer = modules, optimizer
+        # Interleaved 1F1B gives a rank several model chunks and one optimizer over all of them; DCP's optimizer
+        # state API takes one module: a view over the chunks with the single-process FQNs (no prefixes).
+        self.module = merge_stage_modules(modules)
 
     def state_dict(self) -> dict[str, Any]:
         if self.optimizer is None:
             return {}
-        return get_optimizer_state_dict(self.modules[0], self.optimizer, options=_OPTIM_OPTIONS)
+        return get_optimizer_state_dict(self.module, self.optimizer, options=_OPTIM_OPTIONS)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if self.optimizer is not None:
-            set_optimizer_state_dict(self.modules[0], self.optimizer, state_dict, options=_OPTIM_OPTIONS)
+            set_optimizer_state_dict(self.module, self.optimizer, state_dict, options=_OPTIM_OPTIONS)
 
 
 class ValuesState(Stateful):

@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 
 from core.config import ConfigError
-from data.loader import build_loader
+from data.loader import DataError, LoaderInterrupted, build_loader
 from model.flops import batch_flops
 from model.hf_adapter import is_hf_dir, load_hf_slices
 from model.qwen2_vl import Qwen2VL
@@ -44,15 +44,18 @@ from train.checkpoint import (
     CheckpointManager,
     Layout,
     checkpoint_keys,
-    latest_complete,
     list_complete,
     read_meta,
     resolve_checkpoint,
+    step_dirs,
 )
 from train.config import JobConfig
+from train.eval import Evaluator
 from train.metrics import MetricsLogger, device_peak_tflops, peak_memory_gb
 from train.optim import apply_freeze, build_optimizer, set_lr
+from train.prefetch import DevicePrefetcher
 from train.state import BlobState, ModelState, OptimizerState, ValuesState, rng_state, set_rng_state
+from train.straggler import StragglerMonitor
 from train.weights import describe_init, load_checkpoint_weights, meta_model, resolve_model_config
 
 log = logging.getLogger(__name__)
@@ -80,6 +83,10 @@ class TrainResult:
     losses: list[float] = field(default_factory=list)
     skipped_steps: int = 0
     stop_reason: str = "completed"
+    stop_signal: int | None = None
+    """The signal that stopped the run (stop_reason 'signal'): the CLI exits with 128 + its number."""
+    elapsed_s: float = 0.0
+    """Wall time of train()."""
 
 
 def microbatches_per_rank(cfg: JobConfig, dp: int) -> int:
@@ -141,7 +148,8 @@ class Trainer:
         # which must not interleave with the training collectives of the default group.
         self.ckpt_pg = dist.new_group(backend="gloo") if cfg.checkpoint.async_save else None
         self.ckpt = CheckpointManager(
-            cfg.checkpoint_dir, self.layout, cfg.checkpoint.keep_last, cfg.checkpoint.async_save, self.ckpt_pg
+            cfg.checkpoint_dir, self.layout, cfg.checkpoint.keep_last, cfg.checkpoint.async_save, self.ckpt_pg,
+            timeout_s=cfg.parallel.timeout_s,
         )
         self.resume_path = self._find_resume()
         self.mcfg = resolve_model_config(cfg.model, self.resume_path)
@@ -186,7 +194,8 @@ class Trainer:
         self.loader = None  # only the first pipeline stage consumes microbatches (tp peers get identical ones)
         if self.layout.has_data:
             data_cfg = dataclasses.replace(cfg.data, seed=cfg.data.seed + DATA_PASS_SEED_STRIDE * self.data_pass)
-            self.loader = build_loader(data_cfg, d.dp_rank, d.dp)
+            # A stop signal is honoured while the loader waits for data (it polls this between short waits).
+            self.loader = build_loader(data_cfg, d.dp_rank, d.dp, interrupt=lambda: self._stop_signal is not None)
             if loader_state is not None:
                 try:
                     self.loader.load_state_dict(loader_state)
@@ -197,7 +206,12 @@ class Trainer:
                     ) from e
         self._it = None
         self.metrics = MetricsLogger(cfg, self.is_main, resumed_from=resumed_from)
+        self.evaluator = (Evaluator(cfg, self.engine, self.layout, self.mcfg, self.metrics, self.m)
+                          if cfg.eval.datasets else None)
         self.peak_tflops = device_peak_tflops(self.device, cfg.metrics.peak_tflops)
+        self.prefetcher = DevicePrefetcher(self.device)
+        self.straggler = StragglerMonitor(cfg.metrics.straggler_every, cfg.metrics.straggler_ratio, self.layout.rank,
+                                          d.pp_rank, self.device, self.metrics.event, self.is_main, self.loader)
         self._stop_signal: int | None = None
         if self.is_main:
             cfg.save(self.run_dir / "config.yaml")
@@ -228,6 +242,7 @@ class Trainer:
         return out
 
     def _check_schedule(self, saved: dict[str, Any]) -> None:
+        """Called after a resume's load: warn about every schedule setting the recipe changed."""
         now = self._schedule()
         changed = [f"{k}: {saved[k]!r} -> {now[k]!r}" for k in now if k in saved and saved[k] != now[k]]
         if changed and self.is_main:
@@ -240,7 +255,7 @@ class Trainer:
             "model": ModelState(self.engine.modules),
             "optim": OptimizerState(self.engine.modules, self.optimizer),
             "trainer": ValuesState(self._counters, self._set_counters),
-            "schedule": ValuesState(self._schedule, self._check_schedule),
+            "schedule": ValuesState(self._schedule, lambda saved: setattr(self, "_saved_schedule", saved)),
             "rng": BlobState(f"rank{self.layout.rank}", rng_state()),
         }
         if self.layout.has_data and self.layout.tp_rank == 0:
@@ -260,8 +275,26 @@ class Trainer:
                 )
             return None
         if r == "auto":
-            return latest_complete(self.cfg.checkpoint_dir)
-        return resolve_checkpoint(r)
+            found, rejected = self.ckpt.newest_verified()
+            if self.is_main:
+                for line in rejected:
+                    log.warning("checkpoint %s -- it fails verification and is passed over", line)
+            if found is None:
+                damaged = sorted(p.name for p in step_dirs(self.cfg.checkpoint_dir))
+                if damaged:
+                    raise ConfigError(
+                        f"{self.cfg.checkpoint_dir} holds step directories ({', '.join(damaged[-3:])}) but none is a "
+                        "complete, verified checkpoint: restore the files (each step's meta.json lists them with "
+                        "their checksums), or set checkpoint.resume=never to start over from model.init_from"
+                    )
+            elif rejected and self.is_main:
+                log.warning("resuming from %s, the newest checkpoint that verifies", found.name)
+            return found
+        path = resolve_checkpoint(r)
+        problems = self.ckpt.verify(path)
+        if problems:
+            raise ConfigError(f"checkpoint.resume={r}: {path} is damaged: {'; '.join(problems[:3])}")
+        return path
 
     def _load_init(self, src: str) -> None:
         if is_hf_dir(src):
@@ -269,7 +302,11 @@ class Trainer:
             load_hf_slices(sd, src, self.mcfg)
             self.engine.load_state_dict(sd)
         else:
-            load_checkpoint_weights(self.engine.modules, src)
+            ck = resolve_checkpoint(src)
+            problems = self.ckpt.verify(ck)
+            if problems:
+                raise ConfigError(f"model.init_from={src}: {ck} is damaged: {'; '.join(problems[:3])}")
+            load_checkpoint_weights(self.engine.modules, ck)
         if self.is_main:
             log.info("initialized weights from %s", describe_init(src))
 
@@ -297,6 +334,7 @@ class Trainer:
         if "loader" in state and f"loader.{state['loader'].key}" not in keys:
             raise ConfigError(f"checkpoint {path} has no loader state for dp rank {self.layout.dp_rank}")
         self.ckpt.load(path, state)
+        self._check_schedule(getattr(self, "_saved_schedule", {}))
         if "rng" in state:
             set_rng_state(state["rng"].value)
         if not restore_data:
@@ -317,6 +355,8 @@ class Trainer:
         return state["loader"].value if "loader" in state else None
 
     def save(self) -> None:
+        if self.consecutive_skips == 0:
+            self.ckpt.protected = None  # a good checkpoint again: the streak's protection ends with this save
         meta = {"model_config": self.mcfg.to_hf_dict(), "stage": self.cfg.train.stage,
                 "frozen": list(self.cfg.frozen_groups), "tokens_seen": self.tokens_seen}
         self.ckpt.save(self.step, self._state(), self.cfg.to_yaml(), meta)
@@ -336,6 +376,10 @@ class Trainer:
                 out.append(next(self._it))
             except StopIteration:
                 return None
+            except LoaderInterrupted:  # a stop signal while waiting: train() stops (no save mid-step)
+                return None
+            except DataError as e:  # nothing usable, a stalled worker, too many bad shards: the message says why
+                raise TrainingStopped(str(e)) from e
         return out
 
     def _zero_grad(self) -> None:
@@ -370,12 +414,15 @@ class Trainer:
         lrs = set_lr(self.optimizer, self.step, cfg)
         t0 = time.perf_counter()
         mbs = self._next_microbatches()
+        # CUDA: pinned, non-blocking copies on a side stream (train/prefetch.py); the host copies stay for the
+        # FLOP count, which would otherwise read device tensors back.
+        device_mbs = self.prefetcher.to_device(mbs)
         t_data = time.perf_counter() - t0
         # Every rank must agree before the engine runs: a first-stage rank out of data stops all.
         (exhausted,) = self._allreduce([float(self.layout.has_data and mbs is None)], dist.ReduceOp.MAX)
         if exhausted:
             return None
-        res = self.engine.step(mbs)
+        res = self.engine.step(device_mbs)
         # max_norm 0 = measure only (the engine scales nothing), so grad_clip: 0 disables clipping.
         gnorm = float(self.engine.clip_grad_norm_(cfg.optim.grad_clip))
         loss = float(res.loss)
@@ -406,11 +453,20 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------ loop
     def _install_signal_handlers(self) -> None:
+        """SIGTERM, SIGUSR1 (SLURM's warning before a time limit) and SIGINT ask for a checkpoint and a stop at the
+        end of the step; a second SIGINT (Ctrl-C twice) aborts at once."""
+
         def handler(signum, frame):  # noqa: ARG001
+            if signum == signal.SIGINT and self._stop_signal is not None:
+                raise KeyboardInterrupt
             self._stop_signal = signum
+            if self.is_main:
+                log.warning("%s received: saving a checkpoint at the end of this step, then stopping%s",
+                            signal.Signals(signum).name, " (Ctrl-C again aborts at once)" if signum == signal.SIGINT
+                            else "")
 
         self._prev_handlers = {}
-        for s in (signal.SIGTERM, signal.SIGUSR1):
+        for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
             with contextlib.suppress(ValueError):  # not the main thread (e.g. embedded use): no handler
                 self._prev_handlers[s] = signal.signal(s, handler)
 
@@ -422,7 +478,8 @@ class Trainer:
                 f"gradient norm ({self.consecutive_skips} in a row; limits train.max_skipped_steps="
                 f"{tcfg.max_skipped_steps}, train.max_consecutive_skips={tcfg.max_consecutive_skips}). "
                 "The run diverged: lower optim.lr, raise optim.warmup_steps or check the data; resume from "
-                f"the last good checkpoint in {self.ckpt.dir}."
+                + (f"the last checkpoint saved before the skips began, {self.ckpt.protected}."
+                   if self.ckpt.protected is not None else f"an earlier run, no checkpoint exists in {self.ckpt.dir}.")
             )
             self.metrics.event("stop", step=self.step, reason="diverged", message=msg)
             raise TrainingStopped(msg)
@@ -430,6 +487,8 @@ class Trainer:
     def train(self) -> TrainResult:
         cfg = self.cfg
         total = cfg.train.steps
+        self._t_start = time.perf_counter()
+        self._step_ema: float | None = None
         self._install_signal_handlers()
         losses: list[float] = []
         last_loss: float | None = None
@@ -437,7 +496,12 @@ class Trainer:
         try:
             while self.step < total:
                 self.ckpt.poll()
-                st = self.train_step()
+                st = self.straggler.timed(self.train_step, lambda: self.step)
+                if st is None and self._stop_signal is not None:  # interrupted while waiting for data
+                    stop_reason = "signal"
+                    log.warning("stop requested by a signal while waiting for data at step %d: nothing saved "
+                                "(mid-step); the latest complete checkpoint is the one to resume", self.step)
+                    break
                 if st is None:
                     stop_reason = "data_exhausted"
                     if self.is_main:
@@ -447,21 +511,34 @@ class Trainer:
                 if not st.skipped:
                     losses.append(st.loss)
                     last_loss = st.loss
+                elif self.consecutive_skips == 1:
+                    # A streak of skipped steps begins: the newest checkpoint is the last good one; keep_last
+                    # must not prune it while the run may be diverging, and nothing is saved until it recovers.
+                    self.ckpt.wait()
+                    self.ckpt.protected = self.ckpt.latest()
                 if self.step % cfg.metrics.log_every == 0 or self.step == total:
                     self._log_step(st)
                 self._check_divergence()
+                if self.evaluator is not None:
+                    self.evaluator.maybe_run(self.step, final=False)
                 due = cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 and self.step < total
-                if due or st.stop_requested:
+                if (due or st.stop_requested) and self.consecutive_skips == 0:
                     self.save()
+                elif (due or st.stop_requested) and self.is_main:
+                    log.warning("step %d: not saving a checkpoint while steps are being skipped (%d in a row); "
+                                "the last good one is %s", self.step, self.consecutive_skips, self.ckpt.protected)
                 if st.stop_requested:
                     stop_reason = "signal"
                     if self.is_main:
-                        log.warning("stop requested by a signal: checkpoint saved at step %d; rerun to resume",
-                                    self.step)
+                        log.warning("stopped by a signal at step %d; rerun the same command to resume from %s",
+                                    self.step, self.ckpt.latest())
                     break
-            if stop_reason != "signal" and cfg.checkpoint.save_final and self.step > self._saved_step:
+            if (stop_reason != "signal" and cfg.checkpoint.save_final and self.step > self._saved_step
+                    and self.consecutive_skips == 0):
                 self.save()
             self.ckpt.wait()
+            if self.evaluator is not None and stop_reason != "signal":  # the stage's final figures
+                self.evaluator.maybe_run(self.step, final=True)
             self.metrics.event("end", step=self.step, reason=stop_reason, skipped_steps=self.skipped_steps)
         finally:
             for s, prev in self._prev_handlers.items():
@@ -469,7 +546,17 @@ class Trainer:
         return TrainResult(
             run_dir=self.run_dir, final_step=self.step, final_loss=last_loss, checkpoint=self.ckpt.latest(),
             losses=losses, skipped_steps=self.skipped_steps, stop_reason=stop_reason,
+            stop_signal=(self._stop_signal or signal.SIGTERM) if stop_reason == "signal" else None,
+            elapsed_s=time.perf_counter() - self._t_start,
         )
+
+    def _progress(self, dt: float) -> dict[str, float]:
+        """Elapsed wall time of this process's train() and the ETA from a moving average of the step time (the
+        first step of a process, which pays for warm-up, only seeds it)."""
+        a = 0.1
+        self._step_ema = dt if self._step_ema is None else (1 - a) * self._step_ema + a * dt
+        return {"elapsed_s": round(time.perf_counter() - self._t_start, 2),
+                "eta_s": round(self._step_ema * (self.cfg.train.steps - self.step), 2)}
 
     def _log_step(self, st: StepStats) -> None:
         loader_metrics = self._loader_metrics()
@@ -493,6 +580,7 @@ class Trainer:
             "data_wait_s": round(st.data_wait_s, 5),
             "peak_mem_gb": round(st.peak_mem_gb, 3),
             "skipped_steps": self.skipped_steps,
+            **self._progress(dt),
             **loader_metrics,
         }
         self.metrics.log(rec)

@@ -3,16 +3,16 @@ async saves, resolution of run dirs / checkpoint dirs / step dirs (one process, 
 
 from __future__ import annotations
 
-import io
 import json
 
 import pytest
 import torch
-from torch.distributed.checkpoint import CheckpointException, FileSystemWriter
+from torch.distributed.checkpoint import FileSystemWriter
 
 from parallel import ParallelConfig, init_distributed
 from train.checkpoint import (
     CheckpointManager,
+    CheckpointSaveError,
     Layout,
     checkpoint_keys,
     latest_complete,
@@ -70,7 +70,8 @@ def test_crash_mid_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
         raise OSError("disk vanished mid-save")
 
     monkeypatch.setattr(FileSystemWriter, "finish", boom)
-    with pytest.raises(CheckpointException, match="disk vanished"):
+    with pytest.raises(CheckpointSaveError, match=r"OSError: disk vanished mid-save; the previous checkpoint .*"
+                                                  r"step_00000002 stays the latest"):
         m.save(4, state(4), "")
     monkeypatch.setattr(FileSystemWriter, "finish", real_finish)
     tmp = tmp_path / "step_00000004.tmp"

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from parallel.launcher import export_launch_env, first_host, resolve_launch_env, strip_local_rank
 from model.config import get_preset
+from parallel.launcher import export_launch_env, first_host, resolve_launch_env, strip_local_rank
 from train.config import load_config
 from train.dry_run import dry_run, local_numel
 
@@ -56,6 +56,19 @@ def test_mpi_and_single_process():
         resolve_launch_env({"RANK": "5", "WORLD_SIZE": "2", "MASTER_ADDR": "x", "MASTER_PORT": "1"}, [])
 
 
+def test_gpu_layouts_with_sequence_parallel_bucket_their_lengths():
+    """docs/parallel.md: with TP + SP on GPUs, set sp_pad_multiple (unbounded packed lengths make every TP op
+    re-propagate shardings); every shipped recipe that shards over tp does."""
+    checked = []
+    for recipe in sorted((REPO / "recipes").glob("qwen2vl_*/stage*.yaml")):
+        cfg = load_config(recipe, ["data.tokenizer=/t", "data.datasets=[{path: /d}]"])
+        p = cfg.parallel
+        if p.tp > 1 and p.sequence_parallel:
+            assert p.sp_pad_multiple >= 64 and p.sp_pad_multiple % p.tp == 0, (recipe, p.sp_pad_multiple)
+            checked.append(recipe.parent.name)
+    assert {"qwen2vl_7b", "qwen2vl_72b"} <= set(checked)
+
+
 def test_launch_scripts_are_valid_shell():
     for script in ("torchrun.sh", "deepspeed.sh", "slurm.sbatch"):
         res = subprocess.run(["bash", "-n", str(REPO / "launch" / script)], capture_output=True, text=True)
@@ -90,6 +103,25 @@ def test_dry_run_stage1_freezes_llm_and_errors_on_bad_layouts():
         dry_run(load_config(REPO / "recipes" / "qwen2vl_72b" / "stage2.yaml"), world_size=100)
     with pytest.raises(ValueError, match="--world-size"):
         dry_run(load_config(REPO / "recipes" / "qwen2vl_2b" / "stage2.yaml"))
+
+
+def test_dry_run_shows_the_memory_of_the_longest_sample_the_recipe_allows():
+    """Long videos train (a video sample up to data.max_video_sample_tokens travels alone in its microbatch): the
+    dry run's memory holds that microbatch too, and the shipped 72B layout still fits an 80 GB GPU with it."""
+    cfg = load_config(REPO / "recipes" / "qwen2vl_72b" / "stage2.yaml")
+    assert cfg.data.video_sample_tokens > cfg.data.max_tokens  # the recipe lets long videos through
+    r = dry_run(cfg)
+    for s in r.stages:
+        assert s.memory["activations_longest"] > s.memory["activations"], s.memory
+        assert s.memory["total_longest"] == pytest.approx(s.memory["total"] - s.memory["activations"]
+                                                          + s.memory["activations_longest"])
+    assert max(s.memory["total_longest"] for s in r.stages) < 80, r.text
+    assert f"longest one allowed (a video sample alone) {cfg.data.video_sample_tokens} tokens" in r.text
+    # Without a video budget of their own the longest microbatch is a typical one.
+    plain = dry_run(load_config(REPO / "recipes" / "qwen2vl_72b" / "stage2.yaml",
+                                ["data.max_video_sample_tokens=null", "data.max_video_sample_patches=null",
+                                 "data.video.max_tokens=0"]))
+    assert all(s.memory["activations_longest"] == pytest.approx(s.memory["activations"]) for s in plain.stages)
 
 
 def test_tp_shard_accounting_matches_the_engine_plans():

@@ -50,7 +50,7 @@ def step_records(run_dir: Path) -> dict[int, dict]:
     out: dict[int, dict] = {}
     for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
         rec = json.loads(line)
-        if "loss" in rec:
+        if "loss" in rec and "event" not in rec:  # eval records carry a loss too
             out[rec["step"]] = rec
     return out
 
