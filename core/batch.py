@@ -39,6 +39,8 @@ IGNORE_INDEX = -100
 """The label of a position that is not supervised (torch's cross_entropy default ignore_index)."""
 PATCH_DIM = 3 * 2 * 14 * 14
 IMAGE_ROW_DIM = 3 * 14 * 14  # a raw image row: one frame
+HOST_FIELDS = ("image_grid_thw", "video_grid_thw")
+"""Fields that stay on the host when a batch moves to a device (see PackedBatch.to)."""
 
 
 @dataclass
@@ -53,6 +55,9 @@ class PackedBatch:
     pixel_values_videos: torch.Tensor = field(default_factory=lambda: torch.zeros(0, PATCH_DIM))
     video_grid_thw: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 3, dtype=torch.long))
     sample_keys: list[str] = field(default_factory=list)
+    supervised: int | None = field(default=None, repr=False, compare=False)
+    """Cached count of supervised positions (num_supervised): counted once, on the host, and carried by to(), so
+    a batch on the device never needs a device read to be counted."""
 
     @property
     def num_tokens(self) -> int:
@@ -60,7 +65,9 @@ class PackedBatch:
 
     @property
     def num_supervised(self) -> int:
-        return int((self.labels != IGNORE_INDEX).sum())
+        if self.supervised is None:
+            self.supervised = int((self.labels != IGNORE_INDEX).sum())
+        return self.supervised
 
     @property
     def num_patches(self) -> int:
@@ -87,10 +94,15 @@ class PackedBatch:
                 raise ValueError(f"{name}: {px.dtype} pixel rows of shape {tuple(px.shape)}; width must be {widths}")
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> PackedBatch:
+        """The tensors on `device`, except the grids: image_grid_thw / video_grid_thw are host metadata (the ViT
+        derives its segment boundaries and rotary positions from them on the host), so they stay where they are
+        and reading them never waits for the device."""
+        self.num_supervised  # noqa: B018 - counted here, on the host, before the labels move
         kw = {}
         for f in fields(self):
             v = getattr(self, f.name)
-            kw[f.name] = v.to(device, non_blocking=non_blocking) if isinstance(v, torch.Tensor) else v
+            moved = isinstance(v, torch.Tensor) and f.name not in HOST_FIELDS
+            kw[f.name] = v.to(device, non_blocking=non_blocking) if moved else v
         return PackedBatch(**kw)
 
     def model_inputs(self) -> dict:

@@ -288,12 +288,12 @@ class Qwen2VL(nn.Module):
         v_MD = self.visual(torch.cat(pix).to(h_TD.dtype), torch.cat(grids).cpu())
         merge = self.cfg.vision.spatial_merge_size ** 2
         n_img_tok = n_img_rows // merge
-        for tok_id, emb_MD, kind in (
-            (self.cfg.image_token_id, v_MD[:n_img_tok], "image"),
-            (self.cfg.video_token_id, v_MD[n_img_tok:], "video"),
+        masks = [ids_T == self.cfg.image_token_id, ids_T == self.cfg.video_token_id]
+        counts = torch.stack([m.sum() for m in masks]).tolist()  # one host read for both checks
+        for mask_T, n_pad, emb_MD, kind in (
+            (masks[0], counts[0], v_MD[:n_img_tok], "image"),
+            (masks[1], counts[1], v_MD[n_img_tok:], "video"),
         ):
-            mask_T = ids_T == tok_id
-            n_pad = int(mask_T.sum())
             if n_pad != emb_MD.shape[0]:
                 raise ValueError(
                     f"{kind} placeholders and {kind} embeddings differ: {n_pad} <|{kind}_pad|> tokens in input_ids, "

@@ -228,9 +228,10 @@ class ParallelModel:
 
     # ---------------------------------------------------------------- step
     def _stage0_batches(self, microbatches: list[PackedBatch] | None,
-                        num_real: int | None = None) -> list[tuple[PackedBatch, int]] | None:
-        """(device, SP-padded microbatch, real length) on stage 0; entries from num_real on are fillers (length
-        0 in the counts)."""
+                        num_real: int | None = None) -> list[tuple[PackedBatch, int, int]] | None:
+        """(device, SP-padded microbatch, real length, supervised count) on stage 0; entries from num_real on are
+        fillers (length 0 in the counts). The supervised count is read from the host batch, before the copy: on a
+        GPU, counting device labels would block the host once per microbatch."""
         if self.stage != 0:
             return None
         if not microbatches:
@@ -242,14 +243,15 @@ class ParallelModel:
         for i, mb in enumerate(microbatches):
             if not isinstance(mb, PackedBatch):
                 raise ValueError(f"microbatch {i} is a {type(mb).__name__}, expected core.batch.PackedBatch")
-            mb = mb.to(self.dims.device)
+            n_sup = mb.num_supervised
+            mb = mb.to(self.dims.device, non_blocking=True)
             real = mb.num_tokens if num_real is None or i < num_real else 0
             if self.sequence_parallel:
                 mb = pad_microbatch(mb, self.cfg.pad_multiple(self.dims.tp))
-            out.append((mb, real))
+            out.append((mb, real, n_sup))
         return out
 
-    def _metas(self, batches: list[tuple[PackedBatch, int]] | None) -> list[MicrobatchMeta]:
+    def _metas(self, batches: list[tuple[PackedBatch, int, int]] | None) -> list[MicrobatchMeta]:
         """Every microbatch's lengths and small tensors on every stage (one broadcast from stage 0 when pp > 1)."""
         dims = self.dims
         if dims.pp > 1:
@@ -271,12 +273,12 @@ class ParallelModel:
         dp_group = self.dims.get_group("dp")
         dist.all_reduce(sums, group=dp_group)
         dist.all_reduce(mm, op=dist.ReduceOp.MAX, group=dp_group)
-        if int(mm[0]) != -int(mm[1]):
+        n_sup, n_tok, n_pad, n_mb, most, neg_least = torch.cat([sums, mm]).tolist()  # one host read
+        if most != -neg_least:
             raise ValueError(
-                f"dp ranks passed different numbers of microbatches this step (between {-int(mm[1])} and "
-                f"{int(mm[0])}); every dp rank must run the same count (FSDP reduces on the last one)"
+                f"dp ranks passed different numbers of microbatches this step (between {-neg_least} and "
+                f"{most}); every dp rank must run the same count (FSDP reduces on the last one)"
             )
-        n_sup, n_tok, n_pad, n_mb = (int(v) for v in sums.tolist())
         return n_sup, n_tok, n_pad, n_mb
 
     def step(self, microbatches: list[PackedBatch] | None) -> StepResult:
@@ -391,9 +393,9 @@ class ParallelModel:
 
     def _check_tp_inputs(self, batches: list[tuple[PackedBatch, int]]) -> None:
         """Debug: every tp rank must be fed the same microbatches (the loader shards by dp rank only)."""
-        ids = [mb.input_ids.reshape(-1) for mb, _ in batches]
+        ids = [mb.input_ids.reshape(-1) for mb, *_ in batches]
         fp = torch.tensor([len(ids), sum(int(x.numel()) for x in ids), sum(int(x.sum()) for x in ids),
-                           sum(mb.num_patches for mb, _ in batches)], dtype=torch.long, device=self.dims.device)
+                           sum(mb.num_patches for mb, *_ in batches)], dtype=torch.long, device=self.dims.device)
         group = self.dims.get_group("tp")
         gathered = [torch.empty_like(fp) for _ in range(self.dims.tp)]
         dist.all_gather(gathered, fp, group=group)
@@ -469,8 +471,9 @@ class ParallelModel:
             sq = torch.stack(norms).pow(2).sum()
         dist.all_reduce(sq)
         norm = sq.sqrt()
-        if max_norm > 0 and torch.isfinite(norm) and grads:
-            coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+        if max_norm > 0 and grads:
+            # A non-finite norm scales by 1 (nothing): decided on the device, no host read inside the step.
+            coef = torch.where(torch.isfinite(norm), (max_norm / (norm + 1e-6)).clamp(max=1.0), 1.0)
             torch._foreach_mul_(grads, coef.to(grads[0].dtype))
         return norm
 

@@ -73,13 +73,13 @@ class MicrobatchMeta:
 _TABLE_COLS = 5
 
 
-def metas_from_batches(mbs: list[tuple[PackedBatch, int]]) -> list[MicrobatchMeta]:
-    """Metadata of (possibly padded microbatch, real length) pairs, without communication."""
+def metas_from_batches(mbs: list[tuple[PackedBatch, int, int]]) -> list[MicrobatchMeta]:
+    """Metadata of (possibly padded microbatch, real length, supervised count) triples, without communication."""
     out = []
-    for mb, real in mbs:
+    for mb, real, n_sup in mbs:
         out.append(
             MicrobatchMeta(
-                num_tokens=mb.num_tokens, num_real_tokens=real, num_supervised=mb.num_supervised,
+                num_tokens=mb.num_tokens, num_real_tokens=real, num_supervised=n_sup,
                 max_seqlen=int(mb.max_seqlen), position_ids=mb.position_ids.reshape(3, -1),
                 cu_seqlens=mb.cu_seqlens.to(torch.int32), labels=mb.labels.reshape(-1),
             )
@@ -88,7 +88,7 @@ def metas_from_batches(mbs: list[tuple[PackedBatch, int]]) -> list[MicrobatchMet
 
 
 def broadcast_step_metadata(
-    mbs: list[tuple[PackedBatch, int]] | None,
+    mbs: list[tuple[PackedBatch, int, int]] | None,
     *,
     src: int,
     group: dist.ProcessGroup,

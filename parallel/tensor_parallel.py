@@ -260,5 +260,5 @@ def pad_microbatch(mb: PackedBatch, multiple: int, pad_token_id: int = 0) -> Pac
         input_ids=ids, labels=labels, position_ids=pos_3T.to(mb.position_ids.dtype), cu_seqlens=cu,
         max_seqlen=max(int(mb.max_seqlen), n), pixel_values=mb.pixel_values, image_grid_thw=mb.image_grid_thw,
         pixel_values_videos=mb.pixel_values_videos, video_grid_thw=mb.video_grid_thw,
-        sample_keys=list(mb.sample_keys),
+        sample_keys=list(mb.sample_keys), supervised=mb.num_supervised,  # the padding is unsupervised
     )

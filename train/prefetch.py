@@ -17,11 +17,13 @@ import dataclasses
 
 import torch
 
-from core.batch import PackedBatch
+from core.batch import HOST_FIELDS, PackedBatch
 
 
 def _tensors(mb: PackedBatch) -> dict[str, torch.Tensor]:
-    return {f.name: v for f in dataclasses.fields(mb) if isinstance(v := getattr(mb, f.name), torch.Tensor)}
+    """The tensors that go to the device (the grids stay on the host: core.batch.HOST_FIELDS)."""
+    return {f.name: v for f in dataclasses.fields(mb)
+            if isinstance(v := getattr(mb, f.name), torch.Tensor) and f.name not in HOST_FIELDS}
 
 
 class DevicePrefetcher:
@@ -44,6 +46,7 @@ class DevicePrefetcher:
         out = []
         with torch.cuda.stream(self.stream):
             for mb in mbs:
+                mb.num_supervised  # noqa: B018 - counted on the host before the labels move
                 moved = {}
                 for name, t in _tensors(mb).items():
                     if t.device.type == "cpu" and not t.is_pinned():

@@ -98,6 +98,20 @@ def test_tied_embeddings_round_trip(tmp_path):
     assert torch.equal(back.lm_head.weight, model.embed_tokens.weight)
 
 
+def test_written_files_are_world_readable_like_save_pretrained(tmp_path, hf_tiny_dir):
+    """Before: safetensors wrote 0600 files, which a different user (a serving job) could not read."""
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        files = save_hf_model(load_hf_model(hf_tiny_dir), tmp_path / "out", max_shard_bytes=SHARD)
+    finally:
+        os.umask(old)
+    assert len(files) > 2 and all(stat.S_IMODE(f.stat().st_mode) == 0o644 for f in files), [
+        (f.name, oct(f.stat().st_mode)) for f in files]
+
+
 def test_from_hf_matches_state_dict_and_dtype(tmp_path, hf_tiny_dir):
     cfg, sd = load_hf_checkpoint(hf_tiny_dir)
     m = load_hf_model(hf_tiny_dir)
