@@ -171,6 +171,20 @@ def take(loader, n: int) -> list:
     return out
 
 
+def interrupted_run(cfg, cut: int, dp_rank: int = 0, dp_size: int = 1):
+    """The first `cut` microbatches of a loader, then a new loader restored from its state_dict(): returns (the
+    microbatches of both, in order, and the resumed loader)."""
+    from data.loader import build_loader
+
+    first = build_loader(cfg, dp_rank, dp_size)
+    head = take(first, cut)
+    state = first.state_dict()
+    first.close()
+    resumed = build_loader(cfg, dp_rank, dp_size)
+    resumed.load_state_dict(state)
+    return head + list(resumed), resumed
+
+
 def assert_same_batches(a: list, b: list) -> None:
     """Two runs' microbatches are identical: keys, and every tensor torch.equal with its dtype."""
     import torch

@@ -8,7 +8,7 @@ import pickle
 
 import numpy as np
 import pytest
-from datahelpers import assert_same_batches, mixed_samples, take, write_dataset
+from datahelpers import assert_same_batches, interrupted_run, mixed_samples, take, write_dataset
 
 import data.sources as sources
 from data.config import DataConfig, DatasetSpec
@@ -71,13 +71,8 @@ def test_resume_finite_epochs_to_the_end(tok_dir, datasets):
     keys = [k for b in full for k in b.sample_keys]
     assert len(keys) == len(set(keys)) == 70 + 90  # one epoch: every sample exactly once
     for cut in (len(full) // 2, len(full) - 1):
-        first = build_loader(cfg, 0, 1)
-        head = take(first, cut)
-        state = first.state_dict()
-        first.close()
-        resumed = build_loader(cfg, 0, 1)
-        resumed.load_state_dict(state)
-        assert_same_batches(head + list(resumed), full)
+        got, resumed = interrupted_run(cfg, cut)
+        assert_same_batches(got, full)
     # A state saved at the very end resumes to nothing.
     done = build_loader(cfg, 0, 1)
     assert len(list(done)) == len(full)
