@@ -203,12 +203,12 @@ def _figure(rows: int, cols: int = 1, height: float = 3.2):
     return fig, [a for row in axes for a in row]
 
 
-def _finish(ax, ylabel: str, legend: bool = True) -> None:
+def _finish(ax, ylabel: str, legend: bool = True, loc: str = "upper right") -> None:
     ax.set_xlabel("chain step")
     ax.set_ylabel(ylabel)
     ax.grid(True, alpha=0.3)
     if legend and ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=8, loc="upper right")
+        ax.legend(fontsize=8, loc=loc)
 
 
 def _empty(ax, text: str) -> None:
@@ -250,7 +250,7 @@ def plot_eval(runs: list[Run], offs: list[int], out: Path) -> Path | None:
                         label=f"{name}: {what}")
     ax.set_ylim(-2, 102)
     ax.set_title("held-out generation accuracy (greedy)")
-    _finish(ax, "%")
+    _finish(ax, "%", loc="center right")  # accuracy climbs to the top right: keep the legend off the points
     # The end-of-stage figures, one group of bars per run.
     width = 0.8 / len(names)
     for k, name in enumerate(names):
