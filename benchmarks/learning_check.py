@@ -26,14 +26,14 @@ import argparse
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from train.config import load_config  # noqa: E402
-from train.demo import HELDOUT, RECIPES, StageRun, accuracy, pct, run_chain  # noqa: E402
+from train.demo import HELDOUT, RECIPES, StageRun, accuracy, prepare_data, run_chain  # noqa: E402
+from train.report import pct  # noqa: E402
 
 GOALS = {"digits": 0.90, "videos": 0.80}
 """Exact-match goals after the three stages."""
@@ -91,13 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.workdir).resolve()
     os.environ["LEARN_DIR"] = str(work)
     steps = recipe_steps()
-    data = work / "data"
-    if not (args.reuse_data and (data / "heldout_videos" / "dataset.json").is_file()):
-        from train.demo_data import make_demo_data
-
-        t0 = time.perf_counter()
-        make_demo_data(data)
-        print(f"[check] data in {data} ({time.perf_counter() - t0:.0f}s)")
+    prepare_data(work / "data", args.reuse_data)
     results: dict[str, list[StageRun]] = {}
     load = os.getloadavg()
     for name in args.variants.split(","):

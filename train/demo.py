@@ -21,7 +21,6 @@ the report (python -m train.report) of the chain, whose path it prints. No netwo
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import shutil
@@ -30,6 +29,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from train.report import pct
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPES = REPO / "recipes" / "learn"
@@ -56,25 +57,13 @@ class StageRun:
     checkpoint: Path | None
 
 
-def stage_records(run_dir: Path) -> tuple[list[float], dict[str, dict[str, Any]]]:
-    """(training losses in step order, the last eval record of each dataset) from RUN_DIR/metrics.jsonl."""
-    losses: dict[int, float] = {}
-    evals: dict[str, dict[str, Any]] = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        rec = json.loads(line)
-        if rec.get("event") == "eval":
-            evals[rec["dataset"]] = rec
-        elif "event" not in rec and "loss" in rec:
-            losses[rec["step"]] = rec["loss"]
-    return [losses[s] for s in sorted(losses)], evals
-
-
 def run_chain(work: Path, steps: dict[int, int], extra: list[str] | None = None, runs: Path | None = None,
               recipes: Path = RECIPES, print_fn=print) -> list[StageRun]:
     """Train the stages in `steps` ({stage: steps}, in order; a stage not in it is skipped, the next one then
     starts from the last stage that ran, or from a random init) under LEARN_DIR=work (its data/), each in
     RUNS/stageN (default RUNS = work)."""
     from train.config import load_config
+    from train.report import load_run
     from train.trainer import run
 
     os.environ["LEARN_DIR"] = str(work)
@@ -93,20 +82,32 @@ def run_chain(work: Path, steps: dict[int, int], extra: list[str] | None = None,
         print_fn(f"\n[chain] stage {stage}: {cmd}  (frozen: {', '.join(cfg.frozen_groups) or 'nothing'})")
         t0, c0 = time.perf_counter(), time.process_time()
         res = run(cfg)
-        losses, evals = stage_records(run_dir)
+        rec = load_run(run_dir)
+        losses = [rec.steps[s]["loss"] for s in sorted(rec.steps)]
         out.append(StageRun(stage, res.final_step, cmd, run_dir, time.perf_counter() - t0, time.process_time() - c0,
-                            losses, evals, res.checkpoint))
+                            losses, rec.final_evals(), res.checkpoint))
         prev = run_dir
     return out
+
+
+def prepare_data(data: Path, reuse: bool, n_digits: int | None = None, print_fn=print) -> Path:
+    """Generate the sample set in `data` (train/demo_data.py), or keep a complete earlier one when `reuse`."""
+    from train.demo_data import HELDOUT_FROM, make_demo_data
+
+    # heldout_captions is the last dataset make_demo_data writes: a generation cut short is never reused.
+    if reuse and (data / "heldout_captions" / "dataset.json").is_file():
+        print_fn(f"[data] reusing the sample set in {data}")
+        return data
+    print_fn(f"[data] generating the sample set in {data} (digits, photos, videos -> python -m data.shards make)")
+    t0 = time.perf_counter()
+    make_demo_data(data, n_digits=HELDOUT_FROM if n_digits is None else n_digits)
+    print_fn(f"[data] sample set ready in {time.perf_counter() - t0:.0f}s")
+    return data
 
 
 def accuracy(r: StageRun, dataset: str, key: str = "exact") -> float | None:
     v = r.evals.get(dataset, {}).get(key)
     return float(v) if isinstance(v, (int, float)) else None
-
-
-def pct(v: float | None) -> str:
-    return "n/a" if v is None else f"{100 * v:.1f}%"
 
 
 def stage_table(runs: list[StageRun]) -> str:
@@ -161,16 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.workdir).resolve()
     t_start = time.perf_counter()
 
-    from train.demo_data import make_demo_data
-
-    data = work / "data"
-    if args.reuse_data and (data / "heldout_videos" / "dataset.json").is_file():
-        print(f"[demo] reusing the sample set in {data}")
-    else:
-        print(f"[demo] generating the sample set in {data} (digits, photos, videos -> python -m data.shards make)")
-        t0 = time.perf_counter()
-        make_demo_data(data, n_digits=args.digits)
-        print(f"[demo] sample set ready in {time.perf_counter() - t0:.0f}s")
+    data = prepare_data(work / "data", args.reuse_data, n_digits=args.digits)
     # Fresh runs: a leftover run dir would be resumed (checkpoint.resume: auto) instead of trained.
     old = [d for d in ("stage1", "stage2", "stage3", "hf", "report") if (work / d).exists()]
     if old and not args.keep_runs:

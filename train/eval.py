@@ -66,6 +66,7 @@ from model.qwen2_vl import Qwen2VL
 from train.checkpoint import Layout, load_state, read_meta, resolve_checkpoint
 from train.config import JobConfig, load_config
 from train.metrics import MetricsLogger
+from train.report import pct
 from train.state import ModelState
 from train.weights import meta_model
 
@@ -394,7 +395,6 @@ def evaluate_offline(path: str | Path, data: list[str], *, max_new_tokens: int =
                "seconds": round(time.perf_counter() - t0, 2)}
         report["datasets"][spec.label] = fig
         report["predictions"] += [{"dataset": spec.label, **dataclasses.asdict(p)} for p in preds]
-        pct = (lambda v: "n/a" if v is None else f"{100 * v:.1f}%")  # noqa: E731
         print_fn(f"{spec.label}: exact {pct(fig['exact'])} contains {pct(fig['contains'])} on {n} samples"
                  + (f" (skipped {dict(skips)})" if skips else "") + f" in {fig['seconds']}s")
     return report

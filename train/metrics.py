@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from train.config import JobConfig
+from train.report import pct
 
 log = logging.getLogger(__name__)
 
@@ -213,7 +214,6 @@ def format_eval_line(r: dict[str, Any]) -> str:
     if r.get("generation_skipped"):
         parts.append("generation skipped (pp > 1)")
     elif "exact" in r:
-        pct = lambda v: "n/a" if v is None else f"{100 * v:.1f}%"  # noqa: E731
         parts += [f"exact {pct(r['exact'])}", f"contains {pct(r['contains'])}", f"n {r['n']}"]
     return " | ".join(parts)
 

@@ -350,7 +350,9 @@ def _save(fig, path: Path) -> Path:
 
 
 # ------------------------------------------------------------------------------------------ the index
-def _pct(v: Any) -> str:
+def pct(v: Any) -> str:
+    """A fraction as a percentage with one decimal; "n/a" for a missing figure. (Here, where nothing imports
+    torch, so the console lines of train.metrics and train.eval and the demo's tables all use it.)"""
     return "n/a" if not isinstance(v, (int, float)) else f"{100 * v:.1f}%"
 
 
@@ -384,8 +386,8 @@ def eval_rows(runs: list[Run]) -> list[list[str]]:
     for r in runs:
         for name, rec in r.final_evals().items():
             gen = "skipped (pp > 1)" if rec.get("generation_skipped") else None
-            rows.append([r.label, str(rec["step"]), name, _f(rec.get("loss")), gen or _pct(rec.get("exact")),
-                         gen or _pct(rec.get("contains")), str(rec.get("n", "-"))])
+            rows.append([r.label, str(rec["step"]), name, _f(rec.get("loss")), gen or pct(rec.get("exact")),
+                         gen or pct(rec.get("contains")), str(rec.get("n", "-"))])
     return rows
 
 

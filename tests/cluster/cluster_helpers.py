@@ -68,23 +68,3 @@ def assert_resumed_exactly(run_dir: Path) -> None:
             assert (r["loss"], r["grad_norm"]) == (seen[r["step"]]["loss"], seen[r["step"]]["grad_norm"]), r["step"]
         seen[r["step"]] = r
     assert again >= 1, "no step was logged before the failure and again after the resume"
-
-
-def trainer_pid(**env: str) -> int | None:
-    """PID of the one `python -m train` process whose environment holds every KEY=VALUE of `env`; not one of its
-    DataLoader workers (forked children with the same command line and environment)."""
-    found: dict[int, int] = {}
-    want = [f"{k}={v}".encode() for k, v in env.items()]
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            cmd = (d / "cmdline").read_bytes().split(b"\0")
-            environ = (d / "environ").read_bytes().split(b"\0")
-            ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        if b"-m" in cmd and b"train" in cmd and all(w in environ for w in want):
-            found[int(d.name)] = ppid
-    mains = [pid for pid, ppid in found.items() if ppid not in found]
-    return mains[0] if len(mains) == 1 else None

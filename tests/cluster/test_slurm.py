@@ -21,10 +21,9 @@ from cluster_helpers import (
     events,
     logged_step,
     require,
-    trainer_pid,
 )
 from slurm_cluster import LocalSlurm, unavailable_reason
-from train_helpers import REPO, env_for
+from train_helpers import REPO, env_for, trainer_pid
 
 pytestmark = pytest.mark.distributed
 

@@ -43,3 +43,18 @@ def test_heldout_digits_never_in_training_samples(tmp_path):
     # Every stage-3 video question and every held-out one is answered by a direction, drawn from all four.
     answers = [s["messages"][-1]["content"] for s in sets["heldout_videos"]]
     assert set(answers) <= set(DIRECTIONS) and len(set(answers)) >= 3
+
+
+def test_reuse_keeps_only_a_complete_sample_set(tmp_path):
+    from train.demo import prepare_data
+
+    said: list[str] = []
+    data = tmp_path / "data"
+    prepare_data(data, reuse=True, n_digits=8, print_fn=said.append)
+    assert said[0].startswith("[data] generating")
+    prepare_data(data, reuse=True, n_digits=8, print_fn=said.append)
+    assert said[-1].startswith("[data] reusing")
+    # A generation cut short before its last dataset is made again, not reused.
+    (data / "heldout_captions" / "dataset.json").unlink()
+    prepare_data(data, reuse=True, n_digits=8, print_fn=said.append)
+    assert said[-2].startswith("[data] generating") and (data / "heldout_captions" / "dataset.json").is_file()

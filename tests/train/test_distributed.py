@@ -24,7 +24,7 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
-from train_helpers import RECIPES, REPO, SHORT, env_for, losses, run_cmd, step_records, torchrun
+from train_helpers import RECIPES, REPO, SHORT, env_for, losses, run_cmd, step_records, torchrun, trainer_pid
 
 from model.config import get_preset
 from model.qwen2_vl import Qwen2VL
@@ -192,26 +192,6 @@ def test_hf_export_round_trip_and_parity(chain, hf_export):
     assert last.startswith("max_abs_logit_diff=") and float(last.split("=")[1]) <= 1e-4
 
 
-def _rank_pid(marker: str, rank: int) -> int | None:
-    """PID of the trainer process of `rank` whose command line contains `marker` (a unique run_dir); not one
-    of its DataLoader workers (forked children with the same command line and environment)."""
-    found = {}
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            cmd = (d / "cmdline").read_bytes().split(b"\0")
-            env = (d / "environ").read_bytes().split(b"\0")
-            ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        is_trainer = b"-m" in cmd and b"train" in cmd and any(marker.encode() in c for c in cmd)
-        if is_trainer and f"RANK={rank}".encode() in env:
-            found[int(d.name)] = ppid
-    mains = [pid for pid, ppid in found.items() if ppid not in found]
-    return mains[0] if len(mains) == 1 else None
-
-
 @pytest.mark.timeout(900)
 def test_deepspeed_launcher_and_kill9_restart_resume(demo_dir, hf_export, tmp_path):
     """Stage 3 (ChatML: only assistant turns supervised, so the LM head is cheap) from the exported HF directory,
@@ -251,7 +231,7 @@ def test_deepspeed_launcher_and_kill9_restart_resume(demo_dir, hf_export, tmp_pa
             m = run_dir / "metrics.jsonl"
             if m.is_file() and any(r.get("step", 0) >= 3 and "loss" in r
                                    for r in map(json.loads, m.read_text().splitlines())):
-                pid = _rank_pid(str(run_dir), 1)
+                pid = trainer_pid(str(run_dir), RANK="1")
                 if pid is not None:
                     os.kill(pid, signal.SIGKILL)
                     killed = pid

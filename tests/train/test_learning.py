@@ -9,7 +9,6 @@ moving left/right/up/down (4 classes, chance 25%), scored by the in-training gre
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -23,20 +22,12 @@ from model.config import ModelConfig
 from model.qwen2_vl import Qwen2VL
 from train.checkpoint import read_meta, resolve_checkpoint
 from train.eval import load_for_eval
+from train.report import load_run
 
 # The demo's schedule (train.demo.DEMO_STEPS) and floors well above chance (10% digits, 25% directions). With
 # this seed it measured 55% / 55% (docs/learning.md); the floors leave room for another CPU's float rounding.
 EVAL_SAMPLES = 100
 MIN_DIGITS, MIN_VIDEOS = 0.30, 0.40
-
-
-def _final_evals(run_dir: Path) -> dict[str, dict]:
-    out = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        rec = json.loads(line)
-        if rec.get("event") == "eval":
-            out[rec["dataset"]] = rec
-    return out
 
 
 def _group(name: str) -> str:
@@ -60,7 +51,7 @@ def test_three_stages_learn_heldout_digits_and_directions(tmp_path):
     assert f"Report (plots + index): {work / 'report' / 'index.md'}" in res.stdout
     assert (work / "report" / "eval.png").is_file()
 
-    ev = {s: _final_evals(work / f"stage{s}") for s in (1, 2, 3)}
+    ev = {s: load_run(work / f"stage{s}").final_evals() for s in (1, 2, 3)}
     for s in (1, 2, 3):  # every stage ends with an evaluation of both held-out sets
         assert {"digits", "videos", "captions"} <= set(ev[s]), ev[s]
         assert ev[s]["digits"]["n"] == EVAL_SAMPLES and ev[s]["videos"]["n"] == EVAL_SAMPLES

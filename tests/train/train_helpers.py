@@ -58,3 +58,26 @@ def step_records(run_dir: Path) -> dict[int, dict]:
 def losses(run_dir: Path) -> list[float]:
     recs = step_records(run_dir)
     return [recs[s]["loss"] for s in sorted(recs)]
+
+
+def trainer_pid(marker: str | None = None, **env: str) -> int | None:
+    """PID of the one `python -m train` process whose environment holds every KEY=VALUE of `env` (and whose
+    command line contains `marker`, e.g. a unique run_dir, when given); not one of its DataLoader workers
+    (forked children with the same command line and environment)."""
+    found: dict[int, int] = {}
+    want = [f"{k}={v}".encode() for k, v in env.items()]
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            cmd = (d / "cmdline").read_bytes().split(b"\0")
+            environ = (d / "environ").read_bytes().split(b"\0")
+            ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        if marker is not None and not any(marker.encode() in c for c in cmd):
+            continue
+        if b"-m" in cmd and b"train" in cmd and all(w in environ for w in want):
+            found[int(d.name)] = ppid
+    mains = [pid for pid, ppid in found.items() if ppid not in found]
+    return mains[0] if len(mains) == 1 else None
