@@ -41,6 +41,8 @@ from typing import Any, Literal, Union
 
 import yaml
 
+from core.cli import one_line
+
 
 class ConfigError(ValueError):
     """A recipe, override or value that does not match the config schema (the message says what to change)."""
@@ -316,10 +318,6 @@ def deep_merge(base: dict, over: Mapping) -> dict:
     return out
 
 
-def _one_line(e: Exception) -> str:
-    return " ".join(str(e).split())
-
-
 def load_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
     """Read a recipe, resolving `base:` (a path or a list of paths, relative to the file) first."""
     p = Path(path).resolve()
@@ -331,7 +329,7 @@ def load_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
         with open(p) as f:
             data = yaml.load(f, Loader=RecipeLoader) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path} is not valid YAML: {_one_line(e)}") from e
+        raise ConfigError(f"{path} is not valid YAML: {one_line(e)}") from e
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a recipe must be a mapping of sections, got {type(data).__name__}")
     bases = data.pop("base", None)
@@ -352,7 +350,7 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     try:
         value = yaml.load(raw, Loader=RecipeLoader) if raw.strip() else ""
     except yaml.YAMLError as e:
-        raise ConfigError(f"override {item!r}: value is not valid YAML: {_one_line(e)}") from e
+        raise ConfigError(f"override {item!r}: value is not valid YAML: {one_line(e)}") from e
     return key.split("."), value
 
 

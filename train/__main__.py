@@ -21,6 +21,7 @@ import os
 import sys
 from pathlib import Path
 
+from core.cli import debug_enabled, one_line
 from parallel.launcher import export_launch_env, resolve_launch_env, strip_local_rank
 
 OVERRIDES_HELP = """\
@@ -33,7 +34,7 @@ overrides: dotted keys with YAML values, e.g.
 
 
 def _debug(args: argparse.Namespace | None = None) -> bool:
-    return bool(getattr(args, "debug", False)) or os.environ.get("QWEN2VL_DEBUG", "") not in ("", "0")
+    return bool(getattr(args, "debug", False)) or debug_enabled()
 
 
 def _rank() -> int:
@@ -60,19 +61,15 @@ def _setup_logging(run_dir: Path | None = None) -> None:
         root.addHandler(fh)
 
 
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split()) or type(e).__name__
-
-
 def _fail(kind: str, e: BaseException, args: argparse.Namespace | None) -> int:
     """A setup mistake: one line on rank 0 (every rank logs it to train.log), exit 2; the traceback with --debug."""
     if _debug(args):
         raise e
     logging.getLogger("train").debug("%s", e, exc_info=True)
     if _rank() == 0:
-        print(f"{kind}: {_one_line(e)}", file=sys.stderr)
+        print(f"{kind}: {one_line(e)}", file=sys.stderr)
     else:
-        logging.getLogger("train").error("%s: %s", kind, _one_line(e))
+        logging.getLogger("train").error("%s: %s", kind, one_line(e))
     return 2
 
 
@@ -140,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             trainer.close()
     except TrainingStopped as e:
-        print(f"training stopped: {_one_line(e)}", file=sys.stderr)
+        print(f"training stopped: {one_line(e)}", file=sys.stderr)
         return 3
     finally:
         destroy_distributed()
