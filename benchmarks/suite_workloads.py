@@ -234,13 +234,13 @@ class Engine:
 
 def job_config(w: Workload, device: torch.device, *, compile: bool, compile_backend: str, ac: str = "none",
                tokens: int | None = None, patches: int | None = None, backend: str = "auto",
-               microbatches: int = MICROBATCHES_PER_STEP):
+               microbatches: int = MICROBATCHES_PER_STEP, mixed_precision: str = "bf16"):
     """The JobConfig this config corresponds to (for build_optimizer and the dry run). `backend` is the process
     group's ('auto': nccl on CUDA; the suite passes gloo when NCCL failed its smoke test)."""
     from train.config import config_from_dict
 
-    par = {"mixed_precision": "bf16", "device": device.type, "compile": compile, "compile_backend": compile_backend,
-           "backend": backend}
+    par = {"mixed_precision": mixed_precision, "device": device.type, "compile": compile,
+           "compile_backend": compile_backend, "backend": backend}
     if ac == "selective":
         par.update(activation_checkpoint="selective", ac_selective="op")
     elif ac == "full":
@@ -258,14 +258,15 @@ def job_config(w: Workload, device: torch.device, *, compile: bool, compile_back
 
 
 def build_engine(w: Workload, device: torch.device, *, compile: bool = False, compile_backend: str = "inductor",
-                 ac: str = "none", backend: str = "auto") -> Engine:
+                 ac: str = "none", backend: str = "auto", mixed_precision: str = "bf16") -> Engine:
     from model.qwen2_vl import Qwen2VL
     from parallel import init_distributed, parallelize
     from train.optim import apply_freeze, build_optimizer
     from train.prefetch import DevicePrefetcher
 
     t0 = time.perf_counter()
-    cfg = job_config(w, device, compile=compile, compile_backend=compile_backend, ac=ac, backend=backend)
+    cfg = job_config(w, device, compile=compile, compile_backend=compile_backend, ac=ac, backend=backend,
+                     mixed_precision=mixed_precision)
     mcfg = model_config(w)
     dims = init_distributed(cfg.parallel)
     frozen = cfg.frozen_groups
