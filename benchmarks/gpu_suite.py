@@ -77,8 +77,8 @@ import suite_workloads as W  # noqa: E402
 import torch  # noqa: E402
 
 # Relative weights of the parts' time shares (GPU; --cpu uses CPU_WEIGHTS), in the order the parts run.
-WEIGHTS = {"env": 15, "parity": 30, "a_eager": 35, "a_compiled": 110, "a_profile": 30, "backends": 45,
-           "golden": 30, "gpu_tests": 35, "loss_head": 10, "b": 40, "c": 35, "d": 40, "e": 40, "ac_limits": 45}
+WEIGHTS = {"env": 15, "parity": 30, "a_eager": 35, "a_compiled": 110, "a_profile": 30, "backends": 55,
+           "golden": 30, "gpu_tests": 35, "loss_head": 10, "b": 40, "c": 35, "d": 40, "e": 35, "ac_limits": 40}
 CPU_WEIGHTS = {"env": 6, "parity": 8, "a_eager": 4, "a_compiled": 32, "a_profile": 5, "backends": 14,
                "golden": 12, "gpu_tests": 12, "loss_head": 1, "b": 3, "c": 3, "d": 3, "e": 3, "ac_limits": 5}
 CORRECTNESS = ("parity", "backends", "golden", "gpu_tests", "loss_head")
@@ -120,6 +120,8 @@ class Suite:
         """Compile time of config (a) (a_compiled): later compiled modes with a shorter share are skipped."""
         self.compile_depth = 0
         self.alarm_pending = False
+        self.smoke: SS.ProcessGroupSmoke | None = None
+        """The process group's smoke test, started by main before the setup, read by env."""
 
     def left(self) -> float:
         return self.time_limit - (time.perf_counter() - self.t0)
@@ -134,9 +136,10 @@ class Suite:
             (self.out / "report.md").write_text(markdown(self.report))
 
     @contextlib.contextmanager
-    def compiling(self):
-        """A compile section: the part's alarm, if it rings inside, is deferred to the end of the section (an
-        alarm inside dynamo / inductor could leave their state half-updated for every later part)."""
+    def alarm_deferred(self):
+        """A section the part's alarm must not cut: a compile (an alarm inside dynamo / inductor could leave
+        their state half-updated for every later part) or the process-group decision. An alarm that rings inside
+        is raised when the section ends."""
         self.compile_depth += 1
         try:
             yield
@@ -186,7 +189,7 @@ class Suite:
 def _alarm(signum, frame):  # noqa: ARG001
     s = Suite.active
     if s is not None and s.compile_depth > 0:
-        s.alarm_pending = True  # raised when the compile section ends (Suite.compiling)
+        s.alarm_pending = True  # raised when the section ends (Suite.alarm_deferred)
         return
     raise PartTimeout()
 
@@ -226,8 +229,6 @@ def part_env(s: Suite, rec: dict) -> None:
     from train.metrics import device_peak_tflops
 
     dev = s.device
-    # The process group's smoke test runs in a child while this part reads versions and times a matmul.
-    smoke = SS.ProcessGroupSmoke(s.backend, str(dev) if dev.type == "cpu" else f"cuda:{dev.index or 0}")
 
     def version(pkg: str) -> str | None:
         try:
@@ -261,9 +262,12 @@ def part_env(s: Suite, rec: dict) -> None:
     rec["matmul_bf16_tflops_measured"] = round(2 * n**3 * reps / (time.perf_counter() - t) / 1e12, 2)
     rec["matmul_n"] = n
     del a, b
-    first = smoke.result(max(5.0, s.deadline - time.perf_counter() - 15))
-    fallback = SS.ProcessGroupSmoke("gloo", smoke.device) if not first["ok"] and s.backend != "gloo" else None
-    s.backend, rec["process_group"] = SS.choose_backend(first, fallback)
+    # The smoke test started with the suite (main), in a child; the configs' backend is decided here, whatever
+    # the share says (the alarm waits).
+    with s.alarm_deferred():
+        first = s.smoke.result(max(30.0, s.deadline - time.perf_counter()))
+        fallback = SS.ProcessGroupSmoke("gloo", s.smoke.device) if not first["ok"] and s.backend != "gloo" else None
+        s.backend, rec["process_group"] = SS.choose_backend(first, fallback)
     s.report["meta"].update({k: rec[k] for k in ("device", "torch", "cuda", "triton")}, backend=s.backend)
     if not first["ok"]:
         err = first.get("error", "")[:300]
@@ -678,7 +682,7 @@ def _throughput_once(s: Suite, rec: dict, w: W.Workload, pool: list, est: float 
         if compile:
             watch = SS.DynamoWatch().start([b for _, b in compiled_blocks(e.pm.module)])
         W.timed_steps(e, pool, warmup=3 if compile else 2, max_steps=3 if s.cpu else 10, deadline=deadline,
-                      record=rec, warmup_guard=s.compiling if compile else contextlib.nullcontext)
+                      record=rec, warmup_guard=s.alarm_deferred if compile else contextlib.nullcontext)
         peak = s.report["parts"]["env"].get("peak_bf16_tflops")
         if peak and "tflops_per_s" in rec:
             rec.update(mfu=round(rec["tflops_per_s"] / peak, 4),
@@ -737,9 +741,10 @@ def _config_part(key: str, compile_modes: tuple[bool, ...]) -> Callable[[Suite, 
             except Exception as ex:  # noqa: BLE001 - record and go on to the other mode
                 sub["error"] = f"{type(ex).__name__}: {ex}"[:2000]
                 sub["traceback"] = traceback.format_exc()[-3000:]
-            if key == "a" and mode:
-                s.compile_s = compile_seconds(sub, s.report["parts"].get("a_eager", {}).get("eager", {}))
-                sub["compile_s"] = s.compile_s
+            finally:  # also when the share ran out right after the warm-up
+                if key == "a" and mode:
+                    s.compile_s = compile_seconds(sub, s.report["parts"].get("a_eager", {}).get("eager", {}))
+                    sub["compile_s"] = s.compile_s
         rec["seconds_used"] = round(time.perf_counter() - start, 1)
         if any("error" in rec.get(m, {}) for m in ("eager", "compiled")):
             rec["verdict"] = "error in a mode (see its record)"
@@ -938,6 +943,7 @@ def flex_child(out: Path, cpu: bool) -> int:
     """`--flex-child`: backend_checks(['flex']) for the backends part's child process; writes out/flex.json."""
     if cpu:
         torch.set_num_threads(1)
+    SS.raise_recompile_limits()  # flex compiles a variant per shape and mask
     s = Suite(out, cpu, time_limit=1e9)
     res = backend_checks(s, ["flex"])
     out.mkdir(parents=True, exist_ok=True)
@@ -971,6 +977,8 @@ def main(argv: list[str] | None = None) -> int:
         time_limit_s=limit, host=platform.node(), microbatches_per_step=W.MICROBATCHES_PER_STEP,
     )
     threading.Thread(target=_watchdog, args=(s, 20.0), daemon=True).start()
+    # The 1-rank process group's smoke test runs in a child while the setup installs, imports and compiles.
+    s.smoke = SS.ProcessGroupSmoke(s.backend, "cpu" if a.cpu else "cuda:0")
     s.report["meta"]["setup"] = setup(s)
     s.write()
     print(f"[gpu_suite] setup: {s.report['meta']['setup']}", flush=True)

@@ -120,12 +120,12 @@ def test_a_failing_part_is_recorded_and_the_next_parts_still_run(tmp_path):
 
 
 def test_the_alarm_waits_for_a_compile_section_to_end(tmp_path):
-    """An alarm inside Suite.compiling() is deferred to the section's end: the 'compile' finishes, the part
-    stops right after it, and nothing after the section runs."""
+    """An alarm inside Suite.alarm_deferred() (a compile) is deferred to the section's end: the 'compile'
+    finishes, the part stops right after it, and nothing after the section runs."""
     seen = []
 
     def compiling(s, rec):
-        with s.compiling():
+        with s.alarm_deferred():
             time.sleep(1.5)  # longer than the share: the alarm rings in here
             seen.append("compile finished")
         seen.append("after the section")
