@@ -34,7 +34,7 @@ no-AC mode) that the dry run's estimate puts above the device's free memory is s
 instead of spending its share on an out-of-memory error; an out-of-memory step without AC is recorded and the
 config runs again with full AC, after the failed attempt's memory is released.
 
-Time: --time-limit (default 540 s GPU, 130 s CPU; plus ~5 s of Python and torch start-up before the clock) is
+Time: --time-limit (default 540 s GPU, 150 s CPU; plus ~5 s of Python and torch start-up before the clock) is
 shared out by fixed weights; a part stops when its share is spent (a SIGALRM interrupts it; it keeps what it
 measured) and unspent time goes to the parts after it. The alarm never lands inside a compile: while a
 compiled config warms up it is deferred to the end of the warm-up. A watchdog ends the process 20 s after the
@@ -120,6 +120,7 @@ class Suite:
         """Compile time of config (a) (a_compiled): later compiled modes with a shorter share are skipped."""
         self.compile_depth = 0
         self.alarm_pending = False
+        self.in_part = False
         self.smoke: SS.ProcessGroupSmoke | None = None
         """The process group's smoke test, started by main before the setup, read by env."""
 
@@ -165,17 +166,21 @@ class Suite:
             t = time.perf_counter()
             self.deadline = t + share
             self.alarm_pending = False
+            self.in_part = True
             signal.setitimer(signal.ITIMER_REAL, share)
             try:
-                parts[name](self, rec)
-                rec["status"] = rec.get("verdict", "ok")
-            except PartTimeout:
+                try:
+                    parts[name](self, rec)
+                    rec["status"] = rec.get("verdict", "ok")
+                except Exception as ex:  # noqa: BLE001 - one failing part must not stop the suite
+                    self.in_part = False
+                    rec["status"] = "error"
+                    rec["error"] = f"{type(ex).__name__}: {ex}"[:2000]
+                    rec["traceback"] = traceback.format_exc()[-4000:]
+            except PartTimeout:  # (outside: also an alarm that rang while an error was being recorded)
                 rec["status"] = "stopped: time share spent (what it measured is kept)"
-            except Exception as ex:  # noqa: BLE001 - one failing part must not stop the suite
-                rec["status"] = "error"
-                rec["error"] = f"{type(ex).__name__}: {ex}"[:2000]
-                rec["traceback"] = traceback.format_exc()[-4000:]
             finally:
+                self.in_part = False  # from here on the alarm raises nothing (_alarm)
                 signal.setitimer(signal.ITIMER_REAL, 0)
                 self.alarm_pending = False
                 W.free_engine(None)
@@ -188,6 +193,8 @@ class Suite:
 
 def _alarm(signum, frame):  # noqa: ARG001
     s = Suite.active
+    if s is not None and not s.in_part:
+        return  # the part has ended: its bookkeeping must not be cut
     if s is not None and s.compile_depth > 0:
         s.alarm_pending = True  # raised when the section ends (Suite.alarm_deferred)
         return
@@ -930,8 +937,10 @@ def setup(s: Suite) -> dict[str, Any]:
     """Everything before the first alarm (see suite_setup): the oracle, imports, dynamo limits, a tiny compile."""
     t0 = time.perf_counter()
     out: dict[str, Any] = {}
-    out["oracle"] = SS.use_pinned_wheel("transformers", SS.pinned_version("transformers"),
-                                        check="from transformers import Qwen2VLForConditionalGeneration")
+    # The check builds and saves parity's tiny checkpoint with the carried transformers, on this machine's packages.
+    check = (f"import sys, tempfile; sys.path.insert(0, {str(ROOT)!r})\n"
+             "from model.parity import make_tiny_checkpoint; make_tiny_checkpoint(tempfile.mkdtemp())")
+    out["oracle"] = SS.use_pinned_wheel("transformers", SS.pinned_version("transformers"), check=check)
     out["preimport_failed"] = SS.preimport()
     out["recompile_limits"] = SS.raise_recompile_limits()
     out["warm_compile"] = SS.warm_compile(s.device)
@@ -955,7 +964,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True, type=Path, help="folder for report.json and report.md")
     ap.add_argument("--cpu", action="store_true", help="tiny shapes on CPU (CI); same code paths")
-    ap.add_argument("--time-limit", type=float, default=None, help="seconds for the whole suite (GPU 540, CPU 130)")
+    ap.add_argument("--time-limit", type=float, default=None, help="seconds for the whole suite (GPU 540, CPU 150)")
     ap.add_argument("--parts", nargs="+", default=None, choices=list(PARTS), help="run only these parts (env first)")
     ap.add_argument("--flex-child", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
@@ -964,7 +973,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if a.flex_child:
         return flex_child(a.out, a.cpu)
-    limit = a.time_limit or (130.0 if a.cpu else 540.0)
+    limit = a.time_limit or (150.0 if a.cpu else 540.0)
     if a.cpu:
         # One thread (the loader's worker processes too): tiny shapes gain nothing from more, and CI machines
         # are shared, where extra threads spin against each other.

@@ -257,11 +257,15 @@ def _code_objects(blocks: list[Any]) -> list[Any]:
     return sorted(codes, key=lambda c: (c.co_filename, c.co_firstlineno))
 
 
-def cache_entries(blocks: list[Any]) -> int:
-    """Dynamo cache entries (compiled variants) on the code objects a compiled block runs through."""
-    from torch._C._dynamo.eval_frame import _debug_get_cache_entry_list
+def cache_entries(blocks: list[Any]) -> int | None:
+    """Dynamo cache entries (compiled variants) on the code objects a compiled block runs through; None where
+    this torch has no way to list them (the limit-hit warnings are read either way)."""
+    try:
+        from torch._C._dynamo.eval_frame import _debug_get_cache_entry_list
 
-    return sum(len(_debug_get_cache_entry_list(c)) for c in _code_objects(blocks))
+        return sum(len(_debug_get_cache_entry_list(c)) for c in _code_objects(blocks))
+    except Exception:  # noqa: BLE001 - a private debugging helper: its absence must not stop a measurement
+        return None
 
 
 class DynamoWatch:
@@ -273,7 +277,7 @@ class DynamoWatch:
     def __init__(self) -> None:
         self.handler = _LimitHits()
         self.blocks: list[Any] = []
-        self.entries0 = 0
+        self.entries0: int | None = 0
         self.graphs0 = 0
 
     def start(self, blocks: list[Any]) -> DynamoWatch:
@@ -291,7 +295,8 @@ class DynamoWatch:
 
         logging.getLogger(self.LOGGER).removeHandler(self.handler)
         limit = getattr(dc, "recompile_limit", getattr(dc, "cache_size_limit", None))
-        return {"cache_entries_added": cache_entries(self.blocks) - self.entries0,
+        entries = cache_entries(self.blocks)
+        return {"cache_entries_added": None if entries is None or self.entries0 is None else entries - self.entries0,
                 "unique_graphs_added": int(counters["stats"].get("unique_graphs", 0)) - self.graphs0,
                 "recompile_limit": limit, "limit_hits": list(self.handler.hits)}
 
