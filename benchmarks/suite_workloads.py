@@ -543,7 +543,8 @@ def count_syncs(e: Engine, host_mbs: list[PackedBatch]) -> dict[str, Any]:
 
         with _Count():
             train_step(e, host_mbs)
-        method = "CPU proxy: item()/nonzero/masked_select seen by a TorchDispatchMode (.tolist()/.cpu() not seen)"
+        method = ("CPU proxy: item()/nonzero/masked_select of any tensor, host ones too (the optimizer's step "
+                  "counters); the device-aware CPU count is benchmarks/sync_count.py")
     return {"method": method, "count": sum(sites.values()),
             "sites": [{"where": k, "n": v} for k, v in sites.most_common(25)]}
 
