@@ -17,6 +17,7 @@ and head only over the same step time (LMMs-Engine leaves the ViT out).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import statistics
@@ -31,6 +32,10 @@ import torch
 from core.batch import IGNORE_INDEX, PackedBatch
 
 # ------------------------------------------------------------------------------------------ configs
+MICROBATCHES_PER_STEP = 4
+"""Microbatches per optimizer step in every throughput config: with one, the whole optimizer step (and the
+gradient reduction) would sit on the critical path of every microbatch; with four it is amortized as in training."""
+
 
 
 @dataclass
@@ -169,26 +174,36 @@ def microbatch_flops(mcfg, mb: PackedBatch, trainable: list[str]) -> dict[str, f
 
 # ------------------------------------------------------------------------------------------ clocks
 class Clock:
-    """Named time marks: CUDA events on the current stream (read after a synchronize), host time on CPU."""
+    """Named time marks, each name marked once per microbatch (or once per step): CUDA events on the current
+    stream (read after a synchronize), host time on CPU. `seq` keeps every mark in the order it was made."""
 
     def __init__(self, device: torch.device) -> None:
         self.cuda = device.type == "cuda"
-        self.marks: dict[str, Any] = {}
+        self.seq: list[tuple[str, Any]] = []
 
     def mark(self, name: str) -> None:
         if self.cuda:
             ev = torch.cuda.Event(enable_timing=True)
             ev.record()
-            self.marks[name] = ev
+            self.seq.append((name, ev))
         else:
-            self.marks[name] = time.perf_counter()
+            self.seq.append((name, time.perf_counter()))
+
+    def _dt(self, a: Any, b: Any) -> float:
+        return float(a.elapsed_time(b)) if self.cuda else (b - a) * 1e3
 
     def ms(self, a: str, b: str) -> float | None:
-        if a not in self.marks or b not in self.marks:
+        """Sum over occurrences k of (k-th mark b - k-th mark a), in ms; None unless both occur equally often."""
+        xs = [t for n, t in self.seq if n == a]
+        ys = [t for n, t in self.seq if n == b]
+        if not xs or len(xs) != len(ys):
             return None
-        if self.cuda:
-            return float(self.marks[a].elapsed_time(self.marks[b]))
-        return (self.marks[b] - self.marks[a]) * 1e3
+        return sum(self._dt(x, y) for x, y in zip(xs, ys))
+
+    def until_next(self, a: str) -> float | None:
+        """Sum over occurrences of mark a of the time to the mark made right after it, in ms."""
+        spans = [self._dt(t, self.seq[i + 1][1]) for i, (n, t) in enumerate(self.seq[:-1]) if n == a]
+        return sum(spans) if spans else None
 
 
 def sync(device: torch.device) -> None:
@@ -218,11 +233,14 @@ class Engine:
 
 
 def job_config(w: Workload, device: torch.device, *, compile: bool, compile_backend: str, ac: str = "none",
-               tokens: int | None = None, patches: int | None = None):
-    """The JobConfig this config corresponds to (for build_optimizer and the dry run)."""
+               tokens: int | None = None, patches: int | None = None, backend: str = "auto",
+               microbatches: int = MICROBATCHES_PER_STEP, mixed_precision: str = "bf16"):
+    """The JobConfig this config corresponds to (for build_optimizer and the dry run). `backend` is the process
+    group's ('auto': nccl on CUDA; the suite passes gloo when NCCL failed its smoke test)."""
     from train.config import config_from_dict
 
-    par = {"mixed_precision": "bf16", "device": device.type, "compile": compile, "compile_backend": compile_backend}
+    par = {"mixed_precision": mixed_precision, "device": device.type, "compile": compile,
+           "compile_backend": compile_backend, "backend": backend}
     if ac == "selective":
         par.update(activation_checkpoint="selective", ac_selective="op")
     elif ac == "full":
@@ -234,20 +252,21 @@ def job_config(w: Workload, device: torch.device, *, compile: bool, compile_back
                  "max_tokens": tokens or w.tokens,
                  "max_patches": patches},
         "parallel": par,
-        "train": {"stage": w.stage, "steps": 1000},
+        "train": {"stage": w.stage, "steps": 1000, "global_microbatches": microbatches},
         "optim": {"lr": 1e-5, "warmup_steps": 0},
     })
 
 
 def build_engine(w: Workload, device: torch.device, *, compile: bool = False, compile_backend: str = "inductor",
-                 ac: str = "none") -> Engine:
+                 ac: str = "none", backend: str = "auto", mixed_precision: str = "bf16") -> Engine:
     from model.qwen2_vl import Qwen2VL
     from parallel import init_distributed, parallelize
     from train.optim import apply_freeze, build_optimizer
     from train.prefetch import DevicePrefetcher
 
     t0 = time.perf_counter()
-    cfg = job_config(w, device, compile=compile, compile_backend=compile_backend, ac=ac)
+    cfg = job_config(w, device, compile=compile, compile_backend=compile_backend, ac=ac, backend=backend,
+                     mixed_precision=mixed_precision)
     mcfg = model_config(w)
     dims = init_distributed(cfg.parallel)
     frozen = cfg.frozen_groups
@@ -275,14 +294,15 @@ def free_engine(e: Engine | None) -> None:
         torch.cuda.empty_cache()
 
 
-def train_step(e: Engine, host_mb: PackedBatch, clock: Clock | None = None) -> dict[str, float]:
-    """One optimizer step the way train.trainer runs it; returns host-side timings (ms) and the loss."""
+def train_step(e: Engine, host_mbs: list[PackedBatch], clock: Clock | None = None) -> dict[str, float]:
+    """One optimizer step over `host_mbs` (gradient accumulation) the way train.trainer runs it: the prefetcher's
+    copies, the engine step, clipping, AdamW, gradients dropped; returns host-side timings (ms) and the loss."""
     t0 = time.perf_counter()
-    (mb,) = e.prefetcher.to_device([host_mb])
+    mbs = e.prefetcher.to_device(list(host_mbs))
     data_ms = (time.perf_counter() - t0) * 1e3
     if clock:
         clock.mark("step")
-    res = e.pm.step([mb])
+    res = e.pm.step(mbs)
     if clock:
         clock.mark("fb_end")
     e.pm.clip_grad_norm_(1.0)
@@ -297,38 +317,49 @@ def train_step(e: Engine, host_mb: PackedBatch, clock: Clock | None = None) -> d
     return {"data_wait_ms": data_ms, "loss": res.loss}
 
 
-def timed_steps(e: Engine, host_mbs: list[PackedBatch], *, warmup: int, max_steps: int, deadline: float,
-                record: dict[str, Any]) -> None:
-    """Warm up, then time whole steps (synchronized) until max_steps or the deadline; fills `record` as it
-    goes, so a part cut short keeps what it measured."""
+def step_batches(pool: list[PackedBatch], i: int, per_step: int = MICROBATCHES_PER_STEP) -> list[PackedBatch]:
+    """The microbatches of step i, taken round-robin from `pool`."""
+    return [pool[(i * per_step + j) % len(pool)] for j in range(per_step)]
+
+
+def timed_steps(e: Engine, pool: list[PackedBatch], *, warmup: int, max_steps: int, deadline: float,
+                record: dict[str, Any], per_step: int = MICROBATCHES_PER_STEP,
+                warmup_guard: Callable[[], Any] = contextlib.nullcontext) -> None:
+    """Warm up (inside `warmup_guard()`: the suite defers its alarm there while a compiled config compiles), then
+    time whole steps of `per_step` microbatches (synchronized) until max_steps or the deadline; fills `record`
+    as it goes, so a part cut short keeps what it measured."""
     dev = e.device
-    flops = [microbatch_flops(e.mcfg, mb, e.trainable) for mb in host_mbs]
-    times, waits, fl, dense, llm, toks = [], [], 0.0, 0.0, 0.0, 0
+    flops = [microbatch_flops(e.mcfg, mb, e.trainable) for mb in pool]
     record["warmup_s"] = []
-    for i in range(warmup + max_steps):
-        k = i % len(host_mbs)
+    record["microbatches_per_step"] = per_step
+    with warmup_guard():
+        for i in range(warmup):
+            sync(dev)
+            t0 = time.perf_counter()
+            st = train_step(e, step_batches(pool, i, per_step))
+            sync(dev)
+            record["warmup_s"].append(round(time.perf_counter() - t0, 3))
+            record["loss_first"] = st["loss"]
+    times, waits, fl, dense, llm, toks = [], [], 0.0, 0.0, 0.0, 0
+    for i in range(warmup, warmup + max_steps):
+        mbs = step_batches(pool, i, per_step)
         sync(dev)
         t0 = time.perf_counter()
-        st = train_step(e, host_mbs[k])
+        st = train_step(e, mbs)
         sync(dev)
-        dt = time.perf_counter() - t0
-        if i < warmup:
-            record["warmup_s"].append(round(dt, 3))
-            record["loss_first"] = st["loss"]
-        else:
-            times.append(dt)
-            waits.append(st["data_wait_ms"])
-            fl += flops[k]["total"]
-            dense += flops[k]["dense"]
-            llm += flops[k]["llm"]
-            toks += host_mbs[k].num_tokens
-            total = sum(times)
-            record.update(timed_steps=len(times), step_ms_median=round(statistics.median(times) * 1e3, 2),
-                          tokens_per_s=round(toks / total, 1), tflops_per_s=round(fl / total / 1e12, 3),
-                          tflops_dense_per_s=round(dense / total / 1e12, 3),
-                          tflops_llm_per_s=round(llm / total / 1e12, 3),
-                          data_wait_ms_median=round(statistics.median(waits), 3), loss_last=st["loss"])
-        if time.perf_counter() > deadline and (i >= warmup):
+        times.append(time.perf_counter() - t0)
+        waits.append(st["data_wait_ms"])
+        for j in range(per_step):
+            f = flops[(i * per_step + j) % len(pool)]
+            fl, dense, llm = fl + f["total"], dense + f["dense"], llm + f["llm"]
+        toks += sum(mb.num_tokens for mb in mbs)
+        total = sum(times)
+        record.update(timed_steps=len(times), step_ms_median=round(statistics.median(times) * 1e3, 2),
+                      tokens_per_s=round(toks / total, 1), tflops_per_s=round(fl / total / 1e12, 3),
+                      tflops_dense_per_s=round(dense / total / 1e12, 3),
+                      tflops_llm_per_s=round(llm / total / 1e12, 3),
+                      data_wait_ms_median=round(statistics.median(waits), 3), loss_last=st["loss"])
+        if time.perf_counter() > deadline:
             break
 
 
@@ -349,13 +380,15 @@ def dry_run_estimate(w: Workload, device: torch.device, mb: PackedBatch, ac: str
 
 
 # ------------------------------------------------------------------------------------------ where the time goes
-def step_split(e: Engine, host_mb: PackedBatch) -> dict[str, float | None]:
+def step_split(e: Engine, host_mbs: list[PackedBatch]) -> dict[str, float | None]:
     """One step with time marks at the ViT, the decoder and the loss head (forward hooks on the modules, a
-    gradient hook on the ViT output, a wrapper around the engine's loss function): ms per phase.
+    gradient hook on the ViT output, a wrapper around the engine's loss function): ms per phase, summed over
+    the step's microbatches.
 
     The fused loss head computes its gradients inside its forward, so `head` is the head's forward + backward.
     Phases: vit_fwd, llm_fwd, head, llm_bwd (head end -> gradient reaches the vision embeddings), vit_bwd (->
-    end of backward), other (the rest of the engine step: counts, all-reduces), clip, optimizer, data_wait."""
+    the next microbatch's start, or the end of the step's backward), other (the rest of the engine step:
+    counts, all-reduces, the gradient reduction), clip, optimizer, data_wait."""
     clock = Clock(e.device)
     root = e.pm.module
     hooks = []
@@ -380,7 +413,7 @@ def step_split(e: Engine, host_mb: PackedBatch) -> dict[str, float | None]:
 
     e.pm.loss_fn = timed_loss
     try:
-        st = train_step(e, host_mb, clock)
+        st = train_step(e, host_mbs, clock)
         sync(e.device)
     finally:
         e.pm.loss_fn = loss_fn
@@ -390,12 +423,12 @@ def step_split(e: Engine, host_mb: PackedBatch) -> dict[str, float | None]:
     out = {
         "vit_fwd": ms("vit_start", "vit_end"), "llm_fwd": ms("llm_start", "head_start"),
         "head": ms("head_start", "head_end"),
-        "llm_bwd": ms("head_end", "vit_bwd_start"), "vit_bwd": ms("vit_bwd_start", "fb_end"),
+        "llm_bwd": ms("head_end", "vit_bwd_start"), "vit_bwd": clock.until_next("vit_bwd_start"),
         "clip": ms("fb_end", "clip_end"), "optimizer": ms("clip_end", "opt_end"),
         "data_wait": st["data_wait_ms"], "step_fwd_bwd": ms("step", "fb_end"),
     }
     if out["llm_bwd"] is None:  # ViT frozen (stage 3): the backward ends in the decoder
-        out["llm_bwd"] = ms("head_end", "fb_end")
+        out["llm_bwd"] = clock.until_next("head_end")
     known = [out[k] for k in ("vit_fwd", "llm_fwd", "head", "llm_bwd", "vit_bwd") if out[k] is not None]
     if out["step_fwd_bwd"] is not None:
         out["other"] = out["step_fwd_bwd"] - sum(known)
@@ -426,13 +459,13 @@ def precision_check(e: Engine, host_mb: PackedBatch) -> dict[str, Any]:
     return {"master_params": sorted({str(p.dtype) for p in params}), "gradients": sorted(grads), **seen}
 
 
-def top_kernels(e: Engine, host_mb: PackedBatch, n: int = 15) -> dict[str, Any]:
+def top_kernels(e: Engine, host_mbs: list[PackedBatch], n: int = 15) -> dict[str, Any]:
     """torch.profiler over one step: the n kernels (CUDA) or ops (CPU) with the most self time."""
     from torch.profiler import ProfilerActivity, profile
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if e.device.type == "cuda" else [])
     with profile(activities=acts) as prof:
-        train_step(e, host_mb)
+        train_step(e, host_mbs)
         sync(e.device)
     rows = []
     for ev in prof.key_averages():
@@ -474,7 +507,7 @@ def _site() -> str:
     return "?"
 
 
-def count_syncs(e: Engine, host_mb: PackedBatch) -> dict[str, Any]:
+def count_syncs(e: Engine, host_mbs: list[PackedBatch]) -> dict[str, Any]:
     """Host-device synchronizations in one step.
 
     CUDA: torch.cuda.set_sync_debug_mode('warn') turns every synchronizing call into a warning whose location
@@ -489,7 +522,7 @@ def count_syncs(e: Engine, host_mb: PackedBatch) -> dict[str, Any]:
             warnings.simplefilter("always")
             torch.cuda.set_sync_debug_mode("warn")
             try:
-                train_step(e, host_mb)
+                train_step(e, host_mbs)
             finally:
                 torch.cuda.set_sync_debug_mode(0)
         for wrn in caught:
@@ -509,18 +542,20 @@ def count_syncs(e: Engine, host_mb: PackedBatch) -> dict[str, Any]:
                 return func(*args, **(kwargs or {}))
 
         with _Count():
-            train_step(e, host_mb)
-        method = "CPU proxy: item()/nonzero/masked_select seen by a TorchDispatchMode (.tolist()/.cpu() not seen)"
+            train_step(e, host_mbs)
+        method = ("CPU proxy: item()/nonzero/masked_select of any tensor, host ones too (the optimizer's step "
+                  "counters); the device-aware CPU count is benchmarks/sync_count.py")
     return {"method": method, "count": sum(sites.values()),
             "sites": [{"where": k, "n": v} for k, v in sites.most_common(25)]}
 
 
 # ------------------------------------------------------------------------------------------ memory limits
 def largest_microbatch(w: Workload, device: torch.device, ac: str, sizes: list[int], deadline: float,
-                       record: dict[str, Any]) -> None:
-    """Grow the microbatch through `sizes` (tokens, the config's sample layout) until one step runs out of
-    memory or the deadline passes; records the largest that ran, the first that did not, and each peak."""
-    e = build_engine(w, device, ac=ac)
+                       record: dict[str, Any], backend: str = "auto") -> None:
+    """Grow the microbatch through `sizes` (tokens, the config's sample layout; one microbatch per step: this
+    measures memory) until one step runs out of memory or the deadline passes; records the largest that ran,
+    the first that did not, and each peak."""
+    e = build_engine(w, device, ac=ac, backend=backend)
     record["tried"] = []
     try:
         for T in sizes:
@@ -531,7 +566,7 @@ def largest_microbatch(w: Workload, device: torch.device, ac: str, sizes: list[i
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             try:
-                train_step(e, mb)
+                train_step(e, [mb])
                 sync(device)
             except torch.cuda.OutOfMemoryError:
                 record["first_oom_tokens"] = T

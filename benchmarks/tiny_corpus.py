@@ -140,15 +140,16 @@ def make_tiny_corpus(out_dir: str | Path, n: int = 160, seed: int = 0) -> dict[s
     return {"tokenizer": tok, "shards": out / "shards"}
 
 
-def golden_recipe(corpus: dict[str, Path], run_dir: str | Path, device: str) -> dict[str, Any]:
-    """The recipe of the golden run: tiny preset, fp32, one process, GOLDEN_STEPS steps of 2 microbatches."""
+def golden_recipe(corpus: dict[str, Path], run_dir: str | Path, device: str, backend: str = "auto") -> dict[str, Any]:
+    """The recipe of the golden run: tiny preset, fp32, one process, GOLDEN_STEPS steps of 2 microbatches;
+    `backend` is the process group's ('auto': nccl on CUDA, gloo on CPU)."""
     return {
         "run_dir": str(run_dir),
         "model": {"preset": "tiny", "overrides": dict(MODEL_OVERRIDES)},
         "data": {"datasets": [{"path": str(corpus["shards"]), "kind": "pretrain"}],
                  "tokenizer": str(corpus["tokenizer"]), "max_tokens": 192, "max_pixels": 12544,
                  "num_workers": 1, "shuffle_buffer": 32, "pack_buffer": 16, "seed": 0},
-        "parallel": {"mixed_precision": "fp32", "device": device, "timeout_s": 120},
+        "parallel": {"mixed_precision": "fp32", "device": device, "timeout_s": 120, "backend": backend},
         "optim": {"lr": 2.0e-3, "weight_decay": 0.01, "warmup_steps": 3, "min_lr_ratio": 0.1, "grad_clip": 1.0},
         "train": {"stage": 2, "steps": GOLDEN_STEPS, "global_microbatches": 2, "seed": 0},
         "checkpoint": {"every": 0, "save_final": False, "resume": "never"},
@@ -156,7 +157,7 @@ def golden_recipe(corpus: dict[str, Path], run_dir: str | Path, device: str) -> 
     }
 
 
-def run_golden(corpus: dict[str, Path], run_dir: str | Path, device: str) -> dict[str, Any]:
+def run_golden(corpus: dict[str, Path], run_dir: str | Path, device: str, backend: str = "auto") -> dict[str, Any]:
     """Train the golden recipe in this process (world size 1, through train.trainer.Trainer): the step losses,
     the process-group backend the trainer's path chose, and what its device prefetcher copied."""
     import torch.distributed as dist
@@ -165,7 +166,7 @@ def run_golden(corpus: dict[str, Path], run_dir: str | Path, device: str) -> dic
     from train.config import config_from_dict
     from train.trainer import Trainer
 
-    cfg = config_from_dict(golden_recipe(corpus, run_dir, device))
+    cfg = config_from_dict(golden_recipe(corpus, run_dir, device, backend))
     trainer = None
     try:
         trainer = Trainer(cfg)

@@ -12,16 +12,22 @@ No process group is created: a 72B recipe for 128 GPUs validates on a laptop.
 Memory model (bytes per local parameter element; N = this rank's parameters after the tp split, G = its
 trainable ones, dp = data-parallel degree):
   bf16 mixed precision  params 2N (bf16 compute copy, unsharded for the step under ZeRO-1) + 4N/dp (fp32 master)
-                        grads  2G (bf16, accumulated unsharded over microbatches) + 4G/dp (fp32 after reduce-scatter)
-  fp32                  params 4N + 4N/dp, grads 4G + 4G/dp
+                        grads  max(2G, 4G/dp): bf16 gradients accumulate unsharded over the microbatches and are
+                        reduce-scattered into fp32 shards unit by unit on the last one, each unit's unsharded
+                        gradient freed as its shard appears, so the two never add up
+  fp32                  params 4N + 4N/dp, grads max(4G, 4G/dp)
   ZeRO-3                the unsharded terms become one FSDP unit (the largest block) instead of the whole stage
   AdamW                 8G/dp (exp_avg, exp_avg_sq in fp32)
 Activations (per microbatch of data.max_tokens tokens and, on stage 0, data.max_patches ViT rows; and again with
 the longest microbatch the recipe allows, a video sample of data.max_video_sample_tokens / _patches alone) count
 the tensors autograd keeps per block for the chosen activation checkpointing, divided by tp where TP/SP shards
-them; 1F1B keeps min(m, pp - stage) microbatches in flight on each stage; the last stage adds one
-chunk of fp32 logits (parallel.loss_chunk_size x vocab/tp) and its gradient. It is an estimate (allocator
-fragmentation, communication buffers and the CUDA context, ~1-3 GB, are not included).
+them; 1F1B keeps min(m, pp - stage) microbatches in flight on each stage; the backward of a block holds the
+gradients of its intermediate tensors (one block's activations without checkpointing again); the last stage
+adds one chunk of fp32 logits (parallel.loss_chunk_size x vocab/tp) and its gradient, and, when the head
+trains, the fused loss head's fp32 weight gradient (vocab/tp x width), kept from the head's forward to the
+backward (model/loss.py). Each component is counted at its own high point, so the total is an upper bound
+(benchmarks/memory_check.py compares it with a measured CPU step). Not included: allocator fragmentation,
+communication buffers and the CUDA context (~1-3 GB; docs/perf/README.md).
 """
 
 from __future__ import annotations
@@ -221,12 +227,14 @@ def dry_run(cfg: JobConfig, world_size: int | None = None) -> DryRunReport:
             modules += ["norm", "lm_head"]
         # Memory (GB per rank)
         zero3 = p.zero_stage == 3
+        compute_b = 2 if p.mixed_precision == "bf16" else 4  # bytes of the compute copies and their gradients
         if p.mixed_precision == "bf16":
             params_b = (2 * (largest_unit if zero3 else n_loc) + 2 * n_loc / dp * zero3) + 4 * n_loc / dp
-            grads_b = 2 * (largest_unit if zero3 else g_loc) + 4 * g_loc / dp
         else:
             params_b = 4 * (largest_unit if zero3 else n_loc) + 4 * n_loc / dp
-            grads_b = 4 * (largest_unit if zero3 else g_loc) + 4 * g_loc / dp
+        # ZeRO-1: the unsharded gradients and the fp32 shards they are reduced into never coexist (model above).
+        grads_b = (compute_b * largest_unit + 4 * g_loc / dp if zero3
+                   else max(compute_b * g_loc, 4 * g_loc / dp))
         optim_b = 8 * g_loc / dp
         inflight = min(m, pp - s) if pp > 1 else 1
 
@@ -241,11 +249,15 @@ def dry_run(cfg: JobConfig, world_size: int | None = None) -> DryRunReport:
             """Bytes with `inflight` microbatches alive, the largest being one of (tokens, rows) and the others
             typical: the longest sample a recipe allows travels alone in its microbatch (data/packing.py)."""
             el = per_mb(tokens, rows) + (inflight - 1) * per_mb(T, N)
-            if ac_mode == "full":  # one block's full activations alive during its recomputation
-                el += max(tokens * dec_none, rows * vit_none if stage == 0 else 0)
+            one_block = max(tokens * dec_none, rows * vit_none if stage == 0 else 0)
+            el += one_block  # a block's backward: the gradients of its intermediate tensors
+            if ac_mode == "full":  # and one block's full activations alive during its recomputation
+                el += one_block
             b = el * act_dtype
             if stage == pp - 1:
                 b += 2 * min(p.loss_chunk_size or DEFAULT_CHUNK_SIZE, tokens) * mcfg.text.vocab_size / tp * 4
+                if "llm" not in frozen:  # the fused head's fp32 d/dW, held from its forward to the backward
+                    b += 4 * mcfg.text.vocab_size / tp * mcfg.text.hidden_size
             return b
 
         act_b = activations(T, N)
