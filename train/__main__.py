@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
 
     _setup_logging(Path(cfg.run_dir))
     from parallel import destroy_distributed
-    from train.metrics import format_duration
+    from train.formatting import format_duration
     from train.trainer import Trainer, TrainingStopped
 
     try:
