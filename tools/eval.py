@@ -30,13 +30,13 @@ from data.config import DataConfig, DatasetSpec
 from data.sample import SampleProcessor
 from model.config import ModelConfig
 from model.hf_adapter import is_hf_dir, load_hf_model
+from model.meta import empty_model
 from model.qwen2_vl import Qwen2VL
 from train.checkpoint import load_state, read_meta, resolve_checkpoint
 from train.config import load_config
 from train.eval import answer, qa_samples
 from train.formatting import pct
 from train.state import ModelState
-from train.weights import meta_model
 
 
 def load_for_eval(path: str | Path, device: str = "cpu", dtype: torch.dtype | None = None,
@@ -51,13 +51,10 @@ def load_for_eval(path: str | Path, device: str = "cpu", dtype: torch.dtype | No
     ck = resolve_checkpoint(p)
     job = load_config(ck / "config.yaml")
     mcfg = ModelConfig.from_hf_dict(read_meta(ck)["model_config"])
-    model = meta_model(mcfg).to_empty(device="cpu")
-    if mcfg.text.tie_word_embeddings:
-        model.lm_head.weight = model.embed_tokens.weight
+    model = empty_model(mcfg, "cpu")
     with warnings.catch_warnings():  # one process by design: DCP's "torch.distributed is disabled" is noise here
         warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
         load_state(ck, {"model": ModelState([model])}, no_dist=True)
-    model.init_buffers("cpu")
     model = model.to(device=device, dtype=dtype).eval()
     return model, dataclasses.replace(job.data, tokenizer=tokenizer or job.data.tokenizer)
 

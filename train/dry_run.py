@@ -37,12 +37,13 @@ from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 from model.config import ModelConfig
 from model.flops import batch_flops
 from model.loss import DEFAULT_CHUNK_SIZE
+from model.meta import meta_model
 from parallel import ParallelDims
 from parallel.pipeline_split import prune_to_stage, stage_layer_ids
 from parallel.tensor_parallel import check_tp_divisibility, decoder_layer_plan, vision_block_plan
 from train.config import GROUPS, JobConfig
 from train.optim import group_of
-from train.weights import meta_model, resolve_model_config
+from train.start import Weights, run_model_config
 
 _FLOPS_GROUP = {"vision": "vit", "merger": "merger", "llm": "llm"}
 GB = 1e9
@@ -138,7 +139,10 @@ def _activation_elems_per_token(mcfg: ModelConfig, tp: int, sp: bool, ac: str) -
 def dry_run(cfg: JobConfig, world_size: int | None = None) -> DryRunReport:
     """Analyze the recipe's layout (see the module doc). Raises ValueError/ConfigError on an invalid layout."""
     p = cfg.parallel
-    mcfg = resolve_model_config(cfg.model, require_init=False)
+    # An init_from path that does not exist here (a dry run on a laptop) is not read: the architecture then comes
+    # from the preset / hf_config alone.
+    init = cfg.model.init_from
+    mcfg = run_model_config(cfg.model, Weights.at(init) if init is not None and Path(init).exists() else None)
     if world_size is None:
         if p.dp == -1:
             raise ValueError("parallel.dp=-1 fills dp from the world size: pass --world-size N to the dry run")

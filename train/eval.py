@@ -51,11 +51,11 @@ from data.sources import Reader, plan_dataset
 from data.tokenizer import Tokenizer
 from model.config import ModelConfig
 from model.generate import greedy_generate
+from model.meta import empty_model
 from model.qwen2_vl import Qwen2VL
 from train.checkpoint import Layout
 from train.config import JobConfig
 from train.metrics import MetricsLogger
-from train.weights import meta_model
 
 log = logging.getLogger(__name__)
 
@@ -267,11 +267,7 @@ class Evaluator:
             return None
         # In the engine's compute dtype (bf16 under mixed precision); dropped after the evaluation, so training
         # never holds the extra full copy.
-        model = meta_model(self.mcfg).to_empty(device=self.device)
-        if self.mcfg.text.tie_word_embeddings:
-            model.lm_head.weight = model.embed_tokens.weight
-        model.init_buffers(self.device)
-        model = model.to(self.engine.compute_dtype).eval()
+        model = empty_model(self.mcfg, self.device).to(self.engine.compute_dtype).eval()
         model.load_state_dict(full, strict=True)
         return model
 

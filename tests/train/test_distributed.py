@@ -28,8 +28,8 @@ from train_helpers import RECIPES, REPO, SHORT, env_for, losses, run_cmd, step_r
 
 from model.config import get_preset
 from model.qwen2_vl import Qwen2VL
+from model.resolve import config_diff
 from train.optim import group_of
-from train.weights import config_diff
 
 pytestmark = pytest.mark.distributed
 
