@@ -311,13 +311,8 @@ class ScheduleStats:
     start_time: float = 0.0
     """time.time() when the schedule started (to line stages up on one host: the pipeline benchmark)."""
     end_time: float = 0.0
-    """time.time() when this rank's schedule ended."""
-
-    @property
-    def idle_fraction(self) -> float:
-        """This rank's idle share of its OWN schedule span. The pipeline bubble proper is measured against the
-        whole pipeline's span (first stage start to last stage end), see benchmarks/bench_pipeline.py."""
-        return 1.0 - self.compute_s / self.wall_s if self.wall_s > 0 else 0.0
+    """time.time() when this rank's schedule ended. The pipeline bubble is measured against the whole pipeline's
+    span (first stage start to last stage end): benchmarks/bench_pipeline.py."""
 
 
 class PipelineExecutor:

@@ -28,10 +28,10 @@ from core.config import ConfigError
 from core.dtypes import DTYPES
 from data.config import DataConfig, DatasetSpec
 from data.sample import SampleProcessor
-from model.config import ModelConfig
 from model.hf_adapter import is_hf_dir, load_hf_model
 from model.meta import empty_model
 from model.qwen2_vl import Qwen2VL
+from model.resolve import checkpoint_config
 from train.checkpoint import load_state, read_meta, resolve_checkpoint
 from train.config import load_config
 from train.eval import answer, qa_samples
@@ -50,7 +50,7 @@ def load_for_eval(path: str | Path, device: str = "cpu", dtype: torch.dtype | No
         return load_hf_model(p, dtype=dtype, device=device).eval(), DataConfig(tokenizer=tok)
     ck = resolve_checkpoint(p)
     job = load_config(ck / "config.yaml")
-    mcfg = ModelConfig.from_hf_dict(read_meta(ck)["model_config"])
+    mcfg = checkpoint_config(read_meta(ck), ck)
     model = empty_model(mcfg, "cpu")
     with warnings.catch_warnings():  # one process by design: DCP's "torch.distributed is disabled" is noise here
         warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")

@@ -31,8 +31,8 @@ from torch.distributed.checkpoint import FileSystemReader
 from core.cli import run_cli
 from core.config import ConfigError, expand_env
 from core.dtypes import DTYPES
-from model.config import ModelConfig
 from model.hf_adapter import HFShardWriter, expected_shapes, to_hf_state_dict, write_hf_config
+from model.resolve import checkpoint_config
 from model.vision import PIXEL_MEAN, PIXEL_STD
 from train.checkpoint import checkpoint_keys, read_meta, resolve_checkpoint
 
@@ -61,7 +61,7 @@ def export(checkpoint: str | Path, out_dir: str | Path, dtype: str = "bf16", max
     tdtype = DTYPES[dtype]
     ck = resolve_checkpoint(checkpoint)
     meta = read_meta(ck)
-    mcfg = ModelConfig.from_hf_dict(meta["model_config"])
+    mcfg = checkpoint_config(meta, ck)
     shapes = expected_shapes(mcfg)
     tie = mcfg.text.tie_word_embeddings
     keys = [k for k in shapes if not (tie and k == "lm_head.weight")]

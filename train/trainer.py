@@ -83,19 +83,6 @@ class TrainResult:
     """Wall time of train()."""
 
 
-def microbatches_per_rank(cfg: JobConfig, dp: int) -> int:
-    """Per-dp-rank microbatches per step from train.global_microbatches (or parallel.num_microbatches)."""
-    g = cfg.train.global_microbatches
-    if g is None:
-        return cfg.parallel.num_microbatches
-    if g % dp:
-        raise ConfigError(
-            f"train.global_microbatches={g} is not divisible by dp={dp}: choose a multiple of {dp} (the global batch "
-            "is split evenly over data-parallel ranks)"
-        )
-    return g // dp
-
-
 @dataclass
 class StepStats:
     """What one optimizer step measured (reduced over ranks where it says so)."""
@@ -179,7 +166,7 @@ class Trainer(Stateful):
         )
         self.device = d.device
         self.is_main = self.layout.rank == 0
-        self.m = microbatches_per_rank(cfg, d.dp)
+        self.m = cfg.microbatches_per_rank(d.dp)
         if cfg.parallel.num_microbatches != self.m and cfg.train.global_microbatches is not None:
             cfg.parallel.num_microbatches = self.m  # the engine reads it (pipeline schedule length)
         if cfg.train.deterministic:
@@ -392,70 +379,81 @@ class Trainer(Stateful):
             raise TrainingStopped(msg)
 
     def train(self) -> TrainResult:
-        cfg = self.cfg
-        total = cfg.train.steps
         self._t_start = time.perf_counter()
         self._step_ema: float | None = None
         self._install_signal_handlers()
         losses: list[float] = []
-        last_loss: float | None = None
         stop_reason = "completed"
         try:
-            while self.step < total:
+            while self.step < self.cfg.train.steps:
                 self.ckpt.poll()
                 st = self.straggler.timed(self.train_step, lambda: self.step)
-                if st is None and self._stop_signal is not None:  # interrupted while waiting for data
-                    stop_reason = "signal"
-                    log.warning("stop requested by a signal while waiting for data at step %d: nothing saved "
-                                "(mid-step); the latest complete checkpoint is the one to resume", self.step)
-                    break
                 if st is None:
-                    stop_reason = "data_exhausted"
-                    if self.is_main:
-                        log.warning("data exhausted at step %d of %d (data.epochs=%s)", self.step, total,
-                                    cfg.data.epochs)
+                    stop_reason = self._no_microbatches()
                     break
                 if not st.skipped:
                     losses.append(st.loss)
-                    last_loss = st.loss
-                elif self.consecutive_skips == 1:
-                    # A streak of skipped steps begins: the newest checkpoint is the last good one; keep_last
-                    # must not prune it while the run may be diverging, and nothing is saved until it recovers.
-                    self.ckpt.wait()
-                    self.ckpt.protected = self.ckpt.latest()
-                if self.step % cfg.metrics.log_every == 0 or self.step == total:
-                    self._log_step(st)
-                self._check_divergence()
-                if self.evaluator is not None:
-                    self.evaluator.maybe_run(self.step, final=False)
-                due = cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 and self.step < total
-                if (due or st.stop_requested) and self.consecutive_skips == 0:
-                    self.save()
-                elif (due or st.stop_requested) and self.is_main:
-                    log.warning("step %d: not saving a checkpoint while steps are being skipped (%d in a row); "
-                                "the last good one is %s", self.step, self.consecutive_skips, self.ckpt.protected)
-                if st.stop_requested:
+                if self._after_step(st):
                     stop_reason = "signal"
-                    if self.is_main:
-                        log.warning("stopped by a signal at step %d; rerun the same command to resume from %s",
-                                    self.step, self.ckpt.latest())
                     break
-            if (stop_reason != "signal" and cfg.checkpoint.save_final and self.step > self._saved_step
-                    and self.consecutive_skips == 0):
-                self.save()
-            self.ckpt.wait()
-            if self.evaluator is not None and stop_reason != "signal":  # the stage's final figures
-                self.evaluator.maybe_run(self.step, final=True)
-            self.metrics.event("end", step=self.step, reason=stop_reason, skipped_steps=self.skipped_steps)
+            self._finish(stop_reason)
         finally:
             for s, prev in self._prev_handlers.items():
                 signal.signal(s, prev)
         return TrainResult(
-            run_dir=self.run_dir, final_step=self.step, final_loss=last_loss, checkpoint=self.ckpt.latest(),
-            losses=losses, skipped_steps=self.skipped_steps, stop_reason=stop_reason,
+            run_dir=self.run_dir, final_step=self.step, final_loss=losses[-1] if losses else None,
+            checkpoint=self.ckpt.latest(), losses=losses, skipped_steps=self.skipped_steps, stop_reason=stop_reason,
             stop_signal=(self._stop_signal or signal.SIGTERM) if stop_reason == "signal" else None,
             elapsed_s=time.perf_counter() - self._t_start,
         )
+
+    def _no_microbatches(self) -> str:
+        """The stop reason when a step got no microbatches: a stop signal while waiting for data, or the end of
+        the data."""
+        if self._stop_signal is not None:
+            log.warning("stop requested by a signal while waiting for data at step %d: nothing saved "
+                        "(mid-step); the latest complete checkpoint is the one to resume", self.step)
+            return "signal"
+        if self.is_main:
+            log.warning("data exhausted at step %d of %d (data.epochs=%s)", self.step, self.cfg.train.steps,
+                        self.cfg.data.epochs)
+        return "data_exhausted"
+
+    def _after_step(self, st: StepStats) -> bool:
+        """A skip streak's protected checkpoint, the step's log line, the divergence check, a due evaluation and
+        checkpoint. True when a stop signal ends the run at this step (after its checkpoint)."""
+        cfg, total = self.cfg, self.cfg.train.steps
+        if st.skipped and self.consecutive_skips == 1:
+            # A streak of skipped steps begins: the newest checkpoint is the last good one; keep_last must not
+            # prune it while the run may be diverging, and nothing is saved until it recovers.
+            self.ckpt.wait()
+            self.ckpt.protected = self.ckpt.latest()
+        if self.step % cfg.metrics.log_every == 0 or self.step == total:
+            self._log_step(st)
+        self._check_divergence()
+        if self.evaluator is not None:
+            self.evaluator.maybe_run(self.step, final=False)
+        due = cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 and self.step < total
+        if (due or st.stop_requested) and self.consecutive_skips == 0:
+            self.save()
+        elif (due or st.stop_requested) and self.is_main:
+            log.warning("step %d: not saving a checkpoint while steps are being skipped (%d in a row); "
+                        "the last good one is %s", self.step, self.consecutive_skips, self.ckpt.protected)
+        if st.stop_requested and self.is_main:
+            log.warning("stopped by a signal at step %d; rerun the same command to resume from %s",
+                        self.step, self.ckpt.latest())
+        return st.stop_requested
+
+    def _finish(self, stop_reason: str) -> None:
+        """The final checkpoint (unless a signal stopped the run: its checkpoint is saved), the stage's final
+        evaluation, the end record."""
+        if (stop_reason != "signal" and self.cfg.checkpoint.save_final and self.step > self._saved_step
+                and self.consecutive_skips == 0):
+            self.save()
+        self.ckpt.wait()
+        if self.evaluator is not None and stop_reason != "signal":
+            self.evaluator.maybe_run(self.step, final=True)
+        self.metrics.event("end", step=self.step, reason=stop_reason, skipped_steps=self.skipped_steps)
 
     def _progress(self, dt: float) -> dict[str, float]:
         """Elapsed wall time of this process's train() and the ETA from a moving average of the step time (the
