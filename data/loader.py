@@ -3,11 +3,13 @@
 Public API (the train loop codes against exactly this):
 
     from data.config import DataConfig, DatasetSpec
-    from data.loader import build_loader
+    from data.loader import build_loader, check_sources
 
     cfg = DataConfig.from_dict(recipe["data"])          # strict: unknown keys / wrong types raise
+    plans = check_sources(cfg, dp_size)                  # optional: the sources checked, no sample read
     loader = build_loader(cfg, dp_rank, dp_size,         # never calls torch.distributed
-                          interrupt=lambda: stop_requested)  # optional: polled while waiting for data
+                          interrupt=lambda: stop_requested,  # optional: polled while waiting for data
+                          plans=plans)                   # optional: check_sources' (else it checks them)
     loader.load_state_dict(saved)                        # optional, before iterating
     for batch in loader:                                 # core.batch.PackedBatch, CPU tensors, one microbatch
         ...
