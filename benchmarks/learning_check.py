@@ -1,7 +1,7 @@
 """python benchmarks/learning_check.py [--workdir runs/learn] [--variants full,no_stage1,no_stage2] [--threads N]
 
 The learning check (docs/learning.md): the three-stage chain of recipes/learn/ on the project's real-data set
-(train/demo_data.py: sklearn digits, videos of a digit moving left/right/up/down), scored by greedy generation
+(demo/data.py: sklearn digits, videos of a digit moving left/right/up/down), scored by greedy generation
 on held-out data that no stage ever trains on: digits with index >= 1500 ("Which digit is this?", 10 classes)
 and videos of those digits ("Which way does the digit move?", 4 directions, drawn independently of the training
 videos'). Goal: >= 90% exact match on the digits and >= 80% on the videos after the three stages, in <= 15
@@ -15,7 +15,7 @@ Variants, each with the same total step budget (the dropped stage's steps go to 
     stage3_only stage 3 with all the steps               (optional)
 
 It prints the accuracy table (exact match and "contains", per variant and stage) with the command of every
-stage, writes WORKDIR/results.json, and the report of the full chain (python -m train.report) to
+stage, writes WORKDIR/results.json, and the report of the full chain (python -m tools.report) to
 WORKDIR/full/report. Data: WORKDIR/data (generated unless --reuse-data). Timings depend on the machine's load:
 the table gives wall and CPU seconds of each stage.
 """
@@ -31,9 +31,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from demo.chain import HELDOUT, RECIPES, StageRun, accuracy, prepare_data, run_chain  # noqa: E402
 from train.config import load_config  # noqa: E402
-from train.demo import HELDOUT, RECIPES, StageRun, accuracy, prepare_data, run_chain  # noqa: E402
-from train.report import pct  # noqa: E402
+from train.formatting import pct  # noqa: E402
 
 GOALS = {"digits": 0.90, "videos": 0.80}
 """Exact-match goals after the three stages."""
@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         extra = [f"train.seed={args.seed}", f"data.seed={args.seed}"]
         results[name] = run_chain(work, variant_steps(name, steps), extra, runs=vdir)
         if name == "full":
-            from train.report import write_report
+            from tools.report import write_report
 
             index = write_report([r.run_dir for r in results[name]], vdir / "report",
                                  title="Learning check: stage 1 -> 2 -> 3")

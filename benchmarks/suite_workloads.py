@@ -99,10 +99,10 @@ def workloads(cpu: bool) -> dict[str, Workload]:
 
 
 def model_config(w: Workload):
+    from model.resolve import resolve_model_config
     from train.config import ModelSection
-    from train.weights import resolve_model_config
 
-    return resolve_model_config(ModelSection(preset=w.preset, overrides=dict(w.overrides)), require_init=False)
+    return resolve_model_config(ModelSection(preset=w.preset, overrides=dict(w.overrides)))
 
 
 # ------------------------------------------------------------------------------------------ microbatches

@@ -354,30 +354,36 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     return key.split("."), value
 
 
+def set_dotted(data: dict, parts: list[str], value: Any, schema: type, root: str = "") -> None:
+    """data[parts[0]][parts[1]]... = value, in place. Keys are checked against `schema` as they are set (an
+    unknown one names the key under `root`, the section `data` stands for); the value is checked when the dict
+    is parsed (from_dict)."""
+    cls: Any = schema
+    node = data
+    for i, part in enumerate(parts):
+        prefix = ".".join([root, *parts[:i]] if root else parts[:i])
+        if cls is not None and dataclasses.is_dataclass(cls):
+            names = _init_fields(cls)
+            if part not in names:
+                raise unknown_key_error(prefix, part, names)
+            tp = strip_optional(typing.get_type_hints(cls)[part])
+            cls = tp if dataclasses.is_dataclass(tp) else None
+        if i == len(parts) - 1:
+            node[part] = value
+        else:
+            nxt = node.get(part)
+            if not isinstance(nxt, dict):
+                nxt = {}
+                node[part] = nxt
+            node = nxt
+
+
 def apply_overrides(data: dict, overrides: list[str], schema: type) -> dict:
     """Apply CLI overrides onto a raw recipe dict. Keys are checked against `schema` as they are set, so a
     typo names the override itself rather than a later parse failure."""
     out = copy.deepcopy(data)
     for item in overrides:
-        parts, value = parse_override(item)
-        cls: Any = schema
-        node = out
-        for i, part in enumerate(parts):
-            prefix = ".".join(parts[:i])
-            if cls is not None and dataclasses.is_dataclass(cls):
-                names = _init_fields(cls)
-                if part not in names:
-                    raise unknown_key_error(prefix, part, names)
-                tp = strip_optional(typing.get_type_hints(cls)[part])
-                cls = tp if dataclasses.is_dataclass(tp) else None
-            if i == len(parts) - 1:
-                node[part] = value
-            else:
-                nxt = node.get(part)
-                if not isinstance(nxt, dict):
-                    nxt = {}
-                    node[part] = nxt
-                node = nxt
+        set_dotted(out, *parse_override(item), schema)
     return out
 
 

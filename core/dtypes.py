@@ -11,10 +11,3 @@ HF_DTYPE_NAMES: dict[torch.dtype, str] = {torch.float32: "float32", torch.bfloat
                                           torch.float16: "float16"}
 """torch dtypes -> the names config.json carries (`torch_dtype` in transformers 4.x, `dtype` in 5.x)."""
 
-
-def parse_dtype(name: str) -> torch.dtype:
-    """'bf16' -> torch.bfloat16; a ValueError naming the choices otherwise."""
-    try:
-        return DTYPES[name]
-    except KeyError:
-        raise ValueError(f"unknown dtype {name!r}; choose one of {sorted(DTYPES)}") from None

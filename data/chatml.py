@@ -325,21 +325,3 @@ def _first_token(n: int, pred) -> int:
         else:
             lo = mid + 1
     return lo
-
-
-def render_text(pieces: list[tuple[int, object, bool]], vision: list[VisionInfo], tok: Tokenizer) -> str:
-    """The rendered string with expanded pads (what transformers' processor would tokenize); for debugging."""
-    names = {v: k for k, v in vars(tok.special).items()}
-    from data.tokenizer import SPECIAL_TOKENS
-
-    out = []
-    for kind, value, _ in pieces:
-        if kind == TEXT:
-            out.append(value)
-        elif kind == SPECIAL:
-            out.append(SPECIAL_TOKENS[names[value]])
-        else:
-            v = vision[value]
-            pad = "<|image_pad|>" if v.type == "image" else "<|video_pad|>"
-            out.append("<|vision_start|>" + pad * v.num_tokens + "<|vision_end|>")
-    return "".join(out)

@@ -3,11 +3,13 @@
 Public API (the train loop codes against exactly this):
 
     from data.config import DataConfig, DatasetSpec
-    from data.loader import build_loader
+    from data.loader import build_loader, check_sources
 
     cfg = DataConfig.from_dict(recipe["data"])          # strict: unknown keys / wrong types raise
+    plans = check_sources(cfg, dp_size)                  # optional: the sources checked, no sample read
     loader = build_loader(cfg, dp_rank, dp_size,         # never calls torch.distributed
-                          interrupt=lambda: stop_requested)  # optional: polled while waiting for data
+                          interrupt=lambda: stop_requested,  # optional: polled while waiting for data
+                          plans=plans)                   # optional: check_sources' (else it checks them)
     loader.load_state_dict(saved)                        # optional, before iterating
     for batch in loader:                                 # core.batch.PackedBatch, CPU tensors, one microbatch
         ...
@@ -137,24 +139,14 @@ class Loader:
     """Iterable of PackedBatch with state_dict / load_state_dict / metrics (see the module docstring)."""
 
     def __init__(self, cfg: DataConfig, dp_rank: int, dp_size: int,
-                 interrupt: Callable[[], bool] | None = None) -> None:
+                 interrupt: Callable[[], bool] | None = None, plans: list[DatasetPlan] | None = None) -> None:
         cfg.validate()
         self.interrupt = interrupt
         if not (0 <= dp_rank < dp_size):
             raise ValueError(f"dp_rank must be in [0, dp_size), got dp_rank={dp_rank}, dp_size={dp_size}")
         self.cfg, self.dp_rank, self.dp_size = cfg, dp_rank, dp_size
         self.W = max(1, cfg.num_workers)
-        # Loaded (and checked) here: a bad path fails now, and forked workers inherit the loaded tokenizer.
-        Tokenizer.load(cfg.tokenizer)
-        self.plans = [plan_dataset(i, spec, cfg.storage, cfg.max_bad_shard_fraction)
-                      for i, spec in enumerate(cfg.datasets)]
-        G = dp_size * self.W
-        for p in self.plans:
-            if p.total < G:
-                raise ValueError(
-                    f"dataset {p.label!r} has {p.total} samples, fewer than dp_size * num_workers = {G} "
-                    "readers: lower num_workers or use a larger dataset"
-                )
+        self.plans = check_sources(cfg, dp_size) if plans is None else plans
         self._states: list[dict | None] = [None] * self.W
         self._next = 0
         self._main: Counter = Counter()
@@ -400,12 +392,31 @@ class Loader:
             self._shutdown()
 
 
-def build_loader(cfg: DataConfig, dp_rank: int, dp_size: int, interrupt: Callable[[], bool] | None = None) -> Loader:
+def check_sources(cfg: DataConfig, dp_size: int) -> list[DatasetPlan]:
+    """Every data source a loader of dp_size ranks reads, checked without reading a sample: the tokenizer, each
+    dataset's manifest (or its shards' indexes) through its storage and credentials, enough samples for every
+    reader. Raises with the fix; returns the datasets' plans (build_loader takes them, so nothing is read twice)."""
+    # Loaded (and checked) here: a bad path fails now, and forked workers inherit the loaded tokenizer.
+    Tokenizer.load(cfg.tokenizer)
+    plans = [plan_dataset(i, spec, cfg.storage, cfg.max_bad_shard_fraction) for i, spec in enumerate(cfg.datasets)]
+    G = dp_size * max(1, cfg.num_workers)
+    for p in plans:
+        if p.total < G:
+            raise ValueError(
+                f"dataset {p.label!r} has {p.total} samples, fewer than dp_size * num_workers = {G} "
+                "readers: lower num_workers or use a larger dataset"
+            )
+    return plans
+
+
+def build_loader(cfg: DataConfig, dp_rank: int, dp_size: int, interrupt: Callable[[], bool] | None = None,
+                 plans: list[DatasetPlan] | None = None) -> Loader:
     """The loader of one data-parallel rank (reads dataset manifests; starts no process until iterated).
-    `interrupt`: polled while waiting for data; True makes next() raise LoaderInterrupted (e.g. a stop signal)."""
-    return Loader(cfg, dp_rank, dp_size, interrupt)
+    `interrupt`: polled while waiting for data; True makes next() raise LoaderInterrupted (e.g. a stop signal).
+    `plans`: check_sources() of the same datasets, storage and dp size, when the caller checked them already."""
+    return Loader(cfg, dp_rank, dp_size, interrupt, plans)
 
 
 __all__ = ["DataError", "DataStalled", "Loader", "LoaderInterrupted", "NoUsableData", "TooManyBadShards",
-           "build_loader"]
+           "build_loader", "check_sources"]
 

@@ -46,11 +46,6 @@ class RawSample:
     """The dataset's path, against which relative media paths resolve."""
     nbytes: int = 0
 
-    def size_bytes(self) -> int:
-        if self.members is not None:
-            return sum(len(v) for v in self.members.values())
-        return 0 if self.tokens is None else int(self.tokens.nbytes)
-
 
 @dataclass
 class Processed:

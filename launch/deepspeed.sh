@@ -13,13 +13,8 @@ set -euo pipefail
 if [[ $# -lt 1 || "$1" == "-h" || "$1" == "--help" ]]; then
   sed -n '2,12p' "$0"; [[ $# -ge 1 ]] && exit 0; exit 2
 fi
-if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
-  DEFAULT_N=$(nvidia-smi -L | wc -l)
-else
-  DEFAULT_N=2
-  export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
-fi
-ARGS=(--num_gpus "${NUM_GPUS:-$DEFAULT_N}" --master_port "${MASTER_PORT:-29500}")
+source "$(dirname "${BASH_SOURCE[0]}")/gpus.sh"
+ARGS=(--num_gpus "${NUM_GPUS:-$(( LOCAL_GPUS > 0 ? LOCAL_GPUS : 2 ))}" --master_port "${MASTER_PORT:-29500}")
 if [[ -n "${HOSTFILE:-}" ]]; then
   ARGS+=(--hostfile "$HOSTFILE")
 fi

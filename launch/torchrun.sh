@@ -29,13 +29,8 @@ set -euo pipefail
 if [[ $# -lt 1 || "$1" == "-h" || "$1" == "--help" ]]; then
   sed -n '2,27p' "$0"; [[ $# -ge 1 ]] && exit 0; exit 2
 fi
-if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
-  GPUS=$(nvidia-smi -L | wc -l)
-else
-  GPUS=0
-  export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
-fi
-NPROC_PER_NODE="${NPROC_PER_NODE:-$(( GPUS > 0 ? GPUS : 1 ))}"
+source "$(dirname "${BASH_SOURCE[0]}")/gpus.sh"
+NPROC_PER_NODE="${NPROC_PER_NODE:-$(( LOCAL_GPUS > 0 ? LOCAL_GPUS : 1 ))}"
 NNODES="${NNODES:-1}"
 MASTER_ADDR="${MASTER_ADDR:-localhost}"
 MASTER_PORT="${MASTER_PORT:-29500}"

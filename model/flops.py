@@ -160,8 +160,10 @@ def llm_flops_per_token(cfg: ModelConfig, seq_len: int, *, causal_halving: bool 
     return f["llm"] / seq_len
 
 
-def vit_flops_per_patch(cfg: ModelConfig, grid_hw: tuple[int, int] = (32, 32)) -> float:
-    """Training FLOPs per ViT patch (ViT + merger, all trainable) for one image of grid_hw patches."""
+def vit_flops_per_patch(cfg: ModelConfig, grid_hw: tuple[int, int] = (32, 32), *,
+                        trainable: Iterable[str] = GROUPS) -> float:
+    """Training FLOPs per ViT patch (ViT + merger; `trainable` as in batch_flops) for one image of grid_hw
+    patches, e.g. for a dry run."""
     h, w = grid_hw
-    f = batch_flops(cfg, [0, 0], [(1, h, w)])
+    f = batch_flops(cfg, [0, 0], [(1, h, w)], trainable=trainable)
     return f["vit"] / (h * w)

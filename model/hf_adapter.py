@@ -3,7 +3,7 @@
 Everything that reads or writes HF weights comes through here: `load_hf_model` (a whole model), `load_hf_slices`
 (this rank's shards of a sharded model, reading only its slices: `model.init_from` of a 72B run never holds the
 full model in any process), `save_hf_model` / `save_hf_checkpoint` (a whole state dict) and `HFShardWriter`
-(streaming, one tensor group at a time: `python -m train.export`).
+(streaming, one tensor group at a time: `python -m tools.export`).
 
 Key layouts read:
 - hub layout (what the released checkpoints hold and transformers 4.x / 5.x `save_pretrained` writes):

@@ -166,13 +166,6 @@ def lm_loss(
     return loss, n
 
 
-def naive_lm_loss(h_TD: torch.Tensor, w_VD: torch.Tensor, labels_T: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Reference head: full logits for every position. For tests only."""
-    logits_TV = F.linear(h_TD.reshape(-1, h_TD.shape[-1]), w_VD).float()
-    y_T = labels_T.reshape(-1)
-    return F.cross_entropy(logits_TV, y_T, ignore_index=IGNORE_INDEX, reduction="sum"), (y_T != IGNORE_INDEX).sum()
-
-
 def model_loss(model: torch.nn.Module, labels: torch.Tensor, **inputs) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss_sum, n_supervised) of a whole single-device model on one packed batch: the model's hidden states
     through lm_loss with its own head weight (tests, evaluation, benchmarks)."""

@@ -228,7 +228,7 @@ def load_pair(hf_dir: str | Path, dtype: torch.dtype, device: str, hf_attn: str)
     if not is_hf_dir(hf_dir):
         # transformers would take a missing path for a hub repo id and fail with "Repo id must be in the form".
         raise FileNotFoundError(f"--hf {hf_dir}: no HF Qwen2-VL directory there (it needs config.json and "
-                                "*.safetensors); export one with `python -m train.export CHECKPOINT DIR`")
+                                "*.safetensors); export one with `python -m tools.export CHECKPOINT DIR`")
     hf, info = Qwen2VLForConditionalGeneration.from_pretrained(
         str(hf_dir), dtype=dtype, attn_implementation=hf_attn, output_loading_info=True
     )

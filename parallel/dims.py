@@ -120,10 +120,6 @@ class ParallelDims:
     def is_first_stage(self) -> bool:
         return self.pp_rank == 0
 
-    @property
-    def is_last_stage(self) -> bool:
-        return self.pp_rank == self.pp - 1
-
     def stage_rank(self, stage: int) -> int:
         """Global rank of pipeline stage `stage` that shares this rank's (dp, tp) coordinate."""
         return dist.get_process_group_ranks(self.get_group("pp"))[stage]

@@ -162,6 +162,9 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, sp: bool, pad_m
     pad_multiple: under SP, the ViT's patch rows are padded to a multiple of it (default tp). first_stage: this
     stage embeds the tokens (pipeline stage 0), so its first layer receives the whole sequence."""
     check_tp_divisibility(model.cfg, tp_mesh.size())
+    # NOTE: torch's SequenceParallel style re-registers the norms' parameters as new nn.Parameters that require
+    # grad; frozen ones (requires_grad=False, set before parallelize) must stay frozen.
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
     tied = model.lm_head is not None and model.embed_tokens is not None and (
         model.lm_head.weight is model.embed_tokens.weight
     )
@@ -184,6 +187,9 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, sp: bool, pad_m
             model.lm_head.weight = model.embed_tokens.weight
         elif not isinstance(model.lm_head.weight, DTensor):
             parallelize_module(model.lm_head, tp_mesh, ColwiseParallel())
+    for n, p in model.named_parameters():
+        if n in frozen:
+            p.requires_grad_(False)
 
 
 def _parallelize(module: nn.Module, mesh: DeviceMesh, plan: dict[str, ParallelStyle]) -> None:

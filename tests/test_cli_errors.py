@@ -21,8 +21,8 @@ def _run(cmd: list[str]) -> subprocess.CompletedProcess:
      "python -m data.inspect: error: no tokenizer.json at '/nope/tok'"),
     ([sys.executable, "-m", "model.parity", "--hf", "/tmp/definitely-not-here"],
      "python -m model.parity: error: --hf /tmp/definitely-not-here: no HF Qwen2-VL directory there"),
-    ([sys.executable, "-m", "train.export", "/nope/run", "/tmp/out-never-written"],
-     "python -m train.export: error: no complete checkpoint at /nope/run"),
+    ([sys.executable, "-m", "tools.export", "/nope/run", "/tmp/out-never-written"],
+     "python -m tools.export: error: no complete checkpoint at /nope/run"),
 ])
 def test_wrong_paths_are_one_line_exit_2(cmd, match):
     res = _run(cmd)

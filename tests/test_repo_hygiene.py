@@ -12,7 +12,8 @@ _CITED = re.compile(r"\btests/[A-Za-z0-9_/]+\.py\b")
 
 def _sources() -> list[Path]:
     out = []
-    for folder in ("core", "model", "data", "parallel", "train", "benchmarks", "docs", "tests", "launch"):
+    for folder in ("core", "model", "data", "parallel", "train", "tools", "demo", "benchmarks", "docs", "tests",
+                   "launch"):
         out += [p for p in (REPO / folder).rglob("*") if p.suffix in (".py", ".md", ".sh", ".sbatch")]
     return out + [REPO / "README.md"]
 

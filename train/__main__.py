@@ -20,9 +20,13 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from core.cli import debug_enabled, one_line
 from parallel.launcher import export_launch_env, resolve_launch_env, strip_local_rank
+
+if TYPE_CHECKING:
+    from train.config import JobConfig
 
 OVERRIDES_HELP = """\
 overrides: dotted keys with YAML values, e.g.
@@ -73,13 +77,7 @@ def _fail(kind: str, e: BaseException, args: argparse.Namespace | None) -> int:
     return 2
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    argv, _ = strip_local_rank(argv)  # deepspeed's --local_rank (the resolver below reads it from sys.argv)
-    try:
-        export_launch_env(resolve_launch_env())  # SLURM / MPI / deepspeed variables -> RANK, WORLD_SIZE, ...
-    except ValueError as e:
-        return _fail("launch error", e, None)
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m train", description=__doc__.split("\n")[0],
                                      epilog=OVERRIDES_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("recipe", nargs="?", help="recipe YAML (recipes/...)")
@@ -89,6 +87,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     parser.add_argument("--help-config", action="store_true", help="print every config key and its doc")
     parser.add_argument("--debug", action="store_true", help="show tracebacks of setup errors (or QWEN2VL_DEBUG=1)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    argv, _ = strip_local_rank(argv)  # deepspeed's --local_rank (the resolver below reads it from sys.argv)
+    try:
+        export_launch_env(resolve_launch_env())  # SLURM / MPI / deepspeed variables -> RANK, WORLD_SIZE, ...
+    except ValueError as e:
+        return _fail("launch error", e, None)
+    parser = _parser()
     args = parser.parse_intermixed_args(argv)  # flags may come after overrides
 
     from core.config import ConfigError
@@ -119,12 +128,17 @@ def main(argv: list[str] | None = None) -> int:
         except (ValueError, ConfigError) as e:
             return _fail("invalid layout", e, args)
         return 0
+    return _train(cfg, args)
 
-    _setup_logging(Path(cfg.run_dir))
+
+def _train(cfg: JobConfig, args: argparse.Namespace) -> int:
+    """Run the stage; the exit code (see the module doc)."""
+    from core.config import ConfigError
     from parallel import destroy_distributed
-    from train.metrics import format_duration
+    from train.formatting import format_duration
     from train.trainer import Trainer, TrainingStopped
 
+    _setup_logging(Path(cfg.run_dir))
     try:
         try:
             trainer = Trainer(cfg)

@@ -218,10 +218,6 @@ def load_state(path: Path, state: dict[str, Any], process_group: dist.ProcessGro
 
 
 # ------------------------------------------------------------------------------------------ integrity
-class CheckpointCorruptError(ValueError):
-    """A checkpoint file is missing, truncated or altered since it was saved (the message names it)."""
-
-
 _SUMS = ".sums"
 _HASH_CHUNK = 8 << 20
 

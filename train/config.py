@@ -253,6 +253,18 @@ class JobConfig:
         v = getattr(self.optim, f"lr_{group}")
         return self.optim.lr if v is None else v
 
+    def microbatches_per_rank(self, dp: int) -> int:
+        """Per-dp-rank microbatches per step from train.global_microbatches (or parallel.num_microbatches)."""
+        g = self.train.global_microbatches
+        if g is None:
+            return self.parallel.num_microbatches
+        if g % dp:
+            raise ConfigError(
+                f"train.global_microbatches={g} is not divisible by dp={dp}: choose a multiple of {dp} (the global "
+                "batch is split evenly over data-parallel ranks)"
+            )
+        return g // dp
+
     def validate(self) -> None:
         """Cross-field checks that need more than one section; raise ConfigError naming values and fix."""
         t, o, c = self.train, self.optim, self.checkpoint

@@ -36,19 +36,21 @@ import functools
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
+import torch.nn as nn
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 
 from model.config import ModelConfig
-from model.flops import batch_flops
+from model.flops import batch_flops, llm_forward_flops, vit_flops_per_patch
 from model.loss import DEFAULT_CHUNK_SIZE
+from model.meta import meta_model
 from parallel import ParallelDims
 from parallel.pipeline_split import prune_to_stage, stage_layer_ids
 from parallel.tensor_parallel import check_tp_divisibility, decoder_layer_plan, vision_block_plan
 from train.config import GROUPS, JobConfig
+from train.formatting import si
 from train.optim import group_of
-from train.weights import meta_model, resolve_model_config
+from train.start import Weights, run_model_config
 
 _FLOPS_GROUP = {"vision": "vit", "merger": "merger", "llm": "llm"}
 GB = 1e9
@@ -121,6 +123,136 @@ class DryRunReport:
         return max(s.memory["total"] for s in self.stages)
 
 
+@dataclass(frozen=True)
+class _Plan:
+    """The recipe, its model and its layout: what every step of the dry run reads."""
+
+    cfg: JobConfig
+    mcfg: ModelConfig
+    world_size: int
+    dp: int
+    tp: int
+    pp: int
+    sp: bool
+    microbatches: int
+    frozen: frozenset[str]
+    layer_ids: list[list[int]]
+
+
+def dry_run(cfg: JobConfig, world_size: int | None = None) -> DryRunReport:
+    """Analyze the recipe's layout (see the module doc). Raises ValueError/ConfigError on an invalid layout."""
+    plan = _plan(cfg, world_size)
+    by_group = _params_by_group(plan)
+    flops, vit_fwd_per_token = _flops(plan, sum(by_group.values()))
+    act = _Activations.of(plan)
+    stages = [_stage(plan, s, act, vit_fwd_per_token) for s in range(plan.pp)]
+    trainable_by_group = {g: (0 if g in plan.frozen else n) for g, n in by_group.items()}
+    rep = DryRunReport(plan.world_size, plan.dp, plan.tp, plan.pp, plan.microbatches, sum(by_group.values()),
+                       by_group, trainable_by_group, stages, flops)
+    rep.text = format_report(rep, cfg, plan.mcfg, plan.sp)
+    return rep
+
+
+def _plan(cfg: JobConfig, world_size: int | None) -> _Plan:
+    """The architecture (an init_from that is not here, a dry run on a laptop, is not read: the preset's), the
+    layout for the world size (validated: pp x dp x tp, tp divisibility) and the pipeline split."""
+    p = cfg.parallel
+    init = cfg.model.init_from
+    mcfg = run_model_config(cfg.model, Weights.at(init) if init is not None and Path(init).exists() else None)
+    if world_size is None:
+        if p.dp == -1:
+            raise ValueError("parallel.dp=-1 fills dp from the world size: pass --world-size N to the dry run")
+        world_size = p.pp * p.dp * p.tp
+    dims = ParallelDims(p.pp, p.dp, p.tp, world_size)  # validates pp x dp x tp = world size
+    check_tp_divisibility(mcfg, dims.tp)
+    return _Plan(cfg, mcfg, world_size, dims.dp, dims.tp, dims.pp, p.sequence_parallel and dims.tp > 1,
+                 cfg.microbatches_per_rank(dims.dp), frozenset(cfg.frozen_groups),
+                 stage_layer_ids(mcfg, dims.pp, p.pp_first_stage_layers, p.pp_vision_fraction))
+
+
+def _params_by_group(plan: _Plan) -> dict[str, int]:
+    by_group = dict.fromkeys(GROUPS, 0)
+    for name, prm in meta_model(plan.mcfg).named_parameters():
+        by_group[group_of(name)] += prm.numel()
+    return by_group
+
+
+def _flops(plan: _Plan, n_params: int) -> tuple[dict[str, float], float]:
+    """FLOPs per token (model/flops.py) of a typical microbatch: data.max_tokens LLM tokens of which
+    pp_vision_fraction are image tokens (32x32-patch images, 256 tokens each), in samples of up to 2048 tokens; and
+    the ViT's forward FLOPs per LLM token of that microbatch (stage 0's share in the pipeline balance)."""
+    mcfg, T, frac = plan.mcfg, plan.cfg.data.max_tokens, plan.cfg.parallel.pp_vision_fraction
+    grids = [(1, 32, 32)] * (int(T * frac) // 256)
+    seq = min(T, 2048)
+    cu = list(range(0, T + 1, seq)) if T % seq == 0 else [*range(0, T, seq), T]
+    trainable = [_FLOPS_GROUP[g] for g in GROUPS if g not in plan.frozen]
+    f = batch_flops(mcfg, cu, grids, trainable=trainable)
+    flops = {
+        "per_token_typical": f["per_token"],
+        "per_token_llm_text": batch_flops(mcfg, cu, [], trainable=trainable)["llm"] / T,
+        "per_patch_vit": vit_flops_per_patch(mcfg, (32, 32), trainable=trainable),
+        "six_n": 6.0 * n_params,
+        "vision_fraction": frac,
+        "sample_len": seq,
+    }
+    return flops, f["vit_fwd"] / T
+
+
+@dataclass(frozen=True)
+class _Activations:
+    """Activation elements one decoder layer keeps per token and one ViT block per patch row, under the recipe's
+    activation checkpointing (`dec`, `vit`) and without recomputation (`dec_none`, `vit_none`: what a block being
+    recomputed holds), divided by tp where TP/SP shard them."""
+
+    dec: float
+    vit: float
+    dec_none: float
+    vit_none: float
+    full: bool
+    """Full checkpointing: one block's whole activations are alive during its recomputation."""
+    bytes_per_element: int
+
+    @classmethod
+    def of(cls, plan: _Plan) -> _Activations:
+        p = plan.cfg.parallel
+        ac = p.activation_checkpoint
+        mode = "none" if ac == "none" else ("op" if ac == "selective" and p.ac_selective == "op" else "full")
+        dec, vit = _activation_elems_per_token(plan.mcfg, plan.tp, plan.sp, mode)
+        dec_none, vit_none = _activation_elems_per_token(plan.mcfg, plan.tp, plan.sp, "none")
+        if ac == "selective" and p.ac_selective == "block":  # every ac_every-th block fully recomputed
+            frac = 1.0 / p.ac_every
+            dec = frac * dec + (1 - frac) * dec_none
+            vit = frac * vit + (1 - frac) * vit_none
+        return cls(dec, vit, dec_none, vit_none, mode == "full", 2 if p.mixed_precision == "bf16" else 4)
+
+    def per_microbatch(self, plan: _Plan, stage: int, n_layers: int, tokens: int, rows: int) -> float:
+        """Elements one microbatch of `tokens` tokens and `rows` ViT rows keeps on a stage until its backward."""
+        el = tokens * n_layers * self.dec
+        if stage == 0:
+            el += rows * plan.mcfg.vision.depth * self.vit + tokens * plan.mcfg.text.hidden_size
+        return el
+
+    def stage_bytes(self, plan: _Plan, stage: int, n_layers: int, tokens: int, rows: int) -> float:
+        """Bytes with the stage's 1F1B microbatches in flight, the largest being one of (tokens, rows) and the others
+        typical: the longest sample a recipe allows travels alone in its microbatch (data/packing.py)."""
+        d = plan.cfg.data
+        inflight = min(plan.microbatches, plan.pp - stage) if plan.pp > 1 else 1
+        el = (self.per_microbatch(plan, stage, n_layers, tokens, rows)
+              + (inflight - 1) * self.per_microbatch(plan, stage, n_layers, d.max_tokens, d.patch_budget))
+        one_block = max(tokens * self.dec_none, rows * self.vit_none if stage == 0 else 0)
+        el += one_block  # a block's backward: the gradients of its intermediate tensors
+        if self.full:  # and one block's full activations alive during its recomputation
+            el += one_block
+        b = el * self.bytes_per_element
+        if stage == plan.pp - 1:  # one chunk of fp32 logits and its gradient
+            t = plan.mcfg.text
+            chunk = min(plan.cfg.parallel.loss_chunk_size or DEFAULT_CHUNK_SIZE, tokens)
+            b += 2 * chunk * t.vocab_size / plan.tp * 4
+            if "llm" not in plan.cfg.frozen_groups:  # the fused head's fp32 d/dW, held from its forward to backward
+                b += 4 * t.vocab_size / plan.tp * t.hidden_size
+        return b
+
+
 def _activation_elems_per_token(mcfg: ModelConfig, tp: int, sp: bool, ac: str) -> tuple[float, float]:
     """(decoder layer, ViT block) activation elements kept per token/patch for one block."""
     t, v = mcfg.text, mcfg.vision
@@ -141,154 +273,83 @@ def _activation_elems_per_token(mcfg: ModelConfig, tp: int, sp: bool, ac: str) -
     return D / s, C / s  # full: only the block input (one block is recomputed at a time: added separately)
 
 
-def dry_run(cfg: JobConfig, world_size: int | None = None) -> DryRunReport:
-    """Analyze the recipe's layout (see the module doc). Raises ValueError/ConfigError on an invalid layout."""
-    p = cfg.parallel
-    mcfg = resolve_model_config(cfg.model, require_init=False)
-    if world_size is None:
-        if p.dp == -1:
-            raise ValueError("parallel.dp=-1 fills dp from the world size: pass --world-size N to the dry run")
-        world_size = p.pp * p.dp * p.tp
-    dims = ParallelDims(p.pp, p.dp, p.tp, world_size)  # validates pp x dp x tp = world size
-    dp, tp, pp = dims.dp, dims.tp, dims.pp
-    check_tp_divisibility(mcfg, tp)
-    sp = p.sequence_parallel and tp > 1
-    from train.trainer import microbatches_per_rank
-
-    m = microbatches_per_rank(cfg, dp)
-    frozen = set(cfg.frozen_groups)
-    layer_ids = stage_layer_ids(mcfg, pp, p.pp_first_stage_layers, p.pp_vision_fraction)
-
-    full = meta_model(mcfg)
-    by_group = dict.fromkeys(GROUPS, 0)
-    for name, prm in full.named_parameters():
-        by_group[group_of(name)] += prm.numel()
-    trainable_by_group = {g: (0 if g in frozen else n) for g, n in by_group.items()}
-
-    # FLOPs per token of a typical microbatch: data.max_tokens LLM tokens of which pp_vision_fraction are
-    # image tokens (32x32-patch images, 256 tokens each), in samples of up to 2048 tokens.
-    T = cfg.data.max_tokens
-    n_img_tok = int(T * p.pp_vision_fraction)
-    grids = [(1, 32, 32)] * (n_img_tok // 256)
-    seq = min(T, 2048)
-    cu = list(range(0, T + 1, seq)) if T % seq == 0 else [*range(0, T, seq), T]
-    trainable = [_FLOPS_GROUP[g] for g in GROUPS if g not in frozen]
-    f = batch_flops(mcfg, cu, grids, trainable=trainable)
-    flops = {
-        "per_token_typical": f["per_token"],
-        "per_token_llm_text": batch_flops(mcfg, cu, [], trainable=trainable)["llm"] / T,
-        "per_patch_vit": (batch_flops(mcfg, [0, 0], [(1, 32, 32)], trainable=trainable)["vit"] / 1024),
-        "six_n": 6.0 * sum(by_group.values()),
-        "vision_fraction": p.pp_vision_fraction,
-        "sample_len": seq,
-    }
-
-    act_dtype = 2 if p.mixed_precision == "bf16" else 4
-    ac = p.activation_checkpoint
-    ac_mode = "none" if ac == "none" else ("op" if ac == "selective" and p.ac_selective == "op" else "full")
-    dec_el, vit_el = _activation_elems_per_token(mcfg, tp, sp, ac_mode)
-    dec_none, vit_none = _activation_elems_per_token(mcfg, tp, sp, "none")
-    if ac == "selective" and p.ac_selective == "block":  # every ac_every-th block fully recomputed
-        frac = 1.0 / p.ac_every
-        dec_el = frac * dec_el + (1 - frac) * dec_none
-        vit_el = frac * vit_el + (1 - frac) * vit_none
-    N = cfg.data.patch_budget
+def _stage(plan: _Plan, s: int, act: _Activations, vit_fwd_per_token: float) -> StageReport:
+    """Stage s as the engine builds it (the same pipeline pruning), per rank."""
+    mod = prune_to_stage(meta_model(plan.mcfg), s, plan.layer_ids)
+    ids = plan.layer_ids[s]
+    n_loc, g_loc, largest_unit = _local_params(plan, mod)
+    mem = _memory(plan, n_loc, g_loc, largest_unit)
+    d = plan.cfg.data
+    mem["activations"] = act.stage_bytes(plan, s, len(ids), d.max_tokens, d.patch_budget) / GB
+    mem["total"] = sum(mem.values())
     # The longest microbatch the recipe allows: a video sample up to its own budgets (data.max_video_sample_*).
-    T_long, N_long = cfg.data.video_sample_tokens, cfg.data.video_sample_patches
-
-    stages = []
-    for s in range(pp):
-        mod = prune_to_stage(meta_model(mcfg), s, layer_ids)
-        n_loc = g_loc = 0
-        largest_unit = 0
-        seen: set[int] = set()
-        for name, prm in mod.named_parameters(remove_duplicate=False):
-            if id(prm) in seen:  # tied: the head is the embedding (on a pipeline's last stage, its own copy)
-                continue
-            seen.add(id(prm))
-            k = local_numel(name, prm.numel(), tp, sp)
-            n_loc += k
-            if group_of(name) not in frozen:
-                g_loc += k
-        units = [(f"layers.{i}", b) for i, b in mod.layers.items()]
-        if mod.visual is not None:
-            units += [(f"visual.blocks.{i}", b) for i, b in mod.visual.blocks.items()]
-        for prefix, blk in units:  # ZeRO-3 holds one unsharded FSDP unit at a time
-            unit = sum(local_numel(f"{prefix}.{n}", q.numel(), tp, sp) for n, q in blk.named_parameters())
-            largest_unit = max(largest_unit, unit)
-        modules = []
-        if mod.visual is not None:
-            modules += [f"visual ({mcfg.vision.depth} blocks)", "merger"]
-        if mod.embed_tokens is not None and s == 0:
-            modules.append("embed_tokens")
-        ids = layer_ids[s]
-        modules.append(f"layers {ids[0]}-{ids[-1]} ({len(ids)})")
-        if mod.norm is not None:
-            modules += ["norm", "lm_head"]
-        # Memory (GB per rank)
-        zero3 = p.zero_stage == 3
-        compute_b = 2 if p.mixed_precision == "bf16" else 4  # bytes of the compute copies and their gradients
-        if p.mixed_precision == "bf16":
-            params_b = (2 * (largest_unit if zero3 else n_loc) + 2 * n_loc / dp * zero3) + 4 * n_loc / dp
-        else:
-            params_b = 4 * (largest_unit if zero3 else n_loc) + 4 * n_loc / dp
-        # ZeRO-1: the unsharded gradients and the fp32 shards they are reduced into never coexist (model above).
-        grads_b = (compute_b * largest_unit + 4 * g_loc / dp if zero3
-                   else max(compute_b * g_loc, 4 * g_loc / dp))
-        optim_b = 8 * g_loc / dp
-        inflight = min(m, pp - s) if pp > 1 else 1
-
-        def per_mb(tokens: int, rows: int, stage: int = s, n_layers: int = len(ids)) -> float:
-            """Activation elements one microbatch keeps on this stage until its backward."""
-            el = tokens * n_layers * dec_el
-            if stage == 0:
-                el += rows * mcfg.vision.depth * vit_el + tokens * mcfg.text.hidden_size
-            return el
-
-        def activations(tokens: int, rows: int, stage: int = s, inflight: int = inflight) -> float:
-            """Bytes with `inflight` microbatches alive, the largest being one of (tokens, rows) and the others
-            typical: the longest sample a recipe allows travels alone in its microbatch (data/packing.py)."""
-            el = per_mb(tokens, rows) + (inflight - 1) * per_mb(T, N)
-            one_block = max(tokens * dec_none, rows * vit_none if stage == 0 else 0)
-            el += one_block  # a block's backward: the gradients of its intermediate tensors
-            if ac_mode == "full":  # and one block's full activations alive during its recomputation
-                el += one_block
-            b = el * act_dtype
-            if stage == pp - 1:
-                b += 2 * min(p.loss_chunk_size or DEFAULT_CHUNK_SIZE, tokens) * mcfg.text.vocab_size / tp * 4
-                if "llm" not in frozen:  # the fused head's fp32 d/dW, held from its forward to the backward
-                    b += 4 * mcfg.text.vocab_size / tp * mcfg.text.hidden_size
-            return b
-
-        act_b = activations(T, N)
-        act_long_b = activations(T_long, N_long)
-        mem = {"params": params_b / GB, "grads": grads_b / GB, "optimizer": optim_b / GB, "activations": act_b / GB}
-        mem["total"] = sum(mem.values())
-        mem["activations_longest"] = act_long_b / GB
-        mem["total_longest"] = mem["total"] - mem["activations"] + mem["activations_longest"]
-        # forward FLOPs per LLM token of this stage (for the balance of the split)
-        lf = 2 * len(ids) * _layer_matmul_params(mcfg) + (2 * mcfg.text.hidden_size * mcfg.text.vocab_size
-                                                         if s == pp - 1 else 0)
-        if s == 0:
-            lf += f["vit_fwd"] / T
-        stages.append(StageReport(s, ids, modules, n_loc, g_loc, lf / tp, mem))
-
-    rep = DryRunReport(world_size, dp, tp, pp, m, sum(by_group.values()), by_group, trainable_by_group, stages, flops)
-    rep.text = format_report(rep, cfg, mcfg, sp)
-    return rep
+    mem["activations_longest"] = act.stage_bytes(plan, s, len(ids), d.video_sample_tokens,
+                                                 d.video_sample_patches) / GB
+    mem["total_longest"] = mem["total"] - mem["activations"] + mem["activations_longest"]
+    return StageReport(s, ids, _stage_modules(plan, mod, s), n_loc, g_loc,
+                       _stage_fwd_flops(plan, s, len(ids), vit_fwd_per_token), mem)
 
 
-def _layer_matmul_params(mcfg: ModelConfig) -> int:
-    t = mcfg.text
-    kv = t.num_kv_heads * t.head_dim
-    return 2 * t.hidden_size * t.hidden_size + 2 * t.hidden_size * kv + 3 * t.hidden_size * t.intermediate_size
+def _local_params(plan: _Plan, mod: nn.Module) -> tuple[int, int, int]:
+    """(parameters, trainable parameters, parameters of the largest FSDP unit) one tp rank of a stage holds."""
+    n_loc = g_loc = 0
+    seen: set[int] = set()
+    for name, prm in mod.named_parameters(remove_duplicate=False):
+        if id(prm) in seen:  # tied: the head is the embedding (on a pipeline's last stage, its own copy)
+            continue
+        seen.add(id(prm))
+        k = local_numel(name, prm.numel(), plan.tp, plan.sp)
+        n_loc += k
+        if group_of(name) not in plan.frozen:
+            g_loc += k
+    units = [(f"layers.{i}", b) for i, b in mod.layers.items()]
+    if mod.visual is not None:
+        units += [(f"visual.blocks.{i}", b) for i, b in mod.visual.blocks.items()]
+    largest_unit = max((sum(local_numel(f"{prefix}.{n}", q.numel(), plan.tp, plan.sp)
+                            for n, q in blk.named_parameters()) for prefix, blk in units), default=0)
+    return n_loc, g_loc, largest_unit
+
+
+def _memory(plan: _Plan, n_loc: int, g_loc: int, largest_unit: int) -> dict[str, float]:
+    """GB per rank of parameters, gradients and optimizer state (the module doc's memory model)."""
+    p, dp = plan.cfg.parallel, plan.dp
+    zero3 = p.zero_stage == 3  # ZeRO-3 holds one unsharded FSDP unit at a time
+    compute_b = 2 if p.mixed_precision == "bf16" else 4  # bytes of the compute copies and their gradients
+    if p.mixed_precision == "bf16":
+        params_b = (2 * (largest_unit if zero3 else n_loc) + 2 * n_loc / dp * zero3) + 4 * n_loc / dp
+    else:
+        params_b = 4 * (largest_unit if zero3 else n_loc) + 4 * n_loc / dp
+    # ZeRO-1: the unsharded gradients and the fp32 shards they are reduced into never coexist (module doc).
+    grads_b = compute_b * largest_unit + 4 * g_loc / dp if zero3 else max(compute_b * g_loc, 4 * g_loc / dp)
+    return {"params": params_b / GB, "grads": grads_b / GB, "optimizer": 8 * g_loc / dp / GB}
+
+
+def _stage_modules(plan: _Plan, mod: nn.Module, s: int) -> list[str]:
+    modules = []
+    if mod.visual is not None:
+        modules += [f"visual ({plan.mcfg.vision.depth} blocks)", "merger"]
+    if mod.embed_tokens is not None and s == 0:
+        modules.append("embed_tokens")
+    ids = plan.layer_ids[s]
+    modules.append(f"layers {ids[0]}-{ids[-1]} ({len(ids)})")
+    if mod.norm is not None:
+        modules += ["norm", "lm_head"]
+    return modules
+
+
+def _stage_fwd_flops(plan: _Plan, s: int, n_layers: int, vit_fwd_per_token: float) -> float:
+    """Forward matmul FLOPs per LLM token of one stage, per tp rank (what the pipeline split balances): its decoder
+    layers, the LM head on the last stage, the ViT's share on the first (model/flops.py)."""
+    one = llm_forward_flops(plan.mcfg, [1])  # the per-token figures
+    f = n_layers * (one["layers_linear"] // plan.mcfg.text.num_layers) + (one["head"] if s == plan.pp - 1 else 0)
+    if s == 0:
+        f += vit_fwd_per_token
+    return f / plan.tp
 
 
 def _h(n: float) -> str:
-    for unit, div in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(n) >= div:
-            return f"{n / div:.2f}{unit}"
-    return f"{n:.0f}"
+    """A count in K, M, B (billions), T."""
+    return si(n, ("T", "B", "M", "K"))
 
 
 def format_report(r: DryRunReport, cfg: JobConfig, mcfg: ModelConfig, sp: bool) -> str:
@@ -339,12 +400,3 @@ def format_report(r: DryRunReport, cfg: JobConfig, mcfg: ModelConfig, sp: bool) 
         f"{_h(f['per_patch_vit'])} | 6N = {_h(f['six_n'])}"
     )
     return "\n".join(lines)
-
-
-def summary_dict(r: DryRunReport) -> dict[str, Any]:
-    return {
-        "world_size": r.world_size, "dp": r.dp, "tp": r.tp, "pp": r.pp, "params_total": r.params_total,
-        "params_by_group": r.params_by_group, "trainable_by_group": r.trainable_by_group,
-        "stages": [{"stage": s.stage, "layers": s.layers, "params": s.params, "memory_gb": s.memory} for s in r.stages],
-        "flops": r.flops,
-    }

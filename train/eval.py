@@ -1,7 +1,5 @@
-"""Held-out evaluation: teacher-forced loss through the training engine, and greedy-generation accuracy.
-
-    python -m train.eval CHECKPOINT_OR_HF_DIR --data PATH [--data PATH ...] [--max-new-tokens N]
-                         [--max-samples N] [--out FILE.json] [--tokenizer DIR] [--device cpu|cuda] [--dtype fp32]
+"""Held-out evaluation during a run: teacher-forced loss through the training engine, and greedy-generation
+accuracy (the scoring and prompts here are also those of the offline CLI, `python -m tools.eval`).
 
 Two figures per held-out dataset (recipe section `eval`, train/config.py EvalSection):
 - loss: a forward-only pass of the TRAINING engine (ParallelModel.evaluate: every layout, pipeline included) over
@@ -21,25 +19,19 @@ Two figures per held-out dataset (recipe section `eval`, train/config.py EvalSec
   dp-th sample; counts are summed over ranks. With pp > 1 the layers live on different processes, so generation
   is skipped: a warning says so and every eval record carries `generation_skipped` with the reason.
   The gathered copy costs one full model of memory per generating rank; for models that do not fit, set
-  eval.generation: false and run this CLI on the checkpoint (or on an export) instead.
+  eval.generation: false and run `python -m tools.eval` on the checkpoint (or on an export) instead.
 
 Records: one metrics.jsonl record per dataset and evaluation ({"event": "eval", "step", "stage", "dataset",
 "loss", "exact", "contains", "n", ...}), a console line, and W&B keys eval/<dataset>/<figure> (train/metrics.py).
-The CLI runs in one process (no process group): our checkpoints (a step_* dir, or a checkpoint / run dir whose
-latest complete step is taken; the tokenizer and data settings come from its config.yaml) or an HF directory
-(the tokenizer from it unless --tokenizer).
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging
 import re
-import sys
 import time
-import warnings
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,8 +42,6 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from core.batch import IGNORE_INDEX, PackedBatch
-from core.config import ConfigError
-from core.dtypes import DTYPES
 from data.chatml import SkipSample
 from data.config import DataConfig, DatasetSpec
 from data.loader import build_loader
@@ -61,20 +51,17 @@ from data.sources import Reader, plan_dataset
 from data.tokenizer import Tokenizer
 from model.config import ModelConfig
 from model.generate import greedy_generate
-from model.hf_adapter import is_hf_dir, load_hf_model
+from model.meta import empty_model
 from model.qwen2_vl import Qwen2VL
-from train.checkpoint import Layout, load_state, read_meta, resolve_checkpoint
-from train.config import JobConfig, load_config
+from train.checkpoint import Layout
+from train.config import JobConfig
 from train.metrics import MetricsLogger
-from train.report import pct
-from train.state import ModelState
-from train.weights import meta_model
 
 log = logging.getLogger(__name__)
 
 PP_SKIP_REASON = ("pp={pp} > 1: greedy generation needs the whole model in one process, and this layout splits "
                   "the decoder layers over pipeline stages; held-out loss is still reported (evaluate a checkpoint "
-                  "with `python -m train.eval` for accuracy)")
+                  "with `python -m tools.eval` for accuracy)")
 
 
 # ------------------------------------------------------------------------------------------ scoring
@@ -280,11 +267,7 @@ class Evaluator:
             return None
         # In the engine's compute dtype (bf16 under mixed precision); dropped after the evaluation, so training
         # never holds the extra full copy.
-        model = meta_model(self.mcfg).to_empty(device=self.device)
-        if self.mcfg.text.tie_word_embeddings:
-            model.lm_head.weight = model.embed_tokens.weight
-        model.init_buffers(self.device)
-        model = model.to(self.engine.compute_dtype).eval()
+        model = empty_model(self.mcfg, self.device).to(self.engine.compute_dtype).eval()
         model.load_state_dict(full, strict=True)
         return model
 
@@ -346,87 +329,3 @@ class Evaluator:
             rec["seconds"] = round(seconds[i] + time.perf_counter() - t0, 3)
             self.metrics.eval(rec)
         return records
-
-
-# ------------------------------------------------------------------------------------------ offline (CLI)
-def load_for_eval(path: str | Path, device: str = "cpu", dtype: torch.dtype | None = None,
-                  tokenizer: str | None = None) -> tuple[Qwen2VL, DataConfig]:
-    """(model, data settings) of an HF directory or one of our checkpoints, for one process."""
-    p = Path(path)
-    if is_hf_dir(p):
-        tok = tokenizer or str(p)
-        if not Path(tok, "tokenizer.json").is_file() and not Path(tok).is_file():
-            raise ConfigError(f"{tok} has no tokenizer.json: pass --tokenizer DIR (a Qwen2-VL tokenizer directory)")
-        return load_hf_model(p, dtype=dtype, device=device).eval(), DataConfig(tokenizer=tok)
-    ck = resolve_checkpoint(p)
-    job = load_config(ck / "config.yaml")
-    mcfg = ModelConfig.from_hf_dict(read_meta(ck)["model_config"])
-    model = meta_model(mcfg).to_empty(device="cpu")
-    if mcfg.text.tie_word_embeddings:
-        model.lm_head.weight = model.embed_tokens.weight
-    with warnings.catch_warnings():  # one process by design: DCP's "torch.distributed is disabled" is noise here
-        warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
-        load_state(ck, {"model": ModelState([model])}, no_dist=True)
-    model.init_buffers("cpu")
-    model = model.to(device=device, dtype=dtype).eval()
-    return model, dataclasses.replace(job.data, tokenizer=tokenizer or job.data.tokenizer)
-
-
-def evaluate_offline(path: str | Path, data: list[str], *, max_new_tokens: int = 32, max_samples: int | None = None,
-                     device: str = "cpu", dtype: str | None = None, tokenizer: str | None = None,
-                     print_fn=print) -> dict[str, Any]:
-    """Generation accuracy of a model on held-out chat datasets; returns the report (figures + predictions)."""
-    model, data_cfg = load_for_eval(path, device, DTYPES[dtype] if dtype else None, tokenizer)
-    specs = [DatasetSpec(path=d) for d in data]
-    names = [s.label for s in specs]
-    if len(set(names)) != len(names):
-        raise ConfigError(f"--data paths have the same name {names}: give directories with distinct names")
-    data_cfg = dataclasses.replace(data_cfg, datasets=specs)
-    proc = SampleProcessor(data_cfg)
-    report: dict[str, Any] = {"model": str(path), "max_new_tokens": max_new_tokens, "datasets": {},
-                              "predictions": []}
-    for i, spec in enumerate(specs):
-        t0 = time.perf_counter()
-        samples, skips = qa_samples(data_cfg, spec, i, proc, max_samples=max_samples)
-        preds = [answer(model, s, proc.tok, max_new_tokens) for s in samples]
-        n = len(preds)
-        fig = {"n": n, "exact": sum(p.exact for p in preds) / n if n else None,
-               "contains": sum(p.contains for p in preds) / n if n else None, "skipped": dict(skips),
-               "seconds": round(time.perf_counter() - t0, 2)}
-        report["datasets"][spec.label] = fig
-        report["predictions"] += [{"dataset": spec.label, **dataclasses.asdict(p)} for p in preds]
-        print_fn(f"{spec.label}: exact {pct(fig['exact'])} contains {pct(fig['contains'])} on {n} samples"
-                 + (f" (skipped {dict(skips)})" if skips else "") + f" in {fig['seconds']}s")
-    return report
-
-
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m train.eval", description=__doc__.split("\n\n")[0])
-    ap.add_argument("model", help="a checkpoint of ours (step_* dir, checkpoint dir or run dir) or an HF directory")
-    ap.add_argument("--data", action="append", required=True, help="held-out chat shards (repeat for several)")
-    ap.add_argument("--max-new-tokens", type=int, default=32, help="tokens generated at most per answer")
-    ap.add_argument("--max-samples", type=int, default=None, help="first N chat samples per dataset")
-    ap.add_argument("--out", default="eval_predictions.json", help="the JSON report (default eval_predictions.json)")
-    ap.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the checkpoint's or HF dir's)")
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="cast the weights (default: as stored)")
-    args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    if args.max_new_tokens < 1 or (args.max_samples is not None and args.max_samples < 1):
-        ap.error("--max-new-tokens and --max-samples must be >= 1")
-    try:
-        report = evaluate_offline(args.model, args.data, max_new_tokens=args.max_new_tokens,
-                                  max_samples=args.max_samples, device=args.device, dtype=args.dtype,
-                                  tokenizer=args.tokenizer)
-    except (ConfigError, ValueError, FileNotFoundError) as e:
-        print(f"eval failed: {' '.join(str(e).split())}", file=sys.stderr)
-        return 2
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1) + "\n")
-    print(f"predictions: {out}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

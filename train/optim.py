@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 import torch.nn as nn
+from torch.distributed.checkpoint.stateful import Stateful
 
 from train.config import GROUPS, JobConfig
 
@@ -121,3 +123,29 @@ def set_lr(optimizer: torch.optim.Optimizer | None, step: int, cfg: JobConfig) -
         for g in optimizer.param_groups:
             g["lr"] = g["peak_lr"] * mult
     return {g: cfg.group_lr(g) * mult for g in GROUPS if g not in cfg.frozen_groups}
+
+
+class ScheduleState(Stateful):
+    """The settings that decide every step's update (per-group peak LRs, schedule, warmup, AdamW), saved with each
+    checkpoint (`schedule.<key>`) so that a resumed run can say which of them its recipe changed."""
+
+    def __init__(self, cfg: JobConfig) -> None:
+        self.cfg = cfg
+        self.saved: dict[str, Any] = {}
+        """The checkpoint's settings, after a load."""
+
+    def state_dict(self) -> dict[str, Any]:
+        o = self.cfg.optim
+        out: dict[str, Any] = {f"lr_{g}": self.cfg.group_lr(g) for g in GROUPS}
+        out.update(schedule=o.schedule, warmup_steps=o.warmup_steps, min_lr_ratio=o.min_lr_ratio,
+                   steps=self.cfg.train.steps, weight_decay=o.weight_decay, betas=list(o.betas), eps=o.eps)
+        return out
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.saved = dict(state_dict)
+
+    def changes(self) -> list[str]:
+        """'key: saved -> now' for every loaded setting the recipe now sets differently."""
+        now = self.state_dict()
+        return [f"{k}: {self.saved[k]!r} -> {now[k]!r}" for k in now if k in self.saved and self.saved[k] != now[k]]
+

@@ -5,8 +5,10 @@
               DTensor shards under TP/FSDP, so any layout loads any other (DCP reshards)
     optim     AdamW state through get/set_optimizer_state_dict (flattened, keyed by FQN: layout independent;
               DCP creates the optimizer state of a fresh run itself before loading into it)
-    trainer   step, skipped steps, tokens and samples seen, data pass (identical on every rank)
-    schedule  the LR schedule and AdamW settings the run used (compared on resume: a change is a warning)
+    trainer   step, skipped steps, tokens and samples seen, data pass (identical on every rank): the
+              Trainer itself is Stateful (train/trainer.py)
+    schedule  the LR schedule and AdamW settings the run used (train/optim.py ScheduleState; compared on
+              resume: a change is a warning)
     loader    the loader position of each dp rank (`loader.dp<r>`, written by the dp rank's first stage)
     rng       python / numpy / torch / CUDA RNG states of each global rank (`rng.rank<g>`)
 
@@ -22,7 +24,6 @@ from __future__ import annotations
 
 import io
 import random
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -79,19 +80,6 @@ class OptimizerState(Stateful):
             set_optimizer_state_dict(self.module, self.optimizer, state_dict, options=_OPTIM_OPTIONS)
 
 
-class ValuesState(Stateful):
-    """A flat dict of plain values read and written through two callables (counters, schedule settings)."""
-
-    def __init__(self, get: Callable[[], dict[str, Any]], put: Callable[[dict[str, Any]], None]) -> None:
-        self._get, self._put = get, put
-
-    def state_dict(self) -> dict[str, Any]:
-        return dict(self._get())
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._put(dict(state_dict))
-
-
 class BlobState(Stateful):
     """One plain-typed value (a loader position, an RNG state) stored as one blob under one key; after a load,
     `value` holds what was read (the loader is built after the load: its seed depends on the restored counters).
@@ -108,6 +96,27 @@ class BlobState(Stateful):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.value = torch.load(io.BytesIO(state_dict[self.key]), weights_only=True)
+
+
+class LoaderState(BlobState):
+    """This dp rank's loader position (`loader.dp<r>`). The loader is built after a resume's load (its seed depends
+    on the restored data pass): a loaded position waits in `value` until the loader is attached."""
+
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.loader: Any = None
+
+    def state_dict(self) -> dict[str, Any]:
+        if self.loader is not None:  # else (a resume's load, before the loader exists) a template for the load
+            self.value = self.loader.state_dict()
+        return super().state_dict()
+
+    def attach(self, loader: Any) -> None:
+        """From now on save this loader's position; restore the loaded one into it (ValueError when the loader's
+        settings differ from the saved ones)."""
+        self.loader = loader
+        if self.value is not None:
+            loader.load_state_dict(self.value)
 
 
 # ------------------------------------------------------------------------------------------ RNG

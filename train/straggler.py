@@ -21,15 +21,11 @@ event in metrics.jsonl and a console warning naming its host and rank. Every che
 
 NOTE: with data.num_workers=0 the data is prepared in the training thread, so its CPU time shows in compute_s
 as well as in data_wait_s (the usual setup loads in worker processes).
-
-Test hook: QWEN2VL_SLOW_RANK="RANK:SECONDS" makes that global rank burn SECONDS of CPU in every step, a rank on
-a slow device (tests/cluster).
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import socket
 import statistics
 import time
@@ -42,7 +38,6 @@ import torch.distributed as dist
 
 log = logging.getLogger(__name__)
 
-SLOW_RANK_ENV = "QWEN2VL_SLOW_RANK"
 T = TypeVar("T")
 
 
@@ -94,23 +89,6 @@ def find_stragglers(timings: list[RankTiming], ratio: float) -> dict[str, Any]:
     }
 
 
-def parse_slow_rank(value: str | None) -> tuple[int, float] | None:
-    """QWEN2VL_SLOW_RANK="RANK:SECONDS" -> (rank, seconds); unset or empty -> None."""
-    if not value:
-        return None
-    try:
-        rank, seconds = value.split(":")
-        return int(rank), float(seconds)
-    except ValueError:
-        raise ValueError(f"{SLOW_RANK_ENV}={value!r}: expected RANK:SECONDS, e.g. 3:0.5") from None
-
-
-def _burn_cpu(seconds: float) -> None:
-    end = time.process_time() + seconds
-    while time.process_time() < end:
-        pass
-
-
 class StragglerMonitor:
     """Times every train step of this rank; every `every` steps gathers the window over all ranks (a collective:
     every rank calls `timed` the same number of times) and reports on rank 0. every=0 turns it off."""
@@ -120,13 +98,10 @@ class StragglerMonitor:
         self.every, self.ratio, self.rank, self.pp_stage = every, ratio, rank, pp_stage
         self.device, self.event, self.is_main, self.loader = device, event, is_main, loader
         self.host = socket.gethostname()
-        slow = parse_slow_rank(os.environ.get(SLOW_RANK_ENV))
-        self.burn_s = slow[1] if slow is not None and slow[0] == rank else 0.0
         self._calls = 0  # steps in the current window
         self._n = 0  # of which timed (the first step of a process is not)
         self._sum = [0.0, 0.0, 0.0]  # step_s, data_wait_s, compute_s over the window
         self._warm = False
-        self.last_report: dict[str, Any] | None = None
 
     def _loader_wait(self) -> float:
         return float(self.loader.metrics().get("wait_s", 0.0)) if self.loader is not None else 0.0
@@ -138,8 +113,6 @@ class StragglerMonitor:
             return step_fn()
         wall0, cpu0, wait0 = time.perf_counter(), time.process_time(), self._loader_wait()
         out = step_fn()
-        if self.burn_s:
-            _burn_cpu(self.burn_s)
         wall = time.perf_counter() - wall0
         wait = max(0.0, self._loader_wait() - wait0)
         busy = time.process_time() - cpu0 if self.device.type == "cpu" else max(0.0, wall - wait)
@@ -166,7 +139,6 @@ class StragglerMonitor:
         if not self.is_main:
             return
         rep = find_stragglers([g for g in gathered if g is not None], self.ratio)
-        self.last_report = rep
         slow = rep["slowest"]
         self.event("straggler_check", step=step, window_steps=n, slowest_rank=slow["rank"], slowest_host=slow["host"],
                    slowest_busy_s=round(slow["busy_s"], 4), median_busy_s=round(rep["median_busy_s"], 4),

@@ -1,4 +1,5 @@
-"""The train loop of one stage: build, (resume | init_from), step, log, checkpoint.
+"""The train loop of one stage: build (data sources checked first, then where the run starts: train/start.py),
+step, log, checkpoint.
 
     python -m train RECIPE.yaml [dotted.key=value ...]
 
@@ -12,10 +13,11 @@ One optimizer step:
   5. AdamW steps with the LR of the step (a pure function of the step: warmup + cosine);
   6. metrics are reduced and written by rank 0; a checkpoint is saved every checkpoint.every steps.
 
-Resume ("auto"): the latest complete checkpoint of checkpoint.dir restores weights, optimizer, step counters,
-RNG states and each dp rank's loader position, so the resumed run continues bitwise where the saved one was
-(same layout). Under a different layout, weights and optimizer state reshard (DCP); loader positions are
-restored when the dp size is unchanged, otherwise the loader restarts its stream (see docs/train.md).
+Resume ("auto", train/start.py): the latest complete checkpoint of checkpoint.dir restores weights, optimizer,
+the trainer's counters (the Trainer is Stateful), RNG states and each dp rank's loader position, so the resumed
+run continues bitwise where the saved one was (same layout). Under a different layout, weights and optimizer state
+reshard (DCP); loader positions are restored when the dp size is unchanged, otherwise the loader restarts its
+stream (see docs/train.md).
 """
 
 from __future__ import annotations
@@ -33,39 +35,31 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.stateful import Stateful
 
 from core.config import ConfigError
-from data.loader import DataError, LoaderInterrupted, build_loader
+from data.loader import DataError, Loader, LoaderInterrupted, build_loader, check_sources
+from data.sources import DatasetPlan, plan_dataset
 from model.flops import batch_flops
-from model.hf_adapter import is_hf_dir, load_hf_slices
-from model.qwen2_vl import Qwen2VL
-from parallel import init_distributed, parallelize
-from train.checkpoint import (
-    CheckpointManager,
-    Layout,
-    checkpoint_keys,
-    list_complete,
-    read_meta,
-    resolve_checkpoint,
-    step_dirs,
-)
-from train.config import JobConfig
+from parallel import ParallelModel, init_distributed, parallelize
+from train.checkpoint import CheckpointManager, Layout
+from train.config import GROUPS, JobConfig
 from train.eval import Evaluator
 from train.metrics import MetricsLogger, device_peak_tflops, peak_memory_gb
-from train.optim import apply_freeze, build_optimizer, set_lr
+from train.optim import ScheduleState, apply_freeze, build_optimizer, set_lr
 from train.prefetch import DevicePrefetcher
-from train.state import BlobState, ModelState, OptimizerState, ValuesState, rng_state, set_rng_state
+from train.start import load_start, plan_start, start_model
+from train.state import BlobState, LoaderState, ModelState, OptimizerState, rng_state
 from train.straggler import StragglerMonitor
-from train.weights import describe_init, load_checkpoint_weights, meta_model, resolve_model_config
 
 log = logging.getLogger(__name__)
 
-# Random init happens on the full model (then sharded) up to this size, else shard by shard.
-FULL_INIT_MAX_BYTES = 2 * 2**30
 # A new pass over the data (after a dp-size change) reseeds the loader by this much per pass.
 DATA_PASS_SEED_STRIDE = 1_000_003
 # model.flops names the vision group 'vit'.
 _FLOPS_GROUP = {"vision": "vit", "merger": "merger", "llm": "llm"}
+COUNTERS = ("step", "skipped_steps", "consecutive_skips", "tokens_seen", "samples_seen", "data_pass")
+"""The trainer's own checkpointed state (`trainer.<counter>`), identical on every rank."""
 
 
 class TrainingStopped(RuntimeError):
@@ -87,19 +81,6 @@ class TrainResult:
     """The signal that stopped the run (stop_reason 'signal'): the CLI exits with 128 + its number."""
     elapsed_s: float = 0.0
     """Wall time of train()."""
-
-
-def microbatches_per_rank(cfg: JobConfig, dp: int) -> int:
-    """Per-dp-rank microbatches per step from train.global_microbatches (or parallel.num_microbatches)."""
-    g = cfg.train.global_microbatches
-    if g is None:
-        return cfg.parallel.num_microbatches
-    if g % dp:
-        raise ConfigError(
-            f"train.global_microbatches={g} is not divisible by dp={dp}: choose a multiple of {dp} (the global batch "
-            "is split evenly over data-parallel ranks)"
-        )
-    return g // dp
 
 
 @dataclass
@@ -125,94 +106,45 @@ class StepStats:
     """A rank received SIGTERM / SIGUSR1 / SIGINT."""
 
 
-class Trainer:
-    """Builds everything for one stage; `train()` runs it, one `train_step()` at a time. All ranks build one."""
+class Trainer(Stateful):
+    """Builds everything for one stage; `train()` runs it, one `train_step()` at a time. All ranks build one.
+    Stateful: its counters (COUNTERS) are the checkpoint's `trainer.*`; checkpoint_state() lists the rest."""
 
     def __init__(self, cfg: JobConfig) -> None:
         self.cfg = cfg
-        self.dims = init_distributed(cfg.parallel)
-        d = self.dims
-        self.layout = Layout(
-            dp=d.dp, tp=d.tp, pp=d.pp, dp_rank=d.dp_rank, tp_rank=d.tp_rank, pp_rank=d.pp_rank,
-            rank=dist.get_rank(), world=dist.get_world_size(),
-        )
-        self.device = d.device
-        self.is_main = self.layout.rank == 0
-        self.m = microbatches_per_rank(cfg, d.dp)
-        if cfg.parallel.num_microbatches != self.m and cfg.train.global_microbatches is not None:
-            cfg.parallel.num_microbatches = self.m  # the engine reads it (pipeline schedule length)
-        if cfg.train.deterministic:
-            torch.use_deterministic_algorithms(True)
-        self.run_dir = Path(cfg.run_dir)
-        # A separate gloo group for checkpoint collectives: async saves run them from a background thread,
-        # which must not interleave with the training collectives of the default group.
-        self.ckpt_pg = dist.new_group(backend="gloo") if cfg.checkpoint.async_save else None
-        self.ckpt = CheckpointManager(
-            cfg.checkpoint_dir, self.layout, cfg.checkpoint.keep_last, cfg.checkpoint.async_save, self.ckpt_pg,
-            timeout_s=cfg.parallel.timeout_s,
-        )
-        self.resume_path = self._find_resume()
-        self.mcfg = resolve_model_config(cfg.model, self.resume_path)
-
-        # ---- model: build, freeze (before the engine wraps it), parallelize, materialize
-        # Weights that will be loaded (resume, init_from) are built on the meta device and only this rank's
-        # shards are ever allocated. A random init of a model that fits in host memory happens in full, seeded,
-        # before sharding: every rank and every layout then starts from the same weights (losses comparable
-        # across layouts). Bigger models initialize their shards in place (the init then depends on the layout).
+        self._init_distributed()
+        # ---- 1. the data sources, before anything big is built: a wrong path, a missing index or bad credentials
+        # fail in seconds, not after minutes of building and loading a 72B model.
+        self.data_plans = self._check_data()
+        # ---- 2. where the run starts (train/start.py): resume, init_from or fresh, and the architecture
+        self.ckpt = self._checkpoint_manager()
+        self.start = plan_start(cfg, self.ckpt, self.is_main)
+        self.mcfg = self.start.model_config
+        # ---- 3. the model for that start, frozen, sharded; its optimizer
         torch.manual_seed(cfg.train.seed)
-        loading = self.resume_path is not None or cfg.model.init_from is not None
-        model = meta_model(self.mcfg)
-        n_params = sum(p.numel() for p in model.parameters())
-        full_init = not loading and n_params * 4 <= FULL_INIT_MAX_BYTES
-        if full_init:
-            model = Qwen2VL(self.mcfg)
-        self.trainable_counts = apply_freeze(model.named_parameters(), cfg.frozen_groups)
-        self.engine = parallelize(model, self.dims, cfg.parallel)
-        if not full_init:
-            self.engine.materialize(init_weights=not loading)
-        apply_freeze(self.engine.named_parameters(), cfg.frozen_groups)
+        self.engine, self.trainable_counts = self._build_engine()
         self.optimizer = build_optimizer(list(self.engine.named_parameters()), cfg)
-        self.trainable_groups = [g for g in ("vision", "merger", "llm") if g not in cfg.frozen_groups]
-
-        # ---- counters (checkpointed)
-        self.step = 0
-        self.skipped_steps = 0
-        self.consecutive_skips = 0
-        self.tokens_seen = 0
-        self.samples_seen = 0
+        self.trainable_groups = [g for g in GROUPS if g not in cfg.frozen_groups]
+        # ---- 4. the checkpointed state, loaded from the start (resume: all of it; init_from: the weights)
+        self.step = self.skipped_steps = self.consecutive_skips = 0
+        self.tokens_seen = self.samples_seen = 0
         self.data_pass = 0  # bumped when the loader cannot continue its position (dp size changed)
-
-        # ---- resume (one load of everything) or init_from; then the data, seeded by the restored data pass
-        loader_state = None
-        resumed_from = None
-        if self.resume_path is not None:
-            loader_state = self._load_resume(self.resume_path)
-            resumed_from = self.step
-        elif cfg.model.init_from is not None:
-            self._load_init(cfg.model.init_from)
+        self.schedule = ScheduleState(cfg)
+        self.loader_state = LoaderState(f"dp{self.layout.dp_rank}")
+        load_start(self, self.engine, self.start)
         self._saved_step = self.step
-        self.loader = None  # only the first pipeline stage consumes microbatches (tp peers get identical ones)
-        if self.layout.has_data:
-            data_cfg = dataclasses.replace(cfg.data, seed=cfg.data.seed + DATA_PASS_SEED_STRIDE * self.data_pass)
-            # A stop signal is honoured while the loader waits for data (it polls this between short waits).
-            self.loader = build_loader(data_cfg, d.dp_rank, d.dp, interrupt=lambda: self._stop_signal is not None)
-            if loader_state is not None:
-                try:
-                    self.loader.load_state_dict(loader_state)
-                except ValueError as e:
-                    raise ConfigError(
-                        f"cannot restore the data position from {self.resume_path}: {e} (to continue with a new, "
-                        "reseeded pass over the data instead, set checkpoint.data_state=restart)"
-                    ) from e
+        # ---- 5. the data (seeded by the restored data pass), metrics, evaluation, monitors
+        self._stop_signal: int | None = None
+        self.loader = self._build_loader()
         self._it = None
-        self.metrics = MetricsLogger(cfg, self.is_main, resumed_from=resumed_from)
+        self.metrics = MetricsLogger(cfg, self.is_main, resumed_from=self.step if self.resume_path else None)
         self.evaluator = (Evaluator(cfg, self.engine, self.layout, self.mcfg, self.metrics, self.m)
                           if cfg.eval.datasets else None)
         self.peak_tflops = device_peak_tflops(self.device, cfg.metrics.peak_tflops)
         self.prefetcher = DevicePrefetcher(self.device)
         self.straggler = StragglerMonitor(cfg.metrics.straggler_every, cfg.metrics.straggler_ratio, self.layout.rank,
-                                          d.pp_rank, self.device, self.metrics.event, self.is_main, self.loader)
-        self._stop_signal: int | None = None
+                                          self.layout.pp_rank, self.device, self.metrics.event, self.is_main,
+                                          self.loader)
         if self.is_main:
             cfg.save(self.run_dir / "config.yaml")
         self.metrics.event(
@@ -223,143 +155,105 @@ class Trainer:
             microbatches_per_rank=self.m,
         )
 
+    # ------------------------------------------------------------------------------------ building
+    def _init_distributed(self) -> None:
+        """The process group and mesh, where this rank sits, and the per-rank microbatch count."""
+        cfg = self.cfg
+        self.dims = d = init_distributed(cfg.parallel)
+        self.layout = Layout(
+            dp=d.dp, tp=d.tp, pp=d.pp, dp_rank=d.dp_rank, tp_rank=d.tp_rank, pp_rank=d.pp_rank,
+            rank=dist.get_rank(), world=dist.get_world_size(),
+        )
+        self.device = d.device
+        self.is_main = self.layout.rank == 0
+        self.m = cfg.microbatches_per_rank(d.dp)
+        if cfg.parallel.num_microbatches != self.m and cfg.train.global_microbatches is not None:
+            cfg.parallel.num_microbatches = self.m  # the engine reads it (pipeline schedule length)
+        if cfg.train.deterministic:
+            torch.use_deterministic_algorithms(True)
+        self.run_dir = Path(cfg.run_dir)
+
+    def _check_data(self) -> list[DatasetPlan]:
+        """Every data source of the run (the tokenizer, the training datasets for this dp size, the eval datasets)
+        read as far as a loader would before its first sample. On every rank: none is left waiting in a collective
+        for a rank that failed."""
+        cfg = self.cfg
+        plans = check_sources(cfg.data, self.layout.dp)
+        for i, spec in enumerate(cfg.eval.datasets):
+            plan_dataset(i, spec, cfg.data.storage)
+        return plans
+
+    def _checkpoint_manager(self) -> CheckpointManager:
+        c = self.cfg.checkpoint
+        # A separate gloo group for checkpoint collectives: async saves run them from a background thread,
+        # which must not interleave with the training collectives of the default group.
+        self.ckpt_pg = dist.new_group(backend="gloo") if c.async_save else None
+        return CheckpointManager(self.cfg.checkpoint_dir, self.layout, c.keep_last, c.async_save, self.ckpt_pg,
+                                 timeout_s=self.cfg.parallel.timeout_s)
+
+    def _build_engine(self) -> tuple[ParallelModel, dict[str, int]]:
+        """The model for the start (train/start.py), frozen once, before the engine wraps it (frozen parameters get
+        no gradient, optimizer state or gradient reduction), then sharded; a model built on the meta device gets
+        its shards here, randomly initialized when no weights will be loaded. Returns the engine and the
+        trainable parameter count of each group."""
+        model, on_meta = start_model(self.start)
+        counts = apply_freeze(model.named_parameters(), self.cfg.frozen_groups)
+        engine = parallelize(model, self.dims, self.cfg.parallel)
+        if on_meta:
+            engine.materialize(init_weights=not self.start.loads_weights)
+        return engine, counts
+
+    def _build_loader(self) -> Loader | None:
+        """The first pipeline stage's loader (tp peers get identical microbatches; later stages consume none),
+        seeded by the data pass, at the resumed position when one was loaded."""
+        if not self.layout.has_data:
+            return None
+        cfg = self.cfg
+        data_cfg = dataclasses.replace(cfg.data, seed=cfg.data.seed + DATA_PASS_SEED_STRIDE * self.data_pass)
+        # A stop signal is honoured while the loader waits for data (it polls this between short waits).
+        loader = build_loader(data_cfg, self.layout.dp_rank, self.layout.dp,
+                              interrupt=lambda: self._stop_signal is not None, plans=self.data_plans)
+        try:
+            self.loader_state.attach(loader)
+        except ValueError as e:
+            raise ConfigError(
+                f"cannot restore the data position from {self.resume_path}: {e} (to continue with a new, "
+                "reseeded pass over the data instead, set checkpoint.data_state=restart)"
+            ) from e
+        return loader
+
     # ------------------------------------------------------------------------------------ state
-    def _counters(self) -> dict[str, int]:
-        return {"step": self.step, "skipped_steps": self.skipped_steps, "consecutive_skips": self.consecutive_skips,
-                "tokens_seen": self.tokens_seen, "samples_seen": self.samples_seen, "data_pass": self.data_pass}
+    @property
+    def resume_path(self) -> Path | None:
+        """The checkpoint this run resumed from (None: a new run)."""
+        return self.start.resume
 
-    def _set_counters(self, c: dict[str, Any]) -> None:
-        self.step, self.skipped_steps = int(c["step"]), int(c["skipped_steps"])
-        self.consecutive_skips, self.tokens_seen = int(c["consecutive_skips"]), int(c["tokens_seen"])
-        self.samples_seen, self.data_pass = int(c["samples_seen"]), int(c["data_pass"])
+    def state_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in COUNTERS}
 
-    def _schedule(self) -> dict[str, Any]:
-        """The settings that decide every step's update: a resumed run that changes one is warned about."""
-        o = self.cfg.optim
-        out: dict[str, Any] = {f"lr_{g}": self.cfg.group_lr(g) for g in ("vision", "merger", "llm")}
-        out.update(schedule=o.schedule, warmup_steps=o.warmup_steps, min_lr_ratio=o.min_lr_ratio,
-                   steps=self.cfg.train.steps, weight_decay=o.weight_decay, betas=list(o.betas), eps=o.eps)
-        return out
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        for k in COUNTERS:
+            setattr(self, k, int(state_dict[k]))
 
-    def _check_schedule(self, saved: dict[str, Any]) -> None:
-        """Called after a resume's load: warn about every schedule setting the recipe changed."""
-        now = self._schedule()
-        changed = [f"{k}: {saved[k]!r} -> {now[k]!r}" for k in now if k in saved and saved[k] != now[k]]
-        if changed and self.is_main:
-            log.warning("resuming with a different optimizer schedule than the checkpoint's (saved -> now): %s; "
-                        "the new values apply from step %d", "; ".join(changed), self.step + 1)
-
-    def _state(self) -> dict[str, Any]:
-        """The Stateful objects of a checkpoint (train/state.py) for this rank."""
+    def checkpoint_state(self) -> dict[str, Any]:
+        """The Stateful objects of a checkpoint (train/state.py) on this rank: one DCP save, one DCP load."""
         state: dict[str, Any] = {
             "model": ModelState(self.engine.modules),
             "optim": OptimizerState(self.engine.modules, self.optimizer),
-            "trainer": ValuesState(self._counters, self._set_counters),
-            "schedule": ValuesState(self._schedule, lambda saved: setattr(self, "_saved_schedule", saved)),
+            "trainer": self,
+            "schedule": self.schedule,
             "rng": BlobState(f"rank{self.layout.rank}", rng_state()),
         }
         if self.layout.has_data and self.layout.tp_rank == 0:
-            state["loader"] = BlobState(f"dp{self.layout.dp_rank}",
-                                        self.loader.state_dict() if getattr(self, "loader", None) else None)
+            state["loader"] = self.loader_state
         return state
-
-    # ------------------------------------------------------------------------------------ resume / init
-    def _find_resume(self) -> Path | None:
-        r = self.cfg.checkpoint.resume
-        if r == "never":
-            existing = list_complete(self.cfg.checkpoint_dir)
-            if existing:
-                raise ConfigError(
-                    f"checkpoint.resume=never but {self.cfg.checkpoint_dir} already holds {existing[-1].name}: "
-                    "use a new run_dir / checkpoint.dir, or checkpoint.resume=auto to continue it"
-                )
-            return None
-        if r == "auto":
-            found, rejected = self.ckpt.newest_verified()
-            if self.is_main:
-                for line in rejected:
-                    log.warning("checkpoint %s -- it fails verification and is passed over", line)
-            if found is None:
-                damaged = sorted(p.name for p in step_dirs(self.cfg.checkpoint_dir))
-                if damaged:
-                    raise ConfigError(
-                        f"{self.cfg.checkpoint_dir} holds step directories ({', '.join(damaged[-3:])}) but none is a "
-                        "complete, verified checkpoint: restore the files (each step's meta.json lists them with "
-                        "their checksums), or set checkpoint.resume=never to start over from model.init_from"
-                    )
-            elif rejected and self.is_main:
-                log.warning("resuming from %s, the newest checkpoint that verifies", found.name)
-            return found
-        path = resolve_checkpoint(r)
-        problems = self.ckpt.verify(path)
-        if problems:
-            raise ConfigError(f"checkpoint.resume={r}: {path} is damaged: {'; '.join(problems[:3])}")
-        return path
-
-    def _load_init(self, src: str) -> None:
-        if is_hf_dir(src):
-            sd = dict(self.engine.state_dict())
-            load_hf_slices(sd, src, self.mcfg)
-            self.engine.load_state_dict(sd)
-        else:
-            ck = resolve_checkpoint(src)
-            problems = self.ckpt.verify(ck)
-            if problems:
-                raise ConfigError(f"model.init_from={src}: {ck} is damaged: {'; '.join(problems[:3])}")
-            load_checkpoint_weights(self.engine.modules, ck)
-        if self.is_main:
-            log.info("initialized weights from %s", describe_init(src))
-
-    def _load_resume(self, path: Path) -> Any:
-        """Load everything of checkpoint `path` in one DCP load; returns this rank's loader position to restore
-        (None when the data continues with a new pass: dp size changed or checkpoint.data_state=restart)."""
-        saved = read_meta(path)["layout"]
-        same_dp = saved["dp"] == self.layout.dp
-        same_layout = same_dp and saved["tp"] == self.layout.tp and saved["pp"] == self.layout.pp
-        restore_data = same_dp and self.cfg.checkpoint.data_state == "exact"
-        state = self._state()
-        if not same_layout:
-            state.pop("rng")  # RNG streams belong to ranks of one layout
-        if not restore_data:
-            state.pop("loader", None)
-        keys = checkpoint_keys(path)
-        absent = [f"{name}.{k}" for name, obj in state.items() if name in ("model", "optim")
-                  for k in obj.state_dict() if f"{name}.{k}" not in keys]
-        if absent:
-            raise ConfigError(
-                f"checkpoint {path} has no {absent[0]} (and {len(absent) - 1} more): it was saved with other "
-                "trainable groups or another model. To start a new stage from its weights, use model.init_from "
-                "with checkpoint.resume=never in a new run_dir."
-            )
-        if "loader" in state and f"loader.{state['loader'].key}" not in keys:
-            raise ConfigError(f"checkpoint {path} has no loader state for dp rank {self.layout.dp_rank}")
-        self.ckpt.load(path, state)
-        self._check_schedule(getattr(self, "_saved_schedule", {}))
-        if "rng" in state:
-            set_rng_state(state["rng"].value)
-        if not restore_data:
-            self.data_pass += 1
-            if self.is_main:
-                why = (f"the dp size changed ({saved['dp']} -> {self.layout.dp}): a loader position is per dp rank "
-                       "and cannot be mapped to another dp size" if not same_dp else "checkpoint.data_state=restart")
-                log.warning("resuming %s: %s; the data continues with a new pass, reseeded (data pass %d)",
-                            path, why, self.data_pass)
-        if self.step > self.cfg.train.steps:
-            raise ConfigError(
-                f"checkpoint {path} is at step {self.step}, past this recipe's train.steps={self.cfg.train.steps}: "
-                f"raise train.steps above {self.step}, or start a new run_dir"
-            )
-        if self.is_main:
-            log.info("resumed from %s at step %d (saved as dp%d x tp%d x pp%d)", path, self.step, saved["dp"],
-                     saved["tp"], saved["pp"])
-        return state["loader"].value if "loader" in state else None
 
     def save(self) -> None:
         if self.consecutive_skips == 0:
             self.ckpt.protected = None  # a good checkpoint again: the streak's protection ends with this save
         meta = {"model_config": self.mcfg.to_hf_dict(), "stage": self.cfg.train.stage,
                 "frozen": list(self.cfg.frozen_groups), "tokens_seen": self.tokens_seen}
-        self.ckpt.save(self.step, self._state(), self.cfg.to_yaml(), meta)
+        self.ckpt.save(self.step, self.checkpoint_state(), self.cfg.to_yaml(), meta)
         self._saved_step = self.step
         self.metrics.event("checkpoint", step=self.step, seconds=round(self.ckpt.save_seconds, 3),
                            path=str(self.ckpt.dir / f"step_{self.step:08d}"))
@@ -485,70 +379,81 @@ class Trainer:
             raise TrainingStopped(msg)
 
     def train(self) -> TrainResult:
-        cfg = self.cfg
-        total = cfg.train.steps
         self._t_start = time.perf_counter()
         self._step_ema: float | None = None
         self._install_signal_handlers()
         losses: list[float] = []
-        last_loss: float | None = None
         stop_reason = "completed"
         try:
-            while self.step < total:
+            while self.step < self.cfg.train.steps:
                 self.ckpt.poll()
                 st = self.straggler.timed(self.train_step, lambda: self.step)
-                if st is None and self._stop_signal is not None:  # interrupted while waiting for data
-                    stop_reason = "signal"
-                    log.warning("stop requested by a signal while waiting for data at step %d: nothing saved "
-                                "(mid-step); the latest complete checkpoint is the one to resume", self.step)
-                    break
                 if st is None:
-                    stop_reason = "data_exhausted"
-                    if self.is_main:
-                        log.warning("data exhausted at step %d of %d (data.epochs=%s)", self.step, total,
-                                    cfg.data.epochs)
+                    stop_reason = self._no_microbatches()
                     break
                 if not st.skipped:
                     losses.append(st.loss)
-                    last_loss = st.loss
-                elif self.consecutive_skips == 1:
-                    # A streak of skipped steps begins: the newest checkpoint is the last good one; keep_last
-                    # must not prune it while the run may be diverging, and nothing is saved until it recovers.
-                    self.ckpt.wait()
-                    self.ckpt.protected = self.ckpt.latest()
-                if self.step % cfg.metrics.log_every == 0 or self.step == total:
-                    self._log_step(st)
-                self._check_divergence()
-                if self.evaluator is not None:
-                    self.evaluator.maybe_run(self.step, final=False)
-                due = cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 and self.step < total
-                if (due or st.stop_requested) and self.consecutive_skips == 0:
-                    self.save()
-                elif (due or st.stop_requested) and self.is_main:
-                    log.warning("step %d: not saving a checkpoint while steps are being skipped (%d in a row); "
-                                "the last good one is %s", self.step, self.consecutive_skips, self.ckpt.protected)
-                if st.stop_requested:
+                if self._after_step(st):
                     stop_reason = "signal"
-                    if self.is_main:
-                        log.warning("stopped by a signal at step %d; rerun the same command to resume from %s",
-                                    self.step, self.ckpt.latest())
                     break
-            if (stop_reason != "signal" and cfg.checkpoint.save_final and self.step > self._saved_step
-                    and self.consecutive_skips == 0):
-                self.save()
-            self.ckpt.wait()
-            if self.evaluator is not None and stop_reason != "signal":  # the stage's final figures
-                self.evaluator.maybe_run(self.step, final=True)
-            self.metrics.event("end", step=self.step, reason=stop_reason, skipped_steps=self.skipped_steps)
+            self._finish(stop_reason)
         finally:
             for s, prev in self._prev_handlers.items():
                 signal.signal(s, prev)
         return TrainResult(
-            run_dir=self.run_dir, final_step=self.step, final_loss=last_loss, checkpoint=self.ckpt.latest(),
-            losses=losses, skipped_steps=self.skipped_steps, stop_reason=stop_reason,
+            run_dir=self.run_dir, final_step=self.step, final_loss=losses[-1] if losses else None,
+            checkpoint=self.ckpt.latest(), losses=losses, skipped_steps=self.skipped_steps, stop_reason=stop_reason,
             stop_signal=(self._stop_signal or signal.SIGTERM) if stop_reason == "signal" else None,
             elapsed_s=time.perf_counter() - self._t_start,
         )
+
+    def _no_microbatches(self) -> str:
+        """The stop reason when a step got no microbatches: a stop signal while waiting for data, or the end of
+        the data."""
+        if self._stop_signal is not None:
+            log.warning("stop requested by a signal while waiting for data at step %d: nothing saved "
+                        "(mid-step); the latest complete checkpoint is the one to resume", self.step)
+            return "signal"
+        if self.is_main:
+            log.warning("data exhausted at step %d of %d (data.epochs=%s)", self.step, self.cfg.train.steps,
+                        self.cfg.data.epochs)
+        return "data_exhausted"
+
+    def _after_step(self, st: StepStats) -> bool:
+        """A skip streak's protected checkpoint, the step's log line, the divergence check, a due evaluation and
+        checkpoint. True when a stop signal ends the run at this step (after its checkpoint)."""
+        cfg, total = self.cfg, self.cfg.train.steps
+        if st.skipped and self.consecutive_skips == 1:
+            # A streak of skipped steps begins: the newest checkpoint is the last good one; keep_last must not
+            # prune it while the run may be diverging, and nothing is saved until it recovers.
+            self.ckpt.wait()
+            self.ckpt.protected = self.ckpt.latest()
+        if self.step % cfg.metrics.log_every == 0 or self.step == total:
+            self._log_step(st)
+        self._check_divergence()
+        if self.evaluator is not None:
+            self.evaluator.maybe_run(self.step, final=False)
+        due = cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 and self.step < total
+        if (due or st.stop_requested) and self.consecutive_skips == 0:
+            self.save()
+        elif (due or st.stop_requested) and self.is_main:
+            log.warning("step %d: not saving a checkpoint while steps are being skipped (%d in a row); "
+                        "the last good one is %s", self.step, self.consecutive_skips, self.ckpt.protected)
+        if st.stop_requested and self.is_main:
+            log.warning("stopped by a signal at step %d; rerun the same command to resume from %s",
+                        self.step, self.ckpt.latest())
+        return st.stop_requested
+
+    def _finish(self, stop_reason: str) -> None:
+        """The final checkpoint (unless a signal stopped the run: its checkpoint is saved), the stage's final
+        evaluation, the end record."""
+        if (stop_reason != "signal" and self.cfg.checkpoint.save_final and self.step > self._saved_step
+                and self.consecutive_skips == 0):
+            self.save()
+        self.ckpt.wait()
+        if self.evaluator is not None and stop_reason != "signal":
+            self.evaluator.maybe_run(self.step, final=True)
+        self.metrics.event("end", step=self.step, reason=stop_reason, skipped_steps=self.skipped_steps)
 
     def _progress(self, dt: float) -> dict[str, float]:
         """Elapsed wall time of this process's train() and the ETA from a moving average of the step time (the

@@ -38,6 +38,7 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 
+from core.process import pid_alive
 from data.media.video import (
     RESIZE_METHOD,
     SampledFrames,
@@ -122,16 +123,6 @@ def cache_key(identity: str, cfg: VideoConfig) -> str:
 
 def content_identity(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class VideoCache:
@@ -260,7 +251,7 @@ class VideoCache:
             age = time.time() - os.stat(path).st_mtime
         except (FileNotFoundError, ValueError):
             return False  # being written right now, or just released
-        if host == self._host and not _pid_alive(int(pid)):
+        if host == self._host and not pid_alive(int(pid)):
             return True
         return age > self.stale_lock_s
 

@@ -1,5 +1,5 @@
-"""Fixtures for the cluster tests: the demo's sample set, the one-process reference run, two hosts as network
-namespaces."""
+"""Fixtures for the cluster tests: the one-process reference run, two hosts as network namespaces (the demo's
+sample set is tests/conftest.py's demo_dir)."""
 
 from __future__ import annotations
 
@@ -13,16 +13,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "train"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from cluster_helpers import require  # noqa: E402
-
-
-@pytest.fixture(scope="session")
-def demo_dir(tmp_path_factory) -> Path:
-    """DEMO_DIR with data/ (shards of the three stages + tokenizer), as `python -m train.demo` makes it."""
-    from train.demo_data import make_demo_data
-
-    root = tmp_path_factory.mktemp("demo")
-    make_demo_data(root / "data", n_digits=64, samples_per_shard=32)
-    return root
 
 
 @pytest.fixture(scope="session")

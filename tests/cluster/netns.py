@@ -30,6 +30,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from core.process import pid_alive
+
 PREFIX = "qvc"
 IFNAME = "veth-cl"
 SUBNET = "10.77.0"
@@ -52,16 +54,6 @@ def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     if check and res.returncode != 0:
         raise RuntimeError(f"ip {' '.join(args)} failed: {res.stderr.strip()}")
     return res
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def namespace_pids(ns: str) -> list[int]:
@@ -100,7 +92,7 @@ def remove_stale() -> None:
             owner = int(ns[len(PREFIX):].split("x")[0])
         except ValueError:
             continue
-        if not _pid_alive(owner):
+        if not pid_alive(owner):
             _remove_namespace(ns)
 
 

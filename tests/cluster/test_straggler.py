@@ -5,7 +5,6 @@ both see the same wall time per step. (The end-to-end check over two hosts is in
 from __future__ import annotations
 
 import json
-import os
 import socket
 from pathlib import Path
 
@@ -13,10 +12,11 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from slow_rank import burn_cpu, parse_slow_rank
 
 from core.config import ConfigError
 from train.config import load_config
-from train.straggler import SLOW_RANK_ENV, RankTiming, StragglerMonitor, find_stragglers, parse_slow_rank
+from train.straggler import RankTiming, StragglerMonitor, find_stragglers
 
 
 def timing(rank: int, data: float, compute: float, stage: int = 0) -> RankTiming:
@@ -57,7 +57,6 @@ def test_bad_settings_are_errors_naming_the_value():
 
 
 def _worker(rank: int, port: int, out: str) -> None:
-    os.environ[SLOW_RANK_ENV] = "1:0.4"  # rank 1 burns 0.4 s of CPU per step
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     events: list = []
@@ -65,7 +64,8 @@ def _worker(rank: int, port: int, out: str) -> None:
                            event=lambda name, **f: events.append({"event": name, **f}), is_main=rank == 0)
     t = torch.ones(1024)
     for step in range(1, 6):
-        mon.timed(lambda: dist.all_reduce(t), lambda s=step: s)  # the step is a collective: rank 0 waits in it
+        # The step is a collective; rank 1 burns 0.4 s of CPU before it (a slow device), rank 0 waits in it.
+        mon.timed(lambda: (burn_cpu(0.4 * (rank == 1)), dist.all_reduce(t)), lambda s=step: s)
     if rank == 0:
         Path(out).write_text(json.dumps(events))
     dist.destroy_process_group()

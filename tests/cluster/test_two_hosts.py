@@ -3,7 +3,7 @@
 
 - pp2 with one pipeline stage per host, and dp2 x tp2 with the tp pairs inside a host: the per-step losses equal
   the one-process run of the same recipe, and the traffic between the hosts crossed the veth pair;
-- a slowed rank (QWEN2VL_SLOW_RANK) is named by the straggler check, with its host;
+- a slowed rank (tests/cluster/slow_rank.py) is named by the straggler check, with its host;
 - a host loses every process (kill -9, its torchrun agent included) and a replacement agent starts on it: the
   surviving agent restarts its workers (MAX_RESTARTS), the job resumes from the latest complete checkpoint and
   ends with the uninterrupted run's losses, bitwise;
@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 from cluster_helpers import COMMON, RECIPE, assert_same_losses, events, logged_step
 from netns import IFNAME, TwoHosts
+from slow_rank import slow_rank_env
 from train_helpers import REPO, env_for, step_records
 
 pytestmark = pytest.mark.distributed
@@ -116,7 +117,7 @@ def test_pp2_one_stage_per_host_equals_one_process(pp2_run, reference, module_tw
 def dp2_tp2_run(module_two_hosts, demo_dir, tmp_path_factory) -> tuple[Path, Job]:
     """dp2 x tp2 over the two hosts, with rank 3 made slow (it burns 1 s of CPU per step)."""
     run_dir = tmp_path_factory.mktemp("dp2tp2") / "run"
-    job = Job(module_two_hosts, demo_dir, run_dir, DP2_TP2, QWEN2VL_SLOW_RANK=f"{SLOW_RANK}:1.0")
+    job = Job(module_two_hosts, demo_dir, run_dir, DP2_TP2, **slow_rank_env(SLOW_RANK, 1.0))
     job.run()
     return run_dir, job
 

@@ -5,10 +5,18 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from core.batch import IGNORE_INDEX
-from model.loss import lm_loss, naive_lm_loss
+from model.loss import lm_loss
+
+
+def naive_lm_loss(h_TD: torch.Tensor, w_VD: torch.Tensor, labels_T: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference head: full logits for every position, torch's cross-entropy (sum, and the supervised count)."""
+    logits_TV = F.linear(h_TD.reshape(-1, h_TD.shape[-1]), w_VD).float()
+    y_T = labels_T.reshape(-1)
+    return F.cross_entropy(logits_TV, y_T, ignore_index=IGNORE_INDEX, reduction="sum"), (y_T != IGNORE_INDEX).sum()
 
 
 def _inputs(T=300, D=32, V=5000, dtype=torch.float32, frac_supervised=0.6, seed=0):

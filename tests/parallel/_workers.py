@@ -662,3 +662,24 @@ def interleaved_checkpoint_worker(rank: int, world: int, tmpdir: str) -> dict:
         report["param_diff"] = max(compare_params(a, c), compare_params(b, c))
         report.update(one_process=(lc, ec))
     return report
+
+
+def frozen_tp_worker(rank: int, world: int) -> dict:
+    """tp2 with SP over a model whose ViT or LLM is frozen, built in full and on the meta device: the frozen
+    parameters that require grad after parallelize (torch's SequenceParallel re-registers the norms'
+    parameters)."""
+    cfg = ParallelConfig(tp=2)
+    dims = init_distributed(cfg)
+    out = {}
+    for freeze in ("vit", "llm"):
+        for meta in (False, True):
+            with torch.device("meta" if meta else "cpu"):
+                model = Qwen2VL(tiny_config())
+            _freeze(model, freeze)
+            frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+            pm = parallelize(model, dims, cfg)
+            if meta:
+                pm.materialize(init_weights=True)
+            out[f"{freeze}_meta" if meta else freeze] = sorted(n for n, p in pm.named_parameters()
+                                                               if n in frozen and p.requires_grad)
+    return out

@@ -1,11 +1,12 @@
-"""The engine in one process without a launcher, and failure behaviour across processes: a rank that raises
-inside a step makes every other rank fail within the configured timeout instead of hanging."""
+"""The engine in one process without a launcher, frozen parameters that stay frozen under tensor parallelism, and
+failure behaviour across processes: a rank that raises inside a step makes every other rank fail within the
+configured timeout instead of hanging."""
 
 from __future__ import annotations
 
 import pytest
 from _dist import run_distributed
-from _workers import raising_worker, single_process_worker
+from _workers import frozen_tp_worker, raising_worker, single_process_worker
 
 
 @pytest.mark.distributed
@@ -19,6 +20,16 @@ def test_world_size_one_without_launcher_ac_meta_bf16():
     # rounding of the unchecked bf16 step.
     for name in ("bf16_selective_op", "bf16_full"):
         assert report[name] <= 1e-2, (name, report[name])
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(180)
+def test_tp_keeps_frozen_parameters_frozen():
+    """The trainer freezes once, before parallelize; under tp2 + SP every frozen parameter still has
+    requires_grad=False afterwards (torch's SequenceParallel style re-registers the norms' parameters as new ones
+    that require grad: frozen ViT norms then trained in stage 3)."""
+    (report, _) = run_distributed(frozen_tp_worker, 2, timeout=150)
+    assert report == {"vit": [], "vit_meta": [], "llm": [], "llm_meta": []}, report
 
 
 @pytest.mark.distributed

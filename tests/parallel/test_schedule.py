@@ -1,8 +1,8 @@
-"""The pipeline programs (parallel/pipeline_schedule.py), without processes: every rank's F and B of every
-(chunk, microbatch) once, matched messages, no deadlock in a rendezvous model, and the idle share of the
-simulated step equal to the formulas of Narayanan et al. 2021: (p-1)/(m+p-1) for 1F1B and (p-1)/(v*m+p-1) for
-interleaved 1F1B (backward = 2 x forward, zero-cost messages). The simulator itself is shown to catch a
-deadlock, a mismatched message and a compute item without its input. Plus the chunk helpers of
+"""The pipeline programs (parallel/pipeline_schedule.py), without processes (the simulator: schedule_sim.py): every
+rank's F and B of every (chunk, microbatch) once, matched messages, no deadlock in a rendezvous model, and the idle
+share of the simulated step equal to the formulas of Narayanan et al. 2021: (p-1)/(m+p-1) for 1F1B and
+(p-1)/(v*m+p-1) for interleaved 1F1B (backward = 2 x forward, zero-cost messages). The simulator itself is shown to
+catch a deadlock, a mismatched message and a compute item without its input. Plus the chunk helpers of
 parallel/pipeline_split.py (copy_stage, merge_stage_modules) and the schedule config checks."""
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 from _synth import tiny_config
+from schedule_sim import simulate
 
 from model.qwen2_vl import Qwen2VL
 from parallel import ParallelConfig, stage_layer_ids
@@ -20,7 +21,6 @@ from parallel.pipeline_schedule import (
     build_program,
     interleaved_table,
     one_f_one_b_program,
-    simulate,
 )
 from parallel.pipeline_split import copy_stage, merge_stage_modules, prune_to_stage
 

@@ -28,8 +28,8 @@ from train_helpers import RECIPES, REPO, SHORT, env_for, losses, run_cmd, step_r
 
 from model.config import get_preset
 from model.qwen2_vl import Qwen2VL
+from model.resolve import config_diff
 from train.optim import group_of
-from train.weights import config_diff
 
 pytestmark = pytest.mark.distributed
 
@@ -165,9 +165,9 @@ def test_resume_with_changed_dp_starts_a_new_data_pass(chain, tmp_path):
 
 @pytest.fixture(scope="session")
 def hf_export(chain, tmp_path_factory) -> Path:
-    """`python -m train.export` of stage 3's final checkpoint (saved with tp2), fp32, in several shards."""
+    """`python -m tools.export` of stage 3's final checkpoint (saved with tp2), fp32, in several shards."""
     out = tmp_path_factory.mktemp("export") / "hf"
-    run_cmd([sys.executable, "-m", "train.export", str(chain.stage(3)), str(out), "--dtype", "fp32",
+    run_cmd([sys.executable, "-m", "tools.export", str(chain.stage(3)), str(out), "--dtype", "fp32",
              "--max-shard-gb", "0.03"], chain.env, 300)
     return out
 

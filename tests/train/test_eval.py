@@ -1,7 +1,7 @@
-"""Held-out evaluation (train/eval.py): answer normalization, prompts equal to transformers' chat template with
-the generation prompt, the split of samples over dp ranks, the offline CLI against transformers' `generate`,
-and the in-training evaluation (metrics records, prediction files, held-out loss) on one process and under
-dp2 / tp2 / pp2 (gloo)."""
+"""Held-out evaluation during training (train/eval.py): answer normalization, prompts equal to transformers' chat
+template with the generation prompt, the split of samples over dp ranks, and the in-training evaluation (metrics
+records, prediction files, held-out loss) on one process and under dp2 / tp2 / pp2 (gloo), against the offline CLI
+(tools/eval.py, tested against transformers' `generate` in tests/tools/test_eval_cli.py)."""
 
 from __future__ import annotations
 
@@ -13,54 +13,25 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
+from qa_data import IMG_Q, MULTI, VID_Q, data_cfg, write_qa_dataset
 from train_helpers import RECIPES, SHORT, env_for, torchrun
 
 from data.config import DataConfig, DatasetSpec
 from data.loader import build_loader
-from data.media.video import VideoConfig
 from data.sample import SampleProcessor
-from model.config import tiny
 from model.loss import lm_loss
-from model.parity import make_tiny_checkpoint, mm_token_type_ids
-from model.vision import normalize_pixel_rows
-from tests.data.datahelpers import encode_video, hf_processor, js, small_image, tokenizer_dir, write_dataset
+from tests.data.datahelpers import hf_processor, small_image
+from tools.eval import load_for_eval
+from tools.eval import main as eval_cli
 from train.config import load_config
-from train.eval import load_for_eval, main, normalize_answer, qa_samples, score
+from train.eval import normalize_answer, qa_samples, score
 from train.metrics import MetricsLogger
 from train.trainer import run
-
-IMG_Q = [{"role": "user", "content": [{"type": "image", "image": "img0.png"},
-                                      {"type": "text", "text": "Which animal is this?"}]},
-         {"role": "assistant", "content": "A cat."}]
-VID_Q = [{"role": "user", "content": [{"type": "video", "video": "vid0.mp4"},
-                                      {"type": "text", "text": "Which way does it move?"}]},
-         {"role": "assistant", "content": [{"type": "text", "text": "To the "}, {"type": "text", "text": "right."}]}]
-MULTI = [{"role": "system", "content": "You answer in one word."},
-         {"role": "user", "content": "Two plus two?"},
-         {"role": "assistant", "content": "Four."},
-         {"role": "user", "content": "And three plus three?"},
-         {"role": "assistant", "content": "Six."}]
-NOREF = [{"role": "user", "content": "A question nobody answered"}]
-VIDEO_CFG = VideoConfig(min_pixels=16 * 28 * 28, max_pixels=32 * 28 * 28, max_tokens=256)
 
 
 @pytest.fixture(scope="module")
 def qa_dir(tmp_path_factory) -> str:
-    clip = encode_video(112, 84, 8, fps=8)  # 1 s -> 4 frames at 2 fps -> 2 frame pairs
-    samples = [
-        ("img", {"json": js({"messages": IMG_Q}), "img0.png": small_image(2, 56, 84)}),
-        ("pre", {"json": js({"content": "A caption without roles."})}),
-        ("vid", {"json": js({"messages": VID_Q}), "vid0.mp4": clip}),
-        ("multi", {"json": js({"messages": MULTI})}),
-        ("noref", {"json": js({"messages": NOREF})}),
-        ("img2", {"json": js({"messages": IMG_Q}), "img0.png": small_image(0, 84, 56)}),
-    ]
-    return write_dataset(tmp_path_factory.mktemp("qa") / "heldout", samples, per_shard=4)
-
-
-def data_cfg(root: str, **kw) -> DataConfig:
-    return DataConfig(datasets=[DatasetSpec(root)], tokenizer=tokenizer_dir(), max_tokens=2048,
-                      max_pixels=64 * 28 * 28, video=VIDEO_CFG, **kw)
+    return write_qa_dataset(tmp_path_factory.mktemp("qa"))
 
 
 def test_normalize_and_score():
@@ -119,49 +90,6 @@ def test_samples_split_over_ranks(qa_dir):
     assert qa_samples(cfg, pre, 0, proc) == ([], {})  # a pretraining dataset has no questions
 
 
-@pytest.mark.timeout(300)
-def test_cli_on_hf_dir_equals_transformers_generate(qa_dir, tmp_path, capsys):
-    """`python -m train.eval HF_DIR --data ...` writes every prediction; each equals transformers' greedy
-    `generate` on the same prompt (ids, pixel values, grids), decoded the same way."""
-    from transformers import Qwen2VLForConditionalGeneration
-
-    hf_dir = make_tiny_checkpoint(tmp_path / "hf", tiny(), seed=4)
-    out = tmp_path / "report.json"
-    rc = main([str(hf_dir), "--data", qa_dir, "--tokenizer", tokenizer_dir(), "--max-new-tokens", "5",
-               "--out", str(out)])
-    assert rc == 0
-    printed = capsys.readouterr().out
-    assert "heldout: exact 0.0% contains 0.0% on 4 samples" in printed and str(out) in printed
-    report = json.loads(out.read_text())
-    fig = report["datasets"]["heldout"]
-    assert fig["n"] == 4 and fig["skipped"] == {"not_chat": 1, "no_reference": 1}
-    preds = report["predictions"]
-    assert [p["reference"] for p in preds] == ["A cat.", "To the right.", "Six.", "A cat."]
-    assert set(preds[0]) == {"dataset", "key", "prompt", "reference", "prediction", "exact", "contains", "finished"}
-    assert fig["exact"] == sum(p["exact"] for p in preds) / 4
-
-    hf = Qwen2VLForConditionalGeneration.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
-    cfg = dataclasses.replace(DataConfig(tokenizer=tokenizer_dir()), datasets=[DatasetSpec(qa_dir)])
-    proc = SampleProcessor(cfg)
-    samples, _ = qa_samples(cfg, cfg.datasets[0], 0, proc)
-    sp, vcfg = proc.tok.special, tiny().vision
-    for s, p in zip(samples, preds):
-        b = s.batch
-        kw = {"input_ids": b.input_ids[None], "attention_mask": torch.ones_like(b.input_ids)[None],
-              "mm_token_type_ids": mm_token_type_ids(b.input_ids, tiny())[None]}
-        if b.image_grid_thw.numel():
-            kw.update(pixel_values=normalize_pixel_rows(b.pixel_values, vcfg), image_grid_thw=b.image_grid_thw)
-        if b.video_grid_thw.numel():
-            kw.update(pixel_values_videos=normalize_pixel_rows(b.pixel_values_videos, vcfg),
-                      video_grid_thw=b.video_grid_thw)
-        hf.model.rope_deltas = None
-        seq = hf.generate(**kw, do_sample=False, max_new_tokens=5, eos_token_id=[sp.im_end, sp.endoftext],
-                          pad_token_id=sp.endoftext)[0, b.input_ids.numel():].tolist()
-        if seq and seq[-1] in (sp.im_end, sp.endoftext):
-            seq = seq[:-1]
-        assert p["key"] == s.key and p["prediction"] == proc.tok.decode(seq), p["key"]
-
-
 def test_metrics_logger_eval_record(tmp_path, capsys):
     """An eval record: metrics.jsonl (event 'eval'), one console line, W&B keys eval/<dataset>/<figure>."""
     cfg = load_config(None, [f"run_dir={tmp_path}"])
@@ -179,13 +107,6 @@ def test_metrics_logger_eval_record(tmp_path, capsys):
     assert "eval      5 | stage 3 | digits | loss 1.2500 | exact 50.0% | contains 75.0% | n 8" in out
     assert logged == [(5, {"eval/digits/loss": 1.25, "eval/digits/exact": 0.5, "eval/digits/contains": 0.75,
                            "eval/digits/n": 8})]
-
-
-def test_cli_bad_input_is_one_line(tmp_path, capsys):
-    rc = main([str(tmp_path / "nothing"), "--data", str(tmp_path)])
-    assert rc == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("eval failed:") and "\n" not in err
 
 
 # ------------------------------------------------------------------------------------------ during training
@@ -224,7 +145,7 @@ def predictions(run_dir: Path, step: int) -> dict[str, str]:
 
 def offline_predictions(ckpt: Path, qa_dir: str, tmp_path: Path) -> dict[str, str]:
     out = tmp_path / "offline.json"
-    assert main([str(ckpt), "--data", qa_dir, "--max-new-tokens", "4", "--out", str(out)]) == 0
+    assert eval_cli([str(ckpt), "--data", qa_dir, "--max-new-tokens", "4", "--out", str(out)]) == 0
     return {p["key"]: p["prediction"] for p in json.loads(out.read_text())["predictions"]}
 
 

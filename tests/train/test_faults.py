@@ -270,6 +270,21 @@ def test_setup_mistakes_are_one_line_exit_2(demo_dir, tmp_path):
         assert re.search(match, lines[0]), (match, lines[0])
 
 
+@pytest.mark.timeout(300)
+def test_data_sources_are_checked_before_the_start_and_the_model(demo_dir, tmp_path):
+    """At 72B, building the model and loading its weights takes minutes: a wrong data path (training or eval)
+    must fail before. Each recipe here also names init_from weights that do not exist, which the start (the step
+    before the model is built) refuses; the error is the data's, so nothing of the start ran."""
+    nowhere = "model.init_from=/nope/weights"
+    with pytest.raises(ValueError, match="'/nope/shards': no dataset.json and no .tar shards found"):
+        Trainer(cfg_for(demo_dir, tmp_path / "a", nowhere, "data.datasets=[{path: /nope/shards}]"))
+    with pytest.raises(ValueError, match="'/nope/heldout': no dataset.json and no .tar shards found"):
+        Trainer(cfg_for(demo_dir, tmp_path / "b", nowhere, "eval.datasets=[{path: /nope/heldout}]"))
+    # The same recipe with its own data: the start's error, so the two failures above came first.
+    with pytest.raises(ConfigError, match="model.init_from='/nope/weights': not an HF directory"):
+        Trainer(cfg_for(demo_dir, tmp_path / "c", nowhere))
+
+
 # ------------------------------------------------------------------------------------------ signals + resume
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])

@@ -70,7 +70,7 @@ def test_gpu_layouts_with_sequence_parallel_bucket_their_lengths():
 
 
 def test_launch_scripts_are_valid_shell():
-    for script in ("torchrun.sh", "deepspeed.sh", "slurm.sbatch"):
+    for script in ("torchrun.sh", "deepspeed.sh", "slurm.sbatch", "gpus.sh"):
         res = subprocess.run(["bash", "-n", str(REPO / "launch" / script)], capture_output=True, text=True)
         assert res.returncode == 0, (script, res.stderr)
 

@@ -1,4 +1,4 @@
-"""The learning check's data split (train/demo_data.py): no training sample of any stage shows a held-out digit
+"""The learning check's data split (demo/data.py): no training sample of any stage shows a held-out digit
 (index >= HELDOUT_FROM), image or video, and the held-out sets show nothing else."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from collections import Counter
 
-from train.demo_data import DIRECTIONS, HELDOUT_FROM, make_samples
+from demo.data import DIRECTIONS, HELDOUT_FROM, make_samples
 
 REF = re.compile(r"^(digits/d|videos/[vh]\d{4}_d)(\d{4})\.(png|mp4)$")
 
@@ -46,7 +46,7 @@ def test_heldout_digits_never_in_training_samples(tmp_path):
 
 
 def test_reuse_keeps_only_a_complete_sample_set(tmp_path):
-    from train.demo import prepare_data
+    from demo.chain import prepare_data
 
     said: list[str] = []
     data = tmp_path / "data"

@@ -1,6 +1,6 @@
 """Plots of one run or a stage chain, from the runs' metrics.jsonl: PNGs and an index (Markdown + HTML) next to them.
 
-    python -m train.report RUN_DIR [RUN_DIR ...] [--out DIR] [--title TEXT]
+    python -m tools.report RUN_DIR [RUN_DIR ...] [--out DIR] [--title TEXT]
 
 The run directories are taken in the order given (a stage chain: stage1 stage2 stage3) and concatenated on one
 x axis ("chain step": each run's steps after the previous runs' last step), with the stage boundaries marked and
@@ -39,6 +39,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from train.formatting import pct
 
 STAGE_COLORS = ("#f3f0e6", "#e6eef5", "#eaf3e6", "#f5e9ef")
 """Background shading of alternating runs along the chain."""
@@ -350,12 +352,6 @@ def _save(fig, path: Path) -> Path:
 
 
 # ------------------------------------------------------------------------------------------ the index
-def pct(v: Any) -> str:
-    """A fraction as a percentage with one decimal; "n/a" for a missing figure. (Here, where nothing imports
-    torch, so the console lines of train.metrics and train.eval and the demo's tables all use it.)"""
-    return "n/a" if not isinstance(v, (int, float)) else f"{100 * v:.1f}%"
-
-
 def _f(v: Any, digits: int = 4) -> str:
     return "n/a" if not isinstance(v, (int, float)) else f"{v:.{digits}f}"
 
@@ -457,7 +453,7 @@ def write_report(run_dirs: list[str | Path], out: str | Path | None = None, titl
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m train.report", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m tools.report", description=__doc__.split("\n\n")[0])
     ap.add_argument("run_dirs", nargs="+", help="run directories, in chain order (e.g. runs/demo/stage1 stage2 ...)")
     ap.add_argument("--out", default=None, help="output directory (default RUN_DIR/report, or PARENT/report)")
     ap.add_argument("--title", default=None, help="the index's title")

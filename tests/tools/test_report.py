@@ -1,4 +1,4 @@
-"""The plotting report (train/report.py) on real short runs: a stage chain where one run has no eval records and
+"""The plotting report (tools/report.py) on real short runs: a stage chain where one run has no eval records and
 the next was stopped and resumed (its metrics.jsonl appended, a step recorded twice) and evaluates held-out data;
 plus the edge cases of the reader on a hand-written metrics.jsonl (a line cut short, no eval, no steps)."""
 
@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from train_helpers import RECIPES
 
+from tests.train.train_helpers import RECIPES
+from tools.report import PLOTS, ReportError, load_run, main, offsets, write_report
 from train.config import load_config
-from train.report import PLOTS, ReportError, load_run, main, offsets, write_report
 from train.trainer import run
 
 SHORT = ["checkpoint.keep_last=0", "optim.warmup_steps=1", "data.max_tokens=160"]

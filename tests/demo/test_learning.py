@@ -1,4 +1,4 @@
-"""The short learning check (CI): `python -m train.demo` with a fixed seed runs stage 1 -> 2 -> 3 of
+"""The short learning check (CI): `python -m demo` with a fixed seed runs stage 1 -> 2 -> 3 of
 recipes/learn/ on the real-data set and must answer held-out questions far above chance, so a regression in
 labels, masks, M-RoPE positions, the stage hand-off or freezing breaks CI. The full check, with the 90% / 80%
 goals and the stage ablations, is benchmarks/learning_check.py (docs/learning.md).
@@ -16,15 +16,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from train_helpers import REPO
 
 from model.config import ModelConfig
 from model.qwen2_vl import Qwen2VL
+from tests.train.train_helpers import REPO
+from tools.eval import load_for_eval
+from tools.report import load_run
 from train.checkpoint import read_meta, resolve_checkpoint
-from train.eval import load_for_eval
-from train.report import load_run
 
-# The demo's schedule (train.demo.DEMO_STEPS) and floors well above chance (10% digits, 25% directions). With
+# The demo's schedule (demo.chain.DEMO_STEPS) and floors well above chance (10% digits, 25% directions). With
 # this seed it measured 55% / 55% (docs/learning.md); the floors leave room for another CPU's float rounding.
 EVAL_SAMPLES = 100
 MIN_DIGITS, MIN_VIDEOS = 0.30, 0.40
@@ -44,7 +44,7 @@ def test_three_stages_learn_heldout_digits_and_directions(tmp_path):
     work = tmp_path / "demo"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "disabled",
            "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    cmd = [sys.executable, "-m", "train.demo", "--workdir", str(work), "--eval-samples", str(EVAL_SAMPLES),
+    cmd = [sys.executable, "-m", "demo", "--workdir", str(work), "--eval-samples", str(EVAL_SAMPLES),
            "--threads", "1", "--seed", "0", "--no-export"]
     res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=860)
     assert res.returncode == 0, f"{' '.join(cmd)}\n{res.stdout[-4000:]}\n{res.stderr[-6000:]}"

@@ -1,6 +1,6 @@
 """The project's real-data sample set (demo, learning check, CPU smoke tests), generated offline.
 
-    python -m train.demo_data OUT_DIR [--digits N] [--videos N] [--heldout-videos N] [--seed S]
+    python -m demo.data OUT_DIR [--digits N] [--videos N] [--heldout-videos N] [--seed S]
 
 Sources (nothing is downloaded): scikit-learn's 1,797 handwritten digits (8x8, upscaled to 56x56), scikit-image's
 bundled photographs, and short videos of a digit moving across the frame (left, right, up or down), encoded here
@@ -282,7 +282,7 @@ def make_demo_data(out_dir: str | Path, n_digits: int = HELDOUT_FROM, samples_pe
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m train.demo_data", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m demo.data", description=__doc__.split("\n")[0])
     ap.add_argument("out_dir")
     ap.add_argument("--digits", type=int, default=HELDOUT_FROM,
                     help=f"training digits: indices [0, N), N <= {HELDOUT_FROM} (default {HELDOUT_FROM})")
@@ -294,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
         paths = make_demo_data(args.out_dir, args.digits, n_videos=args.videos, n_heldout_videos=args.heldout_videos,
                                seed=args.seed)
     except (ValueError, FileNotFoundError) as e:
-        print(f"demo_data: {e}", file=sys.stderr)
+        print(f"demo.data: {e}", file=sys.stderr)
         return 2
     for k, v in paths.items():
         print(f"{k}: {v}")

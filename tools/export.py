@@ -1,4 +1,4 @@
-"""python -m train.export CHECKPOINT OUT_DIR [--dtype bf16|fp16|fp32] [--max-shard-gb 5]
+"""python -m tools.export CHECKPOINT OUT_DIR [--dtype bf16|fp16|fp32] [--max-shard-gb 5]
 
 Writes a Hugging Face Qwen2-VL directory (config.json + safetensors in the hub key layout, sharded with an
 index above --max-shard-gb, plus the run's tokenizer files when they are at hand) from one of our sharded
@@ -31,8 +31,8 @@ from torch.distributed.checkpoint import FileSystemReader
 from core.cli import run_cli
 from core.config import ConfigError, expand_env
 from core.dtypes import DTYPES
-from model.config import ModelConfig
 from model.hf_adapter import HFShardWriter, expected_shapes, to_hf_state_dict, write_hf_config
+from model.resolve import checkpoint_config
 from model.vision import PIXEL_MEAN, PIXEL_STD
 from train.checkpoint import checkpoint_keys, read_meta, resolve_checkpoint
 
@@ -61,7 +61,7 @@ def export(checkpoint: str | Path, out_dir: str | Path, dtype: str = "bf16", max
     tdtype = DTYPES[dtype]
     ck = resolve_checkpoint(checkpoint)
     meta = read_meta(ck)
-    mcfg = ModelConfig.from_hf_dict(meta["model_config"])
+    mcfg = checkpoint_config(meta, ck)
     shapes = expected_shapes(mcfg)
     tie = mcfg.text.tie_word_embeddings
     keys = [k for k in shapes if not (tie and k == "lm_head.weight")]
@@ -118,7 +118,7 @@ def _copy_tokenizer(ck: Path, out: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m train.export", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m tools.export", description=__doc__.split("\n")[0])
     parser.add_argument("checkpoint", help="a step_* directory, or a checkpoint dir / run dir (latest step)")
     parser.add_argument("out_dir", help="output Hugging Face directory")
     parser.add_argument("--dtype", default="bf16", choices=sorted(DTYPES), help="weight dtype (default bf16)")
@@ -130,4 +130,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run_cli("python -m train.export", main))
+    sys.exit(run_cli("python -m tools.export", main))

@@ -1,0 +1,104 @@
+"""Which architecture a run trains: a preset, an HF config.json, or the weights it starts from; then the recipe's
+`model.overrides`; and it must match every set of weights the run loads.
+
+    resolve_model_config(section, init=("HF directory D", cfg), resumed=("resumed checkpoint C", cfg))
+
+`section` is the recipe's model section (train/config.py ModelSection: preset, hf_config, overrides). The caller
+reads the architectures of the weights (an HF directory's config.json with `hf_config`, a checkpoint's meta.json
+dict with `checkpoint_config`) and says what they are; this module reads no checkpoint itself. Overrides go
+through core.config's strict machinery, like every recipe key: an unknown key names its section and the valid
+keys, a wrong type names the key and the expected type, and the result is validated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Protocol
+
+from core.config import ConfigError, from_dict, set_dotted, to_dict
+from model.config import ModelConfig, get_preset
+from model.hf_adapter import read_hf_config
+
+OVERRIDES = "model.overrides"
+
+
+class ModelChoice(Protocol):
+    """The recipe's model section as far as the architecture goes."""
+
+    preset: str | None
+    hf_config: str | None
+    overrides: dict[str, Any]
+
+
+def hf_config(path: str | Path) -> ModelConfig:
+    """The architecture of an HF Qwen2-VL directory (or its config.json); a ConfigError when there is none."""
+    try:
+        return read_hf_config(path)
+    except FileNotFoundError as e:
+        raise ConfigError(str(e)) from e
+
+
+def checkpoint_config(meta: dict[str, Any], where: str | Path) -> ModelConfig:
+    """The architecture stored in one of our checkpoints: `meta` is its meta.json (`where` names it in errors)."""
+    if "model_config" not in meta:
+        raise ConfigError(f"{where}/meta.json has no model_config")
+    return ModelConfig.from_hf_dict(meta["model_config"])
+
+
+def apply_overrides(mcfg: ModelConfig, overrides: dict[str, Any]) -> ModelConfig:
+    """A new ModelConfig: `mcfg` with {dotted ModelConfig key: value} set, checked as recipe keys are."""
+    if not overrides:
+        return mcfg
+    data = to_dict(mcfg)
+    for key, value in overrides.items():
+        set_dotted(data, key.split("."), value, ModelConfig, root=OVERRIDES)
+    return from_dict(ModelConfig, data, OVERRIDES)
+
+
+def config_diff(a: ModelConfig, b: ModelConfig) -> list[str]:
+    """Fields that differ (attention backend excluded: a runtime choice, not an architecture)."""
+    da, db = dataclasses.asdict(a), dataclasses.asdict(b)
+    out = []
+    for sec in ("vision", "text"):
+        for k in da[sec]:
+            va, vb = da[sec][k], db[sec][k]
+            if isinstance(va, (list, tuple)) and isinstance(vb, (list, tuple)):
+                va, vb = list(va), list(vb)
+            if va != vb:
+                out.append(f"{sec}.{k}: {da[sec][k]} vs {db[sec][k]}")
+    for k in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"):
+        if da[k] != db[k]:
+            out.append(f"{k}: {da[k]} vs {db[k]}")
+    return out
+
+
+def resolve_model_config(
+    section: ModelChoice,
+    init: tuple[str, ModelConfig] | None = None,
+    resumed: tuple[str, ModelConfig] | None = None,
+) -> ModelConfig:
+    """The run's architecture: model.preset, else model.hf_config, else the init weights' own; plus overrides.
+    `init` and `resumed` are (what, architecture) of the weights the run starts from: each must match."""
+    if section.preset is not None and section.hf_config is not None:
+        raise ConfigError("model: set either model.preset or model.hf_config, not both")
+    if section.preset is not None:
+        try:
+            mcfg = get_preset(section.preset)
+        except ValueError as e:
+            raise ConfigError(f"model.preset: {e}") from e
+    elif section.hf_config is not None:
+        mcfg = hf_config(section.hf_config)
+    elif init is not None:
+        mcfg = init[1]
+    else:
+        raise ConfigError("model: set model.preset, model.hf_config or model.init_from (an HF directory)")
+    mcfg = apply_overrides(mcfg, dict(section.overrides))
+    for what, other in (w for w in (init, resumed) if w is not None):
+        diff = config_diff(mcfg, other)
+        if diff:
+            raise ConfigError(
+                f"the model of this recipe differs from the {what}: " + "; ".join(diff[:10])
+                + " (set model.preset/overrides to match, or set model.preset: null to take its architecture)"
+            )
+    return mcfg

@@ -1,0 +1,119 @@
+"""Held-out accuracy of a checkpoint or an HF directory, offline, in one process (no process group):
+
+    python -m tools.eval CHECKPOINT_OR_HF_DIR --data PATH [--data PATH ...] [--max-new-tokens N]
+                         [--max-samples N] [--out FILE.json] [--tokenizer DIR] [--device cpu|cuda] [--dtype fp32]
+
+The model is one of our checkpoints (a step_* dir, or a checkpoint / run dir whose latest complete step is taken;
+the tokenizer and data settings come from its config.yaml) or an HF directory (the tokenizer from it unless
+--tokenizer). Prompts, greedy answers and their scores are the in-training evaluation's (train/eval.py): the
+last assistant turn of each chat sample is the reference; `exact` and `contains` as documented there. Writes
+a JSON report with the figures and every prediction.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from core.config import ConfigError
+from core.dtypes import DTYPES
+from data.config import DataConfig, DatasetSpec
+from data.sample import SampleProcessor
+from model.hf_adapter import is_hf_dir, load_hf_model
+from model.meta import empty_model
+from model.qwen2_vl import Qwen2VL
+from model.resolve import checkpoint_config
+from train.checkpoint import load_state, read_meta, resolve_checkpoint
+from train.config import load_config
+from train.eval import answer, qa_samples
+from train.formatting import pct
+from train.state import ModelState
+
+
+def load_for_eval(path: str | Path, device: str = "cpu", dtype: torch.dtype | None = None,
+                  tokenizer: str | None = None) -> tuple[Qwen2VL, DataConfig]:
+    """(model, data settings) of an HF directory or one of our checkpoints, for one process."""
+    p = Path(path)
+    if is_hf_dir(p):
+        tok = tokenizer or str(p)
+        if not Path(tok, "tokenizer.json").is_file() and not Path(tok).is_file():
+            raise ConfigError(f"{tok} has no tokenizer.json: pass --tokenizer DIR (a Qwen2-VL tokenizer directory)")
+        return load_hf_model(p, dtype=dtype, device=device).eval(), DataConfig(tokenizer=tok)
+    ck = resolve_checkpoint(p)
+    job = load_config(ck / "config.yaml")
+    mcfg = checkpoint_config(read_meta(ck), ck)
+    model = empty_model(mcfg, "cpu")
+    with warnings.catch_warnings():  # one process by design: DCP's "torch.distributed is disabled" is noise here
+        warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+        load_state(ck, {"model": ModelState([model])}, no_dist=True)
+    model = model.to(device=device, dtype=dtype).eval()
+    return model, dataclasses.replace(job.data, tokenizer=tokenizer or job.data.tokenizer)
+
+
+def evaluate_offline(path: str | Path, data: list[str], *, max_new_tokens: int = 32, max_samples: int | None = None,
+                     device: str = "cpu", dtype: str | None = None, tokenizer: str | None = None,
+                     print_fn=print) -> dict[str, Any]:
+    """Generation accuracy of a model on held-out chat datasets; returns the report (figures + predictions)."""
+    model, data_cfg = load_for_eval(path, device, DTYPES[dtype] if dtype else None, tokenizer)
+    specs = [DatasetSpec(path=d) for d in data]
+    names = [s.label for s in specs]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"--data paths have the same name {names}: give directories with distinct names")
+    data_cfg = dataclasses.replace(data_cfg, datasets=specs)
+    proc = SampleProcessor(data_cfg)
+    report: dict[str, Any] = {"model": str(path), "max_new_tokens": max_new_tokens, "datasets": {},
+                              "predictions": []}
+    for i, spec in enumerate(specs):
+        t0 = time.perf_counter()
+        samples, skips = qa_samples(data_cfg, spec, i, proc, max_samples=max_samples)
+        preds = [answer(model, s, proc.tok, max_new_tokens) for s in samples]
+        n = len(preds)
+        fig = {"n": n, "exact": sum(p.exact for p in preds) / n if n else None,
+               "contains": sum(p.contains for p in preds) / n if n else None, "skipped": dict(skips),
+               "seconds": round(time.perf_counter() - t0, 2)}
+        report["datasets"][spec.label] = fig
+        report["predictions"] += [{"dataset": spec.label, **dataclasses.asdict(p)} for p in preds]
+        print_fn(f"{spec.label}: exact {pct(fig['exact'])} contains {pct(fig['contains'])} on {n} samples"
+                 + (f" (skipped {dict(skips)})" if skips else "") + f" in {fig['seconds']}s")
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m tools.eval", description=__doc__.split("\n\n")[0])
+    ap.add_argument("model", help="a checkpoint of ours (step_* dir, checkpoint dir or run dir) or an HF directory")
+    ap.add_argument("--data", action="append", required=True, help="held-out chat shards (repeat for several)")
+    ap.add_argument("--max-new-tokens", type=int, default=32, help="tokens generated at most per answer")
+    ap.add_argument("--max-samples", type=int, default=None, help="first N chat samples per dataset")
+    ap.add_argument("--out", default="eval_predictions.json", help="the JSON report (default eval_predictions.json)")
+    ap.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the checkpoint's or HF dir's)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="cast the weights (default: as stored)")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.max_new_tokens < 1 or (args.max_samples is not None and args.max_samples < 1):
+        ap.error("--max-new-tokens and --max-samples must be >= 1")
+    try:
+        report = evaluate_offline(args.model, args.data, max_new_tokens=args.max_new_tokens,
+                                  max_samples=args.max_samples, device=args.device, dtype=args.dtype,
+                                  tokenizer=args.tokenizer)
+    except (ConfigError, ValueError, FileNotFoundError) as e:
+        print(f"eval failed: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1) + "\n")
+    print(f"predictions: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
