@@ -163,6 +163,9 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, sp: bool, pad_m
     stage embeds the tokens (pipeline stage 0), so its first layer receives the whole sequence."""
     check_tp_divisibility(model.cfg, tp_mesh.size())
     plan = get_family(model.cfg.family).plan(model.cfg)
+    # NOTE: torch's SequenceParallel re-registers a norm's weights as new Parameters with requires_grad=True; a
+    # frozen group (recipe stages 1 and 3) must stay frozen, so the flags are put back after the plans.
+    frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
     tied = model.lm_head is not None and model.embed_tokens is not None and (
         model.lm_head.weight is model.embed_tokens.weight
     )
@@ -189,6 +192,9 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, sp: bool, pad_m
             model.lm_head.weight = model.embed_tokens.weight
         elif not isinstance(model.lm_head.weight, DTensor):
             parallelize_module(model.lm_head, tp_mesh, ColwiseParallel())
+    for name, p in model.named_parameters():
+        if name in frozen:
+            p.requires_grad_(False)
     return partial
 
 
