@@ -29,7 +29,7 @@ import torch.nn as nn
 
 from model.config import ModelConfig
 from model.family import get_family
-from model.flops import llm_forward_flops, vit_forward_flops
+from model.flops import batch_flops, llm_forward_flops
 from model.vlm import TOP_MODULES
 
 
@@ -42,9 +42,8 @@ def decoder_layer_flops_per_token(cfg: ModelConfig, context: int = 2048) -> floa
 
 def vit_flops_per_row(cfg: ModelConfig, grid_hw: tuple[int, int] = (32, 32)) -> float:
     """Forward FLOPs of the ViT + merger per patch row for one image of grid_hw patches (model.flops' count)."""
-    f = vit_forward_flops(cfg, [(1, *grid_hw)])
-    work = f["patch_embed"] + f["blocks_linear"] + f["blocks_attention"] + f["merger_fc1"] + f["merger_fc2"]
-    return (work + f["deepstack"]) / (grid_hw[0] * grid_hw[1])
+    f = batch_flops(cfg, [0, 0], [(1, *grid_hw)], trainable=())
+    return f["vit_fwd"] / (grid_hw[0] * grid_hw[1])
 
 
 def auto_first_stage_layers(cfg: ModelConfig, pp: int, vision_fraction: float) -> int:
