@@ -9,9 +9,9 @@ torch.utils.flop_counter.FlopCounterMode, against which tests/model/test_flops.p
 exactly (matmul for matmul).
 
 Attention is computed from the ACTUAL per-segment lengths (packed samples never attend to each other; ViT
-segments are single frame pairs, or Qwen2.5-VL's windows in its window blocks): a segment of L tokens costs 4 * L_pairs * width FLOPs forward, with
-L_pairs = L^2 for the bidirectional ViT and, for the causal LLM, L*(L+1)/2 (`causal_halving=True`, the work
-a causal flash kernel does) or L^2 (`causal_halving=False`, the dense convention of torchtitan/Megatron and
+segments are single frame pairs, or Qwen2.5-VL's windows in its window blocks): a segment of L tokens costs
+4 * L_pairs * width FLOPs forward, with L_pairs = L^2 for the bidirectional ViT and, for the causal LLM,
+L*(L+1)/2 (`causal_halving=True`, the work a causal flash kernel does) or L^2 (`causal_halving=False`, the dense convention of torchtitan/Megatron and
 of a FLOP counter looking at a dense masked kernel). Say which one when reporting MFU.
 
 Backward, per matmul: one more forward-sized matmul for the input gradient (needed when anything upstream
@@ -36,7 +36,6 @@ import torch
 
 from model.config import ModelConfig
 from model.family import GROUPS
-from model.vision import vision_cu_seqlens
 
 
 def _lengths(cu_seqlens: torch.Tensor | Sequence[int]) -> list[int]:

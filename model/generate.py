@@ -8,8 +8,9 @@ Shape legend: L = prompt tokens, T = tokens of one forward (L at prefill, 1 when
 
 How it runs:
 1. prefill: the prompt's embeddings, with images and videos through the ViT ONCE (VLModel scatters them into the
-   pad positions, and adds Qwen3-VL's DeepStack features), go through the decoder with an empty KVCache (the training attention kernel, so
-   the prompt's logits equal a plain forward); the last position's logits give the first token;
+   pad positions, and adds Qwen3-VL's DeepStack features), go through the decoder with an empty KVCache (the
+   training attention kernel, so the prompt's logits equal a plain forward); the last position's logits give the
+   first token;
 2. decode: each new token's embedding alone, against the cache (model.text.cached_attention).
 
 Positions (M-RoPE): the prompt gets Qwen's reference ids (3, L) of its family (model/processing.py); generated token j

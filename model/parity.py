@@ -81,7 +81,8 @@ class SampleBuilder:
 
     def block(self, pad: int, n: int) -> list[torch.Tensor]:
         cfg = self.cfg
-        return [torch.tensor([cfg.vision_start_token_id]), torch.full((n,), pad), torch.tensor([cfg.vision_end_token_id])]
+        start, end = torch.tensor([cfg.vision_start_token_id]), torch.tensor([cfg.vision_end_token_id])
+        return [start, torch.full((n,), pad), end]
 
     def sample(self, *parts: int | tuple[str, tuple[int, int, int]]) -> Sample:
         """parts: an int = that many text tokens; ("image" | "video", (t, h, w)) = a vision block (a Qwen3-VL video:

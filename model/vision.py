@@ -71,7 +71,8 @@ def activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
     try:
         return ACTIVATIONS[name]
     except KeyError:
-        raise ValueError(f"vision.hidden_act={name!r} is not implemented; choose one of {sorted(ACTIVATIONS)}") from None
+        raise ValueError(f"vision.hidden_act={name!r} is not implemented; choose one of "
+                         f"{sorted(ACTIVATIONS)}") from None
 
 
 def vision_cu_seqlens(grid_thw: torch.Tensor) -> torch.Tensor:

@@ -146,7 +146,8 @@ def parallelize(model: nn.Module, dims: ParallelDims, cfg: ParallelConfig) -> Pa
         apply_compile(chunk, cfg)  # after TP/AC, before FSDP (parallel/compile.py)
         apply_fsdp(chunk, dims.get_mesh("dp"), cfg)
     pm = ParallelModel(chunks, dims, cfg, stage=stage, virtual_stages=vstages, layer_ids=layer_ids,
-                       tied_across_stages=tied and dims.pp > 1, plain_replicated=plain_replicated, tp_partial=tp_partial,
+                       tied_across_stages=tied and dims.pp > 1, plain_replicated=plain_replicated,
+                       tp_partial=tp_partial,
                        sequence_parallel=sp, loss_fn=loss_fn)
     if not on_meta:
         pm.sync_tied_weights()

@@ -52,7 +52,8 @@ class WindowedVisionTower(VisionTower):
 
     def segments(self, grid_thw: torch.Tensor) -> tuple[torch.Tensor | None, list[tuple[torch.Tensor, int]]]:
         v = self.cfg
-        order, cu_win = window_index(grid_thw, v.spatial_merge_size, v.window_size // v.spatial_merge_size // v.patch_size)
+        window_tokens = v.window_size // v.spatial_merge_size // v.patch_size
+        order, cu_win = window_index(grid_thw, v.spatial_merge_size, window_tokens)
         full = (vision_cu_seqlens(grid_thw), int((grid_thw[:, 1] * grid_thw[:, 2]).max()))
         win = (cu_win, int((cu_win[1:] - cu_win[:-1]).max()))
         return order, [full if i in v.fullatt_block_indexes else win for i in range(len(self.blocks))]

@@ -42,21 +42,24 @@ def interpolation_taps(grid_thw: torch.Tensor, side: int, merge: int) -> tuple[t
     """(indices (N, 4), weights (N, 4)) into the flattened side x side position table: bilinear resampling with
     aligned corners of the table to each image's (h, w) patch grid, in the rows' merge-window order, repeated for
     every frame pair. The arithmetic of transformers' get_vision_interpolation_indices_and_weights (fp32)."""
+    def axis(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(taps (n, 2), weights (n, 2)) of n target positions on one axis of the table."""
+        src = torch.arange(n, dtype=torch.float32) * (side - 1) / max(n - 1, 1)
+        lo = torch.floor(src)
+        taps = (lo.long()[:, None] + torch.arange(2)).clamp(0, side - 1)
+        return taps, (1 - (src[:, None] - lo[:, None] - torch.arange(2)).abs()).clamp(min=0)
+
+    def window_order(x_HW4: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        """(h, w) -> (h/m, m, w/m, m) -> (h/m, w/m, m, m): the processor's merge-window row order."""
+        return x_HW4.view(h // merge, merge, w // merge, merge, 4).permute(0, 2, 1, 3, 4).reshape(-1, 4)
+
     idx, wts = [], []
     for t, h, w in grid_thw.tolist():
-        def axis(n: int) -> tuple[torch.Tensor, torch.Tensor]:
-            src = torch.arange(n, dtype=torch.float32) * (side - 1) / max(n - 1, 1)
-            lo = torch.floor(src)
-            taps = (lo.long()[:, None] + torch.arange(2)).clamp(0, side - 1)
-            return taps, (1 - (src[:, None] - lo[:, None] - torch.arange(2)).abs()).clamp(min=0)
-
         (ht, hw), (wt, ww) = axis(h), axis(w)
         i_HW4 = (ht[:, None, :, None] * side + wt[None, :, None, :]).reshape(h, w, 4)
         w_HW4 = (hw[:, None, :, None] * ww[None, :, None, :]).reshape(h, w, 4)
-        # (h, w) -> (h/m, m, w/m, m) -> (h/m, w/m, m, m): the processor's merge-window row order.
-        order = lambda x: x.view(h // merge, merge, w // merge, merge, 4).permute(0, 2, 1, 3, 4).reshape(-1, 4)  # noqa: E731
-        idx.append(order(i_HW4).repeat(t, 1))
-        wts.append(order(w_HW4).repeat(t, 1))
+        idx.append(window_order(i_HW4, h, w).repeat(t, 1))
+        wts.append(window_order(w_HW4, h, w).repeat(t, 1))
     return torch.cat(idx), torch.cat(wts)
 
 

@@ -8,7 +8,14 @@ from __future__ import annotations
 from typing import Any
 
 from model.config import ModelConfig, VisionConfig
-from model.qwen2_vl.hf import check_merger_width, read_text, text_to_hf, token_ids_from_hf, token_ids_to_hf, vision_rope_theta
+from model.qwen2_vl.hf import (
+    check_merger_width,
+    read_text,
+    text_to_hf,
+    token_ids_from_hf,
+    token_ids_to_hf,
+    vision_rope_theta,
+)
 
 
 def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:

@@ -65,8 +65,8 @@ def hf_tiny_dir(tmp_path_factory, family) -> str:
 @pytest.fixture(scope="session")
 def hf_tiny(hf_tiny_dir):
     """transformers' model loaded from hf_tiny_dir (fp32, eager attention: the plainest reference)."""
-    from model.parity import hf_class
     from model.hf_adapter import read_hf_config
+    from model.parity import hf_class
 
     torch.manual_seed(0)
     return hf_class(read_hf_config(hf_tiny_dir).family).from_pretrained(

@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from model.config import ModelConfig
+from model.family import get_family
 from model.hf_adapter import (
     CheckpointMismatchError,
     from_hf_state_dict,
@@ -19,7 +20,6 @@ from model.hf_adapter import (
     save_hf_checkpoint,
     save_hf_model,
 )
-from model.family import get_family
 from model.parity import hf_class, make_tiny_checkpoint
 from model.vlm import VLModel
 from tests.model.conftest import small_cfg

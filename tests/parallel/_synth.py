@@ -10,9 +10,9 @@ position.
 
 from __future__ import annotations
 
-import torch
-
 import dataclasses
+
+import torch
 
 from core.batch import PackedBatch
 from model.config import ModelConfig, TextConfig, VisionConfig

@@ -16,8 +16,8 @@ import torch.distributed as dist
 from _synth import global_batch, reference_step, tiny_config
 from torch.distributed.tensor import DTensor, Shard
 
-from model.loss import model_loss
 from model.family import get_family
+from model.loss import model_loss
 from model.vlm import VLModel
 from parallel import ParallelConfig, init_distributed, parallelize
 from parallel.tensor_parallel import pad_microbatch
