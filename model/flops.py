@@ -8,11 +8,11 @@ it is memory-bound and well under 1% of the total. This is the convention of PaL
 torch.utils.flop_counter.FlopCounterMode, against which tests/model/test_flops.py checks this module
 exactly (matmul for matmul).
 
-Attention is computed from the ACTUAL per-segment lengths (packed samples never attend to each other; ViT
-segments are single frame pairs, or Qwen2.5-VL's windows in its window blocks): a segment of L tokens costs
-4 * L_pairs * width FLOPs forward, with L_pairs = L^2 for the bidirectional ViT and, for the causal LLM,
-L*(L+1)/2 (`causal_halving=True`, the work a causal flash kernel does) or L^2 (`causal_halving=False`, the dense convention of torchtitan/Megatron and
-of a FLOP counter looking at a dense masked kernel). Say which one when reporting MFU.
+Attention is computed from the ACTUAL per-segment lengths (packed samples never attend to each other; ViT segments
+are single frame pairs, or Qwen2.5-VL's windows in its window blocks): a segment of L tokens costs 4 * L_pairs *
+width FLOPs forward, with L_pairs = L^2 for the bidirectional ViT and, for the causal LLM, L*(L+1)/2
+(`causal_halving=True`, the work a causal flash kernel does) or L^2 (`causal_halving=False`, the dense convention of
+torchtitan/Megatron and of a FLOP counter looking at a dense masked kernel). Say which one when reporting MFU.
 
 Backward, per matmul: one more forward-sized matmul for the input gradient (needed when anything upstream
 trains) and one for the weight gradient (needed when that weight trains). Fully trainable, this is the
