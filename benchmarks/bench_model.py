@@ -116,14 +116,14 @@ def worker(side: str, reps: int) -> dict:
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
     from model.hf_adapter import from_hf_state_dict
-    from model.qwen2_vl import Qwen2VL
+    from model.vlm import VLModel
 
     cfg = bench_config()
     torch.manual_seed(0)
     hf = Qwen2VLForConditionalGeneration(Qwen2VLConfig(**cfg.to_hf_dict()))
     samples, labels, pos = build_batch(cfg)
     if side == "ours":
-        model = Qwen2VL(cfg)
+        model = VLModel(cfg)
         model.load_state_dict(from_hf_state_dict(hf.state_dict(), cfg.text.tie_word_embeddings), strict=True)
         del hf
         inputs = our_inputs(samples, labels, pos)

@@ -93,7 +93,7 @@ def _rank(rank: int, world: int, port: int, args: dict, q) -> None:
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    from model.qwen2_vl import Qwen2VL
+    from model.vlm import VLModel
     from parallel import ParallelConfig, destroy_distributed, init_distributed, parallelize
 
     try:
@@ -106,7 +106,7 @@ def _rank(rank: int, world: int, port: int, args: dict, q) -> None:
                                  pp_first_stage_layers=lps // v if inter else lps,
                                  num_microbatches=args["microbatches"][0])  # (step() takes any valid count)
             torch.manual_seed(0)
-            pm = parallelize(Qwen2VL(_model_config(args["hidden"], lps * p)), dims, cfg)
+            pm = parallelize(VLModel(_model_config(args["hidden"], lps * p)), dims, cfg)
             if args["sleep_ms"] > 0:
                 _add_sleeps(pm, args["sleep_ms"] / 1000)
             for m in args["microbatches"]:

@@ -1,8 +1,10 @@
-"""Qwen2-VL model configuration: typed dataclasses, published presets, HF config.json conversion.
+"""The architecture of a Qwen-VL model as typed dataclasses, shared by every model family.
 
-The presets carry the published Qwen2-VL hyper-parameters (config.json of Qwen/Qwen2-VL-{2B,7B,72B}-Instruct):
-one 675M-parameter ViT (32 blocks, width 1280, 16 heads) shared by all three sizes, a 2x2 patch merger
-projecting into the LLM width, and a Qwen2 decoder with M-RoPE sections (16, 24, 24).
+A ModelConfig is a ViT (+ its patch merger) and a decoder. The fields every family has are plain fields; the few
+that only some families use default to "not used" (0, an empty tuple, False) and say which family sets them. The
+family itself (`family`) says how the fields are read: its declaration (model/family.py, one folder per family
+under model/) builds the modules, maps config.json both ways and carries the presets. Presets live with their
+family (e.g. model/qwen2_vl/presets.py); `model.family.get_preset(family, name)` finds one.
 """
 
 from __future__ import annotations
@@ -11,7 +13,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-# Special token ids of the Qwen2 tokenizer (checked against the real tokenizer files in the tests).
+# Special token ids of the Qwen2 tokenizer (shared by the Qwen2-VL, Qwen2.5-VL and Qwen3-VL tokenizers; checked
+# against the real tokenizer files in the tests).
 IM_START_ID = 151644
 IM_END_ID = 151645
 VISION_START_ID = 151652
@@ -22,22 +25,24 @@ VIDEO_PAD_ID = 151656
 
 @dataclass
 class VisionConfig:
-    """The Qwen2-VL ViT (naive dynamic resolution, 2D-RoPE) and its patch merger."""
+    """The ViT (naive dynamic resolution, 2D-RoPE) and its patch merger."""
 
     depth: int = 32
     """Number of ViT blocks."""
     embed_dim: int = 1280
-    """ViT width."""
+    """ViT width (config.json: Qwen2-VL `embed_dim`, Qwen2.5-VL and Qwen3-VL `hidden_size`)."""
     num_heads: int = 16
     """ViT attention heads (head_dim = embed_dim / num_heads)."""
     mlp_ratio: float = 4.0
-    """ViT MLP hidden width = embed_dim * mlp_ratio."""
+    """ViT MLP hidden width = embed_dim * mlp_ratio, unless intermediate_size is set."""
+    intermediate_size: int | None = None
+    """ViT MLP hidden width when given directly (Qwen2.5-VL 3420, Qwen3-VL 4304); null = embed_dim * mlp_ratio."""
     hidden_act: str = "quick_gelu"
-    """ViT MLP activation (Qwen2-VL: QuickGELU)."""
+    """ViT MLP activation: Qwen2-VL 'quick_gelu', Qwen2.5-VL 'silu' (SwiGLU), Qwen3-VL 'gelu_pytorch_tanh'."""
     in_channels: int = 3
     """Image channels (RGB)."""
     patch_size: int = 14
-    """Spatial patch size of the Conv3d patch embedding."""
+    """Spatial patch size of the Conv3d patch embedding (Qwen3-VL: 16)."""
     temporal_patch_size: int = 2
     """Temporal patch size: an image is two identical frames, a video is split in frame pairs."""
     spatial_merge_size: int = 2
@@ -45,7 +50,20 @@ class VisionConfig:
     rope_theta: float = 10000.0
     """Base of the ViT's 2D rotary embedding."""
     layer_norm_eps: float = 1e-6
-    """Epsilon of the ViT LayerNorms (and the merger's)."""
+    """Epsilon of the ViT norms (and the merger's)."""
+    window_size: int = 0
+    """Qwen2.5-VL: side in pixels of the attention windows (112); 0 = every block attends within whole frame pairs."""
+    fullatt_block_indexes: tuple[int, ...] = ()
+    """Qwen2.5-VL: blocks that attend within whole frame pairs instead of windows ((7, 15, 23, 31))."""
+    tokens_per_second: float = 0.0
+    """Qwen2.5-VL: temporal M-RoPE ids per second of video (2): a frame pair's temporal id is its start time in
+    seconds times this; 0 = the temporal id is the frame pair's index (Qwen2-VL)."""
+    num_position_embeddings: int = 0
+    """Qwen3-VL: entries of the learned square position-embedding table (2304 = 48 x 48), bilinearly resampled to
+    each image's patch grid and added after the patch embedding; 0 = none."""
+    deepstack_visual_indexes: tuple[int, ...] = ()
+    """Qwen3-VL DeepStack: ViT blocks whose outputs go through mergers of their own and are added to the LLM's
+    hidden states at the visual positions, after decoder layer 0, 1, ... in this order; empty = none."""
 
     @property
     def head_dim(self) -> int:
@@ -53,17 +71,17 @@ class VisionConfig:
 
     @property
     def mlp_dim(self) -> int:
-        return int(self.embed_dim * self.mlp_ratio)
+        return self.intermediate_size if self.intermediate_size else int(self.embed_dim * self.mlp_ratio)
 
     @property
     def patch_dim(self) -> int:
-        """Length of one pixel row fed to the patch embedding: C * T * P * P (1176 for Qwen2-VL)."""
+        """Length of one pixel row fed to the patch embedding: C * T * P * P (1176 at patch 14, 1536 at 16)."""
         return self.in_channels * self.temporal_patch_size * self.patch_size * self.patch_size
 
 
 @dataclass
 class TextConfig:
-    """The Qwen2 decoder with multimodal rotary embedding (M-RoPE)."""
+    """The decoder (Qwen2, or Qwen3 with QK-norm) with multimodal rotary embedding (M-RoPE)."""
 
     vocab_size: int = 151936
     """Vocabulary size (embedding and LM head rows)."""
@@ -77,12 +95,21 @@ class TextConfig:
     """Query heads."""
     num_kv_heads: int = 2
     """Key/value heads (GQA)."""
+    head_dim_override: int | None = None
+    """Attention head width when it is not hidden_size / num_heads (Qwen3-VL: 128); null = hidden_size / num_heads."""
     rms_norm_eps: float = 1e-6
     """Epsilon of the RMSNorms."""
     rope_theta: float = 1_000_000.0
     """Base of the rotary embedding."""
     mrope_section: tuple[int, int, int] = (16, 24, 24)
     """Rotary frequency pairs given to the (temporal, height, width) position streams; sums to head_dim / 2."""
+    mrope_interleaved: bool = False
+    """Qwen3-VL: the three streams' frequencies interleave (t, h, w, t, h, w, ...) instead of lying in three
+    contiguous sections."""
+    qkv_bias: bool = True
+    """Biases on the q/k/v projections (Qwen2: yes; Qwen3: no)."""
+    qk_norm: bool = False
+    """Qwen3: RMSNorm over each head of q and k before the rotary embedding."""
     tie_word_embeddings: bool = True
     """Share the input embedding with the LM head."""
     max_position_embeddings: int = 32768
@@ -92,13 +119,15 @@ class TextConfig:
 
     @property
     def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
+        return self.head_dim_override or self.hidden_size // self.num_heads
 
 
 @dataclass
 class ModelConfig:
-    """A whole Qwen2-VL model: ViT + merger + Qwen2 decoder."""
+    """A whole vision-language model: ViT + merger + decoder, of one model family."""
 
+    family: str = "qwen2_vl"
+    """Model family: 'qwen2_vl', 'qwen2_5_vl' or 'qwen3_vl' (model/family.py)."""
     vision: VisionConfig = field(default_factory=VisionConfig)
     """ViT and merger."""
     text: TextConfig = field(default_factory=TextConfig)
@@ -116,13 +145,15 @@ class ModelConfig:
     'flash', 'torch_varlen', 'flex' (flex_attention with a block-sparse document mask) or 'sdpa'."""
 
     def validate(self) -> None:
-        """Raise ValueError with the offending numbers if the shapes cannot work."""
+        """Raise ValueError with the offending numbers if the shapes cannot work (the family adds its own checks)."""
+        from model.family import get_family  # the registry imports the families, which import this module
+
         v, t = self.vision, self.text
         if v.embed_dim % v.num_heads:
             raise ValueError(f"vision.embed_dim={v.embed_dim} is not divisible by vision.num_heads={v.num_heads}")
         if v.head_dim % 4:
             raise ValueError(f"vision head_dim={v.head_dim} must be a multiple of 4 for the 2D rotary embedding")
-        if t.hidden_size % t.num_heads:
+        if t.head_dim_override is None and t.hidden_size % t.num_heads:
             raise ValueError(f"text.hidden_size={t.hidden_size} is not divisible by text.num_heads={t.num_heads}")
         if t.num_heads % t.num_kv_heads:
             raise ValueError(f"text.num_heads={t.num_heads} is not divisible by text.num_kv_heads={t.num_kv_heads}")
@@ -133,183 +164,23 @@ class ModelConfig:
             )
         if self.attn_backend not in ("auto", "flash", "torch_varlen", "flex", "sdpa"):
             raise ValueError(f"attn_backend={self.attn_backend!r}; choose auto, flash, torch_varlen, flex or sdpa")
+        get_family(self.family).validate(self)
 
-    # ---------------------------------------------------------------- HF config.json conversion
+    # ---------------------------------------------------------------- HF config.json (through the family)
     def to_hf_dict(self) -> dict[str, Any]:
-        """A transformers-compatible Qwen2-VL config.json (flat 4.x-style keys, which 4.x and 5.x both read)."""
-        v, t = self.vision, self.text
-        return {
-            "architectures": ["Qwen2VLForConditionalGeneration"],
-            "model_type": "qwen2_vl",
-            "vocab_size": t.vocab_size,
-            "hidden_size": t.hidden_size,
-            "intermediate_size": t.intermediate_size,
-            "num_hidden_layers": t.num_layers,
-            "num_attention_heads": t.num_heads,
-            "num_key_value_heads": t.num_kv_heads,
-            "hidden_act": t.hidden_act,
-            "rms_norm_eps": t.rms_norm_eps,
-            "rope_theta": t.rope_theta,
-            "rope_scaling": {"type": "mrope", "mrope_section": list(t.mrope_section)},
-            "max_position_embeddings": t.max_position_embeddings,
-            "tie_word_embeddings": t.tie_word_embeddings,
-            "attention_dropout": 0.0,
-            "use_sliding_window": False,
-            "image_token_id": self.image_token_id,
-            "video_token_id": self.video_token_id,
-            "vision_start_token_id": self.vision_start_token_id,
-            "vision_end_token_id": self.vision_end_token_id,
-            "bos_token_id": 151643,
-            "eos_token_id": IM_END_ID,
-            "vision_config": {
-                "depth": v.depth,
-                "embed_dim": v.embed_dim,
-                "hidden_size": t.hidden_size,
-                "hidden_act": v.hidden_act,
-                "mlp_ratio": int(v.mlp_ratio) if float(v.mlp_ratio).is_integer() else v.mlp_ratio,
-                "num_heads": v.num_heads,
-                "in_channels": v.in_channels,
-                "in_chans": v.in_channels,
-                "patch_size": v.patch_size,
-                "spatial_patch_size": v.patch_size,
-                "spatial_merge_size": v.spatial_merge_size,
-                "temporal_patch_size": v.temporal_patch_size,
-                # 5.x reads the ViT's rotary base from here (4.x hard-codes 10000, the only published value).
-                "rope_parameters": {"rope_type": "axial", "rope_theta": v.rope_theta},
-            },
-        }
+        """The family's transformers config.json for this architecture."""
+        from model.family import get_family
+
+        return get_family(self.family).config_to_hf(self)
 
     @classmethod
-    def from_hf_dict(cls, d: dict[str, Any]) -> ModelConfig:
-        """Read a Qwen2-VL config.json written by transformers 4.x (flat) or 5.x (text_config nested)."""
-        if d.get("model_type") not in (None, "qwen2_vl"):
-            raise ValueError(f"config.json has model_type={d.get('model_type')!r}, expected 'qwen2_vl'")
-        text = dict(d)
-        if isinstance(d.get("text_config"), dict):
-            # 5.x nests the decoder's keys; flat keys, where present, are the same values.
-            text = {**d, **d["text_config"]}
-        vd = d.get("vision_config", {})
-        rope = text.get("rope_parameters") or text.get("rope_scaling") or {}
-        theta = text.get("rope_theta", rope.get("rope_theta", 1_000_000.0))
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type not in ("default", "mrope"):
-            raise ValueError(f"config.json rope type {rope_type!r} is not supported; Qwen2-VL uses plain M-RoPE")
-        if text.get("use_sliding_window"):
-            raise ValueError("config.json sets use_sliding_window=true; Qwen2-VL checkpoints use full attention "
-                             "and this framework implements only that")
-        v_rope = vd.get("rope_parameters") or {}
-        v_theta = float(vd.get("rope_theta", v_rope.get("rope_theta", 10000.0)))
-        vision = VisionConfig(
-            depth=vd.get("depth", 32),
-            embed_dim=vd.get("embed_dim", 1280),
-            num_heads=vd.get("num_heads", 16),
-            mlp_ratio=vd.get("mlp_ratio", 4.0),
-            hidden_act=vd.get("hidden_act", "quick_gelu"),
-            in_channels=vd.get("in_channels", vd.get("in_chans", 3)),
-            patch_size=vd.get("patch_size", vd.get("spatial_patch_size", 14)),
-            temporal_patch_size=vd.get("temporal_patch_size", 2),
-            spatial_merge_size=vd.get("spatial_merge_size", 2),
-            rope_theta=v_theta,
-        )
-        tc = TextConfig(
-            vocab_size=text["vocab_size"],
-            hidden_size=text["hidden_size"],
-            intermediate_size=text["intermediate_size"],
-            num_layers=text["num_hidden_layers"],
-            num_heads=text["num_attention_heads"],
-            num_kv_heads=text.get("num_key_value_heads", text["num_attention_heads"]),
-            rms_norm_eps=text.get("rms_norm_eps", 1e-6),
-            rope_theta=float(theta),
-            mrope_section=tuple(rope.get("mrope_section", (16, 24, 24))),
-            tie_word_embeddings=bool(d.get("tie_word_embeddings", text.get("tie_word_embeddings", False))),
-            max_position_embeddings=text.get("max_position_embeddings", 32768),
-            hidden_act=text.get("hidden_act", "silu"),
-        )
-        if vd.get("hidden_size", tc.hidden_size) != tc.hidden_size:
-            raise ValueError(
-                f"vision_config.hidden_size={vd.get('hidden_size')} (merger output) != hidden_size={tc.hidden_size}"
-            )
-        cfg = cls(
-            vision=vision,
-            text=tc,
-            image_token_id=d.get("image_token_id", IMAGE_PAD_ID),
-            video_token_id=d.get("video_token_id", VIDEO_PAD_ID),
-            vision_start_token_id=d.get("vision_start_token_id", VISION_START_ID),
-            vision_end_token_id=d.get("vision_end_token_id", VISION_END_ID),
-        )
+    def from_hf_dict(cls, d: dict[str, Any], source: str = "config.json") -> ModelConfig:
+        """Read a transformers config.json of any supported family (detected from its model_type)."""
+        from model.family import family_of_hf_config
+
+        cfg = family_of_hf_config(d, source).config_from_hf(d)
         cfg.validate()
         return cfg
 
     def replace(self, **kw: Any) -> ModelConfig:
         return dataclasses.replace(self, **kw)
-
-
-# ------------------------------------------------------------------------------------------ presets
-def _qwen2vl_vit() -> VisionConfig:
-    # The 675M ViT shared by 2B, 7B and 72B (DFN-derived, 32 blocks x 1280 wide).
-    return VisionConfig()
-
-
-def tiny() -> ModelConfig:
-    """A tiny random model for CPU tests and the demo. Keeps the real vocabulary size so the real
-    Qwen2 tokenizer's ids (vision pads at 151655/151656) are valid, and untied embeddings so both
-    head layouts stay exercised (2B ties them, 7B/72B do not)."""
-    return ModelConfig(
-        vision=VisionConfig(depth=2, embed_dim=32, num_heads=4, mlp_ratio=2.0),
-        text=TextConfig(
-            vocab_size=151936,
-            hidden_size=64,
-            intermediate_size=128,
-            num_layers=4,
-            num_heads=4,
-            num_kv_heads=2,
-            mrope_section=(2, 3, 3),
-            tie_word_embeddings=False,
-        ),
-    )
-
-
-def qwen2vl_2b() -> ModelConfig:
-    """Qwen2-VL-2B: 1.5B Qwen2 decoder (tied embeddings) + 675M ViT."""
-    return ModelConfig(
-        vision=_qwen2vl_vit(),
-        text=TextConfig(
-            hidden_size=1536, intermediate_size=8960, num_layers=28, num_heads=12, num_kv_heads=2,
-            tie_word_embeddings=True,
-        ),
-    )
-
-
-def qwen2vl_7b() -> ModelConfig:
-    """Qwen2-VL-7B: 7.6B Qwen2 decoder + 675M ViT."""
-    return ModelConfig(
-        vision=_qwen2vl_vit(),
-        text=TextConfig(
-            hidden_size=3584, intermediate_size=18944, num_layers=28, num_heads=28, num_kv_heads=4,
-            tie_word_embeddings=False,
-        ),
-    )
-
-
-def qwen2vl_72b() -> ModelConfig:
-    """Qwen2-VL-72B: 72B Qwen2 decoder + 675M ViT."""
-    return ModelConfig(
-        vision=_qwen2vl_vit(),
-        text=TextConfig(
-            hidden_size=8192, intermediate_size=29568, num_layers=80, num_heads=64, num_kv_heads=8,
-            tie_word_embeddings=False,
-        ),
-    )
-
-
-PRESETS = {"tiny": tiny, "2b": qwen2vl_2b, "7b": qwen2vl_7b, "72b": qwen2vl_72b}
-
-
-def get_preset(name: str) -> ModelConfig:
-    """Return a fresh preset config by name ('tiny', '2b', '7b', '72b')."""
-    try:
-        cfg = PRESETS[name.lower()]()
-    except KeyError:
-        raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}") from None
-    cfg.validate()
-    return cfg

@@ -1,17 +1,18 @@
-"""Training FLOPs of a packed Qwen2-VL microbatch (ViT + merger + LLM), for MFU.
+"""Training FLOPs of a packed microbatch of any family (ViT + merger(s) + LLM), for MFU.
 
-What is counted: every matmul the model runs (linear layers, the Conv3d patch embedding, which is a matmul
-over 1176-long pixel rows, the two attention matmuls QK^T and PV, the LM head). A matmul of (m x k) by
+What is counted: every matmul the model runs (linear layers, the patch embedding, which is a matmul over the
+pixel rows, the two attention matmuls QK^T and PV, the mergers (Qwen3-VL's DeepStack mergers included), the LM
+head). A matmul of (m x k) by
 (k x n) is 2*m*k*n FLOPs. Elementwise work (norms, rotary, softmax, activations, the loss) is not counted:
 it is memory-bound and well under 1% of the total. This is the convention of PaLM/Megatron MFU and of
 torch.utils.flop_counter.FlopCounterMode, against which tests/model/test_flops.py checks this module
 exactly (matmul for matmul).
 
-Attention is computed from the ACTUAL per-segment lengths (packed samples never attend to each other; ViT
-segments are single frame pairs): a segment of L tokens costs 4 * L_pairs * width FLOPs forward, with
-L_pairs = L^2 for the bidirectional ViT and, for the causal LLM, L*(L+1)/2 (`causal_halving=True`, the work
-a causal flash kernel does) or L^2 (`causal_halving=False`, the dense convention of torchtitan/Megatron and
-of a FLOP counter looking at a dense masked kernel). Say which one when reporting MFU.
+Attention is computed from the ACTUAL per-segment lengths (packed samples never attend to each other; ViT segments
+are single frame pairs, or Qwen2.5-VL's windows in its window blocks): a segment of L tokens costs 4 * L_pairs *
+width FLOPs forward, with L_pairs = L^2 for the bidirectional ViT and, for the causal LLM, L*(L+1)/2
+(`causal_halving=True`, the work a causal flash kernel does) or L^2 (`causal_halving=False`, the dense convention of
+torchtitan/Megatron and of a FLOP counter looking at a dense masked kernel). Say which one when reporting MFU.
 
 Backward, per matmul: one more forward-sized matmul for the input gradient (needed when anything upstream
 trains) and one for the weight gradient (needed when that weight trains). Fully trainable, this is the
@@ -34,9 +35,7 @@ from collections.abc import Iterable, Sequence
 import torch
 
 from model.config import ModelConfig
-
-GROUPS = ("vit", "merger", "llm")
-"""Trainable groups: the ViT (patch embedding + blocks), the patch merger, the LLM (embeddings, decoder, head)."""
+from model.family import GROUPS
 
 
 def _lengths(cu_seqlens: torch.Tensor | Sequence[int]) -> list[int]:
@@ -60,22 +59,40 @@ def _bwd_factor(input_grad: bool, weight_grad: bool) -> int:
     return 1 + int(input_grad) + int(weight_grad)
 
 
+def _segment_pairs(cu_seqlens: torch.Tensor) -> int:
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    return int((lengths * lengths).sum())
+
+
 def vit_forward_flops(cfg: ModelConfig, grid_thw_rows: Iterable[tuple[int, int, int]]) -> dict[str, int]:
     """Forward FLOPs of the ViT on these images/videos, split by kind of matmul."""
     v = cfg.vision
     C, Fv, P = v.embed_dim, v.mlp_dim, v.patch_dim
     m2 = v.spatial_merge_size**2
-    N = attn_pairs = 0
-    for t, h, w in grid_thw_rows:
-        N += t * h * w
-        attn_pairs += t * (h * w) ** 2  # every frame pair is one bidirectional segment
+    grids = [tuple(g) for g in grid_thw_rows]
+    N = sum(t * h * w for t, h, w in grids)
     M = N // m2
+    # Attention pairs per block: every frame pair is one bidirectional segment; Qwen2.5-VL's window blocks attend
+    # within windows instead.
+    full_pairs = sum(t * (h * w) ** 2 for t, h, w in grids)
+    n_window_blocks = v.depth - len(v.fullatt_block_indexes) if v.window_size else 0
+    window_pairs = 0
+    if n_window_blocks and grids:
+        from model.qwen2_5_vl import window_index  # the family's own window layout
+
+        _, cu = window_index(torch.tensor(grids), v.spatial_merge_size, v.window_size // v.spatial_merge_size
+                             // v.patch_size)
+        window_pairs = _segment_pairs(cu)
+    mlp_mats = 3 if v.hidden_act == "silu" else 2  # SwiGLU (gate, up, down) or fc1, fc2
+    merger_fc1, merger_fc2 = 2 * M * (m2 * C) * (m2 * C), 2 * M * (m2 * C) * cfg.text.hidden_size
     return {
         "patch_embed": 2 * N * P * C,
-        "blocks_linear": v.depth * 2 * N * (4 * C * C + 2 * C * Fv),  # q, k, v, o; fc1, fc2
-        "blocks_attention": v.depth * 4 * attn_pairs * C,
-        "merger_fc1": 2 * M * (m2 * C) * (m2 * C),
-        "merger_fc2": 2 * M * (m2 * C) * cfg.text.hidden_size,
+        "blocks_linear": v.depth * 2 * N * (4 * C * C + mlp_mats * C * Fv),  # q, k, v, o; the MLP
+        "blocks_attention": 4 * C * ((v.depth - n_window_blocks) * full_pairs + n_window_blocks * window_pairs),
+        "merger_fc1": merger_fc1,
+        "merger_fc2": merger_fc2,
+        # Qwen3-VL's DeepStack mergers: the merger's shape, in the vision group (they only see ViT features).
+        "deepstack": len(v.deepstack_visual_indexes) * (merger_fc1 + merger_fc2),
         "patches": N,
     }
 
@@ -86,13 +103,13 @@ def llm_forward_flops(
     """Forward FLOPs of the decoder + head on packed samples of these lengths."""
     t = cfg.text
     D, F, Dh = t.hidden_size, t.intermediate_size, t.head_dim
-    kv = t.num_kv_heads * Dh
+    q, kv = t.num_heads * Dh, t.num_kv_heads * Dh
     lengths = list(seq_lengths)
     T = sum(lengths)
     pairs = sum(L * (L + 1) // 2 if causal_halving else L * L for L in lengths)
     S = T if n_supervised is None else n_supervised
     return {
-        "layers_linear": t.num_layers * 2 * T * (2 * D * D + 2 * D * kv + 3 * D * F),  # q, o; k, v; gate, up, down
+        "layers_linear": t.num_layers * 2 * T * (2 * D * q + 2 * D * kv + 3 * D * F),  # q, o; k, v; gate, up, down
         "layers_attention": t.num_layers * 4 * pairs * t.num_heads * Dh,
         "head": 2 * S * D * t.vocab_size,
         "tokens": T,
@@ -120,7 +137,7 @@ def batch_flops(
     train = set(trainable)
     if unknown := train - set(GROUPS):
         raise ValueError(f"unknown trainable groups {sorted(unknown)}; choose from {GROUPS}")
-    tv, tm, tl = "vit" in train, "merger" in train, "llm" in train
+    tv, tm, tl = "vision" in train, "merger" in train, "llm" in train
     vf = vit_forward_flops(cfg, _grid_rows(vision_grid_thw))
     lf = llm_forward_flops(cfg, _lengths(cu_seqlens), n_supervised=n_supervised, causal_halving=causal_halving)
     # Autograd computes an input gradient only where something upstream trains.
@@ -130,6 +147,7 @@ def batch_flops(
         + vf["blocks_attention"] * (3 if tv else 1)
         # fc1's input is the merger LayerNorm's output: it needs a gradient as soon as that norm trains.
         + (vf["merger_fc1"] + vf["merger_fc2"]) * _bwd_factor(tv or tm, tm)
+        + vf["deepstack"] * _bwd_factor(tv, tv)
     )
     # The LLM input (token + vision embeddings) needs a gradient if the embeddings or anything in vision train.
     llm_in_grad = tv or tm or tl
@@ -138,7 +156,8 @@ def batch_flops(
         + lf["layers_attention"] * (3 if llm_in_grad else 1)
         + lf["head"] * _bwd_factor(llm_in_grad, tl)
     )
-    vit_fwd = vf["patch_embed"] + vf["blocks_linear"] + vf["blocks_attention"] + vf["merger_fc1"] + vf["merger_fc2"]
+    vit_fwd = (vf["patch_embed"] + vf["blocks_linear"] + vf["blocks_attention"] + vf["merger_fc1"]
+               + vf["merger_fc2"] + vf["deepstack"])
     llm_fwd = lf["layers_linear"] + lf["layers_attention"] + lf["head"]
     T = lf["tokens"]
     return {

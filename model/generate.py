@@ -7,12 +7,13 @@
 Shape legend: L = prompt tokens, T = tokens of one forward (L at prefill, 1 when decoding), D = width, V = vocab.
 
 How it runs:
-1. prefill: the prompt's embeddings, with images and videos through the ViT ONCE (Qwen2VL.embed scatters them
-   into the pad positions), go through the decoder with an empty KVCache (the training attention kernel, so
-   the prompt's logits equal a plain forward); the last position's logits give the first token;
-2. decode: each new token's embedding alone, against the cache (model.qwen2_vl.cached_attention).
+1. prefill: the prompt's embeddings, with images and videos through the ViT ONCE (VLModel scatters them into the
+   pad positions, and adds Qwen3-VL's DeepStack features), go through the decoder with an empty KVCache (the
+   training attention kernel, so the prompt's logits equal a plain forward); the last position's logits give the
+   first token;
+2. decode: each new token's embedding alone, against the cache (model.text.cached_attention).
 
-Positions (M-RoPE): the prompt gets Qwen's reference ids (3, L) (model/position_ids.py); generated token j
+Positions (M-RoPE): the prompt gets Qwen's reference ids (3, L) of its family (model/processing.py); generated token j
 (0-based) gets the same id on all three streams, max(prompt ids) + 1 + j. That is transformers' rope-delta rule
 (Qwen2VLModel.get_rope_index returns `rope_deltas` = max + 1 - L; decoding then uses (L + j) + rope_deltas):
 text continues right after the highest position of the prompt, which after a vision block is less than the
@@ -29,8 +30,8 @@ from dataclasses import dataclass
 import torch
 
 from model.config import IM_END_ID
-from model.position_ids import mrope_position_ids
-from model.qwen2_vl import KVCache, Qwen2VL
+from model.text import KVCache
+from model.vlm import VLModel
 
 
 @dataclass
@@ -50,22 +51,21 @@ def rope_continuation(pos_3L: torch.Tensor) -> int:
     return int(pos_3L.max()) + 1
 
 
-def prompt_positions(model: Qwen2VL, input_ids: torch.Tensor, image_grid_thw: torch.Tensor | None = None,
-                     video_grid_thw: torch.Tensor | None = None) -> torch.Tensor:
-    """M-RoPE ids (3, L) of one prompt under the model's own special token ids (reference algorithm)."""
-    cfg = model.cfg
-    return mrope_position_ids(
+def prompt_positions(model: VLModel, input_ids: torch.Tensor, image_grid_thw: torch.Tensor | None = None,
+                     video_grid_thw: torch.Tensor | None = None,
+                     video_seconds_per_pair: Sequence[float] | None = None) -> torch.Tensor:
+    """M-RoPE ids (3, L) of one prompt under the model's family and special token ids (reference algorithm)."""
+    vid = None if video_grid_thw is None or not video_grid_thw.numel() else video_grid_thw.cpu()
+    return model.processing.position_ids(
         input_ids.reshape(-1).cpu(),
         None if image_grid_thw is None or not image_grid_thw.numel() else image_grid_thw.cpu(),
-        None if video_grid_thw is None or not video_grid_thw.numel() else video_grid_thw.cpu(),
-        spatial_merge_size=cfg.vision.spatial_merge_size, image_token_id=cfg.image_token_id,
-        video_token_id=cfg.video_token_id,
+        vid, video_seconds_per_pair if vid is not None else None,
     )
 
 
 @torch.no_grad()
 def greedy_generate(
-    model: Qwen2VL,
+    model: VLModel,
     input_ids: torch.Tensor,
     *,
     max_new_tokens: int,
@@ -75,11 +75,12 @@ def greedy_generate(
     image_grid_thw: torch.Tensor | None = None,
     pixel_values_videos: torch.Tensor | None = None,
     video_grid_thw: torch.Tensor | None = None,
+    video_seconds_per_pair: Sequence[float] | None = None,
     return_logits: bool = False,
 ) -> Generation:
     """Greedy (argmax) continuation of ONE prompt (input_ids (L,)) for up to max_new_tokens tokens, stopping
-    after the first token in eos_token_ids. position_ids (3, L) default to the reference M-RoPE ids; pixel rows
-    are raw uint8 or normalized float (core/batch.py)."""
+    after the first token in eos_token_ids. position_ids (3, L) default to the reference M-RoPE ids (Qwen2.5-VL
+    videos need video_seconds_per_pair for them); pixel rows are raw uint8 or normalized float (core/batch.py)."""
     if model.embed_tokens is None or model.norm is None or model.lm_head is None:
         raise ValueError("greedy_generate needs the whole model (embeddings, final norm and head); this is a "
                          "pipeline stage of it")
@@ -91,14 +92,15 @@ def greedy_generate(
     if L == 0:
         raise ValueError("greedy_generate got an empty prompt")
     if position_ids is None:
-        position_ids = prompt_positions(model, ids_L, image_grid_thw, video_grid_thw)
+        position_ids = prompt_positions(model, ids_L, image_grid_thw, video_grid_thw, video_seconds_per_pair)
     pos_3L = position_ids.reshape(3, L).to(device)
     next_pos = rope_continuation(pos_3L)
     eos = {int(e) for e in eos_token_ids}
 
-    h_TD = model.embed(ids_L, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
     cache = KVCache(L + max_new_tokens)
-    h_TD = model(hidden_states=h_TD, position_ids=pos_3L, kv_cache=cache)
+    # Prefill: the prompt with its images and videos through the ViT once (DeepStack included).
+    h_TD = model(input_ids=ids_L, position_ids=pos_3L, pixel_values=pixel_values, image_grid_thw=image_grid_thw,
+                 pixel_values_videos=pixel_values_videos, video_grid_thw=video_grid_thw, kv_cache=cache)
     tokens: list[int] = []
     scores: list[torch.Tensor] | None = [] if return_logits else None
     for j in range(max_new_tokens):

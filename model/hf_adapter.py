@@ -1,16 +1,17 @@
-"""The one Hugging Face layer: Qwen2-VL checkpoints <-> our modules (keys, config, safetensors files, slices).
+"""The one Hugging Face layer: checkpoints of every family <-> our modules (keys, config, safetensors files, slices).
 
 Everything that reads or writes HF weights comes through here: `load_hf_model` (a whole model), `load_hf_slices`
 (this rank's shards of a sharded model, reading only its slices: `model.init_from` of a 72B run never holds the
 full model in any process), `save_hf_model` / `save_hf_checkpoint` (a whole state dict) and `HFShardWriter`
 (streaming, one tensor group at a time: `python -m tools.export`).
 
-Key layouts read:
-- hub layout (what the released checkpoints hold and transformers 4.x / 5.x `save_pretrained` writes):
-  `visual.*`, `model.*` (decoder), `lm_head.*`;
-- transformers >= 4.52 / 5.x in-memory layout (what `model.state_dict()` returns there, and what some
-  re-saved checkpoints hold): `model.visual.*`, `model.language_model.*`, `lm_head.*`.
-Written: the hub layout, which transformers 4.x and 5.x `from_pretrained` both load.
+Key layouts read (every family names its tensors the same way under these prefixes):
+- hub layout (what the released Qwen2-VL and Qwen2.5-VL checkpoints hold): `visual.*`, `model.*` (decoder),
+  `lm_head.*`;
+- transformers >= 4.52 / 5.x in-memory layout (what `model.state_dict()` returns there, what the released
+  Qwen3-VL checkpoints and some re-saved ones hold): `model.visual.*`, `model.language_model.*`, `lm_head.*`.
+Written: the layout of the family's released checkpoints (ModelFamily.hf_write_layout), which transformers
+`from_pretrained` loads.
 
 Ours differs only where tensor parallelism wants it: the ViT attention's fused `qkv` is split into q/k/v
 projections (rows [q; k; v]) and `attn.proj` is called `attn.o_proj`; decoder keys lose the `model.` prefix.
@@ -18,7 +19,7 @@ projections (rows [q; k; v]) and `attn.proj` is called `attn.o_proj`; decoder ke
 
 Tied embeddings (2B): the hub checkpoint has no `lm_head.weight` (or a copy equal to the embedding); our
 state dict carries `lm_head.weight` as the SAME tensor as `embed_tokens.weight`, because that is what
-`Qwen2VL.state_dict()` returns for a tied model and what `load_state_dict(strict=True)` expects.
+`VLModel.state_dict()` returns for a tied model and what `load_state_dict(strict=True)` expects.
 
 NOTE: DCP's HuggingFaceStorageReader/Writer were considered: they map keys one to one, and our q/k/v (sharded
 column-wise under TP) are row blocks of HF's fused qkv, which is no DCP chunk of one tensor; the safetensors
@@ -39,7 +40,8 @@ import torch
 from core.config import ConfigError
 from core.dtypes import HF_DTYPE_NAMES
 from model.config import ModelConfig
-from model.qwen2_vl import Qwen2VL
+from model.family import get_family
+from model.vlm import VLModel
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +67,17 @@ def normalize_hf_key(key: str) -> str:
     if key.startswith("model.language_model."):
         return "model." + key[len("model.language_model.") :]
     return key
+
+
+def to_layout(hub_key: str, layout: str) -> str:
+    """A hub-layout key in the layout a family writes ('hub' or 'transformers5')."""
+    if layout == "hub":
+        return hub_key
+    if hub_key.startswith("visual."):
+        return "model." + hub_key
+    if hub_key.startswith("model."):
+        return "model.language_model." + hub_key[len("model.") :]
+    return hub_key
 
 
 def hf_source(fqn: str, cfg: ModelConfig) -> tuple[str, int, bool]:
@@ -116,7 +129,7 @@ def _from_hf(
             src[k] = key
         else:
             raise CheckpointMismatchError(
-                f"unexpected key {key!r} in a Qwen2-VL checkpoint (known prefixes: visual., model., lm_head.)"
+                f"unexpected key {key!r} in the checkpoint (known prefixes: visual., model., lm_head.)"
             )
     if tie_word_embeddings:
         emb = out.get("embed_tokens.weight")
@@ -140,9 +153,10 @@ def from_hf_state_dict(sd: Mapping[str, torch.Tensor], tie_word_embeddings: bool
     return _from_hf(sd, tie_word_embeddings)[0]
 
 
-def to_hf_state_dict(sd: Mapping[str, torch.Tensor], tie_word_embeddings: bool) -> dict[str, torch.Tensor]:
-    """Ours -> HF hub layout (q/k/v fused back into `qkv`; no `lm_head.weight` when tied). A subset of our keys
-    converts on its own as long as the q/k/v of a ViT block come together."""
+def to_hf_state_dict(sd: Mapping[str, torch.Tensor], tie_word_embeddings: bool,
+                     layout: str = "hub") -> dict[str, torch.Tensor]:
+    """Ours -> HF (q/k/v fused back into `qkv`; no `lm_head.weight` when tied), in `layout` ('hub' or
+    'transformers5'). A subset of our keys converts on its own as long as the q/k/v of a ViT block come together."""
     out: dict[str, torch.Tensor] = {}
     pending: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
     for k, t in sd.items():
@@ -164,17 +178,22 @@ def to_hf_state_dict(sd: Mapping[str, torch.Tensor], tie_word_embeddings: bool) 
                 f"visual.blocks.{blk}.attn {kind}: need q_proj, k_proj and v_proj to fuse qkv, got {sorted(parts)}"
             )
         out[f"visual.blocks.{blk}.attn.qkv.{kind}"] = torch.cat([parts["q_proj"], parts["k_proj"], parts["v_proj"]])
-    return out
+    return {to_layout(k, layout): t for k, t in out.items()}
 
 
 # ------------------------------------------------------------------------------------------ config
 def read_hf_config(path: str | os.PathLike) -> ModelConfig:
-    """The ModelConfig of an HF directory (or of its config.json)."""
+    """The ModelConfig of an HF directory (or of its config.json), of whichever supported family its model_type
+    names; a ValueError naming the file, the key and the supported families otherwise."""
     p = Path(path)
     f = p if p.suffix == ".json" else p / "config.json"
     if not f.is_file():
         raise FileNotFoundError(f"{f} not found: an HF checkpoint directory needs config.json")
-    return ModelConfig.from_hf_dict(json.loads(f.read_text()))
+    try:
+        d = json.loads(f.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{f} is not valid JSON: {e}") from e
+    return ModelConfig.from_hf_dict(d, source=str(f))
 
 
 def write_hf_config(cfg: ModelConfig, out_dir: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
@@ -202,7 +221,7 @@ def is_hf_dir(path: str | os.PathLike) -> bool:
 def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Our state-dict keys and shapes for `cfg` (built on the meta device: no memory, any size)."""
     with torch.device("meta"):
-        model = Qwen2VL(cfg)
+        model = VLModel(cfg)
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
@@ -224,7 +243,7 @@ def check_state_dict(
     ]
     if not (missing or unexpected or shapes):
         return
-    lines = [f"{what} does not match the Qwen2-VL config:"]
+    lines = [f"{what} does not match the {get_family(cfg.family).title} config:"]
     for title, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes)):
         if items:
             shown = items[:20]
@@ -293,9 +312,9 @@ def read_hf_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 def load_hf_checkpoint(
     path: str | os.PathLike, *, dtype: torch.dtype | None = None
 ) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    """Read an HF Qwen2-VL directory (config.json + safetensors, either key layout) into our layout.
+    """Read an HF directory of any family (config.json + safetensors, either key layout) into our layout.
 
-    Returns (config, state_dict) with state_dict ready for `Qwen2VL(config).load_state_dict(sd, strict=True)`.
+    Returns (config, state_dict) with state_dict ready for `VLModel(config).load_state_dict(sd, strict=True)`.
     `dtype` casts floating tensors (None keeps the stored dtype). Raises CheckpointMismatchError naming every
     missing, unexpected or mis-shaped key.
     """
@@ -315,8 +334,8 @@ def load_hf_model(
     dtype: torch.dtype | None = None,
     device: torch.device | str = "cpu",
     attn_backend: str | None = None,
-) -> Qwen2VL:
-    """Build the model from an HF Qwen2-VL directory (config.json + safetensors, either key layout).
+) -> VLModel:
+    """Build the model from an HF directory of any family (config.json + safetensors, either key layout).
 
     The model is built on the meta device and takes the loaded tensors as its parameters (no random init, no
     second copy). `dtype` casts floating weights (None keeps the checkpoint's dtype).
@@ -325,7 +344,7 @@ def load_hf_model(
     if attn_backend is not None:
         cfg = cfg.replace(attn_backend=attn_backend)
     with torch.device("meta"):
-        model = Qwen2VL(cfg)
+        model = VLModel(cfg)
     model.load_state_dict(sd, strict=True, assign=True)
     if cfg.text.tie_word_embeddings:
         # assign=True gave both modules their own Parameter object; tie them again.
@@ -346,7 +365,7 @@ def _local_view(t: torch.Tensor) -> tuple[torch.Tensor, tuple[slice, ...]]:
 
 @torch.no_grad()
 def load_hf_slices(named_tensors: Mapping[str, torch.Tensor], hf_dir: str | os.PathLike, cfg: ModelConfig) -> int:
-    """Copy an HF Qwen2-VL checkpoint into this rank's tensors (plain, or DTensor shards of any TP/FSDP layout),
+    """Copy an HF checkpoint into this rank's tensors (plain, or DTensor shards of any TP/FSDP layout),
     reading only the local slice of each (safe_open + get_slice). Returns the number of tensors filled; raises
     CheckpointMismatchError naming missing keys and shape mismatches."""
     from safetensors import safe_open
@@ -484,22 +503,22 @@ def save_hf_checkpoint(
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     dtype: torch.dtype | None = None,
 ) -> list[Path]:
-    """Write our state dict as an HF hub-layout checkpoint: config.json + safetensors (sharded with an index
-    above max_shard_bytes) that transformers' `Qwen2VLForConditionalGeneration.from_pretrained` loads.
+    """Write our state dict as an HF checkpoint in the family's layout: config.json + safetensors (sharded with an
+    index above max_shard_bytes) that transformers' `<Family>ForConditionalGeneration.from_pretrained` loads.
 
     `dtype` casts floating tensors (None keeps them). DTensors are gathered with full_tensor(). Raises
     CheckpointMismatchError if the state dict does not fit cfg. Returns the files written.
     """
     sd = {k: _to_plain_cpu(t, dtype) for k, t in state_dict.items()}
     check_state_dict(sd, cfg, what="state dict to save")
-    hf_sd = to_hf_state_dict(sd, cfg.text.tie_word_embeddings)
+    hf_sd = to_hf_state_dict(sd, cfg.text.tie_word_embeddings, get_family(cfg.family).hf_write_layout)
     files = write_safetensors_shards(hf_sd, out_dir, max_shard_bytes)
     floating = {t.dtype for t in hf_sd.values() if t.is_floating_point()}
     return [*files, write_hf_config(cfg, out_dir, next(iter(floating)) if len(floating) == 1 else None)]
 
 
 def save_hf_model(
-    model: Qwen2VL, out_dir: str | os.PathLike, *, max_shard_bytes: int | None = None, dtype: torch.dtype | None = None
+    model: VLModel, out_dir: str | os.PathLike, *, max_shard_bytes: int | None = None, dtype: torch.dtype | None = None
 ) -> list[Path]:
     """Write a whole (unsplit) model as an HF hub-layout checkpoint (see save_hf_checkpoint)."""
     return save_hf_checkpoint(model.state_dict(), model.cfg, out_dir,

@@ -1,7 +1,8 @@
-"""Logits parity of our Qwen2-VL against transformers' Qwen2VLForConditionalGeneration on one checkpoint.
+"""Logits parity of our model against transformers' `<Family>ForConditionalGeneration` on one checkpoint of any
+supported family (Qwen2-VL, Qwen2.5-VL, Qwen3-VL; detected from its config.json).
 
     python -m model.parity --hf DIR [--tol 1e-4] [--dtype fp32|bf16|fp16] [--device cpu|cuda] [--hf-attn sdpa|eager]
-    python -m model.parity --make-tiny DIR      # writes a tiny random HF checkpoint (no download), then exit
+    python -m model.parity --make-tiny DIR [--family qwen2_5_vl]   # a tiny random HF checkpoint (no download)
 
 Loads DIR into transformers (`from_pretrained`) and, independently, into ours (`model.hf_adapter.load_hf_model`), runs a
 built-in suite of inputs and prints one line per case with the max absolute logit difference; exits 1 if
@@ -11,11 +12,14 @@ Cases: text only; one image; one image with transformers computing its own posit
 different sizes and aspect ratios; one video; image + video + text interleaved; a packed sequence of
 several samples (ours, one call with cu_seqlens) against each sample run alone through transformers.
 
-Position ids: we pass OUR ids (Qwen's reference M-RoPE algorithm, model/position_ids.py) to transformers
-explicitly, so the comparison isolates the network. Each line also says whether transformers' own
-get_rope_index agrees with ours on that input: transformers 5.x advances the running position by
-max(h, w)/2 after a vision block where the reference advances by max(t, h/2, w/2), so they differ after a
-video with more frame pairs than its merged height and width (the `video` and `interleaved` cases here).
+Position ids: we pass OUR ids (Qwen's reference M-RoPE algorithm, model/position_ids.py, through the family's
+processing facts) to transformers explicitly, so the comparison isolates the network. Each line also says whether
+transformers' own get_rope_index agrees with ours on that input: transformers 5.x advances the running position by
+max(h, w)/2 after a vision block where the reference advances to the block's largest id + 1 (max(t, h/2, w/2) for
+Qwen2-VL; the scaled time for Qwen2.5-VL), so they differ after a video whose (scaled) frame-pair count exceeds its
+merged height and width (the `video` and `interleaved` cases here). Qwen3-VL's videos are one block per frame pair,
+where the two agree. A Qwen3-VL video is laid out as its processor does: per frame pair a text timestamp, then
+<|vision_start|> pads <|vision_end|>.
 
 Pixel values are random normal rows (what a normalizing processor produces): the suite tests the network,
 not the image processor.
@@ -33,10 +37,10 @@ import torch
 
 from core.cli import run_cli
 from core.dtypes import DTYPES
-from model.config import ModelConfig, tiny
-from model.hf_adapter import is_hf_dir, load_hf_model, write_safetensors_shards
-from model.position_ids import mrope_position_ids, packed_mrope_position_ids
-from model.qwen2_vl import Qwen2VL
+from model.config import ModelConfig
+from model.family import FAMILY_NAMES, get_family, get_preset
+from model.hf_adapter import is_hf_dir, load_hf_model, read_hf_config, write_safetensors_shards
+from model.vlm import VLModel
 
 _FIRST_SPECIAL_ID = 151643  # <|endoftext|>; text ids are drawn below it
 
@@ -50,6 +54,8 @@ class Sample:
     image_grid_thw: torch.Tensor | None = None
     pixel_values_videos: torch.Tensor | None = None
     video_grid_thw: torch.Tensor | None = None
+    video_seconds: list[float] | None = None
+    """Seconds per frame pair of each video (Qwen2.5-VL's temporal M-RoPE ids)."""
 
 
 @dataclass
@@ -73,9 +79,16 @@ class SampleBuilder:
     def text(self, n: int) -> list[torch.Tensor]:
         return [torch.randint(0, self.text_hi, (n,), generator=self.gen)]
 
+    def block(self, pad: int, n: int) -> list[torch.Tensor]:
+        cfg = self.cfg
+        start, end = torch.tensor([cfg.vision_start_token_id]), torch.tensor([cfg.vision_end_token_id])
+        return [start, torch.full((n,), pad), end]
+
     def sample(self, *parts: int | tuple[str, tuple[int, int, int]]) -> Sample:
-        """parts: an int = that many text tokens; ("image" | "video", (t, h, w)) = a vision block."""
+        """parts: an int = that many text tokens; ("image" | "video", (t, h, w)) = a vision block (a Qwen3-VL video:
+        one block per frame pair, each after a 4-token text timestamp, inside the template's vision_start/end)."""
         cfg, m = self.cfg, self.cfg.vision.spatial_merge_size
+        timestamps = get_family(cfg.family).processing(cfg).video_time == "timestamps"
         ids: list[torch.Tensor] = []
         pix: dict[str, list[torch.Tensor]] = {"image": [], "video": []}
         grids: dict[str, list[tuple[int, int, int]]] = {"image": [], "video": []}
@@ -86,9 +99,14 @@ class SampleBuilder:
             kind, (t, h, w) = p
             if h % m or w % m:
                 raise ValueError(f"grid {(t, h, w)} must be divisible by spatial_merge_size={m}")
-            pad = cfg.image_token_id if kind == "image" else cfg.video_token_id
-            ids += [torch.tensor([cfg.vision_start_token_id]), torch.full((t * h * w // m**2,), pad),
-                    torch.tensor([cfg.vision_end_token_id])]
+            if kind == "video" and timestamps:
+                ids.append(torch.tensor([cfg.vision_start_token_id]))
+                for _ in range(t):
+                    ids += self.text(4) + self.block(cfg.video_token_id, h * w // m**2)
+                ids.append(torch.tensor([cfg.vision_end_token_id]))
+            else:
+                pad = cfg.image_token_id if kind == "image" else cfg.video_token_id
+                ids += self.block(pad, t * h * w // m**2)
             pix[kind].append(torch.randn(t * h * w, cfg.vision.patch_dim, generator=self.gen))
             grids[kind].append((t, h, w))
         s = Sample(torch.cat(ids))
@@ -96,6 +114,8 @@ class SampleBuilder:
             s.pixel_values, s.image_grid_thw = torch.cat(pix["image"]), torch.tensor(grids["image"])
         if grids["video"]:
             s.pixel_values_videos, s.video_grid_thw = torch.cat(pix["video"]), torch.tensor(grids["video"])
+            # Qwen2.5-VL: one frame pair a second, then one every 0.5 s (2 and 1 temporal ids per pair).
+            s.video_seconds = [1.0 if i % 2 == 0 else 0.5 for i in range(len(grids["video"]))]
         return s
 
 
@@ -134,10 +154,15 @@ def mm_token_type_ids(ids: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
 
 def sample_positions(s: Sample, cfg: ModelConfig) -> torch.Tensor:
     """Our (reference-algorithm) position ids (3, L) for one sample."""
-    return mrope_position_ids(
-        s.input_ids, s.image_grid_thw, s.video_grid_thw, spatial_merge_size=cfg.vision.spatial_merge_size,
-        image_token_id=cfg.image_token_id, video_token_id=cfg.video_token_id,
-    )
+    proc = get_family(cfg.family).processing(cfg)
+    return proc.position_ids(s.input_ids, s.image_grid_thw, s.video_grid_thw, s.video_seconds)
+
+
+def video_kwargs(s: Sample, cfg: ModelConfig, device) -> dict:
+    """What transformers needs besides the grids to compute a family's video positions itself."""
+    if s.video_grid_thw is None or get_family(cfg.family).processing(cfg).video_time != "seconds":
+        return {}
+    return {"second_per_grid_ts": torch.tensor(s.video_seconds, device=device)}
 
 
 # ------------------------------------------------------------------------------------------ running
@@ -156,22 +181,20 @@ def hf_logits(hf, s: Sample, cfg: ModelConfig, position_ids: torch.Tensor | None
     if s.pixel_values_videos is not None:
         kw["pixel_values_videos"] = s.pixel_values_videos.to(device, dtype)
         kw["video_grid_thw"] = s.video_grid_thw.to(device)
+        kw.update(video_kwargs(s, cfg, device))
     hf.model.rope_deltas = None  # no state carried over between calls
     return hf(**kw).logits[0].float()
 
 
-def our_logits(model: Qwen2VL, samples: list[Sample], device, dtype) -> tuple[torch.Tensor, list[int]]:
+def our_logits(model: VLModel, samples: list[Sample], device, dtype) -> tuple[torch.Tensor, list[int]]:
     """Our logits (T, V) for the samples packed into one sequence, and the sample boundaries."""
-    cfg = model.cfg
     ids = torch.cat([s.input_ids for s in samples])
     lengths = [s.input_ids.numel() for s in samples]
     cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
     img_grid = _cat_opt([s.image_grid_thw for s in samples])
     vid_grid = _cat_opt([s.video_grid_thw for s in samples])
-    pos = packed_mrope_position_ids(
-        ids, cu, img_grid, vid_grid, spatial_merge_size=cfg.vision.spatial_merge_size,
-        image_token_id=cfg.image_token_id, video_token_id=cfg.video_token_id,
-    )
+    seconds = [x for s in samples for x in (s.video_seconds or [])]
+    pos = model.processing.packed_position_ids(ids, cu, img_grid, vid_grid, seconds if vid_grid is not None else None)
     pv, pvv = _cat_opt([s.pixel_values for s in samples]), _cat_opt([s.pixel_values_videos for s in samples])
     h = model(
         input_ids=ids.to(device), position_ids=pos.to(device), cu_seqlens=cu.to(device), max_seqlen=max(lengths),
@@ -189,7 +212,8 @@ def rope_index_note(hf, s: Sample, cfg: ModelConfig, ours_3L: torch.Tensor) -> s
     theirs, _ = hf.model.get_rope_index(
         ids[None].to(hf.device), mm_token_type_ids=mm_token_type_ids(ids, cfg)[None].to(hf.device),
         image_grid_thw=None if s.image_grid_thw is None else s.image_grid_thw.to(hf.device),
-        video_grid_thw=None if s.video_grid_thw is None else s.video_grid_thw.to(hf.device),
+        video_grid_thw=None if s.video_grid_thw is None else s.video_grid_thw.clone().to(hf.device),
+        **video_kwargs(s, cfg, hf.device),
     )
     n = int((theirs[:, 0].cpu() != ours_3L).any(0).sum())
     return "same" if n == 0 else f"transformers differs at {n} tokens (5.x max(h,w)/2 advance; reference passed)"
@@ -204,7 +228,7 @@ class CaseResult:
     rope_index: str
 
 
-def run_case(hf, ours: Qwen2VL, case: Case, device, dtype) -> CaseResult:
+def run_case(hf, ours: VLModel, case: Case, device, dtype) -> CaseResult:
     cfg = ours.cfg
     with torch.no_grad():
         mine, cu = our_logits(ours, case.samples, device, dtype)
@@ -221,15 +245,21 @@ def run_case(hf, ours: Qwen2VL, case: Case, device, dtype) -> CaseResult:
     return CaseResult(case.name, max(diffs), scale, cu[-1], note)
 
 
+def hf_class(family: str):
+    """transformers' model class of a family (e.g. Qwen2_5_VLForConditionalGeneration)."""
+    import transformers
+
+    return getattr(transformers, get_family(family).hf_architecture)
+
+
 def load_pair(hf_dir: str | Path, dtype: torch.dtype, device: str, hf_attn: str):
     """transformers' model and ours from the same directory, each through its own loader."""
-    from transformers import Qwen2VLForConditionalGeneration
-
     if not is_hf_dir(hf_dir):
         # transformers would take a missing path for a hub repo id and fail with "Repo id must be in the form".
-        raise FileNotFoundError(f"--hf {hf_dir}: no HF Qwen2-VL directory there (it needs config.json and "
+        raise FileNotFoundError(f"--hf {hf_dir}: no HF checkpoint directory there (it needs config.json and "
                                 "*.safetensors); export one with `python -m tools.export CHECKPOINT DIR`")
-    hf, info = Qwen2VLForConditionalGeneration.from_pretrained(
+    family = read_hf_config(hf_dir).family  # one check of the family, with the file and key in its message
+    hf, info = hf_class(family).from_pretrained(
         str(hf_dir), dtype=dtype, attn_implementation=hf_attn, output_loading_info=True
     )
     if info.get("missing_keys") or info.get("mismatched_keys"):
@@ -274,21 +304,23 @@ def make_tiny_checkpoint(
     layout: str = "hub",
     max_shard_bytes: int | None = None,
 ) -> Path:
-    """Write a random Qwen2-VL checkpoint built by transformers itself (no download).
+    """Write a random checkpoint of cfg's family (default: Qwen2-VL's tiny preset) built by transformers itself (no
+    download).
 
-    layout 'hub': transformers' save_pretrained (hub keys `visual.*`, `model.*`; 5.x nested config.json);
-    layout 'transformers5': the 5.x in-memory keys (`model.visual.*`, `model.language_model.*`) as
-    some re-saved checkpoints hold them. max_shard_bytes shards the weights (with an index).
+    layout 'hub': transformers' save_pretrained (the keys its version writes, with its nested config.json);
+    layout 'transformers5': the 5.x in-memory keys (`model.visual.*`, `model.language_model.*`) written directly,
+    as some re-saved checkpoints hold them. max_shard_bytes shards the weights (with an index).
     Norm weights and biases are randomized too (transformers initializes them to 1 and 0), so parity
     cannot miss a bias or a norm weight.
     """
-    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+    from transformers import AutoConfig
 
     if layout not in ("hub", "transformers5"):
         raise ValueError(f"layout={layout!r}; choose 'hub' or 'transformers5'")
-    cfg = cfg or tiny()
+    cfg = cfg or get_preset("qwen2_vl", "tiny")
     torch.manual_seed(seed)
-    hf = Qwen2VLForConditionalGeneration(Qwen2VLConfig(**cfg.to_hf_dict())).eval()
+    d = cfg.to_hf_dict()
+    hf = hf_class(cfg.family)(AutoConfig.for_model(d.pop("model_type"), **d)).eval()
     with torch.no_grad():
         for p in hf.parameters():
             if p.ndim == 1:
@@ -309,17 +341,19 @@ def make_tiny_checkpoint(
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m model.parity", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--hf", type=Path, help="HF Qwen2-VL checkpoint directory to compare on")
+    ap.add_argument("--hf", type=Path, help="HF checkpoint directory (any supported family) to compare on")
     ap.add_argument("--tol", type=float, default=1e-4, help="max abs logit difference allowed (default 1e-4, fp32)")
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--hf-attn", default="sdpa", choices=["sdpa", "eager"], help="transformers' attention kernel")
     ap.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
     ap.add_argument("--make-tiny", type=Path, metavar="DIR", help="write a tiny random HF checkpoint to DIR and exit")
+    ap.add_argument("--family", choices=FAMILY_NAMES, default="qwen2_vl", help="model family of --make-tiny")
     args = ap.parse_args(argv)
     if args.make_tiny:
-        out = make_tiny_checkpoint(args.make_tiny, seed=args.seed)
-        print(f"wrote a tiny random Qwen2-VL checkpoint to {out}; compare with: python -m model.parity --hf {out}")
+        out = make_tiny_checkpoint(args.make_tiny, get_preset(args.family, "tiny"), seed=args.seed)
+        print(f"wrote a tiny random {get_family(args.family).title} checkpoint to {out}; compare with: "
+              f"python -m model.parity --hf {out}")
         return 0
     if args.hf is None:
         ap.error("--hf DIR is required (or --make-tiny DIR)")

@@ -1,8 +1,9 @@
-"""The Qwen2-VL vision encoder: Conv3d patch embedding, 2D-RoPE ViT blocks, 2x2 patch merger.
+"""The vision tower every family shares: patch embedding, 2D-RoPE ViT blocks, the patch merger; the parts a family
+swaps (norms, MLP, merger, window attention, a learned position table, DeepStack) plug into VisionTower.
 
 Shape legend: N = patches (rows of pixel_values, all images/videos of the batch), C = ViT width,
-H = heads, Dh = head dim, P = pixel row length (3 * 2 * 14 * 14 = 1176), M = merged tokens (N / 4),
-D = LLM width.
+H = heads, Dh = head dim, P = pixel row length (3 * 2 * p * p at patch size p: 1176 at 14, 1536 at 16),
+M = merged tokens (N / 4), D = LLM width, K = DeepStack levels.
 
 pixel_values rows arrive in the processor's order: per image/video, per frame pair t, per 2x2 merge
 window (row-major over the merged grid), the 4 patches of that window. So the merger can view every 4
@@ -10,10 +11,10 @@ consecutive rows as one LLM token, and the ViT's attention segments are the fram
 (grid_h * grid_w rows each).
 
 Rows come either processor-normalized (float, P wide, as transformers' processor returns them) or RAW: uint8
-RGB values in the same row order, P wide for videos and C*14*14 = 588 wide for images (one frame: the
-processor's temporal copy of an image is implied). Raw rows are what our loader ships, a quarter (images: an
-eighth) of the bytes through worker queues and host-to-device copies; normalize_pixel_rows() turns them into
-the processor's values on the device, where it costs nothing.
+RGB values in the same row order, P wide for videos and P / 2 wide for images (one frame: the processor's
+temporal copy of an image is implied). Raw rows are what our loader ships, a quarter (images: an eighth) of the
+bytes through worker queues and host-to-device copies; normalize_pixel_rows() turns them into the processor's
+values on the device, where it costs nothing.
 """
 
 from __future__ import annotations
@@ -26,24 +27,23 @@ import torch.nn.functional as F
 
 from model.attention import varlen_attention
 from model.config import ModelConfig, VisionConfig
-
-# The processor's rescale + normalization (OpenAI CLIP mean / std, Qwen2-VL's preprocessor_config.json).
-PIXEL_MEAN = (0.48145466, 0.4578275, 0.40821073)
-PIXEL_STD = (0.26862954, 0.26130258, 0.27577711)
+from model.processing import VisionProcessing
 
 
-def normalize_pixel_rows(rows: torch.Tensor, cfg: VisionConfig) -> torch.Tensor:
+def normalize_pixel_rows(rows: torch.Tensor, proc: VisionProcessing) -> torch.Tensor:
     """Pixel rows -> the processor's float rows (N, P). Float rows pass through unchanged; raw uint8 rows are
-    rescaled by 1/255 and CLIP-normalized per channel (folded into one multiply-add: v * a + b), and 588-wide
-    image rows get their temporal copy. Equal to the processor's values to float32 rounding (< 1e-6)."""
+    rescaled by 1/255 and normalized per channel with the family's mean / std (folded into one multiply-add:
+    v * a + b), and single-frame image rows get their temporal copy. Equal to the processor's values to float32
+    rounding (< 1e-6)."""
     if rows.dtype != torch.uint8:
         return rows
-    C, T, q = cfg.in_channels, cfg.temporal_patch_size, cfg.patch_size * cfg.patch_size
+    C, T, q = 3, proc.temporal_patch_size, proc.patch_size * proc.patch_size
     N, width = rows.shape
     if width not in (C * q, C * T * q):
-        raise ValueError(f"raw pixel rows are {width} wide; expected {C * q} (image frame) or {C * T * q} (video)")
-    std = torch.tensor(PIXEL_STD, dtype=torch.float32, device=rows.device).view(1, C, 1)
-    mean = torch.tensor(PIXEL_MEAN, dtype=torch.float32, device=rows.device).view(1, C, 1)
+        raise ValueError(f"raw pixel rows are {width} wide; expected {C * q} (image frame) or {C * T * q} (video) "
+                         f"for {proc.family}'s {proc.patch_size}-pixel patches")
+    std = torch.tensor(proc.pixel_std, dtype=torch.float32, device=rows.device).view(1, C, 1)
+    mean = torch.tensor(proc.pixel_mean, dtype=torch.float32, device=rows.device).view(1, C, 1)
     x_NCK = rows.view(N, C, -1).float() * (1.0 / (255.0 * std)) - mean / std
     if width == C * q:
         x_NCK = x_NCK.unsqueeze(2).expand(N, C, T, q)
@@ -57,6 +57,22 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 def quick_gelu(x: torch.Tensor) -> torch.Tensor:
     return x * torch.sigmoid(1.702 * x)
+
+
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "quick_gelu": quick_gelu,
+    "silu": F.silu,
+    "gelu": F.gelu,
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+}
+
+
+def activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    try:
+        return ACTIVATIONS[name]
+    except KeyError:
+        raise ValueError(f"vision.hidden_act={name!r} is not implemented; choose one of "
+                         f"{sorted(ACTIVATIONS)}") from None
 
 
 def vision_cu_seqlens(grid_thw: torch.Tensor) -> torch.Tensor:
@@ -109,21 +125,25 @@ def apply_vision_rope(x_NHDh: torch.Tensor, cos_NDh: torch.Tensor, sin_NDh: torc
 
 
 class PatchEmbed(nn.Module):
-    def __init__(self, cfg: VisionConfig) -> None:
+    """The Conv3d patch embedding (its weight is stored as the checkpoint's Conv3d, kernel = stride = one patch),
+    computed as one matmul over the flattened pixel rows: the same numbers (to fp32 rounding) without a Conv3d
+    kernel on tiny kernels."""
+
+    def __init__(self, cfg: VisionConfig, bias: bool = False) -> None:
         super().__init__()
         self.cfg = cfg
         k = (cfg.temporal_patch_size, cfg.patch_size, cfg.patch_size)
-        self.proj = nn.Conv3d(cfg.in_channels, cfg.embed_dim, kernel_size=k, stride=k, bias=False)
+        self.proj = nn.Conv3d(cfg.in_channels, cfg.embed_dim, kernel_size=k, stride=k, bias=bias)
 
     def forward(self, pixels_NP: torch.Tensor) -> torch.Tensor:
-        c = self.cfg
-        x = pixels_NP.view(-1, c.in_channels, c.temporal_patch_size, c.patch_size, c.patch_size)
-        return self.proj(x.to(self.proj.weight.dtype)).view(-1, c.embed_dim)
+        w = self.proj.weight
+        # Row layout (C, T, P, P) is the Conv3d weight's (C_in, kT, kH, kW): a row is exactly one receptive field.
+        return F.linear(pixels_NP.to(w.dtype), w.reshape(w.shape[0], -1), self.proj.bias)
 
 
 class VisionAttention(nn.Module):
-    """Bidirectional attention within each frame pair. q/k/v are separate projections (the HF checkpoint's
-    fused `qkv` is split by the adapter) so tensor parallelism can shard them column-wise directly."""
+    """Bidirectional attention within each segment (frame pair, or window). q/k/v are separate projections (the
+    HF checkpoint's fused `qkv` is split by the adapter) so tensor parallelism can shard them column-wise."""
 
     def __init__(self, cfg: VisionConfig, backend: str) -> None:
         super().__init__()
@@ -144,16 +164,34 @@ class VisionAttention(nn.Module):
         return self.o_proj(o_NHDh.reshape(N, -1))
 
 
-class VisionMLP(nn.Module):
-    def __init__(self, cfg: VisionConfig) -> None:
+class TwoLayerMLP(nn.Module):
+    """fc2(act(fc1(x))), with the checkpoint's own names for the two projections (Qwen2-VL: fc1 / fc2; Qwen3-VL:
+    linear_fc1 / linear_fc2)."""
+
+    def __init__(self, dim: int, hidden: int, act: str, names: tuple[str, str] = ("fc1", "fc2")) -> None:
         super().__init__()
-        if cfg.hidden_act != "quick_gelu":
-            raise ValueError(f"vision.hidden_act={cfg.hidden_act!r}; Qwen2-VL's ViT uses 'quick_gelu'")
-        self.fc1 = nn.Linear(cfg.embed_dim, cfg.mlp_dim)
-        self.fc2 = nn.Linear(cfg.mlp_dim, cfg.embed_dim)
+        self.names = names
+        self.add_module(names[0], nn.Linear(dim, hidden))
+        self.add_module(names[1], nn.Linear(hidden, dim))
+        self.act = activation(act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(quick_gelu(self.fc1(x)))
+        up, down = (getattr(self, n) for n in self.names)
+        return down(self.act(up(x)))
+
+
+class GatedMLP(nn.Module):
+    """SwiGLU: down(act(gate(x)) * up(x)) (the Qwen2 decoder's, and with biases Qwen2.5-VL's ViT MLP)."""
+
+    def __init__(self, dim: int, hidden: int, act: str = "silu", bias: bool = False) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden, bias=bias)
+        self.up_proj = nn.Linear(dim, hidden, bias=bias)
+        self.down_proj = nn.Linear(hidden, dim, bias=bias)
+        self.act = F.silu if act == "silu" else activation(act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
 
 Recompute = Callable[..., torch.Tensor]
@@ -166,14 +204,20 @@ def run_block(recompute: Recompute | None, body: Callable[..., torch.Tensor], *a
 
 
 class VisionBlock(nn.Module):
-    def __init__(self, cfg: VisionConfig, backend: str) -> None:
+    """Pre-norm ViT block: x + attn(norm1(x)), then + mlp(norm2(x)); the family gives the norms and the MLP."""
+
+    def __init__(self, cfg: VisionConfig, backend: str, norm: Callable[[int, float], nn.Module],
+                 mlp: nn.Module) -> None:
         super().__init__()
-        self.norm1 = nn.LayerNorm(cfg.embed_dim, eps=cfg.layer_norm_eps)
-        self.norm2 = nn.LayerNorm(cfg.embed_dim, eps=cfg.layer_norm_eps)
+        self.norm1 = norm(cfg.embed_dim, cfg.layer_norm_eps)
+        self.norm2 = norm(cfg.embed_dim, cfg.layer_norm_eps)
         self.attn = VisionAttention(cfg, backend)
-        self.mlp = VisionMLP(cfg)
+        self.mlp = mlp
         self.recompute: Recompute | None = None
-        """Activation checkpointing of this block (set by parallel/checkpointing.py); see DecoderLayer.recompute."""
+        """Activation checkpointing of this block (set by parallel/checkpointing.py): recompute(body, *args) runs the
+        block's computation so that its activations are recomputed in backward. It wraps the body only, never the
+        module call, so the hooks of tensor and data parallelism run once per call, outside the recomputed region
+        (their ops would otherwise replay in backward)."""
 
     def forward(self, x_NC, cu_seqlens, max_seqlen: int, rope) -> torch.Tensor:
         return run_block(self.recompute, self._body, x_NC, cu_seqlens, max_seqlen, rope)
@@ -184,12 +228,13 @@ class VisionBlock(nn.Module):
 
 
 class PatchMerger(nn.Module):
-    """LayerNorm, then a 2-layer MLP over each 2x2 window's concatenated features (4C -> 4C -> D)."""
+    """A norm over each patch (C), then a 2-layer GELU MLP over each 2x2 window's concatenated features
+    (4C -> 4C -> D): Qwen2-VL (LayerNorm `ln_q`, `mlp.0` / `mlp.2`) and Qwen2.5-VL (RMSNorm `ln_q`)."""
 
-    def __init__(self, cfg: VisionConfig, out_dim: int) -> None:
+    def __init__(self, cfg: VisionConfig, out_dim: int, norm: Callable[[int, float], nn.Module]) -> None:
         super().__init__()
         self.window_dim = cfg.embed_dim * cfg.spatial_merge_size**2
-        self.ln_q = nn.LayerNorm(cfg.embed_dim, eps=cfg.layer_norm_eps)
+        self.ln_q = norm(cfg.embed_dim, cfg.layer_norm_eps)
         # Sequential keeps the checkpoint's names (mlp.0 / mlp.2).
         self.mlp = nn.Sequential(
             nn.Linear(self.window_dim, self.window_dim), nn.GELU(), nn.Linear(self.window_dim, out_dim)
@@ -199,25 +244,65 @@ class PatchMerger(nn.Module):
         return self.mlp(self.ln_q(x_NC).view(-1, self.window_dim))
 
 
-class VisionTransformer(nn.Module):
-    """ViT + merger. `blocks` is a ModuleDict so names survive pipeline pruning and DCP."""
+def layer_norm(dim: int, eps: float) -> nn.Module:
+    return nn.LayerNorm(dim, eps=eps)
 
-    def __init__(self, cfg: ModelConfig) -> None:
+
+class VisionTower(nn.Module):
+    """ViT + merger over packed patch rows (Qwen2-VL as is; the other families subclass it).
+
+    forward(pixels_NP, grid_thw) -> (tokens_MD, deep_KMD): the merged tokens in pixel_values order and the DeepStack
+    features (K = 0 rows for families without DeepStack), so every family's tower has one output contract. `blocks`
+    is a ModuleDict so names survive pipeline pruning and DCP."""
+
+    def __init__(self, cfg: ModelConfig, block: Callable[[int], nn.Module], merger: nn.Module,
+                 patch_bias: bool = False) -> None:
         super().__init__()
         v = cfg.vision
         self.cfg = v
-        self.patch_embed = PatchEmbed(v)
+        self.patch_embed = PatchEmbed(v, bias=patch_bias)
         self.rotary = VisionRotary(v)
-        self.blocks = nn.ModuleDict({str(i): VisionBlock(v, cfg.attn_backend) for i in range(v.depth)})
-        self.merger = PatchMerger(v, cfg.text.hidden_size)
+        self.blocks = nn.ModuleDict({str(i): block(i) for i in range(v.depth)})
+        self.merger = merger
 
-    def forward(self, pixels_NP: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
-        """Returns merged tokens (M, D), M = N / 4, in pixel_values order."""
+    # ---------------------------------------------------------------- what a family changes
+    def embed_patches(self, pixels_NP: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:  # noqa: ARG002
+        """Patch rows -> (N, C) inputs of the first block."""
+        return self.patch_embed(pixels_NP)
+
+    def segments(self, grid_thw: torch.Tensor) -> tuple[torch.Tensor | None, list[tuple[torch.Tensor, int]]]:
+        """(row order, per block (cu_seqlens, max_seqlen)): the rows are permuted by `order` before the blocks and
+        their merged tokens restored after the merger (None: processor order); every block attends within the
+        frame pairs here."""
+        cu = vision_cu_seqlens(grid_thw)
+        max_len = int((grid_thw[:, 1] * grid_thw[:, 2]).max())
+        return None, [(cu, max_len)] * len(self.blocks)
+
+    def deepstack(self, index: int, x_NC: torch.Tensor) -> torch.Tensor | None:  # noqa: ARG002
+        """The DeepStack feature (M, D) taken after block `index`, or None."""
+        return None
+
+    # ---------------------------------------------------------------- forward
+    def forward(self, pixels_NP: torch.Tensor, grid_thw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         grid_thw = grid_thw.to("cpu", torch.long)
-        cu_seqlens = vision_cu_seqlens(grid_thw).to(pixels_NP.device)
-        max_seqlen = int((grid_thw[:, 1] * grid_thw[:, 2]).max())
-        rope = self.rotary(vision_rope_positions(grid_thw, self.cfg.spatial_merge_size))
-        x_NC = self.patch_embed(pixels_NP)
-        for blk in self.blocks.values():
-            x_NC = blk(x_NC, cu_seqlens, max_seqlen, rope)
-        return self.merger(x_NC)
+        order, plan = self.segments(grid_thw)
+        pos_N2 = vision_rope_positions(grid_thw, self.cfg.spatial_merge_size)
+        x_NC = self.embed_patches(pixels_NP, grid_thw)
+        m2 = self.cfg.spatial_merge_size**2
+        if order is not None:  # permute whole merge windows (m2 rows each), rows and their rotary positions
+            rows_N = (order.view(-1, 1) * m2 + torch.arange(m2)).flatten()
+            pos_N2 = pos_N2[rows_N]
+            x_NC = x_NC[rows_N.to(x_NC.device)]
+        rope = self.rotary(pos_N2)
+        deep = []
+        for name, blk in self.blocks.items():
+            cu, max_len = plan[int(name)]
+            x_NC = blk(x_NC, cu.to(x_NC.device), max_len, rope)
+            if (feat := self.deepstack(int(name), x_NC)) is not None:
+                deep.append(feat)
+        tokens_MD = self.merger(x_NC)
+        deep_KMD = torch.stack(deep) if deep else tokens_MD.new_empty(0, *tokens_MD.shape)
+        if order is not None:
+            inverse = torch.argsort(order).to(tokens_MD.device)
+            tokens_MD, deep_KMD = tokens_MD[inverse], deep_KMD[:, inverse]
+        return tokens_MD, deep_KMD

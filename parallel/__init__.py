@@ -7,8 +7,9 @@ Usage (the trainer's view)::
 
     cfg = ParallelConfig(tp=2, pp=2, num_microbatches=4, mixed_precision="bf16")
     dims = init_distributed(cfg)                     # torchrun / deepspeed / mpirun / srun / plain python
-    model = Qwen2VL(model_cfg)                       # same weights on every rank (seed or checkpoint), or meta
-    for p in model.visual.parameters(): p.requires_grad_(False)   # freezing happens BEFORE parallelize
+    model = VLModel(model_cfg)                       # any family; same weights on every rank (seed or checkpoint)
+    for n, p in model.named_parameters():            # freezing happens BEFORE parallelize
+        p.requires_grad_(get_family(model_cfg.family).group_of(n) != "vision")
     pm = parallelize(model, dims, cfg)               # pm.materialize() + load_state_dict() after a meta build
     opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=1e-4)
     for step in range(n):

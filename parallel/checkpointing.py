@@ -1,7 +1,8 @@
 """Activation checkpointing of ViT blocks and decoder layers: full, per block (every n-th), or per op class.
 
-Non-reentrant `torch.utils.checkpoint` through each block's explicit `recompute` slot (model/vision.py
-VisionBlock, model/qwen2_vl.py DecoderLayer): the block runs its body as recompute(body, *args). Only the body is
+The blocks are what the model lists in `transformer_blocks()` (model/vlm.py), for every family. Non-reentrant
+`torch.utils.checkpoint` through each block's explicit `recompute` slot (model/vision.py VisionBlock, model/text.py
+DecoderLayer): the block runs its body as recompute(body, *args). Only the body is
 recomputed, never the module call, so module names (FQNs) are unchanged and the hooks of TP (input
 redistribution) and FSDP2 (unshard, mixed-precision input casts) run exactly once per call, outside the region.
 NOTE: both library alternatives fall short here. checkpoint_wrapper adds `_checkpoint_wrapped_module.` to every
@@ -75,12 +76,12 @@ def apply_activation_checkpointing(model: nn.Module, cfg: ParallelConfig) -> lis
     mode = cfg.activation_checkpoint
     if mode == "none":
         return []
-    groups: list[list[tuple[str, nn.Module]]] = []
-    if getattr(model, "visual", None) is not None:
-        groups.append([(f"visual.blocks.{n}", b) for n, b in model.visual.blocks.items()])
-    groups.append([(f"layers.{n}", b) for n, b in model.layers.items()])
+    # 'block' mode counts every n-th block within each tower (ViT, decoder) separately.
+    groups: dict[str, list[tuple[str, nn.Module]]] = {}
+    for name, block in model.transformer_blocks():
+        groups.setdefault(name.rsplit(".", 1)[0], []).append((name, block))
     done = []
-    for blocks in groups:
+    for blocks in groups.values():
         for i, (name, block) in enumerate(blocks):
             if mode == "full":
                 checkpoint_module(block, selective_ops=False)

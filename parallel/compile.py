@@ -25,21 +25,12 @@ import torch.nn as nn
 from parallel.config import ParallelConfig
 
 
-def compiled_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """(FQN, module) of every ViT block and decoder layer this (stage of the) model holds."""
-    blocks: list[tuple[str, nn.Module]] = []
-    if getattr(model, "visual", None) is not None:
-        blocks += [(f"visual.blocks.{n}", b) for n, b in model.visual.blocks.items()]
-    blocks += [(f"layers.{n}", b) for n, b in model.layers.items()]
-    return blocks
-
-
 def apply_compile(model: nn.Module, cfg: ParallelConfig) -> list[str]:
     """With cfg.compile: compile every ViT block and decoder layer in place; returns the FQNs compiled."""
     if not cfg.compile:
         return []
     done = []
-    for name, block in compiled_blocks(model):
+    for name, block in model.transformer_blocks():
         # fullgraph=False: FSDP2's hooks on the block (added after this) run eagerly between graphs.
         block.compile(backend=cfg.compile_backend, dynamic=True)
         done.append(name)

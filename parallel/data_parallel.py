@@ -1,6 +1,7 @@
 """Data parallelism with ZeRO-1 semantics (or ZeRO-3) through FSDP2 `fully_shard` over the dp mesh.
 
-ZeRO-1 (zero_stage=1): every ViT block, every decoder layer and the stage's root are FSDP units with
+ZeRO-1 (zero_stage=1): every ViT block, every decoder layer (the model's `transformer_blocks()`) and the stage's
+root are FSDP units with
 reshard_after_forward=False. The parameters are all-gathered once per step (first forward) and stay unsharded
 for all microbatches (`set_reshard_after_backward(False)` until the last one); gradients accumulate unsharded
 without communication and are reduce-scattered once, on the last microbatch. What stays sharded over dp is the
@@ -42,13 +43,8 @@ def apply_fsdp(model: nn.Module, dp_mesh: DeviceMesh, cfg: ParallelConfig) -> li
     """fully_shard every ViT block, every decoder layer, then the stage root. Returns all FSDP units."""
     reshard = cfg.zero_stage == 3
     kw = {"mesh": dp_mesh, "mp_policy": mp_policy(cfg), "reshard_after_forward": reshard}
-    units: list[FSDPModule] = []
-    if getattr(model, "visual", None) is not None:
-        for blk in model.visual.blocks.values():
-            units.append(fully_shard(blk, **kw))
-    for layer in model.layers.values():
-        units.append(fully_shard(layer, **kw))
-    # The root (embeddings, patch embed, merger, final norm, head) is needed first in backward: keep it
+    units: list[FSDPModule] = [fully_shard(block, **kw) for _, block in model.transformer_blocks()]
+    # The root (embeddings, patch embed, mergers, final norm, head) is needed first in backward: keep it
     # unsharded after forward in both modes.
     units.append(fully_shard(model, **{**kw, "reshard_after_forward": False}))
     for unit in units:

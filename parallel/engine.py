@@ -14,7 +14,8 @@ A step (ParallelModel.step):
   3. the 1F1B schedule runs (with pp = 1 it is plain gradient accumulation); FSDP reduces gradients on the
      last microbatch only (ZeRO-1);
   4. post-backward: the pipeline-tied embedding's two gradients are summed, the gradients of weights that
-     every tp rank computes redundantly (patch embed, merger) are averaged over tp, so they cannot drift;
+     every tp rank computes redundantly (patch embed, mergers) are averaged over tp, so they cannot drift, and
+     those applied to each rank's own heads (Qwen3's QK-norm) are summed;
   5. the loss is summed over dp and sent to every rank.
 
 With pp_schedule='interleaved_1f1b' a rank holds pp_virtual_stages model chunks (`modules`), virtual stages
@@ -99,7 +100,7 @@ class EvalResult:
 
 # ------------------------------------------------------------------------------------------ parallelize
 def parallelize(model: nn.Module, dims: ParallelDims, cfg: ParallelConfig) -> ParallelModel:
-    """Turn a single-device Qwen2VL into this rank's share of the parallel layout (in place).
+    """Turn a single-device VLModel (any family) into this rank's share of the parallel layout (in place).
 
     `model` may be materialized (every rank must have built the same weights, e.g. same seed or loaded from the
     same checkpoint) or on the meta device (then call ParallelModel.materialize() and load weights). Set
@@ -127,6 +128,7 @@ def parallelize(model: nn.Module, dims: ParallelDims, cfg: ParallelConfig) -> Pa
     chunks.insert(0, prune_to_stage(model, vstages[0], layer_ids))
     sp = cfg.sequence_parallel and dims.tp > 1
     plain_replicated: list[str] = []
+    tp_partial: list[str] = []
     rows = cfg.loss_chunk_size or DEFAULT_CHUNK_SIZE
     loss_fn = partial(lm_loss, chunk_size=rows)
     if dims.tp > 1:
@@ -136,13 +138,16 @@ def parallelize(model: nn.Module, dims: ParallelDims, cfg: ParallelConfig) -> Pa
         if not on_meta:
             chunk.to(dims.device)  # after pruning: only this stage's weights ever reach the device whole
         if dims.tp > 1:
-            apply_tensor_parallel(chunk, tp_mesh, sp, cfg.pad_multiple(dims.tp), first_stage=vs == 0)
-            plain_replicated += [n for n, p in chunk.named_parameters() if not isinstance(p, DTensor)]
+            partial_names = apply_tensor_parallel(chunk, tp_mesh, sp, cfg.pad_multiple(dims.tp), first_stage=vs == 0)
+            tp_partial += partial_names
+            plain_replicated += [n for n, p in chunk.named_parameters()
+                                 if not isinstance(p, DTensor) and n not in partial_names]
         apply_activation_checkpointing(chunk, cfg)
         apply_compile(chunk, cfg)  # after TP/AC, before FSDP (parallel/compile.py)
         apply_fsdp(chunk, dims.get_mesh("dp"), cfg)
     pm = ParallelModel(chunks, dims, cfg, stage=stage, virtual_stages=vstages, layer_ids=layer_ids,
                        tied_across_stages=tied and dims.pp > 1, plain_replicated=plain_replicated,
+                       tp_partial=tp_partial,
                        sequence_parallel=sp, loss_fn=loss_fn)
     if not on_meta:
         pm.sync_tied_weights()
@@ -155,7 +160,8 @@ class ParallelModel:
 
     def __init__(self, modules: list[nn.Module], dims: ParallelDims, cfg: ParallelConfig, *, stage: int,
                  virtual_stages: list[int], layer_ids: list[list[int]], tied_across_stages: bool,
-                 plain_replicated: list[str], sequence_parallel: bool, loss_fn: Callable) -> None:
+                 plain_replicated: list[str], sequence_parallel: bool, loss_fn: Callable,
+                 tp_partial: list[str] | None = None) -> None:
         self.modules: list[nn.Module] = list(modules)
         """This rank's model chunks, one per virtual stage (one with '1f1b'); parameter names equal the
         single-process model's (train/state.py merges several for the optimizer state)."""
@@ -171,6 +177,9 @@ class ParallelModel:
         composes the loss (on the last stage, right after the stage's forward, inside the same FSDP step)."""
         self.tied_across_stages = tied_across_stages
         self.plain_replicated = plain_replicated
+        """Plain (non-DTensor) weights every tp rank computes redundantly: gradients averaged over tp."""
+        self.tp_partial = list(tp_partial or [])
+        """Plain weights applied to each tp rank's own heads (QK-norm): gradients are partial sums, summed over tp."""
         self.hidden_size = self.modules[0].cfg.text.hidden_size
         self.compute_dtype = torch.bfloat16 if cfg.mixed_precision == "bf16" else torch.float32
         self.steps = 0
@@ -426,15 +435,17 @@ class ParallelModel:
             if tied.grad is None:
                 tied.grad = torch.zeros_like(tied)
             dist.all_reduce(_local(tied.grad), group=self._tie_group)
-        if self.plain_replicated:
+        if self.plain_replicated or self.tp_partial:
             params = dict(self.named_parameters())
-            grads = [_local(params[n].grad) for n in self.plain_replicated if params[n].grad is not None]
-            if grads:
-                flat = _flatten_dense_tensors(grads)
-                dist.all_reduce(flat, group=self.dims.get_group("tp"))
-                flat.div_(self.dims.tp)
-                for g, synced in zip(grads, _unflatten_dense_tensors(flat, grads)):
-                    g.copy_(synced)
+            for names, divide in ((self.plain_replicated, True), (self.tp_partial, False)):
+                grads = [_local(params[n].grad) for n in names if params[n].grad is not None]
+                if grads:
+                    flat = _flatten_dense_tensors(grads)
+                    dist.all_reduce(flat, group=self.dims.get_group("tp"))
+                    if divide:
+                        flat.div_(self.dims.tp)
+                    for g, synced in zip(grads, _unflatten_dense_tensors(flat, grads)):
+                        g.copy_(synced)
 
     @torch.no_grad()
     def sync_tied_weights(self) -> None:

@@ -28,7 +28,9 @@ import copy
 import torch.nn as nn
 
 from model.config import ModelConfig
-from model.flops import llm_forward_flops, vit_forward_flops
+from model.family import get_family
+from model.flops import batch_flops, llm_forward_flops
+from model.vlm import TOP_MODULES
 
 
 # ------------------------------------------------------------------------------------------ FLOPs
@@ -40,9 +42,8 @@ def decoder_layer_flops_per_token(cfg: ModelConfig, context: int = 2048) -> floa
 
 def vit_flops_per_row(cfg: ModelConfig, grid_hw: tuple[int, int] = (32, 32)) -> float:
     """Forward FLOPs of the ViT + merger per patch row for one image of grid_hw patches (model.flops' count)."""
-    f = vit_forward_flops(cfg, [(1, *grid_hw)])
-    return (f["patch_embed"] + f["blocks_linear"] + f["blocks_attention"] + f["merger_fc1"] + f["merger_fc2"]) / (
-        grid_hw[0] * grid_hw[1])
+    f = batch_flops(cfg, [0, 0], [(1, *grid_hw)], trainable=())
+    return f["vit_fwd"] / (grid_hw[0] * grid_hw[1])
 
 
 def auto_first_stage_layers(cfg: ModelConfig, pp: int, vision_fraction: float) -> int:
@@ -53,7 +54,8 @@ def auto_first_stage_layers(cfg: ModelConfig, pp: int, vision_fraction: float) -
     rows_per_token = vision_fraction * cfg.vision.spatial_merge_size**2
     vit_in_layers = rows_per_token * vit_flops_per_row(cfg) / decoder_layer_flops_per_token(cfg)
     k = round((L - (pp - 1) * vit_in_layers) / pp)
-    return max(1, min(k, L - (pp - 1)))
+    least = max(1, get_family(cfg.family).stage0_decoder_layers(cfg))
+    return max(least, min(k, L - (pp - 1)))
 
 
 def stage_layer_ids(cfg: ModelConfig, pp: int, first_stage_layers: int | str, vision_fraction: float = 0.25):
@@ -65,10 +67,17 @@ def stage_layer_ids(cfg: ModelConfig, pp: int, first_stage_layers: int | str, vi
         raise ValueError(f"{pp} pipeline stages (pp x pp_virtual_stages) need at least {pp} decoder layers, the "
                          f"model has text.num_layers={L}; use fewer stages")
     k = auto_first_stage_layers(cfg, pp, vision_fraction) if first_stage_layers == "auto" else int(first_stage_layers)
-    if not 1 <= k <= L - (pp - 1):
+    least = max(1, get_family(cfg.family).stage0_decoder_layers(cfg))
+    if least > L - (pp - 1):
+        raise ValueError(f"{pp} pipeline stages leave stage 0 at most {L - (pp - 1)} decoder layers, but "
+                         f"{get_family(cfg.family).title}'s DeepStack needs its first {least} layers there, beside "
+                         "the ViT; use fewer stages")
+    if not least <= k <= L - (pp - 1):
+        why = (f" (DeepStack adds vision features after decoder layers 0..{least - 1}, which must run with the ViT)"
+               if least > 1 else "")
         raise ValueError(
-            f"pp_first_stage_layers={k} leaves {L - k} layers for {pp - 1} later stages (each needs >= 1); "
-            f"choose k in [1, {L - (pp - 1)}] or 'auto'"
+            f"pp_first_stage_layers={k} leaves {L - k} layers for {pp - 1} later stages (each needs >= 1){why}; "
+            f"choose k in [{least}, {L - (pp - 1)}] or 'auto'"
         )
     rest = L - k
     base, extra = divmod(rest, pp - 1)
@@ -81,9 +90,6 @@ def stage_layer_ids(cfg: ModelConfig, pp: int, first_stage_layers: int | str, vi
 
 
 # ------------------------------------------------------------------------------------------ pruning
-_TOP_MODULES = ("visual", "embed_tokens", "norm", "lm_head")
-
-
 def _is_tied(model: nn.Module) -> bool:
     return model.lm_head is not None and model.embed_tokens is not None and (
         model.lm_head.weight is model.embed_tokens.weight
@@ -94,9 +100,9 @@ def _kept_top_modules(stage: int, num_stages: int, tied: bool) -> set[str]:
     """The top modules pipeline stage `stage` runs: ViT and embedding first, norm and head last."""
     kept = set()
     if stage == 0:
-        kept |= {"visual", "embed_tokens"}
+        kept |= {name for name, where in TOP_MODULES.items() if where == "first"}
     if stage == num_stages - 1:
-        kept |= {"norm", "lm_head"}
+        kept |= {name for name, where in TOP_MODULES.items() if where == "last"}
         if tied:
             # NOTE: with tied embeddings the last stage keeps the embedding module as its head (Megatron's
             # embedding group): its own copy of the matrix, named embed_tokens.weight like stage 0's, which the
@@ -111,11 +117,12 @@ def prune_to_stage(model: nn.Module, stage: int, layer_ids: list[list[int]]) -> 
     if pp == 1:
         return model
     keep = {str(i) for i in layer_ids[stage]}
-    for name in list(model.layers.keys()):
+    layers = model.decoder_layers()
+    for name in list(layers.keys()):
         if name not in keep:
-            del model.layers[name]
+            del layers[name]
     kept = _kept_top_modules(stage, pp, _is_tied(model))
-    for name in _TOP_MODULES:
+    for name in TOP_MODULES:
         if name not in kept:
             setattr(model, name, None)
     return model
@@ -128,8 +135,10 @@ def copy_stage(model: nn.Module, stage: int, layer_ids: list[list[int]]) -> nn.M
     saved = dict(model._modules)
     try:
         # Hide what the stage does not hold while copying (deepcopy follows _modules).
-        model._modules["layers"] = nn.ModuleDict({k: m for k, m in model.layers.items() if k in keep})
-        for name in _TOP_MODULES:
+        layers = model.decoder_layers()
+        attr = next(n for n, m in saved.items() if m is layers)
+        model._modules[attr] = nn.ModuleDict({k: m for k, m in layers.items() if k in keep})
+        for name in TOP_MODULES:
             if name not in kept:
                 model._modules[name] = None
         return copy.deepcopy(model)

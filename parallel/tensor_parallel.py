@@ -1,5 +1,6 @@
 """Tensor parallelism with sequence parallelism (Korthikanti et al. 2022) over the ViT and the LLM, as DTensor
-`parallelize_module` plans; divisibility checks; tail padding of packed sequences for SP.
+`parallelize_module` plans built from the model family's declared roles (model/family.py); divisibility checks;
+tail padding of packed sequences for SP.
 
 Shape legend: T = packed LLM tokens, N = ViT patch rows, D = LLM width, C = ViT width, P = pixel row length,
 tp = tensor-parallel degree. A `_S` suffix marks a tensor sharded along the sequence (T/tp or N/tp rows).
@@ -19,9 +20,11 @@ so the vision embeddings can be scattered into it); the LM head is vocab-paralle
 Weights that stay whole on every tp rank fall in two groups:
 - norms under SP and Rowwise biases are Replicate DTensors: their gradient is a Partial sum over sequence
   shards, which FSDP2 all-reduces over tp when it reduces gradients;
-- the Conv3d patch embedding and the merger are plain tensors computed redundantly on every tp rank: their
-  gradients are equal only if every kernel is deterministic (the Conv3d backward is not on GPU), so the engine
-  averages them over tp after each backward (`plain_replicated_names`) and can check bitwise equality.
+- the patch embedding, the mergers (and Qwen3-VL's position table) are plain tensors computed redundantly on every
+  tp rank: their gradients are equal only if every kernel is deterministic, so the engine averages them over tp
+  after each backward (`plain_replicated_names`) and can check bitwise equality;
+- Qwen3's QK-norm weights (role head_norm) are plain tensors applied to this rank's heads only: their gradients are
+  partial sums, which the engine sums over tp.
 """
 
 from __future__ import annotations
@@ -33,7 +36,6 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     ParallelStyle,
-    PrepareModuleInput,
     RowwiseParallel,
     SequenceParallel,
     parallelize_module,
@@ -41,6 +43,7 @@ from torch.distributed.tensor.parallel import (
 
 from core.batch import IGNORE_INDEX, PackedBatch
 from model.config import ModelConfig
+from model.family import TP_ROLES, get_family
 
 
 # ------------------------------------------------------------------------------------------ checks
@@ -51,7 +54,7 @@ def check_tp_divisibility(cfg: ModelConfig, tp: int) -> None:
     v, t = cfg.vision, cfg.text
     checks = [
         ("vision.num_heads", v.num_heads),
-        ("vision.mlp_dim (embed_dim * mlp_ratio)", v.mlp_dim),
+        ("the vision MLP width (vision.intermediate_size, or embed_dim x mlp_ratio)", v.mlp_dim),
         ("text.num_heads", t.num_heads),
         ("text.num_kv_heads", t.num_kv_heads),
         ("text.intermediate_size", t.intermediate_size),
@@ -66,130 +69,133 @@ def check_tp_divisibility(cfg: ModelConfig, tp: int) -> None:
 
 
 # ------------------------------------------------------------------------------------------ plans
-def decoder_layer_plan(sp: bool, first: bool) -> dict[str, ParallelStyle]:
-    """TP(+SP) plan of one DecoderLayer. `first`: the layer receives a replicated (whole-sequence) input."""
-    if not sp:
-        return {
-            "self_attn.q_proj": ColwiseParallel(),
-            "self_attn.k_proj": ColwiseParallel(),
-            "self_attn.v_proj": ColwiseParallel(),
-            "self_attn.o_proj": RowwiseParallel(),
-            "mlp.gate_proj": ColwiseParallel(),
-            "mlp.up_proj": ColwiseParallel(),
-            "mlp.down_proj": RowwiseParallel(),
-        }
-    plan: dict[str, ParallelStyle] = {
-        "input_layernorm": SequenceParallel(sequence_dim=0),
-        # forward(x_TD, rope, cu_seqlens, max_seqlen): gather x along the sequence, pass the rest through.
-        "self_attn": PrepareModuleInput(
-            input_layouts=(Shard(0), None, None, None), desired_input_layouts=(Replicate(), None, None, None)
-        ),
-        "self_attn.q_proj": ColwiseParallel(),
-        "self_attn.k_proj": ColwiseParallel(),
-        "self_attn.v_proj": ColwiseParallel(),
-        "self_attn.o_proj": RowwiseParallel(output_layouts=Shard(0)),
-        "post_attention_layernorm": SequenceParallel(sequence_dim=0),
-        "mlp": PrepareModuleInput(input_layouts=(Shard(0),), desired_input_layouts=(Replicate(),)),
-        "mlp.gate_proj": ColwiseParallel(),
-        "mlp.up_proj": ColwiseParallel(),
-        "mlp.down_proj": RowwiseParallel(output_layouts=Shard(0)),
-    }
-    if first:
-        # Enter the sequence-sharded region: the whole sequence is on every rank, keep this rank's slice.
-        plan[""] = PrepareModuleInput(
-            input_layouts=(Replicate(), None, None, None), desired_input_layouts=(Shard(0), None, None, None),
-            use_local_output=True,
-        )
+class FirstInput(ParallelStyle):
+    """Redistribute a module's first positional input (the hidden states) from `src` to `dst` placement over the
+    tp mesh; the other inputs (rotary angles, segment boundaries, ...) pass through untouched, whatever their
+    number. `local`: hand the module a plain tensor instead of a DTensor."""
+
+    def __init__(self, src, dst, local: bool) -> None:
+        super().__init__()
+        self.src, self.dst, self.local = src, dst, local
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        def hook(_module: nn.Module, args: tuple) -> tuple:
+            x = args[0]
+            dt = x if isinstance(x, DTensor) else DTensor.from_local(x, device_mesh, (self.src,), run_check=False)
+            dt = dt.redistribute(placements=(self.dst,))
+            return (dt.to_local() if self.local else dt, *args[1:])
+
+        module.register_forward_pre_hook(hook)
+        return module
+
+
+class ShardSequenceKwargs(ParallelStyle):
+    """Keep this rank's sequence shard of whole-sequence keyword inputs (e.g. a decoder layer's DeepStack features,
+    model/text.py DecoderLayer.SEQUENCE_KWARGS), so they line up with the sequence-sharded hidden states."""
+
+    def __init__(self, names: tuple[str, ...]) -> None:
+        super().__init__()
+        self.names = names
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        def hook(_module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+            for name in self.names:
+                if kwargs.get(name) is not None:
+                    dt = DTensor.from_local(kwargs[name], device_mesh, (Replicate(),), run_check=False)
+                    kwargs[name] = dt.redistribute(placements=(Shard(0),)).to_local()
+            return args, kwargs
+
+        module.register_forward_pre_hook(hook, with_kwargs=True)
+        return module
+
+
+def role_style(role: str, sp: bool) -> ParallelStyle | None:
+    """The ParallelStyle of a declared role (model/family.py TP_ROLES) under SP or plain TP; None = nothing to do
+    (head_norm weights stay plain tensors: parallelize() sums their gradients over tp)."""
+    if role == "colwise":
+        return ColwiseParallel()
+    if role == "rowwise":
+        return RowwiseParallel(output_layouts=Shard(0)) if sp else RowwiseParallel()
+    if role == "norm":
+        return SequenceParallel(sequence_dim=0) if sp else None
+    if role == "gather_input":
+        # Attention and MLP need the whole sequence: all-gather the sequence shards (reduce-scatter in backward).
+        return FirstInput(Shard(0), Replicate(), local=False) if sp else None
+    if role == "head_norm":
+        return None
+    raise ValueError(f"unknown tensor-parallel role {role!r}; known: {', '.join(TP_ROLES)}")
+
+
+def block_plan(roles: dict[str, str], sp: bool, first: bool) -> dict[str, ParallelStyle]:
+    """TP(+SP) plan of one block from its declared roles. `first`: the block receives a replicated
+    (whole-sequence) input and enters the sequence-sharded region (keeps this rank's slice)."""
+    plan = {path: style for path, role in roles.items() if (style := role_style(role, sp)) is not None}
+    if first and sp:
+        plan[""] = FirstInput(Replicate(), Shard(0), local=True)
     return plan
 
 
-def vision_block_plan(sp: bool, first: bool) -> dict[str, ParallelStyle]:
-    """TP(+SP) plan of one VisionBlock; forward(x_NC, cu_seqlens, max_seqlen, rope)."""
-    if not sp:
-        return {
-            "attn.q_proj": ColwiseParallel(),
-            "attn.k_proj": ColwiseParallel(),
-            "attn.v_proj": ColwiseParallel(),
-            "attn.o_proj": RowwiseParallel(),
-            "mlp.fc1": ColwiseParallel(),
-            "mlp.fc2": RowwiseParallel(),
-        }
-    plan: dict[str, ParallelStyle] = {
-        "norm1": SequenceParallel(sequence_dim=0),
-        "attn": PrepareModuleInput(
-            input_layouts=(Shard(0), None, None, None), desired_input_layouts=(Replicate(), None, None, None)
-        ),
-        "attn.q_proj": ColwiseParallel(),
-        "attn.k_proj": ColwiseParallel(),
-        "attn.v_proj": ColwiseParallel(),
-        "attn.o_proj": RowwiseParallel(output_layouts=Shard(0)),
-        "norm2": SequenceParallel(sequence_dim=0),
-        "mlp": PrepareModuleInput(input_layouts=(Shard(0),), desired_input_layouts=(Replicate(),)),
-        "mlp.fc1": ColwiseParallel(),
-        "mlp.fc2": RowwiseParallel(output_layouts=Shard(0)),
-    }
-    if first:
-        plan[""] = PrepareModuleInput(
-            input_layouts=(Replicate(), None, None, None), desired_input_layouts=(Shard(0), None, None, None),
-            use_local_output=True,
-        )
-    return plan
-
-
-def top_level_plan(sp: bool, has_embed: bool, has_head: bool, has_visual: bool) -> dict[str, ParallelStyle]:
-    """Plans of the stage's top modules (embedding, final norm, merger input); the LM head weight is sharded
+def top_level_plan(model: nn.Module, gather: tuple[str, ...], sp: bool) -> dict[str, ParallelStyle]:
+    """Plans of the stage's top modules (embedding, final norm, merger inputs); the LM head weight is sharded
     separately because the head never runs as a module (the vocab-parallel loss reads its weight)."""
     plan: dict[str, ParallelStyle] = {}
-    if has_embed:
+    if model.embed_tokens is not None:
         # Vocab-parallel embedding; the output is all-reduced (Replicate) so vision embeddings can be
         # scattered into the whole sequence before the first layer takes its slice.
         plan["embed_tokens"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate())
-    if has_head and sp:
+    if model.lm_head is not None and sp:
         plan["norm"] = SequenceParallel(sequence_dim=0)
-    if has_visual and sp:
-        # The merger runs replicated on all rows: gather the ViT's sequence shards first.
-        plan["visual.merger"] = PrepareModuleInput(
-            input_layouts=(Shard(0),), desired_input_layouts=(Replicate(),), use_local_output=True
-        )
+    if model.visual is not None and sp:
+        # The mergers run replicated on all rows: gather the ViT's sequence shards first.
+        for fqn in gather:
+            plan[fqn] = FirstInput(Shard(0), Replicate(), local=True)
     return plan
 
 
 # ------------------------------------------------------------------------------------------ apply
 def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, sp: bool, pad_multiple: int | None = None,
-                          first_stage: bool = True) -> None:
-    """Shard a (stage of a) Qwen2VL in place over `tp_mesh`. Layer names (FQNs) are unchanged.
+                          first_stage: bool = True) -> list[str]:
+    """Shard a (stage of a) VLModel in place over `tp_mesh` by its family's declared plan (model/family.py). Layer
+    names (FQNs) are unchanged. Returns the FQNs of weights whose gradients are partial sums over the tp ranks
+    (head_norm roles): the engine sums them.
 
     pad_multiple: under SP, the ViT's patch rows are padded to a multiple of it (default tp). first_stage: this
     stage embeds the tokens (pipeline stage 0), so its first layer receives the whole sequence."""
     check_tp_divisibility(model.cfg, tp_mesh.size())
-    # NOTE: torch's SequenceParallel style re-registers the norms' parameters as new nn.Parameters that require
-    # grad; frozen ones (requires_grad=False, set before parallelize) must stay frozen.
-    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    plan = get_family(model.cfg.family).plan(model.cfg)
+    # NOTE: torch's SequenceParallel re-registers a norm's weights as new Parameters with requires_grad=True; a
+    # frozen group (recipe stages 1 and 3) must stay frozen, so the flags are put back after the plans.
+    frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
     tied = model.lm_head is not None and model.embed_tokens is not None and (
         model.lm_head.weight is model.embed_tokens.weight
     )
-    visual = model.visual
-    if visual is not None:
-        for i, blk in enumerate(visual.blocks.values()):
-            _parallelize(blk, tp_mesh, vision_block_plan(sp, first=(i == 0)))
-        if sp:
-            register_vit_row_padding(visual, pad_multiple or tp_mesh.size())
-    for i, layer in enumerate(model.layers.values()):
-        # A stage that embeds hands whole-sequence embeddings to its first layer; later stages receive
-        # already sequence-sharded activations from the previous stage.
-        _parallelize(layer, tp_mesh, decoder_layer_plan(sp, first=(first_stage and i == 0)))
-    plan = top_level_plan(sp, model.embed_tokens is not None, model.lm_head is not None, visual is not None)
-    if plan:
-        parallelize_module(model, tp_mesh, plan)
+    partial: list[str] = []
+    towers = [(model.vision_blocks(), plan.vision_block, True),
+              ([(f"{n}", b) for n, b in model.named_decoder_layers()], plan.decoder_layer, first_stage)]
+    for blocks, roles, enters in towers:
+        for i, (name, block) in enumerate(blocks):
+            # A stage that embeds hands whole-sequence embeddings to its first layer; later stages receive
+            # already sequence-sharded activations from the previous stage.
+            _parallelize(block, tp_mesh, block_plan(dict(roles), sp, first=enters and i == 0))
+            if sp and (kw := getattr(block, "SEQUENCE_KWARGS", ())):
+                parallelize_module(block, tp_mesh, ShardSequenceKwargs(tuple(kw)))
+            partial += [f"{name}.{path}.{p}" for path, role in roles.items() if role == "head_norm"
+                        for p, _ in block.get_submodule(path).named_parameters()]
+    if model.visual is not None and sp:
+        register_vit_row_padding(model.visual, pad_multiple or tp_mesh.size())
+    top = top_level_plan(model, plan.vision_gather, sp)
+    if top:
+        parallelize_module(model, tp_mesh, top)
     if model.lm_head is not None:
         if tied:
             # parallelize_module replaced embed_tokens.weight; re-tie to the (identically Shard(0)) DTensor.
             model.lm_head.weight = model.embed_tokens.weight
         elif not isinstance(model.lm_head.weight, DTensor):
             parallelize_module(model.lm_head, tp_mesh, ColwiseParallel())
-    for n, p in model.named_parameters():
-        if n in frozen:
+    for name, p in model.named_parameters():
+        if name in frozen:
             p.requires_grad_(False)
+    return partial
 
 
 def _parallelize(module: nn.Module, mesh: DeviceMesh, plan: dict[str, ParallelStyle]) -> None:
@@ -222,9 +228,13 @@ def register_vit_row_padding(visual: nn.Module, multiple: int) -> None:
         dropped.append(n_drop)
         return padded_NP, padded_grid
 
-    def trim(_module: nn.Module, _args: tuple, out_MD: torch.Tensor) -> torch.Tensor:
+    def trim(_module: nn.Module, _args: tuple, out: tuple[torch.Tensor, torch.Tensor]) -> tuple:
         n_drop = dropped.pop()
-        return out_MD[: out_MD.shape[0] - n_drop] if n_drop else out_MD
+        if not n_drop:
+            return out
+        tokens_MD, deep_KMD = out  # the tower's (merged tokens, DeepStack features) contract, model/vision.py
+        keep = tokens_MD.shape[0] - n_drop
+        return tokens_MD[:keep], deep_KMD[:, :keep]
 
     visual.register_forward_pre_hook(pad)
     visual.register_forward_hook(trim)

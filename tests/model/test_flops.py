@@ -1,5 +1,6 @@
-"""model/flops.py against torch.utils.flop_counter.FlopCounterMode on the tiny model, and against the real
-parameter counts of the published presets.
+"""model/flops.py against torch.utils.flop_counter.FlopCounterMode on the tiny model of every family (Qwen2.5-VL's
+window blocks, Qwen3-VL's DeepStack mergers, head_dim != hidden / heads included), and against the real parameter
+counts of the published presets.
 
 FlopCounterMode does not see CPU SDPA (aten._scaled_dot_product_flash_attention_for_cpu has no FLOP
 formula), so for the count the test swaps the attention kernel for a plain per-segment softmax(QK^T)V whose
@@ -15,15 +16,14 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-import model.qwen2_vl as qwen2_vl
+import model.text as text
 import model.vision as vision
 from core.batch import IGNORE_INDEX
-from model.config import get_preset
-from model.flops import GROUPS, batch_flops, llm_flops_per_token, llm_forward_flops, vit_flops_per_patch
+from model.family import GROUPS, get_family, get_preset
+from model.flops import batch_flops, llm_flops_per_token, llm_forward_flops, vit_flops_per_patch
 from model.loss import model_loss
 from model.parity import SampleBuilder
-from model.position_ids import packed_mrope_position_ids
-from model.qwen2_vl import Qwen2VL
+from model.vlm import VLModel
 from tests.model.conftest import small_cfg, small_vocab_cfg
 
 
@@ -44,8 +44,8 @@ def matmul_attention(q, k, v, cu_seqlens, max_seqlen, *, causal, backend=None, s
 
 
 @pytest.fixture
-def packed_batch():
-    cfg = small_vocab_cfg()
+def packed_batch(family):
+    cfg = small_vocab_cfg(family=family)
     b = SampleBuilder(cfg, torch.Generator().manual_seed(0))
     samples = [b.sample(7, ("image", (1, 4, 6)), 9), b.sample(5, ("video", (3, 4, 4)), 4), b.sample(30),
                b.sample(2, ("image", (1, 8, 4)), ("image", (1, 2, 2)), 3)]
@@ -58,8 +58,8 @@ def packed_batch():
     labels[torch.rand(ids.shape) < 0.4] = IGNORE_INDEX
     batch = dict(
         input_ids=ids, labels=labels, cu_seqlens=cu, max_seqlen=max(lengths),
-        position_ids=packed_mrope_position_ids(ids, cu, g_img, g_vid, image_token_id=cfg.image_token_id,
-                                               video_token_id=cfg.video_token_id),
+        position_ids=get_family(family).processing(cfg).packed_position_ids(
+            ids, cu, g_img, g_vid, [x for s in samples for x in (s.video_seconds or [])]),
         pixel_values=torch.cat([s.pixel_values for s in samples if s.pixel_values is not None]), image_grid_thw=g_img,
         pixel_values_videos=torch.cat([s.pixel_values_videos for s in samples if s.pixel_values_videos is not None]),
         video_grid_thw=g_vid,
@@ -68,18 +68,17 @@ def packed_batch():
 
 
 # Stage 2 (all), stage 1 (LLM frozen), stage 3 (vision frozen), merger only, merger + LLM, inference.
-TRAINABLE = [GROUPS, ("vit", "merger"), ("llm",), ("merger",), ("merger", "llm"), ()]
+TRAINABLE = [GROUPS, ("vision", "merger"), ("llm",), ("merger",), ("merger", "llm"), ()]
 
 
 @pytest.mark.parametrize("trainable", TRAINABLE, ids=lambda t: "+".join(t) or "none")
 def test_matches_flop_counter_exactly(monkeypatch, packed_batch, trainable):
-    monkeypatch.setattr(qwen2_vl, "varlen_attention", matmul_attention)
+    monkeypatch.setattr(text, "varlen_attention", matmul_attention)
     monkeypatch.setattr(vision, "varlen_attention", matmul_attention)
     cfg, batch = packed_batch
-    model = Qwen2VL(cfg)
+    model = VLModel(cfg)
     for name, p in model.named_parameters():
-        group = "merger" if name.startswith("visual.merger") else "vit" if name.startswith("visual.") else "llm"
-        p.requires_grad_(group in trainable)
+        p.requires_grad_(get_family(cfg.family).group_of(name) in trainable)
     with FlopCounterMode(display=False) as counter:
         loss, n = model_loss(model, **batch)
         if loss.requires_grad:
@@ -96,7 +95,7 @@ def test_causal_halving_and_per_segment_attention(packed_batch):
     full = llm_forward_flops(cfg, [int(x) for x in cu.diff()], causal_halving=False)
     half = llm_forward_flops(cfg, [int(x) for x in cu.diff()], causal_halving=True)
     lengths = cu.diff().tolist()
-    per_layer = cfg.text.num_layers * 4 * cfg.text.hidden_size
+    per_layer = cfg.text.num_layers * 4 * cfg.text.num_heads * cfg.text.head_dim
     assert full["layers_attention"] == per_layer * sum(L * L for L in lengths)
     assert half["layers_attention"] == per_layer * sum(L * (L + 1) // 2 for L in lengths)
     # Packing: attention of 4 samples costs the sum of their squares, not the square of the packed length.
@@ -104,22 +103,26 @@ def test_causal_halving_and_per_segment_attention(packed_batch):
     assert full["layers_attention"] < per_layer * T * T / 2
 
 
-@pytest.mark.parametrize("preset", ["2b", "72b"])
-def test_linear_flops_are_six_times_the_real_parameters(preset):
+@pytest.mark.parametrize("family_preset", [("qwen2_vl", "2b"), ("qwen2_vl", "72b"), ("qwen2_5_vl", "7b"),
+                                           ("qwen3_vl", "8b")])
+def test_linear_flops_are_six_times_the_real_parameters(family_preset):
     """At the published sizes, the decoder's matmul FLOPs per token are 6 x its non-embedding matmul
     parameters (fwd 2N + bwd 4N), counted from the model built on the meta device."""
-    cfg = get_preset(preset)
+    cfg = get_preset(*family_preset)
     with torch.device("meta"):
-        model = Qwen2VL(cfg)
+        model = VLModel(cfg)
     n_linear = sum(m.weight.numel() for m in model.layers.modules() if isinstance(m, torch.nn.Linear))
     T = 4096
     f = llm_forward_flops(cfg, [T], n_supervised=0)
     assert f["layers_linear"] == 2 * n_linear * T
     n_vit = sum(m.weight.numel() for name, m in model.visual.named_modules()
                 if isinstance(m, torch.nn.Linear) and "merger" not in name)
+    n_mergers = sum(m.weight.numel() for name, m in model.visual.named_modules()
+                    if isinstance(m, torch.nn.Linear) and "merger" in name)
     per_patch = vit_flops_per_patch(cfg, (32, 32))
-    # 6 N per patch for linears + patch embed (2x: input is data) + merger + attention on 1024-patch frames
-    assert 6 * n_vit < per_patch < 6 * n_vit * 1.6
+    # 6 N per patch for linears + patch embed (2x: input is data) + mergers (6 N per merged token, a quarter of
+    # the patches) + attention on 1024-patch frames (Qwen2.5-VL: mostly 64-patch windows)
+    assert 6 * n_vit + 6 * n_mergers / 4 < per_patch < (6 * n_vit + 6 * n_mergers / 4) * 1.6
     # Per-token figure for MFU: 6 N + attention + head, within the familiar range.
     n_head = cfg.text.vocab_size * cfg.text.hidden_size
     assert 6 * (n_linear + n_head) < llm_flops_per_token(cfg, T) < 6 * (n_linear + n_head) * 1.3
@@ -127,4 +130,4 @@ def test_linear_flops_are_six_times_the_real_parameters(preset):
 
 def test_unknown_group_is_an_error():
     with pytest.raises(ValueError, match="unknown trainable groups"):
-        batch_flops(small_cfg(), [0, 4], trainable=("vision",))
+        batch_flops(small_cfg(), [0, 4], trainable=("vit",))

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model.qwen2_vl import RMSNorm
+from model.text import RMSNorm
 
 
 def _qwen2_rmsnorm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:

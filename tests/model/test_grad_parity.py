@@ -1,4 +1,4 @@
-"""Loss and parameter-gradient parity with transformers on the same batch.
+"""Loss and parameter-gradient parity with transformers on the same batch, for every family.
 
 transformers takes UNSHIFTED labels (it shifts inside its loss) and averages over supervised tokens; ours
 takes labels already shifted (labels[t] = the token predicted at t, -100 at each sample's last position)
@@ -13,9 +13,8 @@ import torch
 from core.batch import IGNORE_INDEX
 from model.hf_adapter import normalize_hf_key, to_hf_state_dict
 from model.loss import model_loss
-from model.parity import Sample, SampleBuilder, mm_token_type_ids, sample_positions
-from model.position_ids import packed_mrope_position_ids
-from model.qwen2_vl import Qwen2VL
+from model.parity import Sample, SampleBuilder, mm_token_type_ids, sample_positions, video_kwargs
+from model.vlm import VLModel
 
 
 def _hf_labels(s: Sample, cfg, gen) -> torch.Tensor:
@@ -35,7 +34,7 @@ def _hf_grads(hf) -> dict[str, torch.Tensor]:
     return {normalize_hf_key(k): p.grad for k, p in hf.named_parameters() if p.grad is not None}
 
 
-def _our_grads(ours: Qwen2VL) -> dict[str, torch.Tensor]:
+def _our_grads(ours: VLModel) -> dict[str, torch.Tensor]:
     g = {k: p.grad for k, p in ours.named_parameters()}
     return to_hf_state_dict(g, ours.cfg.text.tie_word_embeddings)
 
@@ -49,18 +48,18 @@ def _compare(hf_g: dict, our_g: dict) -> None:
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6 + 1e-4 * scale, msg=lambda m, k=k: f"{k}: {m}")
 
 
-def _load_ours(hf) -> Qwen2VL:
+def _load_ours(hf, family: str) -> VLModel:
     from model.hf_adapter import from_hf_state_dict
     from tests.model.conftest import small_cfg
 
-    ours = Qwen2VL(small_cfg())
+    ours = VLModel(small_cfg(family))
     ours.load_state_dict(from_hf_state_dict(hf.state_dict(), False), strict=True)
     return ours
 
 
-def test_loss_and_grads_match_transformers_single_sample(hf_tiny):
+def test_loss_and_grads_match_transformers_single_sample(hf_tiny, family):
     hf = hf_tiny
-    ours = _load_ours(hf)
+    ours = _load_ours(hf, family)
     cfg = ours.cfg
     gen = torch.Generator().manual_seed(5)
     s = SampleBuilder(cfg, gen).sample(6, ("image", (1, 4, 6)), 5, ("video", (3, 4, 4)), 9)
@@ -72,7 +71,7 @@ def test_loss_and_grads_match_transformers_single_sample(hf_tiny):
     out = hf(input_ids=s.input_ids[None], labels=lab[None], position_ids=pos[:, None, :],
              mm_token_type_ids=mm_token_type_ids(s.input_ids, cfg)[None], pixel_values=s.pixel_values,
              image_grid_thw=s.image_grid_thw, pixel_values_videos=s.pixel_values_videos,
-             video_grid_thw=s.video_grid_thw, use_cache=False)
+             video_grid_thw=s.video_grid_thw, use_cache=False, **video_kwargs(s, cfg, "cpu"))
     out.loss.backward()
 
     loss_sum, n = model_loss(ours, _shift(lab), input_ids=s.input_ids, position_ids=pos, pixel_values=s.pixel_values,
@@ -84,11 +83,11 @@ def test_loss_and_grads_match_transformers_single_sample(hf_tiny):
     _compare(_hf_grads(hf), _our_grads(ours))
 
 
-def test_packed_grads_match_transformers_padded_batch(hf_tiny):
+def test_packed_grads_match_transformers_padded_batch(hf_tiny, family):
     """Ours: 3 samples packed with cu_seqlens. transformers: the same 3 as a right-padded batch with an
     attention mask. Same mean loss over all supervised tokens, same gradients."""
     hf = hf_tiny
-    ours = _load_ours(hf)
+    ours = _load_ours(hf, family)
     cfg = ours.cfg
     gen = torch.Generator().manual_seed(7)
     b = SampleBuilder(cfg, gen)
@@ -118,7 +117,8 @@ def test_packed_grads_match_transformers_padded_batch(hf_tiny):
     p_ids = torch.cat([s.input_ids for s in samples])
     lengths = [s.input_ids.numel() for s in samples]
     cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
-    p_pos = packed_mrope_position_ids(p_ids, cu, g_img, g_vid)
+    seconds = [x for s in samples for x in (s.video_seconds or [])]
+    p_pos = ours.processing.packed_position_ids(p_ids, cu, g_img, g_vid, seconds)
     p_lab = torch.cat([_shift(y) for y in labels])
     loss_sum, n = model_loss(ours, p_lab, input_ids=p_ids, position_ids=p_pos, cu_seqlens=cu, max_seqlen=L,
                              pixel_values=pv, image_grid_thw=g_img, pixel_values_videos=pvv, video_grid_thw=g_vid)

@@ -1,5 +1,5 @@
-"""HF checkpoint adapter: both key layouts, single file and sharded, bit-exact round trips, transformers
-loading what we write, and clear errors on mismatching checkpoints."""
+"""HF checkpoint adapter, for every family: both key layouts, single file and sharded, bit-exact round trips,
+transformers loading what we write, and clear errors on mismatching checkpoints and unsupported families."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from model.config import ModelConfig
+from model.family import get_family
 from model.hf_adapter import (
     CheckpointMismatchError,
     from_hf_state_dict,
@@ -19,8 +20,8 @@ from model.hf_adapter import (
     save_hf_checkpoint,
     save_hf_model,
 )
-from model.parity import make_tiny_checkpoint
-from model.qwen2_vl import Qwen2VL
+from model.parity import hf_class, make_tiny_checkpoint
+from model.vlm import VLModel
 from tests.model.conftest import small_cfg
 
 SHARD = 1_500_000  # bytes: the tiny model (~40 MB) splits into many shards
@@ -32,14 +33,23 @@ def _assert_bit_exact(a: dict, b: dict) -> None:
         assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
 
 
+def _key(raw: dict, suffix: str) -> str:
+    """The checkpoint's own name for a tensor, whichever key layout it uses."""
+    return next(k for k in raw if k.endswith(suffix))
+
+
+PREFIXES = {"hub": ("visual.", "model.layers.", "model.embed_tokens", "model.norm", "lm_head"),
+            "transformers5": ("model.visual.", "model.language_model.", "lm_head")}
+
+
 @pytest.mark.parametrize("layout", ["hub", "transformers5"])
 @pytest.mark.parametrize("sharded", [False, True])
-def test_load_save_load_bit_exact(tmp_path, layout, sharded):
-    src = make_tiny_checkpoint(tmp_path / "src", small_cfg(), seed=2, layout=layout,
+def test_load_save_load_bit_exact(tmp_path, family, layout, sharded):
+    src = make_tiny_checkpoint(tmp_path / "src", small_cfg(family), seed=2, layout=layout,
                                max_shard_bytes=SHARD if sharded else None)
     assert (src / "model.safetensors.index.json").exists() == sharded
     cfg, sd = load_hf_checkpoint(src)
-    assert cfg.text.num_layers == 3 and cfg.vision.depth == 2
+    assert cfg.family == family and cfg.text.num_layers == 3 and cfg.vision.depth == small_cfg(family).vision.depth
     # Every tensor of the source file arrives (qkv as its three row blocks).
     raw = read_hf_tensors(src)
     qkv = next(k for k in raw if k.endswith("blocks.1.attn.qkv.weight"))
@@ -48,9 +58,9 @@ def test_load_save_load_bit_exact(tmp_path, layout, sharded):
     out = tmp_path / "out"
     files = save_hf_checkpoint(sd, cfg, out, max_shard_bytes=SHARD if sharded else 2**40)
     assert all(f.exists() for f in files)
-    # Written in the hub layout, whatever the source layout was.
+    # Written in the layout of the family's released checkpoints, whatever the source layout was.
     keys = read_hf_tensors(out).keys()
-    assert all(k.startswith(("visual.", "model.layers.", "model.embed_tokens", "model.norm", "lm_head")) for k in keys)
+    assert all(k.startswith(PREFIXES[get_family(family).hf_write_layout]) for k in keys), sorted(keys)[:5]
     cfg2, sd2 = load_hf_checkpoint(out)
     assert cfg2 == cfg
     _assert_bit_exact(sd, sd2)
@@ -60,17 +70,15 @@ def test_load_save_load_bit_exact(tmp_path, layout, sharded):
     assert len(list(out.glob("*.safetensors"))) == (1 if sharded else len(list(out.glob("model-*"))))
 
 
-def test_transformers_loads_what_we_save(tmp_path, hf_tiny):
-    """Our writer's output (flat 4.x-style config.json, hub keys, sharded) loads in transformers 5.x with
+def test_transformers_loads_what_we_save(tmp_path, hf_tiny, family):
+    """Our writer's output (the family's config.json and key layout, sharded) loads in transformers 5.x with
     every weight equal, and gives the same logits as the source model."""
-    from transformers import Qwen2VLForConditionalGeneration
-
-    ours = Qwen2VL(small_cfg())
+    ours = VLModel(small_cfg(family))
     ours.load_state_dict(from_hf_state_dict(hf_tiny.state_dict(), False), strict=True)
     save_hf_model(ours, tmp_path / "ours", max_shard_bytes=SHARD)
     cfg_json = json.loads((tmp_path / "ours" / "config.json").read_text())
-    assert cfg_json["model_type"] == "qwen2_vl" and cfg_json["torch_dtype"] == "float32"
-    back, info = Qwen2VLForConditionalGeneration.from_pretrained(
+    assert cfg_json["model_type"] == family and cfg_json["torch_dtype"] == "float32"
+    back, info = hf_class(family).from_pretrained(
         tmp_path / "ours", dtype=torch.float32, attn_implementation="eager", output_loading_info=True
     )
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
@@ -80,11 +88,9 @@ def test_transformers_loads_what_we_save(tmp_path, hf_tiny):
         torch.testing.assert_close(back(input_ids=ids).logits, hf_tiny(input_ids=ids).logits, rtol=0, atol=0)
 
 
-def test_tied_embeddings_round_trip(tmp_path):
+def test_tied_embeddings_round_trip(tmp_path, family):
     """2B-style tied head: no lm_head.weight on disk; transformers ties it; ours shares one Parameter."""
-    from transformers import Qwen2VLForConditionalGeneration
-
-    src = make_tiny_checkpoint(tmp_path / "src", small_cfg(tie=True), seed=4)
+    src = make_tiny_checkpoint(tmp_path / "src", small_cfg(family, tie=True), seed=4)
     assert "lm_head.weight" not in read_hf_tensors(src)
     cfg, sd = load_hf_checkpoint(src)
     assert cfg.text.tie_word_embeddings and sd["lm_head.weight"] is sd["embed_tokens.weight"]
@@ -93,7 +99,7 @@ def test_tied_embeddings_round_trip(tmp_path):
     save_hf_model(model, tmp_path / "out")
     assert "lm_head.weight" not in load_file(tmp_path / "out" / "model.safetensors")
     _assert_bit_exact(sd, load_hf_checkpoint(tmp_path / "out")[1])
-    back = Qwen2VLForConditionalGeneration.from_pretrained(tmp_path / "out")
+    back = hf_class(family).from_pretrained(tmp_path / "out")
     assert back.lm_head.weight.data_ptr() == back.model.language_model.embed_tokens.weight.data_ptr()
     assert torch.equal(back.lm_head.weight, model.embed_tokens.weight)
 
@@ -138,25 +144,27 @@ def _write(tmp_path, tensors: dict, cfg: ModelConfig):
 def test_missing_unexpected_and_shape_errors_name_keys_and_shapes(tmp_path, hf_tiny_dir):
     cfg, _ = load_hf_checkpoint(hf_tiny_dir)
     raw = read_hf_tensors(hf_tiny_dir)
+    up2 = _key(raw, "layers.2.mlp.up_proj.weight")
 
     t = dict(raw)
-    del t["model.layers.2.mlp.up_proj.weight"]
+    del t[up2]
     with pytest.raises(CheckpointMismatchError, match=r"missing keys \(1\): layers\.2\.mlp\.up_proj\.weight"):
         load_hf_checkpoint(_write(tmp_path, t, cfg))
 
     t = dict(raw)
-    t["model.layers.3.mlp.up_proj.weight"] = raw["model.layers.2.mlp.up_proj.weight"].clone()
+    t[up2.replace("layers.2", "layers.3")] = raw[up2].clone()
     with pytest.raises(CheckpointMismatchError, match=r"unexpected keys \(1\): layers\.3\.mlp\.up_proj\.weight"):
         load_hf_checkpoint(_write(tmp_path, t, cfg))
 
     t = dict(raw)
-    t["model.layers.0.self_attn.k_proj.weight"] = torch.zeros(16, 64)
+    kv = cfg.text.num_kv_heads * cfg.text.head_dim
+    t[_key(raw, "layers.0.self_attn.k_proj.weight")] = torch.zeros(16, 64)
     with pytest.raises(CheckpointMismatchError,
-                       match=r"layers\.0\.self_attn\.k_proj\.weight .*checkpoint \(16, 64\) vs config \(32, 64\)"):
+                       match=rf"layers\.0\.self_attn\.k_proj\.weight .*checkpoint \(16, 64\) vs config \({kv}, 64\)"):
         load_hf_checkpoint(_write(tmp_path, t, cfg))
 
     t = dict(raw)
-    t["visual.blocks.0.attn.qkv.weight"] = torch.zeros(90, 32)
+    t[_key(raw, "visual.blocks.0.attn.qkv.weight")] = torch.zeros(90, 32)
     with pytest.raises(CheckpointMismatchError, match=r"visual\.blocks\.0\.attn\.qkv\.weight.*\(30, 32\) vs config"):
         load_hf_checkpoint(_write(tmp_path, t, cfg))
 
@@ -183,22 +191,34 @@ def test_missing_files_and_broken_index(tmp_path, hf_tiny_dir):
 
 def test_save_rejects_a_state_dict_that_does_not_fit(tmp_path):
     cfg = small_cfg()
-    sd = Qwen2VL(cfg).state_dict()
+    sd = VLModel(cfg).state_dict()
     sd.pop("norm.weight")
     with pytest.raises(CheckpointMismatchError, match="missing keys.*norm.weight"):
         save_hf_checkpoint(sd, cfg, tmp_path / "x")
     assert not (tmp_path / "x" / "model.safetensors").exists()
 
 
-def test_config_round_trip_flat_and_nested(hf_tiny):
-    cfg = small_cfg()
+def test_config_round_trip_flat_and_nested(hf_tiny, family):
+    cfg = small_cfg(family)
     assert ModelConfig.from_hf_dict(cfg.to_hf_dict()) == cfg
-    # transformers 5.x writes a nested text_config: read it back too.
+    # transformers 5.x writes a nested text_config (and its own rope_parameters): read it back too.
     nested = hf_tiny.config.to_dict()
     assert "text_config" in nested
     assert ModelConfig.from_hf_dict(nested) == cfg
-    bad = cfg.to_hf_dict() | {"use_sliding_window": True}
+
+
+def test_config_refusals_name_the_file_the_key_and_the_families(tmp_path):
+    d = small_cfg().to_hf_dict()
     with pytest.raises(ValueError, match="use_sliding_window"):
-        ModelConfig.from_hf_dict(bad)
-    with pytest.raises(ValueError, match="model_type"):
-        ModelConfig.from_hf_dict(cfg.to_hf_dict() | {"model_type": "qwen2_5_vl"})
+        ModelConfig.from_hf_dict(d | {"use_sliding_window": True})
+    from model.hf_adapter import read_hf_config
+
+    for model_type, why in [("qwen3_vl_moe", "expert parallelism"), ("qwen3_5", "Qwen3.5"),
+                            ("llava", "not a supported model family")]:
+        (tmp_path / "config.json").write_text(json.dumps(d | {"model_type": model_type}))
+        with pytest.raises(ValueError) as e:
+            read_hf_config(tmp_path)
+        msg = str(e.value)
+        assert str(tmp_path / "config.json") in msg and f"model_type={model_type!r}" in msg and why in msg, msg
+        assert all(f"'{t}'" in msg for t in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")), msg
+        assert "\n" not in msg

@@ -1,4 +1,5 @@
-"""Model construction and input checks: meta-device presets, deferred init, placeholder/embedding counts."""
+"""Model construction and input checks, for every family: meta-device presets with the published (and transformers')
+parameter counts, deferred init, placeholder/embedding counts, the zero-weight vision pass of text-only batches."""
 
 from __future__ import annotations
 
@@ -7,12 +8,19 @@ import resource
 import pytest
 import torch
 
-from model.config import get_preset
+from model.family import get_family, get_preset
 from model.loss import model_loss
-from model.parity import SampleBuilder
-from model.position_ids import mrope_position_ids
-from model.qwen2_vl import Qwen2VL
+from model.parity import SampleBuilder, hf_class
+from model.vlm import VLModel
 from tests.model.conftest import small_vocab_cfg
+
+# Published parameter counts (the model cards), in billions, and the presets that tie their head.
+PUBLISHED = {
+    ("qwen2_vl", "2b"): 2.21, ("qwen2_vl", "7b"): 8.29, ("qwen2_vl", "72b"): 73.4,
+    ("qwen2_5_vl", "3b"): 3.75, ("qwen2_5_vl", "7b"): 8.29, ("qwen2_5_vl", "32b"): 33.4, ("qwen2_5_vl", "72b"): 73.4,
+    ("qwen3_vl", "2b"): 2.13, ("qwen3_vl", "4b"): 4.44, ("qwen3_vl", "8b"): 8.77, ("qwen3_vl", "32b"): 33.4,
+}
+TIED = {("qwen2_vl", "2b"), ("qwen2_5_vl", "3b"), ("qwen3_vl", "2b"), ("qwen3_vl", "4b")}
 
 
 def _rss_mb() -> float:
@@ -23,28 +31,39 @@ def _rss_mb() -> float:
 def test_72b_builds_on_meta_without_allocating():
     before = _rss_mb()
     with torch.device("meta"):
-        model = Qwen2VL(get_preset("72b"))
+        model = VLModel(get_preset("qwen2_vl", "72b"))
     grown = _rss_mb() - before
     n = sum(p.numel() for p in model.parameters())
     assert 73.0e9 < n < 73.8e9  # Qwen2-VL-72B: 73.4B parameters
     assert all(p.is_meta for p in model.parameters()) and all(b.is_meta for b in model.buffers())
     assert grown < 200, f"building 72B on meta grew RSS by {grown:.0f} MB"  # fp32 weights would be 290 GB
-    del model
-    # Published sizes of the other presets (2B ties its head).
-    with torch.device("meta"):
-        m2, m7 = Qwen2VL(get_preset("2b")), Qwen2VL(get_preset("7b"))
-    assert m2.lm_head.weight is m2.embed_tokens.weight
-    assert 2.20e9 < sum(p.numel() for p in m2.parameters()) < 2.22e9
-    assert 8.28e9 < sum(p.numel() for p in m7.parameters()) < 8.30e9
 
 
-def test_to_empty_then_init_weights_gives_a_working_model():
-    cfg = small_vocab_cfg()
+@pytest.mark.parametrize("family_preset", sorted(PUBLISHED))
+def test_presets_have_the_published_and_transformers_parameter_counts(family_preset):
+    """Each preset built by us and by transformers (from our config.json mapping) on the meta device: the same
+    parameter count, and the model card's."""
+    from transformers import AutoConfig
+
+    family, name = family_preset
+    cfg = get_preset(family, name)
+    d = cfg.to_hf_dict()
     with torch.device("meta"):
-        model = Qwen2VL(cfg)
+        ours = VLModel(cfg)
+        theirs = hf_class(family)._from_config(AutoConfig.for_model(d.pop("model_type"), **d))
+    n = sum(p.numel() for p in ours.parameters())
+    assert n == sum(p.numel() for p in theirs.parameters())
+    assert abs(n / 1e9 - PUBLISHED[family_preset]) < 0.06, n
+    assert (ours.lm_head.weight is ours.embed_tokens.weight) == (family_preset in TIED)
+
+
+def test_to_empty_then_init_weights_gives_a_working_model(family):
+    cfg = small_vocab_cfg(family=family)
+    with torch.device("meta"):
+        model = VLModel(cfg)
     model.to_empty(device="cpu")
     model.init_weights()
-    fresh = Qwen2VL(cfg)
+    fresh = VLModel(cfg)
     for name, buf in model.named_buffers():
         torch.testing.assert_close(buf, dict(fresh.named_buffers())[name], rtol=0, atol=0)
     for name, p in model.named_parameters():
@@ -60,9 +79,9 @@ def _image_sample(cfg):
     return SampleBuilder(cfg, torch.Generator().manual_seed(0)).sample(4, ("image", (1, 4, 4)), 3)
 
 
-def test_pad_count_mismatch_raises_with_both_numbers():
-    cfg = small_vocab_cfg()
-    model = Qwen2VL(cfg)
+def test_pad_count_mismatch_raises_with_both_numbers(family):
+    cfg = small_vocab_cfg(family=family)
+    model = VLModel(cfg)
     s = _image_sample(cfg)
     ids = s.input_ids.clone()
     ids[torch.nonzero(ids == cfg.image_token_id)[0]] = 5  # one placeholder fewer than the ViT's 4 tokens
@@ -76,10 +95,11 @@ def test_pad_count_mismatch_raises_with_both_numbers():
         model(input_ids=vid_ids, pixel_values=s.pixel_values, image_grid_thw=s.image_grid_thw)
 
 
-def test_text_only_batch_gives_vision_a_zero_gradient():
-    """Every rank runs the same vision graph: a text-only microbatch still reaches every ViT parameter."""
-    cfg = small_vocab_cfg()
-    model = Qwen2VL(cfg)
+def test_text_only_batch_gives_vision_a_zero_gradient(family):
+    """Every rank runs the same vision graph: a text-only microbatch still reaches every ViT parameter (DeepStack
+    mergers and the position table included)."""
+    cfg = small_vocab_cfg(family=family)
+    model = VLModel(cfg)
     ids = torch.randint(0, 2000, (16,))
     labels = torch.randint(0, 2000, (16,))
     loss, n = model_loss(model, labels, input_ids=ids)
@@ -89,11 +109,11 @@ def test_text_only_batch_gives_vision_a_zero_gradient():
     assert model.layers["0"].mlp.up_proj.weight.grad.abs().sum() > 0
 
 
-def test_bf16_cast_keeps_rotary_angles():
-    cfg = small_vocab_cfg()
-    model = Qwen2VL(cfg)
+def test_bf16_cast_keeps_rotary_angles(family):
+    cfg = small_vocab_cfg(family=family)
+    model = VLModel(cfg)
     s = _image_sample(cfg)
-    pos = mrope_position_ids(s.input_ids, s.image_grid_thw, image_token_id=cfg.image_token_id)
+    pos = get_family(family).processing(cfg).position_ids(s.input_ids, s.image_grid_thw)
     cos32, _ = model.rotary(pos * 997, torch.float32)
     model.to(torch.bfloat16)
     assert model.rotary.inv_freq.dtype == torch.bfloat16  # what nn.Module.to does to buffers...

@@ -1,10 +1,14 @@
-"""M-RoPE position ids against Qwen's reference algorithm, and a pin on transformers 5.x's departure from it.
+"""M-RoPE position ids against Qwen's reference algorithms (Qwen2-VL, Qwen2.5-VL's time-scaled video ids) and
+transformers' get_rope_index (Qwen3-VL, where the two agree), with a pin on transformers 5.x's departure from the
+reference for Qwen2-VL and Qwen2.5-VL videos.
 
 `reference_rope_index` re-implements, independently of model/position_ids.py, the published reference:
 `Qwen2VLForConditionalGeneration.get_rope_index` of the Qwen2-VL release (transformers 4.45). It scans the
 `<|vision_start|>` tokens, decides image vs video by the token after each, takes the next image/video pad
 position from the current cursor, gives the text before the block st_idx + arange (st_idx = previous max
 + 1), the block (t, h/2, w/2) grid offsets + text_len + st_idx, and the trailing text again previous max + 1.
+`reference_rope_index_25` is the same scan with Qwen2.5-VL's video time (qwen-vl-finetune's get_rope_index_25 and
+transformers 4.49-4.5x): a video's temporal offsets are long(index x second_per_grid_t x tokens_per_second).
 """
 
 from __future__ import annotations
@@ -18,8 +22,10 @@ from model.position_ids import mrope_position_ids, packed_mrope_position_ids
 MERGE = 2
 
 
-def reference_rope_index(input_ids: torch.Tensor, image_grid_thw, video_grid_thw) -> torch.Tensor:
-    """Qwen2-VL release get_rope_index for one unpadded sample; returns (3, L)."""
+def reference_rope_index(input_ids: torch.Tensor, image_grid_thw, video_grid_thw, second_per_grid_ts=None,
+                         tokens_per_second: float = 2.0) -> torch.Tensor:
+    """Qwen2-VL release get_rope_index for one unpadded sample (with second_per_grid_ts: Qwen2.5-VL's
+    get_rope_index_25); returns (3, L)."""
     tokens = input_ids.tolist()
     starts = [i for i, t in enumerate(tokens) if t == VISION_START_ID]
     after = [tokens[i + 1] for i in starts]
@@ -33,11 +39,13 @@ def reference_rope_index(input_ids: torch.Tensor, image_grid_thw, video_grid_thw
         ed_video = tokens.index(VIDEO_PAD_ID, st) if VIDEO_PAD_ID in tokens and remain_videos > 0 else len(tokens) + 1
         if ed_image < ed_video:
             t, h, w = image_grid_thw[image_index].tolist()
+            seconds = None
             image_index += 1
             remain_images -= 1
             ed = ed_image
         else:
             t, h, w = video_grid_thw[video_index].tolist()
+            seconds = None if second_per_grid_ts is None else second_per_grid_ts[video_index]
             video_index += 1
             remain_videos -= 1
             ed = ed_video
@@ -45,7 +53,10 @@ def reference_rope_index(input_ids: torch.Tensor, image_grid_thw, video_grid_thw
         text_len = ed - st
         st_idx = int(llm_pos_ids_list[-1].max()) + 1 if llm_pos_ids_list else 0
         llm_pos_ids_list.append(torch.arange(text_len).view(1, -1).expand(3, -1) + st_idx)
-        t_index = torch.arange(llm_grid_t).view(-1, 1).expand(-1, llm_grid_h * llm_grid_w).flatten()
+        t_range = torch.arange(llm_grid_t).view(-1, 1).expand(-1, llm_grid_h * llm_grid_w)
+        if seconds is not None:
+            t_range = (t_range * torch.tensor(seconds, dtype=torch.float32) * tokens_per_second).long()
+        t_index = t_range.flatten()
         h_index = torch.arange(llm_grid_h).view(1, -1, 1).expand(llm_grid_t, -1, llm_grid_w).flatten()
         w_index = torch.arange(llm_grid_w).view(1, 1, -1).expand(llm_grid_t, llm_grid_h, -1).flatten()
         llm_pos_ids_list.append(torch.stack([t_index, h_index, w_index]) + text_len + st_idx)
@@ -140,23 +151,28 @@ def test_mismatched_grids_raise():
 
 
 # ------------------------------------------------------------------ transformers 5.x pin
-def _transformers_rope_index(hf, ids, img, vid) -> torch.Tensor:
+def _transformers_rope_index(hf, ids, img, vid, **kw) -> torch.Tensor:
     mm = (ids == IMAGE_PAD_ID).int() + 2 * (ids == VIDEO_PAD_ID).int()
-    pos, _ = hf.model.get_rope_index(ids[None], mm_token_type_ids=mm[None], image_grid_thw=img, video_grid_thw=vid)
+    pos, _ = hf.model.get_rope_index(ids[None], mm_token_type_ids=mm[None], image_grid_thw=img, video_grid_thw=vid,
+                                     **kw)
     return pos[:, 0]
 
 
-def transformers5_rule(ids, img, vid) -> torch.Tensor:
+def transformers5_rule(ids, img, vid, seconds=None) -> torch.Tensor:
     """The reference algorithm with transformers 5.x's advance after a vision block: max(h, w) // merge."""
     out, running, i = [], 0, 0
     grids = {"image": iter(img.tolist() if img is not None else []),
              "video": iter(vid.tolist() if vid is not None else [])}
+    scales = iter(seconds or [])
     tokens = ids.tolist()
     while i < len(tokens):
         if tokens[i] in (IMAGE_PAD_ID, VIDEO_PAD_ID):
             t, h, w = next(grids["image" if tokens[i] == IMAGE_PAD_ID else "video"])
             lh, lw = h // MERGE, w // MERGE
-            tt, hh, ww = torch.meshgrid(torch.arange(t), torch.arange(lh), torch.arange(lw), indexing="ij")
+            t_ids = torch.arange(t)
+            if tokens[i] == VIDEO_PAD_ID and seconds:
+                t_ids = (t_ids * torch.tensor(2 * next(scales), dtype=torch.float32)).long()
+            tt, hh, ww = torch.meshgrid(t_ids, torch.arange(lh), torch.arange(lw), indexing="ij")
             out.append(torch.stack([tt, hh, ww]).reshape(3, -1) + running)
             running += max(lh, lw)
             i += t * lh * lw
@@ -167,22 +183,105 @@ def transformers5_rule(ids, img, vid) -> torch.Tensor:
     return torch.cat(out, dim=1)
 
 
-def test_pin_transformers5_rope_index(hf_tiny):
-    """transformers 5.x advances by max(h, w)//2 after a vision block. This pins that behaviour: if an upgrade
-    changes it (e.g. back to the reference), this test fails and docs/model.md must be revisited."""
+def build_timestamped(parts, seed=0):
+    """Like build(), with Qwen3-VL's video layout: <|vision_start|>, then per frame pair a 4-token text timestamp
+    and <|vision_start|> pads <|vision_end|>, then <|vision_end|>."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for p in parts:
+        if isinstance(p, tuple) and p[0] == "video":
+            t, h, w = p[1]
+            out.append(torch.tensor([VISION_START_ID]))
+            for _ in range(t):
+                out += [torch.randint(0, 151643, (4,), generator=g), torch.tensor([VISION_START_ID]),
+                        torch.full((h * w // MERGE**2,), VIDEO_PAD_ID), torch.tensor([VISION_END_ID])]
+            out.append(torch.tensor([VISION_END_ID]))
+        else:
+            out.append(build([p], seed)[0])
+    _, img, vid = build(parts, seed)
+    return torch.cat(out), img, vid
+
+
+SECONDS = [1.0, 0.5, 1.5]  # per video: 2, 1 and 3 temporal ids per frame pair at 2 tokens per second
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_qwen2_5_vl_time_scaled_ids_match_its_reference(name):
+    from model.family import get_family, get_preset
+
+    cfg = get_preset("qwen2_5_vl", "tiny")
+    proc = get_family("qwen2_5_vl").processing(cfg)
+    ids, img, vid = build(CASES[name])
+    seconds = SECONDS[: 0 if vid is None else vid.shape[0]]
+    ref = reference_rope_index(ids, img, vid, seconds, tokens_per_second=cfg.vision.tokens_per_second)
+    torch.testing.assert_close(proc.position_ids(ids, img, vid, seconds or None), ref, rtol=0, atol=0)
+    if vid is not None and name.startswith("video with more"):
+        # 9 pairs x 2 ids per pair: the block's max id comes from the scaled time (16), not from t (9).
+        end_tok = int(torch.nonzero(ids == VISION_END_ID)[0])
+        assert ref[0, end_tok] == ref[0, 4] + 17
+
+
+def test_qwen3_vl_ids_match_transformers_get_rope_index():
+    """Qwen3-VL: videos are one block per frame pair, behind a text timestamp; here transformers 5.x's own
+    get_rope_index is the reference (it agrees with Qwen's), for every case, packing included."""
+    from transformers import Qwen3VLConfig, Qwen3VLModel
+
+    from model.family import get_family, get_preset
+    from tests.model.conftest import small_cfg
+
+    cfg = small_cfg("qwen3_vl")
+    d = cfg.to_hf_dict()
+    d.pop("model_type")
+    with torch.device("meta"):
+        hf = Qwen3VLModel(Qwen3VLConfig(**d))
+    proc = get_family("qwen3_vl").processing(get_preset("qwen3_vl", "tiny"))
+    samples = []
+    for i, name in enumerate(CASES):
+        ids, img, vid = build_timestamped(CASES[name], seed=i)
+        mm = (ids == IMAGE_PAD_ID).int() + 2 * (ids == VIDEO_PAD_ID).int()
+        theirs, _ = hf.get_rope_index(ids[None], mm_token_type_ids=mm[None], image_grid_thw=img,
+                                      video_grid_thw=None if vid is None else vid.clone())
+        ours = proc.position_ids(ids, img, vid)
+        torch.testing.assert_close(ours, theirs[:, 0].cpu(), rtol=0, atol=0, msg=name)
+        samples.append((ids, img, vid, ours))
+    ids = torch.cat([s[0] for s in samples])
+    cu = torch.tensor([0, *torch.tensor([s[0].numel() for s in samples]).cumsum(0).tolist()], dtype=torch.int32)
+    imgs = torch.cat([s[1] for s in samples if s[1] is not None])
+    vids = torch.cat([s[2] for s in samples if s[2] is not None])
+    torch.testing.assert_close(proc.packed_position_ids(ids, cu, imgs, vids),
+                               torch.cat([s[3] for s in samples], dim=1), rtol=0, atol=0)
+
+
+def test_pin_transformers5_rope_index(hf_tiny, family):
+    """transformers 5.x advances by max(h, w)//2 after a vision block. This pins that behaviour for Qwen2-VL and
+    Qwen2.5-VL: if an upgrade changes it (e.g. back to the reference), this test fails and docs/model.md must be
+    revisited. (Qwen3-VL's per-frame blocks agree with it: test above.)"""
     import transformers
+
+    if family == "qwen3_vl":
+        return  # covered by test_qwen3_vl_ids_match_transformers_get_rope_index
+    time = family == "qwen2_5_vl"
+
+    def seconds(vid):
+        return SECONDS[: vid.shape[0]] if time and vid is not None else None
+
+    def extra(vid):
+        return {"second_per_grid_ts": torch.tensor(seconds(vid))} if seconds(vid) else {}
+
+    def ours_for(ids, img, vid):
+        return reference_rope_index(ids, img, vid, seconds(vid)) if time else mrope_position_ids(ids, img, vid)
 
     for name in ["one image", "two images of different shapes", "video, frames < spatial"]:
         ids, img, vid = build(CASES[name])
-        theirs = _transformers_rope_index(hf_tiny, ids, img, vid)
-        torch.testing.assert_close(theirs, mrope_position_ids(ids, img, vid), rtol=0, atol=0,
+        theirs = _transformers_rope_index(hf_tiny, ids, img, vid, **extra(vid))
+        torch.testing.assert_close(theirs, ours_for(ids, img, vid), rtol=0, atol=0,
                                    msg=f"{name}: transformers and the reference should agree here")
     for name in ["video with more frame pairs than its merged spatial size", "interleaved image, long video, image"]:
         ids, img, vid = build(CASES[name])
-        theirs = _transformers_rope_index(hf_tiny, ids, img, vid)
-        torch.testing.assert_close(theirs, transformers5_rule(ids, img, vid), rtol=0, atol=0,
+        theirs = _transformers_rope_index(hf_tiny, ids, img, vid, **extra(vid))
+        torch.testing.assert_close(theirs, transformers5_rule(ids, img, vid, seconds(vid)), rtol=0, atol=0,
                                    msg=f"transformers {transformers.__version__} changed its rope index on {name}")
-        ours = mrope_position_ids(ids, img, vid)
+        ours = ours_for(ids, img, vid)
         assert not torch.equal(theirs, ours), f"{name}: expected the 5.x rope index to differ from the reference"
         # Inside the vision block they agree; only the text after it is shifted.
         first_diff = int(torch.nonzero((theirs != ours).any(0))[0])

@@ -16,8 +16,9 @@ import torch.distributed as dist
 from _synth import global_batch, reference_step, tiny_config
 from torch.distributed.tensor import DTensor, Shard
 
+from model.family import get_family
 from model.loss import model_loss
-from model.qwen2_vl import Qwen2VL
+from model.vlm import VLModel
 from parallel import ParallelConfig, init_distributed, parallelize
 from parallel.tensor_parallel import pad_microbatch
 
@@ -45,14 +46,14 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 
 
 def _freeze(model: torch.nn.Module, what: str | None) -> None:
-    if what == "llm":  # recipe stage 1: the LLM is frozen, ViT + merger train
-        for n, p in model.named_parameters():
-            if not n.startswith("visual."):
-                p.requires_grad_(False)
-    elif what == "vit":  # recipe stage 3: the ViT is frozen
-        for n, p in model.named_parameters():
-            if n.startswith("visual."):
-                p.requires_grad_(False)
+    """Freeze a parameter group the family declares: 'llm' (recipe stage 1: ViT + merger train) or 'vision'
+    (recipe stage 3: merger + LLM train)."""
+    if what is None:
+        return
+    family = get_family(model.cfg.family)
+    for n, p in model.named_parameters():
+        if family.group_of(n) == what:
+            p.requires_grad_(False)
 
 
 def _adamw(params, foreach: bool = True, eps: float = 1e-6):
@@ -84,6 +85,7 @@ def compare_grads(pm, ref: torch.nn.Module) -> dict[str, float]:
             continue
         assert p.grad is not None, f"{name} has no gradient"
         g = _full(p.grad)
+        assert r.grad is not None, f"{name}: the parallel model computed a gradient, the one process did not"
         diff = (g - r.grad).abs().max().item()
         scale = r.grad.abs().max().item()
         rel = diff / scale if scale > 0 else diff
@@ -118,13 +120,14 @@ def compare_params(pm, ref: torch.nn.Module, ref_grads0: dict[str, torch.Tensor]
 
 def run_equivalence(spec: dict, dims, cfg: ParallelConfig, tag: str = "") -> dict:
     """Build, run 3 steps against the reference, assert equality; returns the pieces for further checks."""
+    family = spec.get("family", "qwen2_vl")
     torch.manual_seed(0)
-    ref = Qwen2VL(tiny_config(tie=spec.get("tie", False)))
+    ref = VLModel(tiny_config(tie=spec.get("tie", False), family=family))
     _freeze(ref, spec.get("freeze"))
     if spec.get("meta"):
         # The trainer's big-model path: build on meta, parallelize, allocate shards, load the weights.
         with torch.device("meta"):
-            model = Qwen2VL(tiny_config(tie=spec.get("tie", False)))
+            model = VLModel(tiny_config(tie=spec.get("tie", False), family=family))
         _freeze(model, spec.get("freeze"))
         pm = parallelize(model, dims, cfg)
         pm.materialize(init_weights=True)
@@ -137,9 +140,9 @@ def run_equivalence(spec: dict, dims, cfg: ParallelConfig, tag: str = "") -> dic
     ref_opt = _adamw([p for p in ref.parameters() if p.requires_grad], eps=eps)
     ref_grads0: dict[str, torch.Tensor] | None = None
     m = cfg.num_microbatches
-    out = {"losses": [], "ref_losses": [], "schedules": [], "lengths": [], "kinds": []}
+    out = {"losses": [], "ref_losses": [], "schedules": [], "lengths": [], "kinds": [], "family": family}
     for step in range(3):
-        gb = global_batch(step, dims.dp * m)
+        gb = global_batch(step, dims.dp * m, family=family)
         ref_loss = reference_step(ref, gb)
         mine = gb[dims.dp_rank * m : (dims.dp_rank + 1) * m] if dims.is_first_stage else None
         res = pm.step(mine)
@@ -148,7 +151,7 @@ def run_equivalence(spec: dict, dims, cfg: ParallelConfig, tag: str = "") -> dic
         assert abs(res.loss - ref_loss) <= 1e-5 * max(1.0, abs(ref_loss)), (step, res.loss, ref_loss)
         if step == 0 and spec.get("eval"):
             # Between backward and optimizer step: the eval must leave the gradients (checked next) alone.
-            out["eval"] = check_eval(pm, ref, dims)
+            out["eval"] = check_eval(pm, ref, dims, family)
         out["losses"].append(res.loss)
         out["ref_losses"].append(ref_loss)
         out["schedules"].append(res.schedule)
@@ -181,7 +184,7 @@ def run_equivalence(spec: dict, dims, cfg: ParallelConfig, tag: str = "") -> dic
 
 
 # ------------------------------------------------------------------------------------------ checks
-def check_eval(pm, ref: torch.nn.Module, dims) -> list[dict]:
+def check_eval(pm, ref: torch.nn.Module, dims, family: str) -> list[dict]:
     """pm.evaluate equals the one-process forward loss (sum of token CE / global supervised count), with uneven
     per-dp-rank counts (3 and 1, then 2 and none: that rank passes None); it leaves the gradients as they were
     and the FSDP units resharded (ZeRO-1's forward would leave unsharded parameters registered)."""
@@ -190,7 +193,7 @@ def check_eval(pm, ref: torch.nn.Module, dims) -> list[dict]:
     out = []
     for call, counts in enumerate(([3, 1], [2, 0])):
         counts = counts if dims.dp == 2 else [sum(counts)] * dims.dp
-        gb = global_batch(20 + call, sum(counts))
+        gb = global_batch(20 + call, sum(counts), family=family)
         start = sum(counts[: dims.dp_rank])
         mine = gb[start : start + counts[dims.dp_rank]] if dims.is_first_stage else None
         res = pm.evaluate(mine or None)
@@ -219,7 +222,7 @@ def check_zero1_bytes(res: dict, dims) -> dict:
     return {"opt_bytes": res["opt_bytes"], "ref_opt_bytes": res["ref_opt_bytes"], "ratio": ratio}
 
 
-def check_zero1_comm(dims, cfg) -> dict:
+def check_zero1_comm(dims, cfg, family: str) -> dict:
     """ZeRO-1 semantics: one parameter all-gather and one gradient reduce-scatter per FSDP unit per STEP,
     however many microbatches (counted at the c10d calls FSDP2 makes)."""
     import dataclasses
@@ -240,8 +243,10 @@ def check_zero1_comm(dims, cfg) -> dict:
     out = {}
     torch.manual_seed(0)
     for m in (1, 4):
-        pm = parallelize(Qwen2VL(tiny_config()), dims, dataclasses.replace(cfg, num_microbatches=m))
-        gb = global_batch(3, dims.dp * m)
+        model = VLModel(tiny_config(family=family))
+        units = len(model.transformer_blocks()) + 1  # ViT blocks, decoder layers, root
+        pm = parallelize(model, dims, dataclasses.replace(cfg, num_microbatches=m))
+        gb = global_batch(3, dims.dp * m, family=family)
         pm.step(gb[dims.dp_rank * m : (dims.dp_rank + 1) * m])  # lazy init outside the count
         for kind, ns in names.items():
             for n in ns:
@@ -253,7 +258,6 @@ def check_zero1_comm(dims, cfg) -> dict:
         finally:
             for n, fn in originals.items():
                 setattr(dist, n, fn)
-    units = 2 + 4 + 1  # ViT blocks, decoder layers, root
     assert out[1] == out[4] == {"all_gather": units, "reduce_scatter": units}, out
     return out
 
@@ -268,13 +272,16 @@ def check_tp_layout(res: dict, dims, cfg) -> dict:
         names = p.device_mesh.mesh_dim_names
         return p.placements[names.index("tp")] if "tp" in names else None
 
-    # The names to check come from the modules this rank holds (not from `params`), so a renamed parameter
-    # is a missing key here, never a silently skipped check.
-    col_llm = ["self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
-               "mlp.gate_proj.weight", "mlp.up_proj.weight"]
-    row_llm = ["self_attn.o_proj.weight", "mlp.down_proj.weight"]
-    col_vit = ["attn.q_proj.weight", "attn.k_proj.weight", "attn.v_proj.weight", "mlp.fc1.weight"]
-    row_vit = ["attn.o_proj.weight", "mlp.fc2.weight"]
+    # The names to check come from the family's declared roles and the modules this rank holds (not from
+    # `params`), so a renamed parameter is a missing key here, never a silently skipped check.
+    plan = get_family(res["family"]).plan(pm.module.cfg)
+
+    def named(roles, role):
+        return [f"{path}.weight" for path, r in roles.items() if r == role]
+
+    col_llm, row_llm = named(plan.decoder_layer, "colwise"), named(plan.decoder_layer, "rowwise")
+    col_vit, row_vit = named(plan.vision_block, "colwise"), named(plan.vision_block, "rowwise")
+    assert len(col_llm) == 5 and len(row_llm) == 2 and len(col_vit) >= 4 and len(row_vit) == 2, plan
     want_col: list[str] = []
     want_row: list[str] = []
     for chunk in pm.modules:
@@ -295,8 +302,11 @@ def check_tp_layout(res: dict, dims, cfg) -> dict:
     for name in want_row:
         assert tp_placement(params[name]) == Shard(1), f"{name} should be Shard(1) over tp"
     for name, p in params.items():
-        if name.startswith("visual.merger") or name.startswith("visual.patch_embed"):
+        if name.startswith(("visual.merger", "visual.patch_embed", "visual.pos_embed", "visual.deepstack")):
             assert tp_placement(p) is None or tp_placement(p).is_replicate(), f"{name} must be replicated over tp"
+    # Qwen3's QK-norm weights are plain tensors (partial gradients summed over tp by the engine).
+    for name in pm.tp_partial:
+        assert not isinstance(params[name], DTensor) or tp_placement(params[name]) is None, name
     # SP: activations between blocks hold T/tp (N/tp) rows on each rank (checked on a whole model, pp = 1;
     # with pp > 1 check_pipeline asserts the inter-stage buffers hold T/tp rows).
     seen = {}
@@ -307,7 +317,7 @@ def check_tp_layout(res: dict, dims, cfg) -> dict:
                 lambda m, a: seen.__setitem__("vit_block1_rows", a[0].shape[0])),
             module.layers["1"].register_forward_pre_hook(lambda m, a: seen.__setitem__("layer_rows", a[0].shape[0])),
         ]
-        gb = global_batch(5, dims.dp * cfg.num_microbatches)
+        gb = global_batch(5, dims.dp * cfg.num_microbatches, family=res["family"])
         mb = gb[dims.dp_rank * cfg.num_microbatches]
         assert mb.num_patches > 0, "the SP row check needs a microbatch with an image"
         mb = pad_microbatch(mb, tp) if cfg.sequence_parallel else mb
@@ -320,7 +330,8 @@ def check_tp_layout(res: dict, dims, cfg) -> dict:
         assert seen["vit_block1_rows"] == mb.num_patches // tp, (seen, mb.num_patches)
     # The replicated-weights debug check passes, and catches a perturbed replica.
     pm.check_replicated()
-    w = params["visual.merger.mlp.0.weight"] if "visual.merger.mlp.0.weight" in params else params["norm.weight"]
+    merger = next((n for n in params if n.startswith("visual.merger.") and n.endswith(".weight")), "norm.weight")
+    w = params[merger]
     local = w.to_local() if isinstance(w, DTensor) else w
     saved = local.detach().clone()
     if dims.tp_rank == 1:
@@ -392,14 +403,15 @@ def check_dcp_roundtrip(res: dict, dims, cfg, tmpdir: str) -> dict:
     for k in own:
         assert (full[k] - ref_sd[k]).abs().max().item() <= PARAM_ATOL, k
     # Load the single-process state dict into a freshly built parallel model (another init seed).
+    family = res["family"]
     torch.manual_seed(123)
-    other = parallelize(Qwen2VL(tiny_config(tie=False)), dims, cfg)
+    other = parallelize(VLModel(tiny_config(tie=False, family=family)), dims, cfg)
     other.load_state_dict(full)
     for name, p in other.named_parameters():
         assert torch.equal(_full(p.detach()), full[name]), name
     # And DCP straight into the sharded state dict of a fresh model.
     torch.manual_seed(321)
-    third = parallelize(Qwen2VL(tiny_config(tie=False)), dims, cfg)
+    third = parallelize(VLModel(tiny_config(tie=False, family=family)), dims, cfg)
     sd = third.state_dict()
     dcp.load(sd, checkpoint_id=ckpt)
     third.load_state_dict(sd)
@@ -408,18 +420,18 @@ def check_dcp_roundtrip(res: dict, dims, cfg, tmpdir: str) -> dict:
     return {"dcp_keys": len(own)}
 
 
-def check_bf16_smoke(dims, cfg) -> dict:
+def check_bf16_smoke(dims, cfg, family: str) -> dict:
     """bf16 compute through the same layout (P2P buffers, SP, vocab-parallel loss in bf16): runs, and the loss
     stays within 2% of the fp32 one-process loss (bf16 is not expected to be bitwise equal)."""
     import dataclasses
 
     torch.manual_seed(0)
-    ref = Qwen2VL(tiny_config())
+    ref = VLModel(tiny_config(family=family))
     pm = parallelize(copy.deepcopy(ref), dims, dataclasses.replace(cfg, mixed_precision="bf16"))
     m = cfg.num_microbatches
     out = []
     for step in range(2):
-        gb = global_batch(10 + step, dims.dp * m)
+        gb = global_batch(10 + step, dims.dp * m, family=family)
         with torch.no_grad():
             ref_sum = sum(float(model_loss(ref, mb.labels, **mb.model_inputs())[0]) for mb in gb)
             ref_loss = ref_sum / sum(mb.num_supervised for mb in gb)
@@ -431,7 +443,14 @@ def check_bf16_smoke(dims, cfg) -> dict:
 
 def layout_worker(rank: int, world: int, spec: dict) -> dict:
     t0 = time.perf_counter()
-    cfg = ParallelConfig(**spec["parallel"])
+    family = spec.get("family", "qwen2_vl")
+    par = dict(spec["parallel"])
+    if par.get("pp", 1) > 1 and "pp_first_stage_layers" in par:
+        # DeepStack's decoder layers must sit in stage 0 with the ViT (Qwen3-VL: 2 of the tiny model's).
+        need = get_family(family).stage0_decoder_layers(tiny_config(family=family))
+        par["pp_first_stage_layers"] = max(par["pp_first_stage_layers"], need)
+    spec = {**spec, "parallel": par}
+    cfg = ParallelConfig(**par)
     dims = init_distributed(cfg)
     res = run_equivalence(spec, dims, cfg)
     report = {
@@ -444,7 +463,7 @@ def layout_worker(rank: int, world: int, spec: dict) -> dict:
         if check == "zero1":
             report["zero1"] = check_zero1_bytes(res, dims)
         elif check == "zero1_comm":
-            report["zero1_comm"] = check_zero1_comm(dims, cfg)
+            report["zero1_comm"] = check_zero1_comm(dims, cfg, family)
         elif check == "tp":
             report["tp"] = check_tp_layout(res, dims, cfg)
         elif check == "pp":
@@ -452,7 +471,7 @@ def layout_worker(rank: int, world: int, spec: dict) -> dict:
         elif check == "dcp":
             report["dcp"] = check_dcp_roundtrip(res, dims, cfg, spec["tmpdir"])
         elif check == "bf16_smoke":
-            report["bf16"] = check_bf16_smoke(dims, cfg)
+            report["bf16"] = check_bf16_smoke(dims, cfg, family)
         elif check.startswith("variant:"):
             # Another configuration on the same process group (frozen parts, ZeRO-3, ...).
             variant = dict(spec["variants"][check.split(":", 1)[1]])
@@ -474,7 +493,7 @@ def raising_worker(rank: int, world: int, par: dict, victim: int, where: str, ti
     cfg = ParallelConfig(**par, timeout_s=timeout_s)
     dims = init_distributed(cfg)
     torch.manual_seed(0)
-    pm = parallelize(Qwen2VL(tiny_config()), dims, cfg)
+    pm = parallelize(VLModel(tiny_config()), dims, cfg)
     m = cfg.num_microbatches
     gb = global_batch(0, dims.dp * m)
     mine = gb[dims.dp_rank * m : (dims.dp_rank + 1) * m] if dims.is_first_stage else None
@@ -526,9 +545,9 @@ def single_process_worker(rank: int, world: int) -> dict:
         report[name] = res["grad_rel"]
     # Meta device: build, parallelize, materialize, load the reference weights, then train equal to it.
     torch.manual_seed(0)
-    ref = Qwen2VL(tiny_config())
+    ref = VLModel(tiny_config())
     with torch.device("meta"):
-        meta_model = Qwen2VL(tiny_config())
+        meta_model = VLModel(tiny_config())
     pm = parallelize(meta_model, dims, cfg)
     pm.materialize(init_weights=False)
     pm.load_state_dict(ref.state_dict())
@@ -550,7 +569,7 @@ def single_process_worker(rank: int, world: int) -> dict:
     assert all(torch.equal(a, b) for a, b in zip(before, after_g)), "a non-finite norm must not scale gradients"
     # bf16 compute with fp32 master weights and fp32 gradients.
     torch.manual_seed(0)
-    ref = Qwen2VL(tiny_config())
+    ref = VLModel(tiny_config())
     pm16 = parallelize(copy.deepcopy(ref), dims, ParallelConfig(mixed_precision="bf16"))
     ref_loss = reference_step(ref, gb)
     res16 = pm16.step(gb)
@@ -569,7 +588,7 @@ def single_process_worker(rank: int, world: int) -> dict:
     for name, ac in {"bf16_selective_op": {"activation_checkpoint": "selective", "ac_selective": "op"},
                      "bf16_full": {"activation_checkpoint": "full"}}.items():
         torch.manual_seed(0)
-        pm_ac = parallelize(copy.deepcopy(Qwen2VL(tiny_config())), dims, ParallelConfig(mixed_precision="bf16", **ac))
+        pm_ac = parallelize(copy.deepcopy(VLModel(tiny_config())), dims, ParallelConfig(mixed_precision="bf16", **ac))
         res_ac = pm_ac.step(gb)
         assert res_ac.loss == res16.loss, (name, res_ac.loss, res16.loss)
         report[name] = max((_full(p.grad) - _full(q.grad)).abs().max().item() / max(_full(q.grad).abs().max().item(),
@@ -602,7 +621,7 @@ def interleaved_checkpoint_worker(rank: int, world: int, tmpdir: str) -> dict:
         return {"model": ModelState(modules), "optim": OptimizerState(modules, opt)}
 
     torch.manual_seed(0)
-    a = parallelize(Qwen2VL(tiny_config(tie=True)), dims, inter)
+    a = parallelize(VLModel(tiny_config(tie=True)), dims, inter)
     assert len(a.modules) == 2
     opt_a = _adamw([p for p in a.parameters() if p.requires_grad], foreach=False)
     for step in range(2):
@@ -616,7 +635,7 @@ def interleaved_checkpoint_worker(rank: int, world: int, tmpdir: str) -> dict:
     dcp_to_torch_save(ckpt, full_path)
     full = torch.load(full_path, weights_only=True)
     # The saved optimizer state holds every trainable parameter of the model once, by single-process FQN.
-    ref_names = {n for n, _ in Qwen2VL(tiny_config(tie=True)).named_parameters()}
+    ref_names = {n for n, _ in VLModel(tiny_config(tie=True)).named_parameters()}
     saved_exp_avg = {k[len("state."):-len(".exp_avg")] for k in full["optim"] if k.endswith(".exp_avg")}
     assert saved_exp_avg == ref_names, sorted(saved_exp_avg ^ ref_names)
 
@@ -631,7 +650,7 @@ def interleaved_checkpoint_worker(rank: int, world: int, tmpdir: str) -> dict:
 
     # Into pp2 with 1F1B, from other initial weights.
     torch.manual_seed(123)
-    b = parallelize(Qwen2VL(tiny_config(tie=True)), dims, one_f)
+    b = parallelize(VLModel(tiny_config(tie=True)), dims, one_f)
     opt_b = _adamw([p for p in b.parameters() if p.requires_grad], foreach=False)
     dcp.load(state(b.modules, opt_b), checkpoint_id=ckpt)
     report = {"rank": rank, "pp2_opt_keys": assert_equal_to_checkpoint(b.modules, opt_b, b.named_parameters())}
@@ -639,7 +658,7 @@ def interleaved_checkpoint_worker(rank: int, world: int, tmpdir: str) -> dict:
     c = opt_c = None
     if rank == 0:
         torch.manual_seed(7)
-        c = Qwen2VL(tiny_config(tie=True))
+        c = VLModel(tiny_config(tie=True))
         opt_c = _adamw(c.parameters())
         dcp.load(state([c], opt_c), checkpoint_id=ckpt, no_dist=True)
         report["one_process_opt_keys"] = assert_equal_to_checkpoint([c], opt_c, c.named_parameters())

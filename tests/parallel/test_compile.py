@@ -20,9 +20,9 @@ from _dist import run_distributed
 from _synth import global_batch, reference_step, tiny_config
 
 from model.loss import model_loss
-from model.qwen2_vl import Qwen2VL
+from model.vlm import VLModel
 from parallel import ParallelConfig
-from parallel.compile import apply_compile, compiled_blocks
+from parallel.compile import apply_compile
 
 MAX_GRAPHS_PLAIN, MAX_GRAPHS_ENGINE = 6, 4
 
@@ -40,10 +40,10 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 def test_config_fields_are_strict():
     with pytest.raises(ValueError, match="compile_backend='tvm'"):
         ParallelConfig(compile=True, compile_backend="tvm").validate()
-    model = Qwen2VL(tiny_config())
+    model = VLModel(tiny_config())
     assert apply_compile(model, ParallelConfig()) == []
     names = apply_compile(model, ParallelConfig(compile=True, compile_backend="eager"))
-    assert names == [n for n, _ in compiled_blocks(model)] and len(names) == 2 + 4
+    assert names == [n for n, _ in model.transformer_blocks()] and len(names) == 2 + 4
     # FQNs (and so checkpoints) are unchanged by compilation.
     assert all(".orig_mod" not in n and "_orig_mod" not in n for n, _ in model.named_parameters())
 
@@ -52,7 +52,7 @@ def test_config_fields_are_strict():
 def test_compiled_blocks_equal_eager_over_20_packed_lengths():
     torch._dynamo.reset()
     torch.manual_seed(0)
-    ref = Qwen2VL(tiny_config())
+    ref = VLModel(tiny_config())
     model = copy.deepcopy(ref)
     apply_compile(model, ParallelConfig(compile=True, compile_backend="aot_eager"))
     g0 = _graphs()
@@ -83,7 +83,7 @@ def test_inductor_compiled_decoder_layer_equals_eager():
     """The real backend (C++ kernels on CPU, Triton on GPU) on one decoder layer, forward and backward."""
     torch._dynamo.reset()
     torch.manual_seed(0)
-    m = Qwen2VL(tiny_config())
+    m = VLModel(tiny_config())
     layer = m.layers["0"]
     compiled = copy.deepcopy(layer)
     compiled.compile(dynamic=True)
@@ -111,7 +111,7 @@ def _engine_worker(rank: int, world: int) -> dict:
     for ac in ("none", "full"):
         g0 = _graphs()
         torch.manual_seed(0)
-        ref = Qwen2VL(tiny_config())
+        ref = VLModel(tiny_config())
         cfg = ParallelConfig(compile=True, compile_backend="aot_eager", activation_checkpoint=ac)
         pm = parallelize(copy.deepcopy(ref), dims, cfg)
         worst = 0.0

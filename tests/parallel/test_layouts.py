@@ -10,6 +10,10 @@ activation checkpointing, the replicated-weights check and DCP checkpoints that 
 Interleaved 1F1B (pp2 x 2 virtual stages, tied and untied, with tp2 + SP) is held to the same standard, and
 ParallelModel.evaluate to the one-process forward loss (dp2, tp2, pp2, pp2 x v2, dp2 x tp2; uneven eval
 counts across dp ranks).
+
+The other families (Qwen2.5-VL: window attention under SP; Qwen3-VL: DeepStack in pipeline stage 0, QK-norm under
+TP, the position table) run the same checks on the layouts the seam must hold: pp2, dp2 x tp2 + SP (with the
+recipe stages' frozen groups) and tp2 x pp2 + SP from the meta device.
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ def test_dp2_zero1_frozen_and_zero3():
         "checks": ["zero1", "zero1_comm", "variant:stage1_frozen_llm", "variant:stage3_frozen_vit", "variant:zero3"],
         "variants": {
             "stage1_frozen_llm": {"freeze": "llm"},
-            "stage3_frozen_vit": {"freeze": "vit"},
+            "stage3_frozen_vit": {"freeze": "vision"},
             "zero3": {"parallel": {"zero_stage": 3}, "zero1_bytes": True},
         },
     })
@@ -140,3 +144,36 @@ def test_pp2_interleaved_checkpoint_resumes_into_1f1b_and_one_process(tmp_path):
         print({k: (len(v) if isinstance(v, list) else v) for k, v in r.items()})
     # The two pp2 stages together hold the one process's optimizer state (the tied embedding's on both).
     assert set(reports[0]["one_process_opt_keys"]) == set(reports[0]["pp2_opt_keys"]) | set(reports[1]["pp2_opt_keys"])
+
+
+NEW_FAMILIES = ["qwen2_5_vl", "qwen3_vl"]
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("family", NEW_FAMILIES)
+def test_family_pp2_dynamic_lengths(family):
+    _run(2, {"family": family, "eval": True, "checks": ["pp"],
+             "parallel": {"pp": 2, "num_microbatches": 4, "pp_first_stage_layers": 1}})
+
+
+@pytest.mark.timeout(500)
+@pytest.mark.parametrize("family", NEW_FAMILIES)
+def test_family_dp2_tp2_sp_frozen_stages(family):
+    _run(4, {
+        "family": family, "eval": True,
+        "parallel": {"dp": 2, "tp": 2, "num_microbatches": 2, "activation_checkpoint": "selective",
+                     "check_replicated_every": 1},
+        "checks": ["tp", "variant:stage1_frozen_llm", "variant:stage3_frozen_vit"],
+        "variants": {"stage1_frozen_llm": {"freeze": "llm"}, "stage3_frozen_vit": {"freeze": "vision"}},
+    }, timeout=460)
+
+
+@pytest.mark.timeout(500)
+@pytest.mark.parametrize("family", NEW_FAMILIES)
+def test_family_tp2_pp2_sp_tied_meta(family):
+    _run(4, {
+        "family": family, "tie": True, "meta": True,
+        "parallel": {"tp": 2, "pp": 2, "num_microbatches": 3, "activation_checkpoint": "full",
+                     "pp_first_stage_layers": 1, "check_replicated_every": 1},
+        "checks": ["pp", "tp"],
+    }, timeout=460)

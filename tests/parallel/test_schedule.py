@@ -12,7 +12,7 @@ import torch
 from _synth import tiny_config
 from schedule_sim import simulate
 
-from model.qwen2_vl import Qwen2VL
+from model.vlm import VLModel
 from parallel import ParallelConfig, stage_layer_ids
 from parallel.pipeline_schedule import (
     Compute,
@@ -81,7 +81,7 @@ def test_simulator_catches_deadlock_mismatch_and_missing_input():
 
 def test_copy_stage_copies_one_stage_and_merge_keeps_fqns():
     torch.manual_seed(0)
-    full = Qwen2VL(tiny_config(tie=True))
+    full = VLModel(tiny_config(tie=True))
     names_before = [n for n, _ in full.named_parameters()]
     ids = stage_layer_ids(full.cfg, 4, 1)  # 4 virtual stages of one layer
     # Rank 1 of pp2 x v2 holds virtual stages 1 and 3 (the last: norm + the tied head).
@@ -92,7 +92,7 @@ def test_copy_stage_copies_one_stage_and_merge_keeps_fqns():
     assert c3.layers["3"].mlp.up_proj.weight is not full.layers["3"].mlp.up_proj.weight  # a copy ...
     assert torch.equal(c3.layers["3"].mlp.up_proj.weight, full.layers["3"].mlp.up_proj.weight)  # ... of it
     # A copy equals pruning the model itself.
-    pruned = prune_to_stage(Qwen2VL(tiny_config(tie=True)), 1, ids)
+    pruned = prune_to_stage(VLModel(tiny_config(tie=True)), 1, ids)
     assert [n for n, _ in pruned.named_parameters()] == [n for n, _ in c1.named_parameters()]
     merged = merge_stage_modules([c1, c3])
     want = {n for c in (c1, c3) for n, _ in c.named_parameters()}

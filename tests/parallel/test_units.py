@@ -10,9 +10,9 @@ import torch
 from _synth import global_batch, tiny_config
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from model.config import get_preset
+from model.family import get_preset
 from model.loss import model_loss
-from model.qwen2_vl import Qwen2VL
+from model.vlm import VLModel
 from parallel import ParallelConfig, ParallelDims, resolve_launch_env, stage_layer_ids
 from parallel.checkpointing import apply_activation_checkpointing
 from parallel.pipeline_split import auto_first_stage_layers, prune_to_stage
@@ -90,7 +90,7 @@ def test_stage_layer_ids_explicit_auto_and_errors():
     with pytest.raises(ValueError, match="at least 9 decoder layers"):
         stage_layer_ids(cfg, 9, "auto")
     # FLOPs-derived k: the ViT's work takes layers off stage 0, more so with more vision tokens.
-    big = get_preset("7b")
+    big = get_preset("qwen2_vl", "7b")
     k_text = auto_first_stage_layers(big, 4, 0.0)
     k_vis = auto_first_stage_layers(big, 4, 0.5)
     assert k_text == 7 and k_vis < k_text, (k_text, k_vis)
@@ -98,9 +98,23 @@ def test_stage_layer_ids_explicit_auto_and_errors():
     assert sum(map(len, ids)) == 28 and len(ids[0]) == k_vis
 
 
+def test_deepstack_layers_stay_in_stage_0():
+    """Qwen3-VL adds DeepStack features after decoder layers 0..k-1: those run with the ViT in stage 0, for any
+    split (auto included); a stage-0 size below k is an error that says why."""
+    cfg = tiny_config(family="qwen3_vl")  # DeepStack levels 2, 5 decoder layers
+    assert len(stage_layer_ids(cfg, 2, "auto", 0.0)[0]) >= 2
+    assert stage_layer_ids(cfg, 2, 2) == [[0, 1], [2, 3, 4]]
+    with pytest.raises(ValueError, match=r"DeepStack adds vision features after decoder layers 0\.\.1"):
+        stage_layer_ids(cfg, 2, 1)
+    with pytest.raises(ValueError, match="DeepStack needs its first 2 layers"):
+        stage_layer_ids(cfg, 5, "auto")
+    big = get_preset("qwen3_vl", "8b")
+    assert len(stage_layer_ids(big, 8, "auto", 0.9)[0]) >= 3
+
+
 def test_prune_to_stage_keeps_names_and_the_tied_head_as_the_embedding():
     torch.manual_seed(0)
-    full = Qwen2VL(tiny_config(tie=True))
+    full = VLModel(tiny_config(tie=True))
     ids = stage_layer_ids(full.cfg, 2, 1)
     s0 = prune_to_stage(copy.deepcopy(full), 0, ids)
     s1 = prune_to_stage(copy.deepcopy(full), 1, ids)
@@ -114,7 +128,7 @@ def test_prune_to_stage_keeps_names_and_the_tied_head_as_the_embedding():
     assert names == set(dict(full.named_parameters(remove_duplicate=False)))
     assert torch.equal(s1.lm_head.weight, full.embed_tokens.weight)
     # Untied: the last stage holds no embedding.
-    untied = Qwen2VL(tiny_config())
+    untied = VLModel(tiny_config())
     assert prune_to_stage(untied, 1, stage_layer_ids(untied.cfg, 2, 1)).embed_tokens is None
 
 
@@ -127,7 +141,7 @@ def test_check_tp_divisibility_names_the_values():
 # ------------------------------------------------------------------------------------------ padding
 def test_pad_microbatch_is_a_separate_unsupervised_segment():
     torch.manual_seed(0)
-    model = Qwen2VL(tiny_config())
+    model = VLModel(tiny_config())
     for mb in global_batch(0, 3):
         padded = pad_microbatch(mb, 8)
         assert padded.num_tokens % 8 == 0 and padded.num_tokens - mb.num_tokens < 8
@@ -147,11 +161,14 @@ def test_pad_microbatch_is_a_separate_unsupervised_segment():
         torch.testing.assert_close(h_b[: mb.num_tokens], h_a, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
 @pytest.mark.parametrize("multiple", [3, 8, 64])
-def test_vit_row_padding_leaves_real_rows_unchanged(multiple):
+def test_vit_row_padding_leaves_real_rows_unchanged(multiple, family):
+    """The SP padding image is a segment (and Qwen2.5-VL: windows) of its own: real rows, their merged tokens and
+    Qwen3-VL's DeepStack features are unchanged."""
     torch.manual_seed(0)
-    model = Qwen2VL(tiny_config())
-    mb = global_batch(0, 1)[0]
+    model = VLModel(tiny_config(family=family))
+    mb = global_batch(0, 1, family=family)[0]
     grid = mb.image_grid_thw
     ref_visual = copy.deepcopy(model.visual)
     register_vit_row_padding(model.visual, multiple)
@@ -161,20 +178,22 @@ def test_vit_row_padding_leaves_real_rows_unchanged(multiple):
         out = model.visual(mb.pixel_values, grid)
         ref = ref_visual(mb.pixel_values, grid)
     assert seen[0] % multiple == 0 and seen[0] >= mb.pixel_values.shape[0]
-    assert out.shape == ref.shape
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    for o, r in zip(out, ref, strict=True):  # (merged tokens, DeepStack features)
+        assert o.shape == r.shape
+        torch.testing.assert_close(o, r, rtol=1e-5, atol=1e-6)
+    assert (out[1].shape[0] == 2) == (family == "qwen3_vl")
 
 
 def test_activation_checkpointing_selection():
-    model = Qwen2VL(tiny_config())
+    model = VLModel(tiny_config())
     done = apply_activation_checkpointing(model, ParallelConfig(activation_checkpoint="selective",
                                                                 ac_selective="block", ac_every=2))
     assert done == ["visual.blocks.0", "layers.0", "layers.2"]
-    model = Qwen2VL(tiny_config())
+    model = VLModel(tiny_config())
     done = apply_activation_checkpointing(model, ParallelConfig(activation_checkpoint="full"))
     assert len(done) == 6
     # Names are untouched (no wrapper module in the path).
-    assert {n for n, _ in model.named_parameters()} == {n for n, _ in Qwen2VL(tiny_config()).named_parameters()}
+    assert {n for n, _ in model.named_parameters()} == {n for n, _ in VLModel(tiny_config()).named_parameters()}
 
 
 class _CountOps(TorchDispatchMode):
@@ -193,7 +212,7 @@ def test_activation_checkpointing_recomputes_in_backward(mode):
     matmuls run twice under full recompute and once under per-op selective recompute (their outputs are
     saved); the gradients equal the un-checkpointed model's."""
     torch.manual_seed(0)
-    ref = Qwen2VL(tiny_config())
+    ref = VLModel(tiny_config())
     model = copy.deepcopy(ref)
     ac = {"none": "none", "full": "full", "op": "selective"}[mode]
     apply_activation_checkpointing(model, ParallelConfig(activation_checkpoint=ac, ac_selective="op"))
