@@ -535,7 +535,6 @@ def _throughput_once(s: Suite, rec: dict, w: W.Workload, pool: list, est: float 
     watch = None
     try:
         from model.attention import resolve_backend
-        from parallel.compile import compiled_blocks
 
         rec["activation_checkpoint"] = w.ac
         rec.update(params=e.n_params, build_s=round(e.build_s, 2), fused_adamw=e.fused_adamw,
@@ -544,7 +543,7 @@ def _throughput_once(s: Suite, rec: dict, w: W.Workload, pool: list, est: float 
                    microbatch={"tokens": pool[0].num_tokens, "patches": pool[0].num_patches,
                                "samples": len(pool[0].cu_seqlens) - 1, "supervised": pool[0].num_supervised})
         if compile:
-            watch = SS.DynamoWatch().start([b for _, b in compiled_blocks(e.pm.module)])
+            watch = SS.DynamoWatch().start([b for _, b in e.pm.module.transformer_blocks()])
         W.timed_steps(e, pool, warmup=3 if compile else 2, max_steps=3 if s.cpu else 10, deadline=deadline,
                       record=rec, warmup_guard=s.alarm_deferred if compile else contextlib.nullcontext)
         peak = s.report["parts"]["env"].get("peak_bf16_tflops")

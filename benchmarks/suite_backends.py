@@ -114,13 +114,13 @@ def _flex_prebuilt(dev: torch.device, c: _AttnCase, qq, kk, vv, r: dict[str, Any
 
 def _model_case(dev: torch.device, backends: list[str], dtype, tol: float) -> dict[str, Any]:
     """The whole model on a packed microbatch with images AND video, each backend against SDPA."""
-    from model.qwen2_vl import Qwen2VL
+    from model.vlm import VLModel
 
     w = W.Workload("mix", "tiny", dict(W._TINY), 2, 384, 192, (1, 8, 8), 1, video_grid=(2, 8, 8))
     mcfg = W.model_config(w)
     mb = W.synth_microbatch(mcfg, w, seed=3).to(dev)
     torch.manual_seed(0)
-    model = Qwen2VL(mcfg).to(dev, dtype)
+    model = VLModel(mcfg).to(dev, dtype)
     out: dict[str, Any] = {"microbatch": {"tokens": mb.num_tokens, "images": int(mb.image_grid_thw.shape[0]),
                                          "videos": int(mb.video_grid_thw.shape[0]), "patches": mb.num_patches}}
     hs: dict[str, Any] = {}

@@ -2,7 +2,7 @@
 
 Shape legend: T = packed tokens, N = ViT patch rows, S = samples in a microbatch.
 
-Every config runs the trainer's own pieces: a meta-device Qwen2VL, the stage's freeze policy (train.optim),
+Every config runs the trainer's own pieces: a meta-device VLModel, the stage's freeze policy (train.optim),
 parallelize() at world size 1 (FSDP2 with bf16 compute / fp32 master weights and reductions, optionally
 torch.compile per block), the engine step, global clipping, and build_optimizer (fused AdamW on CUDA); the
 microbatch reaches the device through the trainer's DevicePrefetcher (pinned, non-blocking). Microbatches are
@@ -213,7 +213,6 @@ def sync(device: torch.device) -> None:
 
 # ------------------------------------------------------------------------------------------ engine
 STAGE_FROZEN = {1: ("llm",), 2: (), 3: ("vision",)}
-_FLOPS_GROUP = {"vision": "vit", "merger": "merger", "llm": "llm"}
 
 
 @dataclass
@@ -259,7 +258,8 @@ def job_config(w: Workload, device: torch.device, *, compile: bool, compile_back
 
 def build_engine(w: Workload, device: torch.device, *, compile: bool = False, compile_backend: str = "inductor",
                  ac: str = "none", backend: str = "auto", mixed_precision: str = "bf16") -> Engine:
-    from model.qwen2_vl import Qwen2VL
+    from model.family import GROUPS, get_family
+    from model.vlm import VLModel
     from parallel import init_distributed, parallelize
     from train.optim import apply_freeze, build_optimizer
     from train.prefetch import DevicePrefetcher
@@ -271,16 +271,16 @@ def build_engine(w: Workload, device: torch.device, *, compile: bool = False, co
     dims = init_distributed(cfg.parallel)
     frozen = cfg.frozen_groups
     with torch.device("meta"):
-        model = Qwen2VL(mcfg)
+        model = VLModel(mcfg)
     n_params = sum(p.numel() for p in model.parameters())
-    apply_freeze(model.named_parameters(), frozen)
+    family = get_family(mcfg.family)
+    apply_freeze(model.named_parameters(), frozen, family)
     pm = parallelize(model, dims, cfg.parallel)
     torch.manual_seed(0)
     pm.materialize(device)  # random init of this rank's shards on the device (no multi-GB host init)
-    apply_freeze(pm.named_parameters(), frozen)
-    opt = build_optimizer(list(pm.named_parameters()), cfg)
+    opt = build_optimizer(list(pm.named_parameters()), cfg, family)
     fused = bool(opt is not None and opt.defaults.get("fused"))
-    trainable = [_FLOPS_GROUP[g] for g in ("vision", "merger", "llm") if g not in frozen]
+    trainable = [g for g in GROUPS if g not in frozen]
     return Engine(pm, opt, mcfg, device, trainable, n_params, fused, DevicePrefetcher(device),
                   time.perf_counter() - t0)
 

@@ -132,6 +132,8 @@ class ModelFamily:
 _MODULES = {"qwen2_vl": "model.qwen2_vl", "qwen2_5_vl": "model.qwen2_5_vl", "qwen3_vl": "model.qwen3_vl"}
 FAMILY_NAMES = tuple(_MODULES)
 """Every supported family."""
+DEFAULT_FAMILY = "qwen2_vl"
+"""The family of a recipe or config that names none (the framework's first)."""
 
 # config.json model_types that are refused with a reason instead of "unknown".
 _REFUSED = {

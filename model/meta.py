@@ -13,7 +13,7 @@ import torch.nn as nn
 from torch.overrides import TorchFunctionMode
 
 from model.config import ModelConfig
-from model.qwen2_vl import Qwen2VL
+from model.vlm import VLModel
 
 _INITS = frozenset(getattr(nn.init, name) for name in dir(nn.init)
                    if name.endswith("_") and not name.startswith("_") and callable(getattr(nn.init, name)))
@@ -32,13 +32,13 @@ class SkipInit(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def meta_model(mcfg: ModelConfig) -> Qwen2VL:
+def meta_model(mcfg: ModelConfig) -> VLModel:
     """The whole model on the meta device, no init run (see the module doc)."""
     with torch.device("meta"), SkipInit():
-        return Qwen2VL(mcfg)
+        return VLModel(mcfg)
 
 
-def empty_model(mcfg: ModelConfig, device: torch.device | str) -> Qwen2VL:
+def empty_model(mcfg: ModelConfig, device: torch.device | str) -> VLModel:
     """The whole model on `device` with uninitialized weights, to load weights into: tied head and rotary buffers
     set (neither to_empty nor a state dict carries those)."""
     model = meta_model(mcfg).to_empty(device=device)

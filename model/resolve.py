@@ -1,9 +1,9 @@
-"""Which architecture a run trains: a preset, an HF config.json, or the weights it starts from; then the recipe's
-`model.overrides`; and it must match every set of weights the run loads.
+"""Which architecture a run trains: a family and preset, an HF config.json, or the weights it starts from; then the
+recipe's `model.overrides`; and it must match every set of weights the run loads (the family first).
 
     resolve_model_config(section, init=("HF directory D", cfg), resumed=("resumed checkpoint C", cfg))
 
-`section` is the recipe's model section (train/config.py ModelSection: preset, hf_config, overrides). The caller
+`section` is the recipe's model section (train/config.py ModelSection: family, preset, hf_config, overrides). The caller
 reads the architectures of the weights (an HF directory's config.json with `hf_config`, a checkpoint's meta.json
 dict with `checkpoint_config`) and says what they are; this module reads no checkpoint itself. Overrides go
 through core.config's strict machinery, like every recipe key: an unknown key names its section and the valid
@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from core.config import ConfigError, from_dict, set_dotted, to_dict
-from model.config import ModelConfig, get_preset
+from model.config import ModelConfig
+from model.family import DEFAULT_FAMILY, get_family, get_preset
 from model.hf_adapter import read_hf_config
 
 OVERRIDES = "model.overrides"
@@ -26,16 +27,18 @@ OVERRIDES = "model.overrides"
 class ModelChoice(Protocol):
     """The recipe's model section as far as the architecture goes."""
 
+    family: str | None
     preset: str | None
     hf_config: str | None
     overrides: dict[str, Any]
 
 
 def hf_config(path: str | Path) -> ModelConfig:
-    """The architecture of an HF Qwen2-VL directory (or its config.json); a ConfigError when there is none."""
+    """The architecture of an HF directory (or its config.json) of any supported family; a one-line ConfigError when
+    there is none or its model_type is not a supported family (naming the file, the key and the families)."""
     try:
         return read_hf_config(path)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, ValueError) as e:
         raise ConfigError(str(e)) from e
 
 
@@ -43,7 +46,10 @@ def checkpoint_config(meta: dict[str, Any], where: str | Path) -> ModelConfig:
     """The architecture stored in one of our checkpoints: `meta` is its meta.json (`where` names it in errors)."""
     if "model_config" not in meta:
         raise ConfigError(f"{where}/meta.json has no model_config")
-    return ModelConfig.from_hf_dict(meta["model_config"])
+    try:
+        return ModelConfig.from_hf_dict(meta["model_config"], source=f"{where}/meta.json")
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
 
 
 def apply_overrides(mcfg: ModelConfig, overrides: dict[str, Any]) -> ModelConfig:
@@ -59,7 +65,7 @@ def apply_overrides(mcfg: ModelConfig, overrides: dict[str, Any]) -> ModelConfig
 def config_diff(a: ModelConfig, b: ModelConfig) -> list[str]:
     """Fields that differ (attention backend excluded: a runtime choice, not an architecture)."""
     da, db = dataclasses.asdict(a), dataclasses.asdict(b)
-    out = []
+    out = [f"family: {a.family} vs {b.family}"] if a.family != b.family else []
     for sec in ("vision", "text"):
         for k in da[sec]:
             va, vb = da[sec][k], db[sec][k]
@@ -78,17 +84,26 @@ def resolve_model_config(
     init: tuple[str, ModelConfig] | None = None,
     resumed: tuple[str, ModelConfig] | None = None,
 ) -> ModelConfig:
-    """The run's architecture: model.preset, else model.hf_config, else the init weights' own; plus overrides.
-    `init` and `resumed` are (what, architecture) of the weights the run starts from: each must match."""
+    """The run's architecture: model.family's model.preset, else model.hf_config, else the init weights' own; plus
+    overrides. `init` and `resumed` are (what, architecture) of the weights the run starts from: each must match,
+    the family first. model.family, when not set, is the weights' (or hf_config's), else the default."""
     if section.preset is not None and section.hf_config is not None:
         raise ConfigError("model: set either model.preset or model.hf_config, not both")
+    given = hf_config(section.hf_config) if section.hf_config is not None else None
+    family = _family(section, given or (init[1] if init is not None else None))
+    for what, other in (w for w in (init, resumed) if w is not None):
+        if other.family != family:
+            raise ConfigError(
+                f"the {what} is a {get_family(other.family).title} model ({other.family}) but this recipe's "
+                f"model.family is {family}: start from weights of the recipe's family, or set model.family: "
+                f"{other.family} (or leave it unset to take the weights' family)")
     if section.preset is not None:
         try:
-            mcfg = get_preset(section.preset)
+            mcfg = get_preset(family, section.preset)
         except ValueError as e:
             raise ConfigError(f"model.preset: {e}") from e
-    elif section.hf_config is not None:
-        mcfg = hf_config(section.hf_config)
+    elif given is not None:
+        mcfg = given
     elif init is not None:
         mcfg = init[1]
     else:
@@ -102,3 +117,14 @@ def resolve_model_config(
                 + " (set model.preset/overrides to match, or set model.preset: null to take its architecture)"
             )
     return mcfg
+
+
+def _family(section: ModelChoice, weights: ModelConfig | None) -> str:
+    """The recipe's model.family (checked: a did-you-mean error for an unknown name), else that of the weights or
+    hf_config it starts from, else the default family."""
+    if section.family is None:
+        return weights.family if weights is not None else DEFAULT_FAMILY
+    try:
+        return get_family(section.family).name
+    except ValueError as e:
+        raise ConfigError(f"model.family: {e}") from e

@@ -213,7 +213,7 @@ def plain_replicated_names(model: nn.Module) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------ ViT row padding
-def register_vit_row_padding(visual: nn.Module, multiple: int) -> None:
+def register_vit_row_padding(tower: nn.Module, multiple: int) -> None:
     """Make the ViT accept any patch-row count under SP: forward hooks pad the rows to a multiple of tp with a
     blank image before the ViT runs and drop its merged tokens after.
 
@@ -236,8 +236,8 @@ def register_vit_row_padding(visual: nn.Module, multiple: int) -> None:
         keep = tokens_MD.shape[0] - n_drop
         return tokens_MD[:keep], deep_KMD[:, :keep]
 
-    visual.register_forward_pre_hook(pad)
-    visual.register_forward_hook(trim)
+    tower.register_forward_pre_hook(pad)
+    tower.register_forward_hook(trim)
 
 
 def pad_vit_rows(pixels_NP: torch.Tensor, grid_thw: torch.Tensor, multiple: int):

@@ -30,7 +30,7 @@ from data.config import DataConfig, DatasetSpec
 from data.sample import SampleProcessor
 from model.hf_adapter import is_hf_dir, load_hf_model
 from model.meta import empty_model
-from model.qwen2_vl import Qwen2VL
+from model.vlm import VLModel
 from model.resolve import checkpoint_config
 from train.checkpoint import load_state, read_meta, resolve_checkpoint
 from train.config import load_config
@@ -40,7 +40,7 @@ from train.state import ModelState
 
 
 def load_for_eval(path: str | Path, device: str = "cpu", dtype: torch.dtype | None = None,
-                  tokenizer: str | None = None) -> tuple[Qwen2VL, DataConfig]:
+                  tokenizer: str | None = None) -> tuple[VLModel, DataConfig]:
     """(model, data settings) of an HF directory or one of our checkpoints, for one process."""
     p = Path(path)
     if is_hf_dir(p):

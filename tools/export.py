@@ -1,9 +1,10 @@
 """python -m tools.export CHECKPOINT OUT_DIR [--dtype bf16|fp16|fp32] [--max-shard-gb 5]
 
-Writes a Hugging Face Qwen2-VL directory (config.json + safetensors in the hub key layout, sharded with an
-index above --max-shard-gb, plus the run's tokenizer files when they are at hand) from one of our sharded
-DCP checkpoints, saved under any parallel layout. transformers' `Qwen2VLForConditionalGeneration
-.from_pretrained(OUT_DIR)` loads it and `python -m model.parity --hf OUT_DIR` checks it.
+Writes a Hugging Face directory of the checkpoint's model family (config.json + safetensors in the key layout of
+the family's released checkpoints, sharded with an index above --max-shard-gb, plus the run's tokenizer files when
+they are at hand and the family's preprocessor_config.json) from one of our sharded DCP checkpoints, saved under any
+parallel layout. transformers' `<Family>ForConditionalGeneration.from_pretrained(OUT_DIR)` (e.g.
+Qwen2_5_VLForConditionalGeneration) loads it and `python -m model.parity --hf OUT_DIR` checks it.
 
 CHECKPOINT is a step_* directory, or a checkpoint dir / run dir (its latest complete step is taken).
 
@@ -31,9 +32,10 @@ from torch.distributed.checkpoint import FileSystemReader
 from core.cli import run_cli
 from core.config import ConfigError, expand_env
 from core.dtypes import DTYPES
+from model.config import ModelConfig
+from model.family import get_family
 from model.hf_adapter import HFShardWriter, expected_shapes, to_hf_state_dict, write_hf_config
 from model.resolve import checkpoint_config
-from model.vision import PIXEL_MEAN, PIXEL_STD
 from train.checkpoint import checkpoint_keys, read_meta, resolve_checkpoint
 
 log = logging.getLogger(__name__)
@@ -55,7 +57,7 @@ def _units(keys: list[str]) -> Iterator[list[str]]:
 
 
 def export(checkpoint: str | Path, out_dir: str | Path, dtype: str = "bf16", max_shard_gb: float = 5.0) -> Path:
-    """Export a checkpoint as an HF Qwen2-VL directory; returns OUT_DIR."""
+    """Export a checkpoint as an HF directory of its model family; returns OUT_DIR."""
     if dtype not in DTYPES:
         raise ValueError(f"--dtype {dtype!r}: choose one of {sorted(DTYPES)}")
     tdtype = DTYPES[dtype]
@@ -69,25 +71,29 @@ def export(checkpoint: str | Path, out_dir: str | Path, dtype: str = "bf16", max
     absent = [k for k in keys if f"model.{k}" not in stored]
     if absent:
         raise ValueError(f"checkpoint {ck} lacks model tensors {absent[:5]} (of {len(absent)})")
+    layout = get_family(mcfg.family).hf_write_layout
     writer = HFShardWriter(out_dir, int(max_shard_gb * 1e9))
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
         for unit in _units(keys):
             sd = {f"model.{k}": torch.empty(shapes[k], dtype=torch.float32) for k in unit}
             dcp.load(sd, storage_reader=FileSystemReader(str(ck)), no_dist=True)
-            for hk, t in to_hf_state_dict({k: sd[f"model.{k}"].to(tdtype) for k in unit}, tie).items():
+            for hk, t in to_hf_state_dict({k: sd[f"model.{k}"].to(tdtype) for k in unit}, tie, layout).items():
                 writer.add(hk, t)
     files = writer.close()
     out = Path(out_dir)
     write_hf_config(mcfg, out, tdtype)
-    _copy_tokenizer(ck, out)
+    _copy_tokenizer(ck, out, mcfg)
     log.info("exported %s (step %s) to %s: %d file(s), %.2f GB", ck, meta.get("step"), out, len(files),
              writer.total_bytes / 1e9)
     return out
 
 
-def _copy_tokenizer(ck: Path, out: Path) -> None:
-    """Copy the run's tokenizer files and write Qwen2-VL's preprocessor_config.json, so AutoProcessor works."""
+PROCESSOR_CLASS = {"qwen2_vl": "Qwen2VLProcessor", "qwen2_5_vl": "Qwen2_5_VLProcessor", "qwen3_vl": "Qwen3VLProcessor"}
+
+
+def _copy_tokenizer(ck: Path, out: Path, mcfg: ModelConfig) -> None:
+    """Copy the run's tokenizer files and write the family's preprocessor_config.json, so AutoProcessor works."""
     import yaml
 
     try:
@@ -103,16 +109,17 @@ def _copy_tokenizer(ck: Path, out: Path) -> None:
         for name in TOKENIZER_FILES:
             if (tok / name).is_file():
                 shutil.copy2(tok / name, out / name)
+    proc = get_family(mcfg.family).processing(mcfg)
+    lo, hi = int(data.get("min_pixels") or proc.min_pixels), int(data.get("max_pixels") or proc.max_pixels)
     pre = {
         "image_processor_type": "Qwen2VLImageProcessor",
-        "processor_class": "Qwen2VLProcessor",
+        "processor_class": PROCESSOR_CLASS[mcfg.family],
         "do_resize": True, "do_rescale": True, "do_normalize": True, "do_convert_rgb": True,
         "rescale_factor": 1 / 255,
-        "image_mean": list(PIXEL_MEAN),
-        "image_std": list(PIXEL_STD),
-        "min_pixels": int(data.get("min_pixels", 3136)),
-        "max_pixels": int(data.get("max_pixels", 12845056)),
-        "patch_size": 14, "temporal_patch_size": 2, "merge_size": 2,
+        "image_mean": list(proc.pixel_mean),
+        "image_std": list(proc.pixel_std),
+        "min_pixels": lo, "max_pixels": hi, "size": {"shortest_edge": lo, "longest_edge": hi},
+        "patch_size": proc.patch_size, "temporal_patch_size": proc.temporal_patch_size, "merge_size": proc.merge_size,
     }
     (out / "preprocessor_config.json").write_text(json.dumps(pre, indent=2) + "\n")
 

@@ -20,10 +20,8 @@ import yaml
 
 from core.config import ConfigError, apply_overrides, expand_env, from_dict, load_yaml, restore_env_refs, to_dict
 from data.config import DataConfig, DatasetSpec
+from model.family import GROUPS, get_family
 from parallel import ParallelConfig
-
-GROUPS = ("vision", "merger", "llm")
-"""Module groups by FQN prefix: vision = visual.* except visual.merger.*; merger = visual.merger.*; llm = rest."""
 
 STAGE_FROZEN = {1: ("llm",), 2: (), 3: ("vision",)}
 """The Qwen2-VL paper's recipe: stage 1 trains ViT + merger on image-text data with the LLM frozen; stage 2
@@ -32,18 +30,23 @@ trains everything; stage 3 freezes the ViT and fine-tunes merger + LLM on ChatML
 
 @dataclass
 class ModelSection:
-    """Which model: a preset or an HF directory's config.json, and which weights to start from."""
+    """Which model: a family and preset or an HF directory's config.json, and which weights to start from."""
 
+    family: str | None = None
+    """Model family: 'qwen2_vl' (Qwen2-VL), 'qwen2_5_vl' (Qwen2.5-VL) or 'qwen3_vl' (Qwen3-VL, dense); see
+    docs/model.md. null = the family of `hf_config` or `init_from` (from their config.json / meta.json), else
+    qwen2_vl. Weights of another family than the one set here are refused."""
     preset: str | None = "tiny"
-    """Architecture preset: 'tiny', '2b', '7b' or '72b' (model.config.get_preset). null = take the
-    architecture from `hf_config` (or from `init_from` when it is an HF directory)."""
+    """Architecture preset of the family (model.family.get_preset): 'tiny' for every family; Qwen2-VL '2b', '7b',
+    '72b'; Qwen2.5-VL '3b', '7b', '32b', '72b'; Qwen3-VL '2b', '4b', '8b', '32b'. null = take the architecture from
+    `hf_config` (or from `init_from`'s weights)."""
     hf_config: str | None = None
-    """An HF Qwen2-VL directory (or its config.json) whose architecture to use instead of a preset."""
+    """An HF directory (or its config.json) of a supported family whose architecture to use instead of a preset."""
     init_from: str | None = None
     """Weights to start from, model only (fresh optimizer, schedule and data): a checkpoint of ours (a
     `step_*` directory, or a checkpoint dir / run dir whose latest complete step is taken; any parallel layout)
-    or an HF Qwen2-VL directory (config.json + safetensors). null = random init (seeded by train.seed).
-    Ignored when the run resumes from its own checkpoint."""
+    or an HF directory of a supported family (config.json + safetensors). null = random init (seeded by
+    train.seed). Ignored when the run resumes from its own checkpoint."""
     overrides: dict[str, Any] = field(default_factory=dict)
     """Architecture overrides as dotted ModelConfig keys, e.g. {text.num_layers: 2, attn_backend: sdpa}."""
 
@@ -55,9 +58,9 @@ class OptimConfig:
     lr: float = 1e-4
     """Peak learning rate for every trainable group without its own lr_<group>."""
     lr_vision: float | None = None
-    """Peak learning rate of the ViT (visual.* except the merger); null = lr."""
+    """Peak learning rate of the vision group (the ViT; the family's `group_of`, model/family.py); null = lr."""
     lr_merger: float | None = None
-    """Peak learning rate of the patch merger (visual.merger.*); null = lr."""
+    """Peak learning rate of the merger group (the patch merger); null = lr."""
     lr_llm: float | None = None
     """Peak learning rate of the LLM (embeddings, decoder layers, final norm, LM head); null = lr."""
     weight_decay: float = 0.1
@@ -268,6 +271,11 @@ class JobConfig:
     def validate(self) -> None:
         """Cross-field checks that need more than one section; raise ConfigError naming values and fix."""
         t, o, c = self.train, self.optim, self.checkpoint
+        if self.model.family is not None:
+            try:
+                get_family(self.model.family)
+            except ValueError as e:
+                raise ConfigError(f"model.family: {e}") from None
         for g in self.frozen_groups:
             if g not in GROUPS:
                 raise ConfigError(f"train.freeze: unknown group {g!r}; groups are {', '.join(GROUPS)}")

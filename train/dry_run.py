@@ -32,65 +32,50 @@ communication buffers and the CUDA context (~1-3 GB; docs/perf/README.md).
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch.nn as nn
-from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 
 from model.config import ModelConfig
+from model.family import get_family
 from model.flops import batch_flops, llm_forward_flops, vit_flops_per_patch
 from model.loss import DEFAULT_CHUNK_SIZE
 from model.meta import meta_model
 from parallel import ParallelDims
 from parallel.pipeline_split import prune_to_stage, stage_layer_ids
-from parallel.tensor_parallel import check_tp_divisibility, decoder_layer_plan, vision_block_plan
+from parallel.tensor_parallel import check_tp_divisibility
 from train.config import GROUPS, JobConfig
 from train.formatting import si
-from train.optim import group_of
 from train.start import Weights, run_model_config
 
-_FLOPS_GROUP = {"vision": "vit", "merger": "merger", "llm": "llm"}
 GB = 1e9
 
 
-@functools.cache
-def _tp_sharded_names(sp: bool) -> tuple[dict[str, str], dict[str, str]]:
-    """{module suffix: 'col'|'row'} of a decoder layer and of a ViT block, from the engine's own plans."""
-
-    def kinds(plan: dict) -> dict[str, str]:
-        out = {}
-        for name, style in plan.items():
-            if isinstance(style, ColwiseParallel):
-                out[name] = "col"
-            elif isinstance(style, RowwiseParallel):
-                out[name] = "row"
-        return out
-
-    return kinds(decoder_layer_plan(sp, first=False)), kinds(vision_block_plan(sp, first=False))
+def tp_roles(mod: nn.Module) -> dict[str, str]:
+    """{parameter FQN: 'colwise' | 'rowwise'} of the projections a (stage of a) model shards over tp, from its
+    family's declared roles (model/family.py; parallel/tensor_parallel.py applies the same ones)."""
+    plan = get_family(mod.cfg.family).plan(mod.cfg)
+    out: dict[str, str] = {}
+    for blocks, roles in ((mod.vision_blocks(), plan.vision_block), (mod.named_decoder_layers(), plan.decoder_layer)):
+        for prefix, blk in blocks:
+            for path, role in roles.items():
+                if role in ("colwise", "rowwise"):
+                    out |= {f"{prefix}.{path}.{n}": role for n, _ in blk.get_submodule(path).named_parameters()}
+    return out
 
 
-def local_numel(fqn: str, numel: int, tp: int, sp: bool) -> int:
-    """Elements of parameter `fqn` held by one tp rank (before the dp split)."""
+def local_numel(fqn: str, numel: int, tp: int, roles: dict[str, str]) -> int:
+    """Elements of parameter `fqn` held by one tp rank (before the dp split); `roles` from tp_roles()."""
     if tp == 1:
         return numel
-    dec, vit = _tp_sharded_names(sp)
-    parts = fqn.split(".")
     if fqn in ("embed_tokens.weight", "lm_head.weight"):  # vocab-parallel embedding and head
         return math.ceil(numel / tp)
-    if parts[0] == "layers":
-        suffix, kind = ".".join(parts[2:-1]), parts[-1]
-        style = dec.get(suffix)
-    elif parts[:2] == ["visual", "blocks"]:
-        suffix, kind = ".".join(parts[3:-1]), parts[-1]
-        style = vit.get(suffix)
-    else:
-        return numel  # norms, patch embed, merger: replicated
-    if style == "col" or (style == "row" and kind == "weight"):
+    role = roles.get(fqn)
+    if role == "colwise" or (role == "rowwise" and fqn.endswith(".weight")):
         return math.ceil(numel / tp)
-    return numel  # rowwise bias: replicated
+    return numel  # norms, patch embedding, mergers, rowwise biases: replicated
 
 
 @dataclass
@@ -172,8 +157,9 @@ def _plan(cfg: JobConfig, world_size: int | None) -> _Plan:
 
 def _params_by_group(plan: _Plan) -> dict[str, int]:
     by_group = dict.fromkeys(GROUPS, 0)
+    family = get_family(plan.mcfg.family)
     for name, prm in meta_model(plan.mcfg).named_parameters():
-        by_group[group_of(name)] += prm.numel()
+        by_group[family.group_of(name)] += prm.numel()
     return by_group
 
 
@@ -185,7 +171,7 @@ def _flops(plan: _Plan, n_params: int) -> tuple[dict[str, float], float]:
     grids = [(1, 32, 32)] * (int(T * frac) // 256)
     seq = min(T, 2048)
     cu = list(range(0, T + 1, seq)) if T % seq == 0 else [*range(0, T, seq), T]
-    trainable = [_FLOPS_GROUP[g] for g in GROUPS if g not in plan.frozen]
+    trainable = [g for g in GROUPS if g not in plan.frozen]
     f = batch_flops(mcfg, cu, grids, trainable=trainable)
     flops = {
         "per_token_typical": f["per_token"],
@@ -292,21 +278,20 @@ def _stage(plan: _Plan, s: int, act: _Activations, vit_fwd_per_token: float) -> 
 
 def _local_params(plan: _Plan, mod: nn.Module) -> tuple[int, int, int]:
     """(parameters, trainable parameters, parameters of the largest FSDP unit) one tp rank of a stage holds."""
+    roles, family = tp_roles(mod), get_family(plan.mcfg.family)
     n_loc = g_loc = 0
     seen: set[int] = set()
     for name, prm in mod.named_parameters(remove_duplicate=False):
         if id(prm) in seen:  # tied: the head is the embedding (on a pipeline's last stage, its own copy)
             continue
         seen.add(id(prm))
-        k = local_numel(name, prm.numel(), plan.tp, plan.sp)
+        k = local_numel(name, prm.numel(), plan.tp, roles)
         n_loc += k
-        if group_of(name) not in plan.frozen:
+        if family.group_of(name) not in plan.frozen:
             g_loc += k
-    units = [(f"layers.{i}", b) for i, b in mod.layers.items()]
-    if mod.visual is not None:
-        units += [(f"visual.blocks.{i}", b) for i, b in mod.visual.blocks.items()]
-    largest_unit = max((sum(local_numel(f"{prefix}.{n}", q.numel(), plan.tp, plan.sp)
-                            for n, q in blk.named_parameters()) for prefix, blk in units), default=0)
+    largest_unit = max((sum(local_numel(f"{prefix}.{n}", q.numel(), plan.tp, roles)
+                            for n, q in blk.named_parameters()) for prefix, blk in mod.transformer_blocks()),
+                       default=0)
     return n_loc, g_loc, largest_unit
 
 

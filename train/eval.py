@@ -52,7 +52,7 @@ from data.tokenizer import Tokenizer
 from model.config import ModelConfig
 from model.generate import greedy_generate
 from model.meta import empty_model
-from model.qwen2_vl import Qwen2VL
+from model.vlm import VLModel
 from train.checkpoint import Layout
 from train.config import JobConfig
 from train.metrics import MetricsLogger
@@ -190,7 +190,7 @@ def qa_samples(data_cfg: DataConfig, spec: DatasetSpec, index: int, proc: Sample
     return out, skips
 
 
-def answer(model: Qwen2VL, sample: QASample, tok: Tokenizer, max_new_tokens: int) -> Prediction:
+def answer(model: VLModel, sample: QASample, tok: Tokenizer, max_new_tokens: int) -> Prediction:
     """Greedy answer to one prompt, decoded without its end-of-turn token, and scored."""
     b, dev = sample.batch, model.embed_tokens.weight.device
     sp = tok.special
@@ -256,7 +256,7 @@ class Evaluator:
         return (loss_sum / count if count else None), count
 
     # ---------------------------------------------------------------- generation
-    def _gathered_model(self) -> Qwen2VL | None:
+    def _gathered_model(self) -> VLModel | None:
         """The current weights as a plain model on the generating ranks (every rank takes part in the gathers)."""
         full = {}
         for k, v in self.engine.state_dict().items():
@@ -286,7 +286,7 @@ class Evaluator:
             for p in preds:
                 f.write(json.dumps(dataclasses.asdict(p)) + "\n")
 
-    def generation(self, step: int, model: Qwen2VL | None, index: int, spec: DatasetSpec) -> dict[str, Any]:
+    def generation(self, step: int, model: VLModel | None, index: int, spec: DatasetSpec) -> dict[str, Any]:
         preds: list[Prediction] = []
         skips: Counter = Counter()
         if model is not None:

@@ -1,8 +1,7 @@
-"""Module groups, freezing, AdamW parameter groups and the LR schedule.
+"""Freezing, AdamW parameter groups and the LR schedule.
 
-Groups by FQN prefix (the FQNs of the single-process model, which the engine keeps under every layout):
-vision = `visual.*` except `visual.merger.*`; merger = `visual.merger.*`; llm = everything else
-(embed_tokens, layers, norm, lm_head).
+Parameter groups (vision, merger, llm) are the model family's (model/family.py `ModelFamily.group_of`, by the
+FQNs of the single-process model, which the engine keeps under every layout): every parameter in exactly one.
 
 Frozen parameters get `requires_grad=False` before the engine wraps the model, so they get no gradient, no
 optimizer state and no gradient reduction. Trainable parameters form up to six AdamW groups:
@@ -24,16 +23,8 @@ import torch
 import torch.nn as nn
 from torch.distributed.checkpoint.stateful import Stateful
 
+from model.family import ModelFamily
 from train.config import GROUPS, JobConfig
-
-
-def group_of(fqn: str) -> str:
-    """'vision', 'merger' or 'llm' for a parameter FQN of the (single-process) model."""
-    if fqn.startswith("visual.merger."):
-        return "merger"
-    if fqn.startswith("visual."):
-        return "vision"
-    return "llm"
 
 
 def decays(fqn: str, p: torch.Tensor) -> bool:
@@ -42,22 +33,24 @@ def decays(fqn: str, p: torch.Tensor) -> bool:
     return p.ndim >= 2 and not fqn.endswith(".bias") and "norm" not in owner
 
 
-def apply_freeze(named_params: Iterable[tuple[str, nn.Parameter]], frozen: Iterable[str]) -> dict[str, int]:
-    """Set requires_grad by group; return {group: trainable parameter count} (after freezing)."""
+def apply_freeze(named_params: Iterable[tuple[str, nn.Parameter]], frozen: Iterable[str],
+                 family: ModelFamily) -> dict[str, int]:
+    """Set requires_grad by the family's groups; return {group: trainable parameter count} (after freezing)."""
     frozen = set(frozen)
     unknown = frozen - set(GROUPS)
     if unknown:
         raise ValueError(f"unknown groups {sorted(unknown)}; groups are {list(GROUPS)}")
     counts = dict.fromkeys(GROUPS, 0)
     for fqn, p in named_params:
-        g = group_of(fqn)
+        g = family.group_of(fqn)
         p.requires_grad_(g not in frozen)
         if g not in frozen:
             counts[g] += p.numel()
     return counts
 
 
-def param_groups(named_params: Iterable[tuple[str, nn.Parameter]], cfg: JobConfig) -> list[dict]:
+def param_groups(named_params: Iterable[tuple[str, nn.Parameter]], cfg: JobConfig,
+                 family: ModelFamily) -> list[dict]:
     """AdamW groups for the trainable parameters: one per (group, decay) that has parameters."""
     buckets: dict[tuple[str, bool], list[tuple[str, nn.Parameter]]] = {}
     seen: set[int] = set()
@@ -65,7 +58,7 @@ def param_groups(named_params: Iterable[tuple[str, nn.Parameter]], cfg: JobConfi
         if not p.requires_grad or id(p) in seen:  # tied weights appear once
             continue
         seen.add(id(p))
-        buckets.setdefault((group_of(fqn), decays(fqn, p)), []).append((fqn, p))
+        buckets.setdefault((family.group_of(fqn), decays(fqn, p)), []).append((fqn, p))
     groups = []
     for (g, decay), items in sorted(buckets.items()):
         peak = cfg.group_lr(g)
@@ -82,13 +75,14 @@ def param_groups(named_params: Iterable[tuple[str, nn.Parameter]], cfg: JobConfi
     return groups
 
 
-def build_optimizer(named_params: list[tuple[str, nn.Parameter]], cfg: JobConfig) -> torch.optim.AdamW | None:
+def build_optimizer(named_params: list[tuple[str, nn.Parameter]], cfg: JobConfig,
+                    family: ModelFamily) -> torch.optim.AdamW | None:
     """AdamW over the trainable parameters, fused on CUDA, foreach elsewhere (optim.implementation).
 
     None when this rank holds no trainable parameter (e.g. a pipeline stage of only frozen LLM layers in
     stage 1): the rank still runs forward/backward (activation gradients flow through it) but never steps.
     """
-    groups = param_groups(named_params, cfg)
+    groups = param_groups(named_params, cfg, family)
     if not groups:
         return None
     impl = cfg.optim.implementation

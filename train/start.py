@@ -3,7 +3,7 @@
     resume    this run's own checkpoint (checkpoint.resume: auto takes the newest one that verifies, or the one it
               names): weights, optimizer, counters, schedule, RNG and loader positions, in one DCP load;
     init      model.init_from: model weights only (fresh optimizer, schedule and data) from another run's checkpoint
-              (any layout; checksums verified first) or an HF Qwen2-VL directory (this rank's slices only);
+              (any layout; checksums verified first) or an HF directory of a supported family (this rank's slices only);
     fresh     a random init seeded by train.seed.
 
 plan_start() finds and verifies the start and resolves the architecture that goes with it (model/resolve.py: the
@@ -26,8 +26,8 @@ from core.config import ConfigError
 from model.config import ModelConfig
 from model.hf_adapter import is_hf_dir, load_hf_slices
 from model.meta import meta_model
-from model.qwen2_vl import Qwen2VL
 from model.resolve import checkpoint_config, hf_config, resolve_model_config
+from model.vlm import VLModel
 from train.checkpoint import (
     CheckpointManager,
     Layout,
@@ -51,7 +51,8 @@ shards in place (the init then depends on the layout)."""
 
 @dataclass(frozen=True)
 class Weights:
-    """Model weights on disk: one of our checkpoints (a complete step directory) or an HF Qwen2-VL directory."""
+    """Model weights on disk: one of our checkpoints (a complete step directory) or an HF directory of a supported
+    family."""
 
     path: Path
     hf: bool
@@ -155,7 +156,7 @@ def find_resume(cfg: JobConfig, ckpt: CheckpointManager, is_main: bool) -> Path 
 
 
 # ------------------------------------------------------------------------------------------ building
-def start_model(start: Start) -> tuple[Qwen2VL, bool]:
+def start_model(start: Start) -> tuple[VLModel, bool]:
     """(the model to parallelize, whether it is on the meta device). Weights that will be loaded are built on the
     meta device, and only this rank's shards are ever allocated; a fresh model is initialized whole from the
     current (seeded) RNG when it is at most FULL_INIT_MAX_BYTES, else shard by shard after sharding."""
@@ -163,7 +164,7 @@ def start_model(start: Start) -> tuple[Qwen2VL, bool]:
     n_params = sum(p.numel() for p in model.parameters())
     if start.loads_weights or n_params * 4 > FULL_INIT_MAX_BYTES:
         return model, True
-    return Qwen2VL(start.model_config), False
+    return VLModel(start.model_config), False
 
 
 # ------------------------------------------------------------------------------------------ loading

@@ -40,6 +40,7 @@ from torch.distributed.checkpoint.stateful import Stateful
 from core.config import ConfigError
 from data.loader import DataError, Loader, LoaderInterrupted, build_loader, check_sources
 from data.sources import DatasetPlan, plan_dataset
+from model.family import get_family
 from model.flops import batch_flops
 from parallel import ParallelModel, init_distributed, parallelize
 from train.checkpoint import CheckpointManager, Layout
@@ -57,7 +58,6 @@ log = logging.getLogger(__name__)
 # A new pass over the data (after a dp-size change) reseeds the loader by this much per pass.
 DATA_PASS_SEED_STRIDE = 1_000_003
 # model.flops names the vision group 'vit'.
-_FLOPS_GROUP = {"vision": "vit", "merger": "merger", "llm": "llm"}
 COUNTERS = ("step", "skipped_steps", "consecutive_skips", "tokens_seen", "samples_seen", "data_pass")
 """The trainer's own checkpointed state (`trainer.<counter>`), identical on every rank."""
 
@@ -123,7 +123,7 @@ class Trainer(Stateful):
         # ---- 3. the model for that start, frozen, sharded; its optimizer
         torch.manual_seed(cfg.train.seed)
         self.engine, self.trainable_counts = self._build_engine()
-        self.optimizer = build_optimizer(list(self.engine.named_parameters()), cfg)
+        self.optimizer = build_optimizer(list(self.engine.named_parameters()), cfg, get_family(self.mcfg.family))
         self.trainable_groups = [g for g in GROUPS if g not in cfg.frozen_groups]
         # ---- 4. the checkpointed state, loaded from the start (resume: all of it; init_from: the weights)
         self.step = self.skipped_steps = self.consecutive_skips = 0
@@ -197,7 +197,7 @@ class Trainer(Stateful):
         its shards here, randomly initialized when no weights will be loaded. Returns the engine and the
         trainable parameter count of each group."""
         model, on_meta = start_model(self.start)
-        counts = apply_freeze(model.named_parameters(), self.cfg.frozen_groups)
+        counts = apply_freeze(model.named_parameters(), self.cfg.frozen_groups, get_family(self.mcfg.family))
         engine = parallelize(model, self.dims, self.cfg.parallel)
         if on_meta:
             engine.materialize(init_weights=not self.start.loads_weights)
@@ -293,7 +293,7 @@ class Trainer(Stateful):
             for mb in mbs:
                 f = batch_flops(
                     self.mcfg, mb.cu_seqlens, [mb.image_grid_thw, mb.video_grid_thw],
-                    n_supervised=mb.num_supervised, trainable=[_FLOPS_GROUP[g] for g in self.trainable_groups],
+                    n_supervised=mb.num_supervised, trainable=self.trainable_groups,
                 )
                 flops += f["total"]
                 tokens += mb.num_tokens

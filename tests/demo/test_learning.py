@@ -18,7 +18,8 @@ import pytest
 import torch
 
 from model.config import ModelConfig
-from model.qwen2_vl import Qwen2VL
+from model.family import get_family
+from model.vlm import VLModel
 from tests.train.train_helpers import REPO
 from tools.eval import load_for_eval
 from tools.report import load_run
@@ -30,8 +31,7 @@ EVAL_SAMPLES = 100
 MIN_DIGITS, MIN_VIDEOS = 0.30, 0.40
 
 
-def _group(name: str) -> str:
-    return "merger" if name.startswith("visual.merger.") else "vision" if name.startswith("visual.") else "llm"
+_group = get_family("qwen2_vl").group_of
 
 
 def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -65,7 +65,7 @@ def test_three_stages_learn_heldout_digits_and_directions(tmp_path):
     # Freezing along the chain: stage 1 leaves the LLM at its seeded random init, stage 3 leaves stage 2's ViT.
     w1, w2, w3 = (_weights(work / f"stage{s}") for s in (1, 2, 3))
     torch.manual_seed(0)  # train.seed: the trainer's full random init of stage 1
-    init = Qwen2VL(ModelConfig.from_hf_dict(read_meta(resolve_checkpoint(work / "stage1"))["model_config"]))
+    init = VLModel(ModelConfig.from_hf_dict(read_meta(resolve_checkpoint(work / "stage1"))["model_config"]))
     init_sd = init.state_dict()
     for k, v in w1.items():
         if _group(k) == "llm":

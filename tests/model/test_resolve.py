@@ -12,11 +12,15 @@ import torch.nn as nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from core.config import ConfigError
-from model.config import get_preset, tiny
+from model.family import get_preset
 from model.meta import SkipInit, empty_model, meta_model
-from model.qwen2_vl import Qwen2VL
 from model.resolve import checkpoint_config, config_diff, resolve_model_config
+from model.vlm import VLModel
 from train.config import ModelSection
+
+
+def tiny():
+    return get_preset("qwen2_vl", "tiny")
 
 
 def test_overrides_are_set_and_checked_like_recipe_keys():
@@ -85,11 +89,11 @@ def test_meta_model_runs_no_init():
         nn.init.normal_(real)  # a real tensor still initializes
     assert seen.n == 1 and real.abs().sum() > 0
     with _RandomInits() as plain, torch.device("meta"):
-        Qwen2VL(get_preset("tiny"))
+        VLModel(get_preset("qwen2_vl", "tiny"))
     with _RandomInits() as skipped:
-        model = meta_model(get_preset("tiny"))
+        model = meta_model(get_preset("qwen2_vl", "tiny"))
     assert plain.n > 0 and skipped.n == 0, (plain.n, skipped.n)
-    ref = Qwen2VL(get_preset("tiny"))
+    ref = VLModel(get_preset("qwen2_vl", "tiny"))
     assert all(p.is_meta for p in model.parameters())
     assert [(n, p.shape) for n, p in model.named_parameters()] == [(n, p.shape) for n, p in ref.named_parameters()]
     cfg = tiny()

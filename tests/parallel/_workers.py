@@ -690,10 +690,10 @@ def frozen_tp_worker(rank: int, world: int) -> dict:
     cfg = ParallelConfig(tp=2)
     dims = init_distributed(cfg)
     out = {}
-    for freeze in ("vit", "llm"):
+    for freeze in ("vision", "llm"):
         for meta in (False, True):
             with torch.device("meta" if meta else "cpu"):
-                model = Qwen2VL(tiny_config())
+                model = VLModel(tiny_config())
             _freeze(model, freeze)
             frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
             pm = parallelize(model, dims, cfg)

@@ -29,7 +29,7 @@ def test_tp_keeps_frozen_parameters_frozen():
     requires_grad=False afterwards (torch's SequenceParallel style re-registers the norms' parameters as new ones
     that require grad: frozen ViT norms then trained in stage 3)."""
     (report, _) = run_distributed(frozen_tp_worker, 2, timeout=150)
-    assert report == {"vit": [], "vit_meta": [], "llm": [], "llm_meta": []}, report
+    assert report == {"vision": [], "vision_meta": [], "llm": [], "llm_meta": []}, report
 
 
 @pytest.mark.distributed

@@ -12,13 +12,17 @@ import torch
 
 from data.config import DataConfig, DatasetSpec
 from data.sample import SampleProcessor
-from model.config import tiny
+from model.family import get_family, get_preset
 from model.parity import make_tiny_checkpoint, mm_token_type_ids
 from model.vision import normalize_pixel_rows
 from tests.data.datahelpers import tokenizer_dir
 from tests.train.qa_data import write_qa_dataset
 from tools.eval import main
 from train.eval import qa_samples
+
+
+def tiny():
+    return get_preset("qwen2_vl", "tiny")
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +55,7 @@ def test_cli_on_hf_dir_equals_transformers_generate(qa_dir, tmp_path, capsys):
     cfg = dataclasses.replace(DataConfig(tokenizer=tokenizer_dir()), datasets=[DatasetSpec(qa_dir)])
     proc = SampleProcessor(cfg)
     samples, _ = qa_samples(cfg, cfg.datasets[0], 0, proc)
-    sp, vcfg = proc.tok.special, tiny().vision
+    sp, vcfg = proc.tok.special, get_family("qwen2_vl").processing(tiny())
     for s, p in zip(samples, preds):
         b = s.batch
         kw = {"input_ids": b.input_ids[None], "attention_mask": torch.ones_like(b.input_ids)[None],

@@ -26,12 +26,13 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
 from train_helpers import RECIPES, REPO, SHORT, env_for, losses, run_cmd, step_records, torchrun, trainer_pid
 
-from model.config import get_preset
-from model.qwen2_vl import Qwen2VL
+from model.family import get_family, get_preset
 from model.resolve import config_diff
-from train.optim import group_of
+from model.vlm import VLModel
 
 pytestmark = pytest.mark.distributed
+
+QWEN2 = get_family("qwen2_vl")
 
 
 def ckpt_tensors(path: Path, prefix: str = "model.") -> dict[str, torch.Tensor]:
@@ -90,23 +91,23 @@ def test_stage_chain_pp_then_dp_tp_then_tp(chain):
     assert losses(s2)[-1] < losses(s2)[0] and losses(s3)[-1] < losses(s3)[0]
     # Stage 1 froze the LLM: its weights are still the seeded init (every rank builds the same full model).
     torch.manual_seed(0)
-    init = Qwen2VL(get_preset("tiny")).state_dict()
+    init = VLModel(get_preset("qwen2_vl", "tiny")).state_dict()
     w1 = ckpt_tensors(s1 / "checkpoints" / "step_00000002")
-    llm = [k for k in w1 if group_of(k[len("model."):]) == "llm"]
-    vis = [k for k in w1 if group_of(k[len("model."):]) == "vision"]
+    llm = [k for k in w1 if QWEN2.group_of(k[len("model."):]) == "llm"]
+    vis = [k for k in w1 if QWEN2.group_of(k[len("model."):]) == "vision"]
     assert llm and all(torch.equal(w1[k], init[k[len("model."):]]) for k in llm)
     assert not all(torch.equal(w1[k], init[k[len("model."):]]) for k in vis)  # the ViT trained
     # Stage 3 froze the ViT: its weights equal stage 2's final ones bitwise, though stage 2 saved them
     # sharded over dp2 x tp2 and stage 3 loaded them into tp2 (the hand-off resharded them).
     w2, w3 = ckpt_tensors(s2 / "checkpoints" / "step_00000002"), ckpt_tensors(s3 / "checkpoints" / "step_00000004")
-    vis = [k for k in w2 if group_of(k[len("model."):]) == "vision"]
+    vis = [k for k in w2 if QWEN2.group_of(k[len("model."):]) == "vision"]
     assert vis and all(torch.equal(w2[k], w3[k]) for k in vis)
     assert not torch.equal(w2["model.lm_head.weight"], w3["model.lm_head.weight"])  # the LLM trained
     # A fresh optimizer per stage: AdamW's step count in stage 3's final checkpoint is its 4 updates, not 4 +
     # stage 2's steps.
     steps = ckpt_tensors(s3 / "checkpoints" / "step_00000004", "optim.state.")
     assert {float(v) for k, v in steps.items() if k.endswith(".step")} == {4.0}
-    assert not any(group_of(k[len("optim.state."):]) == "vision" for k in steps)  # frozen: no optimizer state
+    assert not any(QWEN2.group_of(k[len("optim.state."):]) == "vision" for k in steps)  # frozen: no optimizer state
 
 
 def resume_from(src: Path, step: int, dst: Path) -> None:
@@ -180,7 +181,7 @@ def test_hf_export_round_trip_and_parity(chain, hf_export):
     from model.hf_adapter import load_hf_checkpoint
 
     cfg, sd = load_hf_checkpoint(out)
-    assert not config_diff(cfg, get_preset("tiny"))
+    assert not config_diff(cfg, get_preset("qwen2_vl", "tiny"))
     ours = ckpt_tensors(ck)
     assert {f"model.{k}" for k in sd} == set(ours) and all(torch.equal(sd[k], ours[f"model.{k}"]) for k in sd)
     from transformers import Qwen2VLForConditionalGeneration
@@ -214,7 +215,7 @@ def test_deepspeed_launcher_and_kill9_restart_resume(demo_dir, hf_export, tmp_pa
 
     _, hf_sd = load_hf_checkpoint(hf_export)
     w = ckpt_tensors(ref_dir / "checkpoints" / "step_00000006")
-    vis = [k for k in hf_sd if group_of(k) == "vision"]
+    vis = [k for k in hf_sd if QWEN2.group_of(k) == "vision"]
     assert vis and all(torch.equal(w[f"model.{k}"], hf_sd[k]) for k in vis)
     assert not torch.equal(w["model.lm_head.weight"], hf_sd["lm_head.weight"])  # the LLM trained
     # The same job under torchrun --max-restarts 1; rank 1 is killed with SIGKILL once step 3 is logged.

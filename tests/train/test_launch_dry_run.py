@@ -8,10 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from model.config import get_preset
+from model.family import get_preset
+from model.meta import meta_model
 from parallel.launcher import export_launch_env, first_host, resolve_launch_env, strip_local_rank
 from train.config import load_config
-from train.dry_run import dry_run, local_numel
+from train.dry_run import dry_run, local_numel, tp_roles
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -124,16 +125,25 @@ def test_dry_run_shows_the_memory_of_the_longest_sample_the_recipe_allows():
     assert all(s.memory["activations_longest"] == pytest.approx(s.memory["activations"]) for s in plain.stages)
 
 
-def test_tp_shard_accounting_matches_the_engine_plans():
+@pytest.mark.parametrize("family,row_bias", [("qwen2_vl", "mlp.fc2.bias"), ("qwen2_5_vl", "mlp.down_proj.bias"),
+                                             ("qwen3_vl", "mlp.linear_fc2.bias")])
+def test_tp_shard_accounting_matches_the_engine_plans(family, row_bias):
     """Column/row-parallel projections and vocab-parallel embedding/head are split; norms, the patch
-    embedding, the merger and row-parallel biases are replicated (parallel/tensor_parallel.py)."""
-    assert local_numel("layers.0.self_attn.q_proj.weight", 800, 4, True) == 200
-    assert local_numel("layers.0.self_attn.q_proj.bias", 80, 4, True) == 20
-    assert local_numel("layers.0.self_attn.o_proj.weight", 800, 4, True) == 200
-    assert local_numel("visual.blocks.1.mlp.fc2.bias", 64, 4, True) == 64
-    assert local_numel("visual.merger.mlp.0.weight", 100, 4, True) == 100
-    assert local_numel("layers.2.input_layernorm.weight", 64, 4, True) == 64
-    assert local_numel("embed_tokens.weight", get_preset("tiny").text.vocab_size, 2, True) == 151936 // 2
+    embedding, the mergers and row-parallel biases are replicated: the family's declared roles, which
+    parallel/tensor_parallel.py applies."""
+    roles = tp_roles(meta_model(get_preset(family, "tiny")))
+    assert local_numel("layers.0.self_attn.q_proj.weight", 800, 4, roles) == 200
+    assert local_numel("layers.0.self_attn.o_proj.weight", 800, 4, roles) == 200
+    assert local_numel(f"visual.blocks.1.{row_bias}", 64, 4, roles) == 64
+    assert local_numel(f"visual.blocks.1.{row_bias.replace('bias', 'weight')}", 64, 4, roles) == 16
+    assert local_numel("visual.blocks.1.attn.q_proj.bias", 32, 4, roles) == 8
+    assert local_numel("layers.2.input_layernorm.weight", 64, 4, roles) == 64
+    assert local_numel("embed_tokens.weight", 151936, 2, roles) == 151936 // 2
+    assert roles and not any("merger" in k for k in roles)  # the mergers are never sharded
+    if family == "qwen2_vl":
+        assert local_numel("layers.0.self_attn.q_proj.bias", 80, 4, roles) == 20
+    if family == "qwen3_vl":  # QK-norm weights stay whole (their gradients are summed over tp)
+        assert local_numel("layers.0.self_attn.q_norm.weight", 24, 4, roles) == 24
 
 
 def test_dry_run_cli(tmp_path):

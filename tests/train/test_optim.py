@@ -10,15 +10,14 @@ import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 from train_synth import make_batch
 
-from model.config import get_preset
+from model.family import FAMILY_NAMES, get_family, get_preset
 from model.loss import model_loss
-from model.qwen2_vl import Qwen2VL
+from model.vlm import VLModel
 from train.config import load_config
 from train.optim import (
     apply_freeze,
     build_optimizer,
     decays,
-    group_of,
     lr_multiplier,
     set_lr,
 )
@@ -26,20 +25,31 @@ from train.optim import (
 DATA = ["data.tokenizer=/tok", "data.datasets=[{path: /d}]"]
 
 
-def tiny() -> Qwen2VL:
+QWEN2 = get_family("qwen2_vl")
+
+
+def tiny(family: str = "qwen2_vl") -> VLModel:
     torch.manual_seed(0)
-    return Qwen2VL(get_preset("tiny"))
+    return VLModel(get_preset(family, "tiny"))
 
 
-def test_groups_by_fqn_prefix():
-    names = dict(tiny().named_parameters())
-    groups = {n: group_of(n) for n in names}
-    assert groups["visual.merger.mlp.0.weight"] == "merger"
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_groups_by_fqn_prefix(family):
+    """Every parameter is in exactly one of the family's groups; Qwen3-VL's position table and DeepStack mergers
+    feed the LLM only through the ViT, so they are vision (frozen with it in stage 3)."""
+    names = dict(tiny(family).named_parameters())
+    fam = get_family(family)
+    groups = {n: fam.group_of(n) for n in names}
+    merger = next(n for n in names if n.startswith("visual.merger."))
+    assert groups[merger] == "merger"
     assert groups["visual.blocks.0.attn.q_proj.weight"] == "vision"
     assert groups["visual.patch_embed.proj.weight"] == "vision"
     assert groups["embed_tokens.weight"] == "llm" and groups["lm_head.weight"] == "llm"
     assert groups["layers.3.mlp.up_proj.weight"] == "llm" and groups["norm.weight"] == "llm"
     assert {"vision", "merger", "llm"} == set(groups.values())
+    if family == "qwen3_vl":
+        assert groups["visual.pos_embed.weight"] == "vision"
+        assert {groups[n] for n in names if "deepstack" in n} == {"vision"}
 
 
 def test_no_weight_decay_on_norms_biases_and_vectors():
@@ -50,21 +60,22 @@ def test_no_weight_decay_on_norms_biases_and_vectors():
             assert not decays(name, p), name
 
 
+@pytest.mark.parametrize("family", FAMILY_NAMES)
 @pytest.mark.parametrize("stage,frozen", [(1, {"llm"}), (2, set()), (3, {"vision"})])
-def test_frozen_groups_have_no_grads_and_no_optimizer_state(stage, frozen):
+def test_frozen_groups_have_no_grads_and_no_optimizer_state(stage, frozen, family):
     cfg = load_config(None, [*DATA, f"train.stage={stage}", "optim.lr=1e-3", "optim.lr_merger=5e-3"])
-    model = tiny()
-    counts = apply_freeze(model.named_parameters(), cfg.frozen_groups)
+    model, fam = tiny(family), get_family(family)
+    counts = apply_freeze(model.named_parameters(), cfg.frozen_groups, fam)
     for g in frozen:
         assert counts[g] == 0
-    opt = build_optimizer(list(model.named_parameters()), cfg)
-    batch = make_batch(torch.Generator().manual_seed(1))
+    opt = build_optimizer(list(model.named_parameters()), cfg, fam)
+    batch = make_batch(torch.Generator().manual_seed(1), family=family)
     loss_sum, n = model_loss(model, batch.labels, **batch.model_inputs())
     (loss_sum / n).backward()
     opt.step()
     state = get_optimizer_state_dict(model, opt, options=StateDictOptions(flatten_optimizer_state_dict=True))
     for name, p in model.named_parameters(remove_duplicate=False):
-        if group_of(name) in frozen:
+        if fam.group_of(name) in frozen:
             assert p.grad is None and not p.requires_grad, name
             assert not any(k.startswith(f"state.{name}.") for k in state), name
         elif name != "lm_head.weight" or not model.cfg.text.tie_word_embeddings:
@@ -83,7 +94,7 @@ def test_resume_template_does_not_move_parameters():
     cfg = load_config(None, [*DATA, "train.stage=2", "optim.weight_decay=0.5"])
     model = tiny()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    opt = build_optimizer(list(model.named_parameters()), cfg)
+    opt = build_optimizer(list(model.named_parameters()), cfg, QWEN2)
     state = get_optimizer_state_dict(model, opt, options=StateDictOptions(flatten_optimizer_state_dict=True))
     assert any(k.endswith(".exp_avg") for k in state)
     assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
