@@ -591,7 +591,8 @@ class Trainer:
         local: dict[str, float] = {}
         if self.loader is not None and self.layout.tp_rank == 0:
             m = self.loader.metrics()
-            local = {k: v for k, v in m.items() if k.startswith("skipped/") or k in ("batches", "tokens", "truncated")}
+            local = {k: v for k, v in m.items()
+                     if k.startswith("skipped/") or k in ("batches", "tokens", "truncated", "clamped_boxes")}
         gathered: list[dict[str, float] | None] = [None] * self.layout.world
         dist.all_gather_object(gathered, local)
         tot: dict[str, float] = {}
@@ -605,6 +606,8 @@ class Trainer:
             out["packing_efficiency"] = round(tot["tokens"] / (tot["batches"] * self.cfg.data.max_tokens), 4)
         if tot.get("truncated"):
             out["truncated_samples"] = int(tot["truncated"])
+        if tot.get("clamped_boxes"):
+            out["clamped_boxes"] = int(tot["clamped_boxes"])
         return out
 
     def close(self) -> None:
