@@ -121,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     _setup_logging(Path(cfg.run_dir))
+    from data.storage import StorageError
     from parallel import destroy_distributed
     from train.metrics import format_duration
     from train.trainer import Trainer, TrainingStopped
@@ -132,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
             # Everything the setup reads comes from the recipe: a layout that does not fit the world size, a
             # missing data path or tokenizer, a checkpoint that does not match the model.
             return _fail("config error", e, args)
+        except StorageError as e:  # an endpoint that refuses connections, a bucket that is not there
+            return _fail("storage error", e, args)
         try:
             result = trainer.train()
         finally:
