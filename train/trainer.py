@@ -54,6 +54,7 @@ from train.eval import Evaluator
 from train.metrics import MetricsLogger, device_peak_tflops, peak_memory_gb
 from train.optim import apply_freeze, build_optimizer, set_lr
 from train.prefetch import DevicePrefetcher
+from train.run_lock import acquire_run_lock, release_run_lock
 from train.state import BlobState, ModelState, OptimizerState, ValuesState, rng_state, set_rng_state
 from train.straggler import StragglerMonitor
 from train.weights import describe_init, load_checkpoint_weights, meta_model, resolve_model_config
@@ -144,6 +145,8 @@ class Trainer:
         if cfg.train.deterministic:
             torch.use_deterministic_algorithms(True)
         self.run_dir = Path(cfg.run_dir)
+        # One training per run directory (train/run_lock.py): taken before anything there is read or written.
+        self.run_lock = acquire_run_lock([self.run_dir, cfg.checkpoint_dir], self.is_main, self.device)
         # A separate gloo group for checkpoint collectives: async saves run them from a background thread,
         # which must not interleave with the training collectives of the default group.
         self.ckpt_pg = dist.new_group(backend="gloo") if cfg.checkpoint.async_save else None
@@ -615,6 +618,7 @@ class Trainer:
         if self.loader is not None:
             self.loader.close()
         self.metrics.close()
+        release_run_lock(self.run_lock)
 
 
 def run(cfg: JobConfig) -> TrainResult:
