@@ -204,7 +204,7 @@ class Loader:
             raise ValueError(
                 "cannot resume the loader exactly: these settings differ from the saved state (saved, now): "
                 + "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
-                + ". Restore the saved values (or start the data from scratch without load_state_dict)."
+                + ". Restore the saved values to continue exactly, or start the data from the beginning."
             )
         self._shutdown()
         self._states = copy.deepcopy(state["workers"])

@@ -54,6 +54,7 @@ from train.eval import Evaluator
 from train.metrics import MetricsLogger, device_peak_tflops, peak_memory_gb
 from train.optim import apply_freeze, build_optimizer, set_lr
 from train.prefetch import DevicePrefetcher
+from train.resume_data import check_resume_data, data_meta
 from train.run_lock import acquire_run_lock, release_run_lock
 from train.state import BlobState, ModelState, OptimizerState, ValuesState, rng_state, set_rng_state
 from train.straggler import StragglerMonitor
@@ -204,8 +205,8 @@ class Trainer:
                     self.loader.load_state_dict(loader_state)
                 except ValueError as e:
                     raise ConfigError(
-                        f"cannot restore the data position from {self.resume_path}: {e} (to continue with a new, "
-                        "reseeded pass over the data instead, set checkpoint.data_state=restart)"
+                        f"cannot restore the data position from {self.resume_path}: {e} "
+                        "(checkpoint.data_state=restart starts the data from the beginning, a new reseeded pass)"
                     ) from e
         self._it = None
         self.metrics = MetricsLogger(cfg, self.is_main, resumed_from=resumed_from)
@@ -320,6 +321,7 @@ class Trainer:
         same_dp = saved["dp"] == self.layout.dp
         same_layout = same_dp and saved["tp"] == self.layout.tp and saved["pp"] == self.layout.pp
         restore_data = same_dp and self.cfg.checkpoint.data_state == "exact"
+        check_resume_data(read_meta(path), self.cfg.data, restore_data, path, warn=self.is_main)  # train/resume_data.py
         state = self._state()
         if not same_layout:
             state.pop("rng")  # RNG streams belong to ranks of one layout
@@ -361,7 +363,7 @@ class Trainer:
         if self.consecutive_skips == 0:
             self.ckpt.protected = None  # a good checkpoint again: the streak's protection ends with this save
         meta = {"model_config": self.mcfg.to_hf_dict(), "stage": self.cfg.train.stage,
-                "frozen": list(self.cfg.frozen_groups), "tokens_seen": self.tokens_seen}
+                "frozen": list(self.cfg.frozen_groups), "tokens_seen": self.tokens_seen, **data_meta(self.cfg.data)}
         self.ckpt.save(self.step, self._state(), self.cfg.to_yaml(), meta)
         self._saved_step = self.step
         self.metrics.event("checkpoint", step=self.step, seconds=round(self.ckpt.save_seconds, 3),
