@@ -144,6 +144,18 @@ def test_checkpoint_dir_outside_the_run_dir_is_locked_too(tmp_path):
     rl.release_run_lock(locks)
 
 
+def test_breaking_a_stale_lock_spares_one_taken_meanwhile(tmp_path, sleeper):
+    """The race two contenders run: both judge the same lock stale; the first breaks it and takes the directory;
+    the second's break must then leave the first's (new, live) lock alone."""
+    path = _plant(tmp_path, pid=_dead_pid(), pid_start=1)
+    seen, _ = rl._read_lock(path)
+    _plant(tmp_path, pid=sleeper.pid, pid_start=rl._pid_start(sleeper.pid))  # the first contender's lock
+    rl._break(path, seen)
+    assert path.exists() and json.loads(path.read_text())["pid"] == sleeper.pid
+    with pytest.raises(RunDirLocked, match=f"pid {sleeper.pid}"):
+        lock_dir(tmp_path)
+
+
 def _contend(d: str, go, results, hold) -> None:
     go.wait()
     try:
