@@ -356,6 +356,9 @@ def test_a_missing_relative_data_path_names_the_directory_it_resolved_to(tmp_pat
     with pytest.raises(ValueError, match=r"no dataset.json and no \.tar shards found") as e:
         build_loader(DataConfig(datasets=[DatasetSpec("data/train")], tokenizer=tok_dir), 0, 1)
     assert str(tmp_path / "data" / "train") in str(e.value)
+    with pytest.raises(ValueError, match=r"no tokenizer.json at 'tok'.*working directory .* to ") as e:
+        build_loader(DataConfig(datasets=[DatasetSpec("data/train")], tokenizer="tok"), 0, 1)
+    assert str(tmp_path / "tok") in str(e.value)
     with pytest.raises(ValueError, match=r"/abs/nowhere.*does not exist") as e:
         build_loader(DataConfig(datasets=[DatasetSpec("/abs/nowhere")], tokenizer=tok_dir), 0, 1)
     assert "working directory" not in str(e.value)
