@@ -18,6 +18,14 @@ Rendering (Qwen2-VL-Instruct's chat template, written out in docs/design ARCHITE
   coordinates of the referenced image (default: the latest image before the box) scaled to [0, 1000).
 Pretraining samples are the items alone, followed by `<|endoftext|>` (configurable).
 
+Text that spells a control token (docs/data.md, "Control tokens in text"): the tokenizer turns `<|box_start|>`,
+`<|endoftext|>` & co. into their control tokens, as transformers, LLaMA-Factory and ms-swift do by default. Two
+kinds would contradict the structure this module builds itself, and such a sample is a counted skip
+(`control_token_in_text`, naming the token and the message): vision tokens anywhere (only the loader places them,
+around the pixels it inserts; a stray pad had no pixels and crashed position-id building), and turn markers
+(`<|im_start|>`, `<|im_end|>`) inside a chat message (double-templated data: the turns and the supervision would
+be silently wrong). A pretraining text may carry turn markers (pre-rendered conversations trained on as text).
+
 Supervision (which tokens are targets): chat samples train on each assistant turn's content and its
 `<|im_end|>` (not the `<|im_start|>assistant\\n` header, not the `\\n` after `<|im_end|>`); pretraining samples on
 all text; `all` on every text token. Vision tokens (start, pads, end) never.
@@ -34,6 +42,11 @@ from data.tokenizer import SpecialIds, Tokenizer
 
 ROLES = ("system", "user", "assistant")
 TEXT, SPECIAL, VISION = 0, 1, 2
+
+
+# Control tokens a sample's text must not spell (see the module docstring): where they are refused.
+VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
+TURN_TOKENS = ("<|im_start|>", "<|im_end|>")
 
 
 class SkipSample(Exception):
@@ -60,9 +73,21 @@ class ParsedSample:
     media: list[tuple[str, str]] = field(default_factory=list)  # (type, reference) in placeholder order
 
 
-def _items(content: object, where: str) -> list[Item]:
+def _check_text(text: str, where: str, chat: bool) -> str:
+    """`text` unless it spells a control token the loader must place itself (module docstring)."""
+    if "<|" in text:  # the common case costs one substring search
+        for tok in VISION_TOKENS + (TURN_TOKENS if chat else ()):
+            if tok in text:
+                i = text.index(tok)
+                raise SkipSample("control_token_in_text", f"{where} spells the control token {tok!r} (at character "
+                                 f"{i}: {text[max(0, i - 30):i + len(tok) + 10]!r}); only the loader writes "
+                                 f"{'vision' if tok in VISION_TOKENS else 'turn'} tokens (docs/data.md)")
+    return text
+
+
+def _items(content: object, where: str, chat: bool = True) -> list[Item]:
     if isinstance(content, str):
-        return [Item("text", content)]
+        return [Item("text", _check_text(content, where, chat))]
     if not isinstance(content, list):
         raise SkipSample(
             "bad_format", f"{where}: content must be a string or a list of items, got {type(content).__name__}"
@@ -70,7 +95,7 @@ def _items(content: object, where: str) -> list[Item]:
     out = []
     for i, it in enumerate(content):
         if isinstance(it, str):
-            out.append(Item("text", it))
+            out.append(Item("text", _check_text(it, f"{where}[{i}]", chat)))
             continue
         if not isinstance(it, dict):
             raise SkipSample("bad_format", f"{where}[{i}]: an item must be an object, got {type(it).__name__}")
@@ -83,7 +108,7 @@ def _items(content: object, where: str) -> list[Item]:
         if t == "text":
             if not isinstance(it.get("text"), str):
                 raise SkipSample("bad_format", f"{where}[{i}]: text item without a string 'text'")
-            out.append(Item("text", it["text"]))
+            out.append(Item("text", _check_text(it["text"], f"{where}[{i}]", chat)))
         elif t in ("image", "video"):
             ref = it.get(t)
             if isinstance(ref, dict):  # {"url": ...} as some OpenAI-style exports write it
@@ -92,13 +117,13 @@ def _items(content: object, where: str) -> list[Item]:
                 raise SkipSample("bad_format", f"{where}[{i}]: {t} item without a reference string")
             out.append(Item(t, ref))
         elif t == "box":
-            out.append(_box_item(it, f"{where}[{i}]"))
+            out.append(_box_item(it, f"{where}[{i}]", chat))
         else:
             raise SkipSample("unknown_content_type", f"{where}[{i}]: type {t!r} (known: text, image, video, box)")
     return out
 
 
-def _box_item(it: dict, where: str) -> Item:
+def _box_item(it: dict, where: str, chat: bool) -> Item:
     boxes = it.get("box")
     if isinstance(boxes, list) and boxes and all(isinstance(v, (int, float)) for v in boxes):
         boxes = [boxes]
@@ -114,6 +139,8 @@ def _box_item(it: dict, where: str) -> Item:
     ref = it.get("ref", it.get("text"))
     if ref is not None and not isinstance(ref, str):
         raise SkipSample("bad_box", f"{where}: 'ref' must be a string")
+    if ref is not None:
+        _check_text(ref, f"{where}.ref", chat)
     img = it.get("image")
     if img is not None and (not isinstance(img, int) or isinstance(img, bool) or img < 0):
         raise SkipSample("bad_box", f"{where}: 'image' must be the 0-based index of an image of the sample")
@@ -146,7 +173,7 @@ def parse_sample(obj: object, kind: str = "auto") -> ParsedSample:
     elif kind == "pretrain":
         if "content" not in obj:
             raise SkipSample("bad_format", "pretraining sample without 'content'")
-        turns = [("", _items(obj["content"], "content"))]
+        turns = [("", _items(obj["content"], "content", chat=False))]
         if not turns[0][1]:
             raise SkipSample("empty_conversation", "'content' is empty")
     else:
@@ -155,11 +182,32 @@ def parse_sample(obj: object, kind: str = "auto") -> ParsedSample:
     return ParsedSample(kind, turns, media)
 
 
+BOX_TOLERANCE = 0.01
+"""A box may overshoot its image by this fraction of a side (rounding, a border drawn on the edge) before its
+clamping is counted (metrics `clamped_boxes`)."""
+
+
+def fit_box(box: list[float], width: int, height: int) -> tuple[list[float], bool]:
+    """The box clamped to its (width x height) image, and whether it overshot by more than BOX_TOLERANCE of a side.
+    A box wholly outside its image (a box in another scale, e.g. normalized to 0-1000) is a counted skip: clamped,
+    it would train on `(999,999),(999,999)`."""
+    x1, y1, x2, y2 = box
+    if x1 >= width or y1 >= height or x2 <= 0 or y2 <= 0:
+        raise SkipSample("box_outside_image", f"box {box} lies wholly outside its image ({width}x{height}): are its "
+                                              "coordinates in another scale (normalized to 0-1000 or 0-1)? Boxes are "
+                                              "pixel coordinates of the original image")
+    over_x = max(-x1, x2 - width, 0.0)
+    over_y = max(-y1, y2 - height, 0.0)
+    clamped = over_x > BOX_TOLERANCE * width or over_y > BOX_TOLERANCE * height
+    return [max(x1, 0.0), max(y1, 0.0), min(x2, float(width)), min(y2, float(height))], clamped
+
+
 def box_text(box: list[float], width: int, height: int) -> str:
     """'(x1,y1),(x2,y2)' with pixel coordinates scaled to integers in [0, 1000) (Qwen2-VL paper, 2.2.1)."""
 
     def norm(v: float, size: int) -> int:
-        return min(999, max(0, math.floor(v * 1000 / size)))
+        x = v * 1000 / size  # may be +-inf for a huge finite coordinate: compare before converting to int
+        return 999 if x >= 999 else 0 if x <= 0 else math.floor(x)
 
     x1, y1, x2, y2 = box
     return f"({norm(x1, width)},{norm(y1, height)}),({norm(x2, width)},{norm(y2, height)})"
@@ -181,8 +229,10 @@ def render(
     supervise: str = "auto",
     default_system: str | None = "You are a helpful assistant.",
     pretrain_eos: bool = True,
+    counts: dict[str, int] | None = None,
 ) -> list[tuple[int, object, bool]]:
-    """Pieces (TEXT, str, supervised) | (SPECIAL, id, supervised) | (VISION, index, False), in order."""
+    """Pieces (TEXT, str, supervised) | (SPECIAL, id, supervised) | (VISION, index, False), in order.
+    `counts` (optional) receives `clamped_boxes`: boxes clamped to their image by more than BOX_TOLERANCE."""
     if supervise not in ("auto", "assistant", "all"):
         raise ValueError(f"supervise must be auto|assistant|all, got {supervise!r}")
     every = supervise == "all" or (parsed.kind == "pretrain")
@@ -217,6 +267,9 @@ def render(
                         pieces.append((TEXT, it.ref, sup))
                     pieces.append((SPECIAL, sp.object_ref_end, sup))
                 for b in it.value:
+                    b, clamped = fit_box(b, w, h)
+                    if clamped and counts is not None:
+                        counts["clamped_boxes"] = counts.get("clamped_boxes", 0) + 1
                     pieces.append((SPECIAL, sp.box_start, sup))
                     pieces.append((TEXT, box_text(b, w, h), sup))
                     pieces.append((SPECIAL, sp.box_end, sup))

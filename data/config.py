@@ -139,6 +139,12 @@ class DataConfig:
     """Unreadable shards (a truncated tar, a missing or stale sidecar index) are skipped, counted
     (skipped/bad_shard, per sample) and logged once with the fix; when more than this fraction of a dataset's
     shards is found unreadable, the run stops with an error. 0 = stop at the first unreadable shard."""
+    max_error_fraction: float = 0.01
+    """A sample whose processing raises an error no check anticipated (a bug, or data nothing validates) is skipped
+    and counted (skipped/error), logged with its dataset and key (the traceback at debug level), so one sample can
+    never stop a run; when more than this fraction of the samples a loader worker has read (judged once it has
+    read data.pipeline.ERROR_MIN_SAMPLES) failed so, the run stops with an error naming the datasets and an example.
+    1 = never stop."""
     start_method: Literal["fork", "spawn", "forkserver"] | None = None
     """multiprocessing start method of the workers; None = the platform default."""
     log_skips: int = 20
@@ -219,6 +225,8 @@ class DataConfig:
             (self.stall_report_s > 0, f"stall_report_s must be > 0, got {self.stall_report_s}"),
             (0 <= self.max_bad_shard_fraction <= 1,
              f"max_bad_shard_fraction must be in [0, 1], got {self.max_bad_shard_fraction}"),
+            (0 <= self.max_error_fraction <= 1,
+             f"max_error_fraction must be in [0, 1], got {self.max_error_fraction}"),
             (self.max_video_sample_tokens is None or self.max_video_sample_tokens >= self.max_tokens,
              f"max_video_sample_tokens ({self.max_video_sample_tokens}) < max_tokens ({self.max_tokens}): raise it "
              "or leave it null (= max_tokens)"),

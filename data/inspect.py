@@ -128,7 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"packing efficiency {m['packing_efficiency']:.4f} of max_tokens {cfg.max_tokens}; "
           f"patch utilization {m['patch_utilization']:.4f} of max_patches {cfg.patch_budget}")
     skips = {k: v for k, v in m.items() if k.startswith("skipped/")}
-    print(f"skipped {m['skipped']}: {json.dumps(skips) if skips else 'none'}; truncated {m['truncated']}")
+    print(f"skipped {m['skipped']}: {json.dumps(skips) if skips else 'none'}; truncated {m['truncated']}; "
+          f"boxes clamped to their image {m['clamped_boxes']}")
     if args.dump:
         torch.save(dumped, args.dump)
         print(f"dumped {len(dumped)} microbatches to {args.dump}")
@@ -136,4 +137,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    import logging
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     sys.exit(run_cli("python -m data.inspect", main))

@@ -24,9 +24,11 @@ again continues from the current state (it never restarts the data).
 Faults: unreadable shards and bad samples are counted skips (metrics "skipped/<reason>"). Iteration raises a
 DataError (one message naming the datasets, the skip counts by reason and the fix) when the data cannot feed
 training: NoUsableData (it ended without a single microbatch), DataStalled (a worker skipped a whole pass of its
-data, or for worker_timeout_s, or got stuck), TooManyBadShards (data.max_bad_shard_fraction). While it waits for
-a microbatch the loader logs what a quiet worker reports (every data.stall_report_s) and polls `interrupt` in
-short slices: when it answers True, next() raises LoaderInterrupted (the consumed position is unchanged).
+data, or for worker_timeout_s, or got stuck), TooManyBadShards (data.max_bad_shard_fraction), TooManySampleErrors
+(data.max_error_fraction: samples whose processing raised an unanticipated error, each a counted skip `error`).
+While it waits for a microbatch the loader logs what a quiet worker reports (every data.stall_report_s) and polls
+`interrupt` in short slices: when it answers True, next() raises LoaderInterrupted (the consumed position is
+unchanged).
 
 Exact resume (Megatron-Energon's design, rebuilt on torch's DataLoader):
 - there are W = max(1, num_workers) LOGICAL workers per rank, each a deterministic pipeline
@@ -68,6 +70,7 @@ from data.pipeline import (
     LoaderInterrupted,
     NoUsableData,
     TooManyBadShards,
+    TooManySampleErrors,
     WorkerPipeline,
     format_counts,
 )
@@ -193,7 +196,7 @@ class Loader:
             raise ValueError(
                 "cannot resume the loader exactly: these settings differ from the saved state (saved, now): "
                 + "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
-                + ". Restore the saved values (or start the data from scratch without load_state_dict)."
+                + ". Restore the saved values to continue exactly, or start the data from the beginning."
             )
         self._shutdown()
         self._states = copy.deepcopy(state["workers"])
@@ -355,6 +358,7 @@ class Loader:
         epochs = [[s["epoch"] for s in st["streams"]] for st in states]
         out["samples_read"] = int(workers.get("samples_read", 0))
         out["truncated"] = int(workers.get("truncated", 0))
+        out["clamped_boxes"] = int(workers.get("clamped_boxes", 0))
         bad: list[set[int]] = [set() for _ in self.plans]  # distinct unreadable shards found by this rank's workers
         for st in states:
             for d, stream in enumerate(st["streams"]):
@@ -418,5 +422,5 @@ def build_loader(cfg: DataConfig, dp_rank: int, dp_size: int, interrupt: Callabl
 
 
 __all__ = ["DataError", "DataStalled", "Loader", "LoaderInterrupted", "NoUsableData", "TooManyBadShards",
-           "build_loader", "check_sources"]
+           "TooManySampleErrors", "build_loader", "check_sources"]
 

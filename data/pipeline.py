@@ -12,6 +12,10 @@ pure function of bytes and config), then continues exactly where the uninterrupt
 This is Megatron-Energon's design (buffers saved as sample keys) with counter-based randomness instead of saved
 RNG states.
 
+Any exception while one sample becomes tokens and pixels is a counted skip naming the dataset and the sample
+(reason `error` for the unanticipated ones, the traceback at debug level): a sample can never end a worker, nor
+make a restarted run die on it again; data.max_error_fraction stops a run whose samples fail systematically.
+
 Faults never stop a worker silently or forever: an unreadable shard is skipped and counted (skipped/bad_shard),
 logged once; a worker that produces nothing reports, every `stall_report_s`, which datasets and skip reasons keep
 it busy; a futile pass (a whole pass over its data, or `worker_timeout_s`, without one usable sample) and too
@@ -25,7 +29,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 
-from data.chatml import SkipSample
+from data.chatml import BOX_TOLERANCE, SkipSample
 from data.config import DataConfig
 from data.packing import Entry, Packer, assemble
 from data.sample import Processed, RawSample, SampleProcessor
@@ -53,11 +57,18 @@ class TooManyBadShards(DataError):
     """More than data.max_bad_shard_fraction of a dataset's shards are unreadable."""
 
 
+class TooManySampleErrors(DataError):
+    """More than data.max_error_fraction of the samples read raised an unexpected error while being processed."""
+
+
 class LoaderInterrupted(Exception):
     """The loader's `interrupt` callable answered True while it waited for data (a stop signal, for instance)."""
 
 
-ERRORS: dict[str, type[DataError]] = {c.__name__: c for c in (DataError, NoUsableData, DataStalled, TooManyBadShards)}
+ERRORS: dict[str, type[DataError]] = {c.__name__: c for c in (DataError, NoUsableData, DataStalled, TooManyBadShards,
+                                                               TooManySampleErrors)}
+# data.max_error_fraction is judged once a worker has read this many samples (a first unlucky sample is not a rate).
+ERROR_MIN_SAMPLES = 100
 
 
 def format_counts(counts: dict[str, int]) -> str:
@@ -233,9 +244,9 @@ class WorkerPipeline:
             return
         try:
             self.packer.add(Entry(ref, self._process(d, raw)))
-        except SkipSample as err:  # only if external media changed since the state was saved
+        except Exception as err:  # noqa: BLE001 - only if external media or the code changed since the save
             self.counters["restore_reprocess_failed"] += 1
-            log.warning("restore: %s no longer processes (%s); dropped", raw.key, err)
+            log.warning("restore: %s no longer processes (%s: %s); dropped", raw.key, type(err).__name__, err)
 
     def _skip(self, d: int, raw: RawSample, err: SkipSample) -> None:
         self.counters[f"skipped/{err.reason}"] += 1
@@ -244,6 +255,33 @@ class WorkerPipeline:
         if n <= self.cfg.log_skips or n % 1000 == 0:
             log.warning("skipped sample %s: %s (%s total for this reason in worker %d)", raw.key, err, n, self.g)
         self._skipped(d, err.reason, 1)
+
+    def _error(self, d: int, raw: RawSample, err: Exception) -> None:
+        """An exception no check anticipated, raised while processing one sample: a counted skip (reason
+        `error`), its traceback at debug level; too many of them stop the run (data.max_error_fraction)."""
+        log.debug("sample %s of dataset %r raised while being processed", raw.key, self.plans[d].label,
+                  exc_info=(type(err), err, err.__traceback__))
+        self.counters[f"errors/{self.plans[d].label}"] += 1
+        self._skip(d, raw, SkipSample("error", f"{type(err).__name__}: {err}"[:500]))
+        read, errors = self.counters["samples_read"], self.counters["skipped/error"]
+        limit = self.cfg.max_error_fraction
+        if read >= ERROR_MIN_SAMPLES and errors > limit * read:
+            by_ds = {k.split("/", 1)[1]: v for k, v in self.counters.items() if k.startswith("errors/") and v}
+            raise TooManySampleErrors(
+                f"loader worker {self.g}: {errors} of the {read} samples it read raised an unexpected error while "
+                f"being processed (datasets: {', '.join(f'{k!r} {v}' for k, v in by_ds.items())}), more than "
+                f"data.max_error_fraction={limit:g}; e.g. {self.examples['error']}. This is a bug or data that "
+                "nothing validates: run `python -m data.inspect` on the dataset with QWEN2VL_DEBUG=1 / debug logging "
+                "for the traceback, fix it, or raise data.max_error_fraction to train on the rest"
+            )
+
+    def _clamped(self, raw: RawSample, n: int) -> None:
+        self.counters["clamped_boxes"] += n
+        k = self._skips_logged["clamped_boxes"] = self._skips_logged["clamped_boxes"] + 1
+        if k <= self.cfg.log_skips or k % 1000 == 0:
+            log.warning("sample %s: %d box(es) reach beyond the image by more than %g of a side; clamped to it "
+                        "(%d samples so far in worker %d; metrics clamped_boxes)", raw.key, n, BOX_TOLERANCE, k,
+                        self.g)
 
     def _skipped(self, d: int, reason: str, n: int) -> None:
         """n samples of dataset d were skipped: the futile-pass limits (samples and time) and the stall report."""
@@ -350,11 +388,18 @@ class WorkerPipeline:
                 except SkipSample as err:
                     self._skip(d, raw, err)
                     continue
+                except (KeyboardInterrupt, LoaderInterrupted):
+                    raise
+                except Exception as err:  # noqa: BLE001 - one sample must never end the worker (module doc)
+                    self._error(d, raw, err)
+                    continue
                 self.since_good = 0
                 self._t_good = time.monotonic()
                 self._poll(self._t_good)
                 if sample.truncated:
                     self.counters["truncated"] += 1
+                if sample.clamped_boxes:
+                    self._clamped(raw, sample.clamped_boxes)
                 self.packer.add(Entry((d, e, p), sample))
             if not len(self.packer):
                 break

@@ -60,6 +60,8 @@ class Processed:
     video_rows: list[torch.Tensor] = field(default_factory=list)  # (N, P) uint8 raw rows each
     video_grids: list[tuple[int, int, int]] = field(default_factory=list)
     truncated: bool = False
+    clamped_boxes: int = 0
+    """Boxes clamped to their image by more than data.chatml.BOX_TOLERANCE (counted by the loader)."""
 
     @property
     def num_tokens(self) -> int:
@@ -176,11 +178,11 @@ class SampleProcessor:
             data, identity = media_bytes(raw, ref, cfg.storage)
             if mtype == "image":
                 try:
-                    img = load_image(data, cfg.min_pixels, cfg.max_pixels)
+                    img = load_image(data, cfg.min_pixels, cfg.max_pixels, name=ref)
                 except AspectRatioError as e:
                     raise SkipSample("aspect_ratio", str(e)) from e
                 except ImageDecodeError as e:
-                    raise SkipSample("bad_image", f"{ref}: {e}") from e
+                    raise SkipSample("bad_image", str(e)) from e
                 images.append(img.pixels_HWC)
                 image_grids.append(img.grid_thw)
                 vision.append(VisionInfo("image", img.num_tokens, img.orig_size))
@@ -203,7 +205,9 @@ class SampleProcessor:
                 patches += n
             if patches > max_pat:
                 raise SkipSample("too_many_patches", f"{patches} ViT patches > max_patches {max_pat}")
-        pieces = render(parsed, vision, self.tok.special, mode, cfg.default_system, cfg.pretrain_eos)  # type: ignore[arg-type]
+        counts: dict[str, int] = {}
+        pieces = render(parsed, vision, self.tok.special, mode, cfg.default_system, cfg.pretrain_eos,  # type: ignore[arg-type]
+                        counts)
         ids, targets = tokenize(pieces, vision, self.tok)  # type: ignore[arg-type]
         truncated = False
         if ids.shape[0] > max_tok:
@@ -224,7 +228,7 @@ class SampleProcessor:
             video_token_id=sp.video_pad,
         )
         return Processed(raw.key, ids_t, torch.from_numpy(labels), pos, images, image_grids, video_rows,
-                         video_grids, truncated)
+                         video_grids, truncated, counts.get("clamped_boxes", 0))
 
     def _hint(self, video_grids: list[tuple[int, int, int]]) -> str:
         if not video_grids:

@@ -119,10 +119,16 @@ def plan_dataset(index: int, spec: DatasetSpec, storage: StorageConfig, max_bad_
     """
     root = spec.path.rstrip("/")
     st = get_storage(root + "/" if "://" in root else root, storage)
+    where = _where(root)
+    if spec.kind != "indexed" and "://" not in root and not any(
+            os.path.exists(p) for p in (root, root + ".idx", root + ".bin")):
+        raise ValueError(f"dataset {spec.path!r}: no {MANIFEST} and no .tar shards found: {where} does not exist; "
+                         "give the directory of its shards (made by `python -m data.shards make`) or the prefix of "
+                         "a megatron .bin/.idx dataset")
     if spec.kind == "indexed" or (spec.kind == "auto" and st.exists(root + ".idx")):
         if not (st.exists(root + ".idx") and st.exists(root + ".bin")):
-            raise ValueError(f"dataset {spec.path!r} (kind indexed): {root}.idx / {root}.bin not found; give the "
-                             "prefix of a megatron indexed dataset (without .bin/.idx)")
+            raise ValueError(f"dataset {spec.path!r} (kind indexed): {root}.idx / {root}.bin not found (prefix "
+                             f"{where}); give the prefix of a megatron indexed dataset (without .bin/.idx)")
         idx = IndexedText(root, storage)
         n = len(idx)
         name = os.path.basename(root)
@@ -141,7 +147,7 @@ def plan_dataset(index: int, spec: DatasetSpec, storage: StorageConfig, max_bad_
         urls = [u for u in st.list(root + "/") if u.endswith(".tar")] if _is_dir(st, root) else []
         if not urls:
             raise ValueError(
-                f"dataset {spec.path!r}: no {MANIFEST} and no .tar shards found; make shards with "
+                f"dataset {spec.path!r}: no {MANIFEST} and no .tar shards found in {where}; make shards with "
                 "`python -m data.shards make ...` or index existing ones with `python -m data.shards index DIR`"
             )
         shards = []
@@ -171,6 +177,14 @@ def plan_dataset(index: int, spec: DatasetSpec, storage: StorageConfig, max_bad_
     if not shards:
         raise ValueError(f"dataset {spec.path!r} has no samples")
     return DatasetPlan(index, spec, "shards", root, shards, bad)
+
+
+def _where(path: str) -> str:
+    """The path as the error should name it: absolute, saying so when it was resolved from a relative one."""
+    local = path[len("file://"):] if path.startswith("file://") else path
+    if "://" in local or os.path.isabs(local):
+        return local
+    return f"{os.path.abspath(local)} ({local!r} is relative to the working directory {os.getcwd()})"
 
 
 def _is_dir(st, root: str) -> bool:

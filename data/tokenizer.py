@@ -57,7 +57,8 @@ class Tokenizer:
     def __init__(self, path: str) -> None:
         file = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
         if not os.path.isfile(file):
-            where = "" if os.path.isabs(path) else f" (a relative path, read from the working directory {os.getcwd()})"
+            where = "" if os.path.isabs(path) else (f" (a relative path, resolved against the working directory "
+                                                    f"{os.getcwd()} to {os.path.abspath(path)})")
             raise ValueError(
                 f"no tokenizer.json at {path!r}{where}: data.tokenizer must be a local Hugging Face tokenizer "
                 "directory (e.g. a downloaded Qwen2-VL checkpoint) holding tokenizer.json"

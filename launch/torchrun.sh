@@ -8,7 +8,8 @@
 #   NNODES          number of nodes (default 1)
 #   NODE_RANK       this node's rank, for a static rendezvous (default 0; not needed with c10d rendezvous)
 #   MASTER_ADDR     rendezvous host (default localhost); MASTER_PORT (default 29500)
-#   RDZV_ID         job id shared by all nodes (default: $SLURM_JOB_ID or "qwen2vl")
+#   RDZV_ID         job id shared by all nodes (default: $SLURM_JOB_ID, else qwen2vl-MASTER_ADDR-MASTER_PORT);
+#                   a restart of the job takes over its run_dir lock by this id, so give each job its own
 #   MAX_RESTARTS    torchrun restarts after a failure (default 0); each restart resumes from the latest
 #                   complete checkpoint (checkpoint.resume: auto)
 #   RDZV_TIMEOUT    multi node: seconds a (re-)rendezvous waits for all NNODES nodes (default 600)
@@ -27,14 +28,16 @@
 # See docs/cluster.md.
 set -euo pipefail
 if [[ $# -lt 1 || "$1" == "-h" || "$1" == "--help" ]]; then
-  sed -n '2,27p' "$0"; [[ $# -ge 1 ]] && exit 0; exit 2
+  sed -n '2,28p' "$0"; [[ $# -ge 1 ]] && exit 0; exit 2
 fi
 source "$(dirname "${BASH_SOURCE[0]}")/gpus.sh"
 NPROC_PER_NODE="${NPROC_PER_NODE:-$(( LOCAL_GPUS > 0 ? LOCAL_GPUS : 1 ))}"
 NNODES="${NNODES:-1}"
 MASTER_ADDR="${MASTER_ADDR:-localhost}"
 MASTER_PORT="${MASTER_PORT:-29500}"
-RDZV_ID="${RDZV_ID:-${SLURM_JOB_ID:-qwen2vl}}"
+# The default id is unique among jobs running at once (two jobs cannot share one rendezvous endpoint): a restart
+# recognises its own job by it (train/run_lock.py).
+RDZV_ID="${RDZV_ID:-${SLURM_JOB_ID:-qwen2vl-$MASTER_ADDR-$MASTER_PORT}}"
 MAX_RESTARTS="${MAX_RESTARTS:-0}"
 PYTHON="${PYTHON:-python}"
 

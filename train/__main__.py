@@ -134,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
 def _train(cfg: JobConfig, args: argparse.Namespace) -> int:
     """Run the stage; the exit code (see the module doc)."""
     from core.config import ConfigError
+    from data.storage import StorageError
     from parallel import destroy_distributed
     from train.formatting import format_duration
     from train.trainer import Trainer, TrainingStopped
@@ -146,6 +147,8 @@ def _train(cfg: JobConfig, args: argparse.Namespace) -> int:
             # Everything the setup reads comes from the recipe: a layout that does not fit the world size, a
             # missing data path or tokenizer, a checkpoint that does not match the model.
             return _fail("config error", e, args)
+        except StorageError as e:  # an endpoint that refuses connections, a bucket that is not there
+            return _fail("storage error", e, args)
         try:
             result = trainer.train()
         finally:

@@ -39,6 +39,7 @@ from train.checkpoint import (
     step_dirs,
 )
 from train.config import JobConfig, ModelSection
+from train.resume_data import check_resume_data
 from train.state import ModelState, set_rng_state
 
 log = logging.getLogger(__name__)
@@ -219,10 +220,13 @@ def resume(run: Resumable, path: Path) -> None:
     same and checkpoint.data_state=exact; otherwise the data continues with a new pass (run.data_pass + 1, which
     reseeds the loader). RNG states belong to the ranks of one layout: restored under the same layout only."""
     cfg, layout = run.cfg, run.layout
-    saved = read_meta(path)["layout"]
+    meta = read_meta(path)
+    saved = meta["layout"]
     same_dp = saved["dp"] == layout.dp
     same_layout = same_dp and saved["tp"] == layout.tp and saved["pp"] == layout.pp
     restore_data = same_dp and cfg.checkpoint.data_state == "exact"
+    # Data settings that change what a sample becomes: refused or warned about (train/resume_data.py).
+    check_resume_data(meta, cfg.data, restore_data, path, warn=run.is_main)
     state = run.checkpoint_state()
     if not same_layout:
         state.pop("rng")

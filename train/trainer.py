@@ -49,6 +49,8 @@ from train.eval import Evaluator
 from train.metrics import MetricsLogger, device_peak_tflops, peak_memory_gb
 from train.optim import ScheduleState, apply_freeze, build_optimizer, set_lr
 from train.prefetch import DevicePrefetcher
+from train.resume_data import data_meta
+from train.run_lock import acquire_run_lock, release_run_lock
 from train.start import load_start, plan_start, start_model
 from train.state import BlobState, LoaderState, ModelState, OptimizerState, rng_state
 from train.straggler import StragglerMonitor
@@ -113,6 +115,8 @@ class Trainer(Stateful):
     def __init__(self, cfg: JobConfig) -> None:
         self.cfg = cfg
         self._init_distributed()
+        # One training per run directory (train/run_lock.py): taken before anything there is read or written.
+        self.run_lock = acquire_run_lock([self.run_dir, cfg.checkpoint_dir], self.is_main, self.device)
         # ---- 1. the data sources, before anything big is built: a wrong path, a missing index or bad credentials
         # fail in seconds, not after minutes of building and loading a 72B model.
         self.data_plans = self._check_data()
@@ -217,8 +221,8 @@ class Trainer(Stateful):
             self.loader_state.attach(loader)
         except ValueError as e:
             raise ConfigError(
-                f"cannot restore the data position from {self.resume_path}: {e} (to continue with a new, "
-                "reseeded pass over the data instead, set checkpoint.data_state=restart)"
+                f"cannot restore the data position from {self.resume_path}: {e} "
+                "(checkpoint.data_state=restart starts the data from the beginning, a new reseeded pass)"
             ) from e
         return loader
 
@@ -252,7 +256,8 @@ class Trainer(Stateful):
         if self.consecutive_skips == 0:
             self.ckpt.protected = None  # a good checkpoint again: the streak's protection ends with this save
         meta = {"model_config": self.mcfg.to_hf_dict(), "stage": self.cfg.train.stage,
-                "frozen": list(self.cfg.frozen_groups), "tokens_seen": self.tokens_seen}
+                "frozen": list(self.cfg.frozen_groups), "tokens_seen": self.tokens_seen,
+                **data_meta(self.cfg.data)}
         self.ckpt.save(self.step, self.checkpoint_state(), self.cfg.to_yaml(), meta)
         self._saved_step = self.step
         self.metrics.event("checkpoint", step=self.step, seconds=round(self.ckpt.save_seconds, 3),
@@ -496,7 +501,8 @@ class Trainer(Stateful):
         local: dict[str, float] = {}
         if self.loader is not None and self.layout.tp_rank == 0:
             m = self.loader.metrics()
-            local = {k: v for k, v in m.items() if k.startswith("skipped/") or k in ("batches", "tokens", "truncated")}
+            local = {k: v for k, v in m.items()
+                     if k.startswith("skipped/") or k in ("batches", "tokens", "truncated", "clamped_boxes")}
         gathered: list[dict[str, float] | None] = [None] * self.layout.world
         dist.all_gather_object(gathered, local)
         tot: dict[str, float] = {}
@@ -510,6 +516,8 @@ class Trainer(Stateful):
             out["packing_efficiency"] = round(tot["tokens"] / (tot["batches"] * self.cfg.data.max_tokens), 4)
         if tot.get("truncated"):
             out["truncated_samples"] = int(tot["truncated"])
+        if tot.get("clamped_boxes"):
+            out["clamped_boxes"] = int(tot["clamped_boxes"])
         return out
 
     def close(self) -> None:
@@ -517,6 +525,7 @@ class Trainer(Stateful):
         if self.loader is not None:
             self.loader.close()
         self.metrics.close()
+        release_run_lock(self.run_lock)
 
 
 def run(cfg: JobConfig) -> TrainResult:

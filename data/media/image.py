@@ -2,12 +2,14 @@
 
 Shape legend: H/W = resized height/width, C = 3 channels, N = patch rows, P = 1176 (3 * 2 * 14 * 14).
 
-Pipeline per image, the same steps as transformers' Qwen2VLImageProcessorPil (and qwen-vl-utils):
-bytes -> PIL decode -> RGB (transparency composited onto white) -> smart_resize(h, w) -> PIL BICUBIC resize
--> uint8 (H, W, C). The packing buffer keeps this uint8 image; `data.media.vision.image_rows_raw` patchifies it into
-raw uint8 rows (one frame per row) when the microbatch is assembled, and the model rescales, CLIP-normalizes
-and adds the temporal copy on the device (model.vision.normalize_pixel_rows): the float32 rows transformers'
-processor returns would be 8x the bytes through worker queues and host-to-device copies.
+Pipeline per image, the same steps as transformers' Qwen2VLImageProcessorPil (and qwen-vl-utils): bytes -> PIL
+decode -> RGB (transparency composited onto white) -> smart_resize(h, w) -> PIL BICUBIC resize -> uint8 (H, W, C).
+One deliberate difference: a 16-bit grayscale image is scaled to 8 bits (to_8bit), where PIL's conversion, and so
+transformers', saturates every value above 255 to white. The packing buffer keeps this uint8 image;
+`data.media.vision.image_rows_raw` patchifies it into raw uint8 rows (one frame per row) when the microbatch is
+assembled, and the model rescales, CLIP-normalizes and adds the temporal copy on the device
+(model.vision.normalize_pixel_rows): the float32 rows transformers' processor returns would be 8x the bytes through
+worker queues and host-to-device copies.
 
 NOTE: no EXIF orientation is applied, as in transformers and qwen-vl-utils (the released models were trained
 that way); rotate photos when building shards if needed.
@@ -60,19 +62,35 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
-def decode_image(data: bytes) -> Image.Image:
-    """Fully decoded RGB PIL image; ImageDecodeError for anything PIL cannot decode completely."""
+def to_8bit(img: Image.Image) -> Image.Image:
+    """16-bit grayscale (PIL modes I;16*, and mode I as PNG decodes 16-bit on older Pillow) scaled to 8 bits,
+    v -> round(v / 257), so 65535 is white; PIL's own conversion clips every value above 255 to white (and so does
+    transformers' processor, which converts with PIL). Other modes are left to to_rgb."""
+    if img.mode.startswith("I;16") or (img.mode == "I" and img.format == "PNG"):
+        a = np.asarray(img).astype(np.uint32)
+        return Image.fromarray(((np.clip(a, 0, 65535) + 128) // 257).astype(np.uint8), mode="L")
+    return img
+
+
+def decode_image(data: bytes, name: str | None = None) -> Image.Image:
+    """Fully decoded RGB PIL image; ImageDecodeError for anything PIL cannot decode completely. `name` (the
+    member or path) is what the error message calls the image."""
+    what = repr(name) if name else "image"
     if not data:
-        raise ImageDecodeError("zero-length image")
+        raise ImageDecodeError(f"{what}: zero-length image")
+    buf = io.BytesIO(data)
     try:
         with warnings.catch_warnings():
             # A decompression-bomb warning becomes an error: a 100+ MP "image" is not training data.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
+            img = Image.open(buf)
             img.load()  # decode now, so truncated files fail here and not later in a resize
-            return to_rgb(img)
+            return to_rgb(to_8bit(img))
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ImageDecodeError(f"cannot decode image ({len(data)} bytes): {e}") from e
+        # PIL names the stream it was given (`<_io.BytesIO object at 0x...>`): name the image instead.
+        detail = str(e).replace(repr(buf), what)
+        head = data[:16]
+        raise ImageDecodeError(f"cannot decode {what} ({len(data)} bytes, starting {head!r}): {detail}") from e
 
 
 def image_size(data: bytes) -> tuple[int, int] | None:
@@ -84,12 +102,13 @@ def image_size(data: bytes) -> tuple[int, int] | None:
         return None
 
 
-def load_image(data: bytes, min_pixels: int, max_pixels: int) -> LoadedImage:
+def load_image(data: bytes, min_pixels: int, max_pixels: int, name: str | None = None) -> LoadedImage:
     """Decode, convert to RGB and resize with smart_resize + PIL BICUBIC (transformers' PIL backend).
 
-    Raises ImageDecodeError (bad bytes) or AspectRatioError (aspect ratio > 200); both are counted skips.
+    Raises ImageDecodeError (bad bytes; the message calls the image `name`) or AspectRatioError (aspect ratio >
+    200); both are counted skips.
     """
-    img = decode_image(data)
+    img = decode_image(data, name)
     w, h = img.size
     # transformers' arithmetic (the parity target); differs from qwen-vl-utils only for sides < 14 px.
     rh, rw = smart_resize(h, w, min_pixels=min_pixels, max_pixels=max_pixels, clamp_to_factor=False)

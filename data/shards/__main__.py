@@ -104,10 +104,12 @@ def _run(args: argparse.Namespace, ap: argparse.ArgumentParser) -> int:
 
         tok = Tokenizer(args.tokenizer)
     if args.cmd == "make":
-        from data.shards.make import make
+        from data.shards.make import make, nothing_written
 
         man = make(args.input, args.media, args.out, args.samples_per_shard, tok, args.prefix, args.format,
                    args.allow_absolute_media, args.dataset_info, args.dataset)
+        if not man["samples"]:  # a dataset of nothing is a mistake to report, not a result (exit 2)
+            raise ValueError(nothing_written(args.input, args.media, args.format, man.get("skipped") or {}))
         print(f"wrote {man['samples']} samples in {len(man['shards'])} shards to {args.out}; "
               f"skipped: {man.get('skipped') or 'none'}")
     elif args.cmd == "index":

@@ -210,6 +210,35 @@ def ours(rec: object, image_size: ImageSize | None = None) -> dict:
     return rec
 
 
+def guess_format(rec: object) -> tuple[str, str] | None:
+    """(--format, the tool) that a record's top-level keys point to, or None when nothing but ours fits."""
+    if not isinstance(rec, dict):
+        return None
+    keys = set(rec)
+    if "conversations" in keys:
+        if keys & {"images", "videos"}:
+            return "sharegpt", "LLaMA-Factory's sharegpt layout"
+        return "llava", "LLaVA's (and Qwen's qwen-vl-finetune) layout"
+    msgs = rec.get("messages")
+    if isinstance(msgs, list) and keys & {"images", "videos", "image", "video", "objects"} and not any(
+            isinstance(m, dict) and isinstance(m.get("content"), list) for m in msgs):
+        if "objects" in keys or keys & {"image", "video"}:
+            return "swift", "ms-swift's layout"
+        return "llamafactory", "LLaMA-Factory's messages layout (ms-swift's too: --format swift)"
+    return None
+
+
+def ours_checked(rec: object, image_size: ImageSize | None = None) -> dict:
+    """`--format ours`: the record is the sample, unless its keys are another tool's (their media lists are no part
+    of our format and would be dropped without a word: the record is a counted skip naming the format)."""
+    rec = ours(rec)
+    other = guess_format(rec)
+    if other is not None:
+        raise SkipSample("bad_format", f"top-level keys {sorted(rec)} are {other[1]}, not ours (media go into the "
+                                       f"content items): use --format {other[0]}")
+    return rec
+
+
 _LLAVA_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 
 
@@ -436,4 +465,5 @@ def get_converter(fmt: str, dataset_info: str | None = None, dataset: str | None
         raise ValueError("--dataset names an entry of --dataset-info FILE: give the file too")
     if dataset_info:
         return partial(sharegpt, cols=columns_from_dataset_info(dataset_info, dataset, input_path))
-    return {"ours": ours, "llava": llava, "sharegpt": sharegpt, "llamafactory": llamafactory, "swift": swift}[fmt]
+    return {"ours": ours_checked, "llava": llava, "sharegpt": sharegpt, "llamafactory": llamafactory,
+            "swift": swift}[fmt]

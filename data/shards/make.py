@@ -24,7 +24,7 @@ from collections.abc import Iterable
 
 from data.chatml import SkipSample, parse_sample
 from data.media.image import image_size as header_size
-from data.shards.convert import DEFAULT_FORMAT, get_converter, read_records
+from data.shards.convert import DEFAULT_FORMAT, get_converter, guess_format, read_records
 from data.shards.webdataset import ShardWriter, index_shard_file, write_manifest
 
 
@@ -125,6 +125,23 @@ def _key(rec: object, lineno: int) -> str:
     if isinstance(rec, dict):
         key = rec.pop("__key__", None) or rec.get("id") or rec.get("key")
     return re.sub(r"[^A-Za-z0-9_-]", "_", str(key or f"{lineno:09d}"))
+
+
+def nothing_written(input_path: str, media_dir: str, fmt: str, skipped: dict[str, int]) -> str:
+    """Why `make` wrote no sample, and the likely fix: the --format the first record's keys point to, or where
+    relative media paths were looked up."""
+    from data.pipeline import format_counts
+
+    msg = f"wrote no sample from {input_path} (skipped: {format_counts(skipped)})"
+    first = next((rec for _, rec in read_records(input_path) if not isinstance(rec, SkipSample)), None)
+    guess = guess_format(first)
+    if isinstance(first, dict) and guess is not None and guess[0] != fmt:
+        return f"{msg}: the first record's keys are {sorted(first)}: {guess[1]}; add --format {guess[0]}"
+    if skipped.get("missing_media") or skipped.get("media_outside_root"):
+        return (f"{msg}: media paths in the records are relative to --media {os.path.abspath(media_dir)} (default: "
+                "the working directory); give --media the folder they are relative to")
+    keys = f"; the first record's keys are {sorted(first)}" if isinstance(first, dict) else ""
+    return f"{msg}{keys}: see the skip reasons above (--format {fmt}; docs/data.md lists the formats)"
 
 
 def make(input_path: str, media_dir: str, out_dir: str, samples_per_shard: int = 1000, tokenizer=None,

@@ -32,6 +32,7 @@ from data.storage.errors import (
     StorageAccessDenied,
     StorageError,
     StorageRetriesExhausted,
+    StorageUnreachable,
     scrub,
 )
 from data.storage.local import LocalStorage
@@ -51,6 +52,7 @@ __all__ = [
     "StorageAccessDenied",
     "ObjectChangedError",
     "StorageRetriesExhausted",
+    "StorageUnreachable",
     "scrub",
 ]
 

@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 from typing import Protocol, runtime_checkable
 
 from data.storage.config import StorageConfig
-from data.storage.errors import ObjectNotFoundError, StorageError, install_log_scrubber
+from data.storage.errors import ObjectNotFoundError, StorageError, install_log_scrubber, scrub
 from data.storage.retry import Failure, RetryingTransport, RetryPolicy, get_gate
 
 # (chunks, total object size if known, ETag) of one GET; the transport resumes a broken body from its offset.
@@ -71,6 +71,11 @@ class ObjectStore:
             get_gate(cfg.max_in_flight, cfg.max_requests_per_second),
             classify,
         )
+
+    def _name_endpoint(self, endpoint: str | None, key: str) -> None:
+        """What an unreachable-endpoint error names: the endpoint (scrubbed) and the setting that chose it."""
+        self._t.endpoint = scrub(endpoint) if endpoint else "the storage endpoint"
+        self._t.endpoint_key = key
 
     # ---------------------------------------------------------------- per service
     def _get(self, bucket: str, key: str, byte_range: tuple[int, int | None] | None, etag: str | None) -> Body:

@@ -52,6 +52,11 @@ class StorageRetriesExhausted(StorageError):
     """A transient failure (throttling, resets, timeouts) persisted past `max_retries`."""
 
 
+class StorageUnreachable(StorageRetriesExhausted):
+    """Every attempt failed to connect: the endpoint refused the connection (nothing listens there) or its host
+    name does not resolve. The message names the endpoint and the setting that points at it."""
+
+
 _extra_secrets: set[str] = set()
 _secrets_lock = threading.Lock()
 

@@ -57,6 +57,8 @@ class OssStorage(ObjectStore):
 
         super().__init__(cfg, _classify)
         self._endpoint = resolve_oss_endpoint(cfg)
+        self._name_endpoint(self._endpoint, "data.storage.oss_endpoint" if cfg.oss_endpoint else
+                            "data.storage.oss_endpoint (unset: env OSS_ENDPOINT or the region)")
         ak = os.environ.get("OSS_ACCESS_KEY_ID")
         sk = os.environ.get("OSS_ACCESS_KEY_SECRET")
         token = os.environ.get("OSS_SESSION_TOKEN") or os.environ.get("OSS_SECURITY_TOKEN")

@@ -36,6 +36,7 @@ from data.storage.errors import (
     StorageAccessDenied,
     StorageError,
     StorageRetriesExhausted,
+    StorageUnreachable,
     scrub,
 )
 
@@ -83,6 +84,8 @@ class Failure:
     status: int | None
     code: str | None
     detail: str
+    unreachable: str | None = None
+    """Set when the endpoint could not be connected to at all (see `unreachable()`)."""
 
     @property
     def transient(self) -> bool:
@@ -143,6 +146,34 @@ def classify_network(exc: BaseException) -> str | None:
             return RESET
         e = e.__cause__ or e.__context__
         seen += 1
+    return None
+
+
+# How connection failures read in the exception chains of urllib3 / botocore / requests (Linux and macOS texts).
+_REFUSED = ("connection refused", "errno 111", "errno 61", "econnrefused")
+_UNRESOLVED = ("name or service not known", "nodename nor servname", "temporary failure in name resolution",
+               "no address associated with hostname", "getaddrinfo failed", "errno -2", "errno -3", "errno 8")
+
+
+def unreachable(exc: BaseException) -> str | None:
+    """'connection refused' or 'host name does not resolve' when the exception chain says the endpoint could not
+    be connected to at all (a wrong endpoint, or the service is down), else None."""
+    seen, todo = 0, [exc]
+    while todo and seen < 12:
+        e = todo.pop(0)
+        seen += 1
+        if isinstance(e, ConnectionRefusedError):
+            return "connection refused"
+        if isinstance(e, socket.gaierror):
+            return "host name does not resolve"
+        text = str(e).lower()
+        if any(m in text for m in _REFUSED):
+            return "connection refused"
+        if any(m in text for m in _UNRESOLVED):
+            return "host name does not resolve"
+        # requests / urllib3 wrap the socket error as an argument (MaxRetryError.reason) as well as a cause
+        todo += [c for c in (e.__cause__, e.__context__, getattr(e, "reason", None), *getattr(e, "args", ()))
+                 if isinstance(c, BaseException)]
     return None
 
 
@@ -299,22 +330,37 @@ class RetryingTransport:
     failure: a bug, re-raised untouched).
     """
 
-    def __init__(self, policy: RetryPolicy, gate: RequestGate, classify: Callable[[BaseException], Failure | None]):
+    def __init__(self, policy: RetryPolicy, gate: RequestGate, classify: Callable[[BaseException], Failure | None],
+                 endpoint: str = "the storage endpoint", endpoint_key: str = "data.storage.endpoint_url"):
         self.policy = policy
         self.gate = gate
         self.classify = classify
+        self.endpoint = endpoint  # scrubbed; what an unreachable-endpoint error names, with the setting behind it
+        self.endpoint_key = endpoint_key
+        self._warned_unreachable = False
 
     def _failure(self, exc: BaseException) -> Failure | None:
         f = self.classify(exc)
         if f is None:
             kind = classify_network(exc)
             if kind is not None:
-                f = Failure(kind, None, None, scrub(f"{type(exc).__name__}: {exc}"))
+                f = Failure(kind, None, None, scrub(f"{type(exc).__name__}: {exc}"), unreachable(exc))
         return f
 
     def _wait(self, url: str, op: str, attempt: int, f: Failure) -> None:
+        if f.unreachable and not self._warned_unreachable:
+            # Retried (a service restarting refuses connections for a moment), but say so at once: a wrong
+            # endpoint would otherwise look like a silent hang for the whole retry budget.
+            self._warned_unreachable = True
+            log.warning("cannot connect to %s (%s); retrying up to %d times", self.endpoint, f.unreachable,
+                        self.policy.max_retries)
         if attempt >= self.policy.max_retries:
             METRICS.add(exhausted=1)
+            if f.unreachable:
+                raise StorageUnreachable(
+                    f"{op} {url}: cannot connect to {self.endpoint}: {f.unreachable} ({attempt + 1} attempts); check "
+                    f"{self.endpoint_key} and that the service is running there"
+                ) from None
             raise StorageRetriesExhausted(
                 f"{op} {url}: gave up after {attempt + 1} attempts, last failure {f.kind}: {f.detail} "
                 f"(raise data.storage.max_retries or lower the request rate)"

@@ -7,6 +7,7 @@ code at OSS's S3-compatible endpoint, MinIO, Ceph or a local test server.
 
 from __future__ import annotations
 
+import logging
 import os
 
 from data.storage.base import Body, ObjectStore
@@ -48,6 +49,10 @@ class S3Storage(ObjectStore):
             max_pool_connections=max(cfg.max_in_flight, 1),
             s3={"addressing_style": cfg.s3_addressing_style},
         )
+        # "Found credentials in environment variables" at INFO in every process would bury the run's own lines.
+        cred_log = logging.getLogger("botocore.credentials")
+        if cred_log.level == logging.NOTSET:
+            cred_log.setLevel(logging.WARNING)
         session = boto3.session.Session()
         creds = session.get_credentials()
         if creds is not None:
@@ -58,6 +63,8 @@ class S3Storage(ObjectStore):
                 register_secret(v)
         self._client = session.client("s3", endpoint_url=cfg.endpoint_url, config=bcfg)
         self._endpoint = self._client.meta.endpoint_url
+        self._name_endpoint(self._endpoint, "data.storage.endpoint_url" if cfg.endpoint_url else
+                            "data.storage.endpoint_url (unset: boto3's default or env AWS_ENDPOINT_URL)")
 
     def __repr__(self) -> str:
         return (

@@ -302,3 +302,63 @@ def test_debug_env_shows_the_traceback(tmp_path):
     r = subprocess.run([sys.executable, "-m", "data.shards", "index", str(tmp_path / "nope")], capture_output=True,
                        text=True, env=env, cwd=REPO, timeout=120)
     assert r.returncode != 0 and "Traceback" in r.stderr
+
+
+# ------------------------------------------------------------------------------------------ nothing written
+LLAVA = {"id": "1", "image": "a.jpg", "conversations": [{"from": "human", "value": "<image>\nWhat?"},
+                                                        {"from": "gpt", "value": "A cat."}]}
+SHAREGPT = {"conversations": [{"from": "human", "value": "<image>What?"}, {"from": "gpt", "value": "A cat."}],
+            "images": ["a.jpg"]}
+SWIFT = {"messages": [{"role": "user", "content": "<image><ref-object>"}, {"role": "assistant", "content": "<bbox>"}],
+         "images": ["a.jpg"], "objects": {"ref": ["cat"], "bbox": [[1, 2, 3, 4]]}}
+LLAMAFACTORY = {"messages": [{"role": "user", "content": "<image>What?"}, {"role": "assistant", "content": "A cat."}],
+                "images": ["a.jpg"]}
+
+
+@pytest.mark.parametrize("record,fmt", [(LLAVA, "llava"), (SHAREGPT, "sharegpt"), (SWIFT, "swift"),
+                                        (LLAMAFACTORY, "llamafactory")])
+def test_make_that_writes_nothing_fails_and_suggests_the_format(tmp_path, record, fmt):
+    """Before: exit 0 after `wrote 0 samples ...; skipped: {'bad_format': 3}`."""
+    (tmp_path / "in.json").write_text(json.dumps([record] * 3))
+    (tmp_path / "a.jpg").write_bytes(small_image(0, 40, 40, "JPEG"))
+    r = _run("data.shards", "make", "--input", str(tmp_path / "in.json"), "--media", str(tmp_path), "--out",
+             str(tmp_path / "out"))
+    last = r.stderr.strip().splitlines()[-1]
+    assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
+    assert "wrote no sample" in last and "bad_format 3" in last and f"--format {fmt}" in last, last
+    assert "keys" in last and sorted(record)[0] in last
+    ok = _run("data.shards", "make", "--input", str(tmp_path / "in.json"), "--media", str(tmp_path), "--out",
+              str(tmp_path / "out2"), "--format", fmt)
+    assert ok.returncode == 0 and "wrote 3 samples" in ok.stdout, ok.stderr[-2000:]
+
+
+def test_make_that_finds_no_media_says_where_it_looked(tmp_path):
+    rec = {"messages": [{"role": "user", "content": [{"type": "image", "image": "imgs/a.jpg"}]},
+                        {"role": "assistant", "content": "A cat."}]}
+    (tmp_path / "in.jsonl").write_text(json.dumps(rec) + "\n")
+    (tmp_path / "elsewhere").mkdir()
+    r = _run("data.shards", "make", "--input", str(tmp_path / "in.jsonl"), "--out", str(tmp_path / "out"),
+             "--media", str(tmp_path / "elsewhere"))
+    last = r.stderr.strip().splitlines()[-1]
+    assert r.returncode == 2 and "wrote no sample" in last and "missing_media 1" in last, r.stderr
+    assert f"--media {tmp_path / 'elsewhere'}" in last and "relative" in last, last
+
+
+def test_a_missing_relative_data_path_names_the_directory_it_resolved_to(tmp_path, monkeypatch, tok_dir):
+    """Before: "dataset 'data/train': no dataset.json and no .tar shards found", with no word of where it looked."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError) as e:
+        build_loader(DataConfig(datasets=[DatasetSpec("data/train")], tokenizer=tok_dir), 0, 1)
+    msg = str(e.value)
+    assert "data/train" in msg and str(tmp_path / "data" / "train") in msg, msg
+    assert "relative to the working directory" in msg and "does not exist" in msg, msg
+    (tmp_path / "data" / "train").mkdir(parents=True)  # exists but holds no shards: said so, with the same path
+    with pytest.raises(ValueError, match=r"no dataset.json and no \.tar shards found") as e:
+        build_loader(DataConfig(datasets=[DatasetSpec("data/train")], tokenizer=tok_dir), 0, 1)
+    assert str(tmp_path / "data" / "train") in str(e.value)
+    with pytest.raises(ValueError, match=r"no tokenizer.json at 'tok'.*working directory .* to ") as e:
+        build_loader(DataConfig(datasets=[DatasetSpec("data/train")], tokenizer="tok"), 0, 1)
+    assert str(tmp_path / "tok") in str(e.value)
+    with pytest.raises(ValueError, match=r"/abs/nowhere.*does not exist") as e:
+        build_loader(DataConfig(datasets=[DatasetSpec("/abs/nowhere")], tokenizer=tok_dir), 0, 1)
+    assert "working directory" not in str(e.value)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import re
 import threading
 import time
 from urllib.parse import unquote
@@ -306,3 +307,61 @@ def test_forked_worker_gets_fresh_client_and_counters(objects, make_proxy):
     out = os.read(r, 100).decode().split()
     os.waitpid(pid, 0)
     assert out == ["1", "0", "1"], out
+
+
+# ------------------------------------------------------------------------------------------ unreachable endpoint
+def _closed_port() -> int:
+    """A local port with nothing listening (bound, then released: connecting to it is refused)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_unreachable_endpoint_says_connection_refused_naming_it(scheme, fake_credentials):
+    """Before: after the retries, 'gave up after 9 attempts, last failure connection_reset: EndpointConnectionError
+    ... (raise data.storage.max_retries or lower the request rate)', under a 37-line traceback."""
+    from data.storage import StorageUnreachable
+
+    endpoint = f"http://127.0.0.1:{_closed_port()}"
+    st = get_storage(f"{scheme}://{BUCKET}/", storage_cfg(scheme, endpoint, max_retries=2))
+    for call in (lambda: st.list(f"{scheme}://{BUCKET}/ds/"), lambda: st.read(f"{scheme}://{BUCKET}/ds/x.json")):
+        with pytest.raises(StorageUnreachable) as ei:
+            call()
+        msg = str(ei.value)
+        assert f"cannot connect to {endpoint}" in msg and "connection refused" in msg, msg
+        assert "request rate" not in msg and "\n" not in msg and "3 attempts" in msg
+        assert f"data.storage.{'endpoint_url' if scheme == 's3' else 'oss_endpoint'}" in msg
+        assert isinstance(ei.value, StorageRetriesExhausted)  # still what the loader treats as "not the shard's fault"
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("tool", ["train", "data.inspect"])
+def test_unreachable_endpoint_is_one_line_exit_2(tool, fake_credentials, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.conftest import qwen_tokenizer_dir
+
+    repo = Path(__file__).resolve().parents[2]
+    endpoint = f"http://127.0.0.1:{_closed_port()}"
+    data = [f"data.datasets=[{{path: s3://{BUCKET}/ds}}]", f"data.storage.endpoint_url={endpoint}",
+            "data.storage.max_retries=2", f"data.tokenizer={qwen_tokenizer_dir()}"]
+    if tool == "train":
+        cmd = ["-m", "train", str(repo / "recipes/tiny/stage3.yaml"), f"run_dir={tmp_path / 'run'}",
+               "model.init_from=null", *data]
+    else:
+        recipe = tmp_path / "r.yaml"
+        recipe.write_text(f"data:\n  datasets: [{{path: 's3://{BUCKET}/ds'}}]\n"
+                          f"  storage: {{endpoint_url: '{endpoint}', max_retries: 2}}\n")
+        cmd = ["-m", "data.inspect", "--data", str(recipe), "--tokenizer", str(qwen_tokenizer_dir())]
+    env = {**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    res = subprocess.run([sys.executable, *cmd], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=240)
+    lines = [x for x in res.stderr.splitlines() if x.strip() and "Warning" not in x and "warn(" not in x
+             and not re.search(r"\bWARNING\b", x)]  # log lines (one says it is retrying) are not the error
+    assert res.returncode == 2, res.stderr[-3000:]
+    assert len(lines) == 1 and "Traceback" not in res.stderr, res.stderr[-3000:]
+    assert f"cannot connect to {endpoint}" in lines[0] and "connection refused" in lines[0], lines[0]
