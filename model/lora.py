@@ -87,6 +87,17 @@ class LoRAConfig:
         if not any(self.targets(g) for g in GROUPS):
             raise ValueError("lora: no targets in any group (lora.llm, lora.vision and lora.merger are all empty)")
 
+    def check_frozen(self, frozen_groups: Iterable[str]) -> None:
+        """A ValueError naming the fix when adapters or full training are asked of a group the stage freezes."""
+        frozen = set(frozen_groups)
+        for group in GROUPS:
+            if self.targets(group) and group in frozen:
+                raise ValueError(f"lora.{group}={self.targets(group)} puts adapters on the {group} group, which this "
+                                 f"stage freezes (train.freeze); set lora.{group}: [] or stop freezing {group}")
+        if clash := sorted(frozen & set(self.fully_trainable)):
+            raise ValueError(f"lora.fully_trainable names {clash[0]!r}, which this stage freezes (train.freeze); "
+                             "drop one of the two")
+
     def targets(self, group: str) -> list[str]:
         return list(getattr(self, group))
 
@@ -202,15 +213,12 @@ def resolve_targets(model: nn.Module, cfg: LoRAConfig, frozen_groups: Iterable[s
     """{module name: group} of the projections `cfg` targets; a ValueError naming the fix for a pattern that
     matches nothing in its group, a keyword used where it has no meaning, or a target in a frozen group."""
     family = get_family(model.cfg.family)
-    frozen = set(frozen_groups)
+    cfg.check_frozen(frozen_groups)
     projections = _projections(model)
     group_of = {n: family.group_of(f"{n}.weight") for n in projections}
     chosen: dict[str, str] = {}
     for group in GROUPS:
         patterns = cfg.targets(group)
-        if patterns and group in frozen:
-            raise ValueError(f"lora.{group}={patterns} puts adapters on the {group} group, which this stage freezes "
-                             f"(train.freeze); set lora.{group}: [] or stop freezing {group}")
         in_group = [n for n in projections if group_of[n] == group]
         for pat in patterns:
             if pat in ("attn", "mlp"):
@@ -239,9 +247,7 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig, frozen_groups: Iterable[str] =
     projection's role) and before loading weights (base weights keep their names)."""
     cfg.validate()
     frozen = set(frozen_groups)
-    if clash := sorted(frozen & set(cfg.fully_trainable)):
-        raise ValueError(f"lora.fully_trainable names {clash[0]!r}, which this stage freezes (train.freeze); "
-                         "drop one of the two")
+    cfg.check_frozen(frozen)
     if lora_modules(model):
         raise ValueError("the model already has LoRA adapters; apply_lora runs once per model")
     targets = resolve_targets(model, cfg, frozen)

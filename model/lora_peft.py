@@ -191,9 +191,22 @@ def read_peft_dir(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor
 @torch.no_grad()
 def load_peft_adapter(model: nn.Module, path: str | os.PathLike) -> dict[str, int]:
     """Copy a peft adapter directory into a LoRA model's adapters (and its modules_to_save into the fully trained
-    modules), in place. Every adapter of the model must be in the file with its shape and scale, and the file may
-    hold no other module: the first mismatch is a one-line error naming the module (an adapter for another base
-    model, or another lora config). Returns {'adapters': n, 'full': n} of tensors copied."""
+    modules), in place; checked first by peft_state_dict (nothing is copied from an adapter that does not fit).
+    Returns {'adapters': n, 'full': n} of tensors copied."""
+    sd = peft_state_dict(model, path)
+    params = dict(model.named_parameters())
+    for k, t in sd.items():
+        params[k].copy_(t.to(params[k].dtype))
+    n_adapters = sum(is_adapter_key(k) for k in sd)
+    return {"adapters": n_adapters, "full": len(sd) - n_adapters}
+
+
+def peft_state_dict(model: nn.Module, path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """A peft adapter directory as our keys (`<linear>.lora_A/B.weight`, and the modules_to_save tensors), whole
+    tensors, checked against a LoRA model's adapters (`model` may be on the meta device: only its shapes, ranks
+    and scales are read). Every adapter of the model must be in the file with its shape and scale, and the file
+    may hold no other module: the first mismatch is a one-line error naming the module (an adapter for another
+    base model, or another lora config)."""
     config, stored = read_peft_dir(path)
     cfg, ours = model.cfg, lora_modules(model)
     r0, a0, rs = config["r"], config["lora_alpha"], bool(config.get("use_rslora"))
@@ -227,11 +240,10 @@ def load_peft_adapter(model: nn.Module, path: str | os.PathLike) -> dict[str, in
             raise CheckpointMismatchError(f"peft adapter {path} has an adapter on {src}, which this model's lora "
                                           "config does not target (or this model lacks): set the lora targets to match")
         plan += _split_module(expected[hf_module], values[f"{src}|A"], values[f"{src}|B"], scales[src], src, path, cfg)
-    for mod, a, b in plan:
-        mod.lora_A.weight.copy_(a.to(mod.lora_A.weight.dtype))
-        mod.lora_B.weight.copy_(b.to(mod.lora_B.weight.dtype))
-    n_full = _load_full(model, full, path)
-    return {"adapters": 2 * len(ours), "full": n_full}
+    out = {}
+    for name, a, b in plan:
+        out[f"{name}.lora_A.weight"], out[f"{name}.lora_B.weight"] = a, b
+    return {**out, **_full_tensors(model, full, path)}
 
 
 def _to_ours_layout(hub_module: str) -> str:
@@ -240,8 +252,8 @@ def _to_ours_layout(hub_module: str) -> str:
 
 
 def _split_module(ours: dict[int | None, tuple[str, nn.Module]], A: torch.Tensor, B: torch.Tensor, scale: float,
-                  src: str, path, cfg: ModelConfig) -> list[tuple[nn.Module, torch.Tensor, torch.Tensor]]:
-    """One peft module's A, B as (our LoRALinear, A, B) for each of our adapters (three for a fused ViT qkv),
+                  src: str, path, cfg: ModelConfig) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+    """One peft module's A, B as (our projection's name, A, B) for each of our adapters (three for a fused ViT qkv),
     checked against their shapes and scales."""
     C = cfg.vision.embed_dim
     out = []
@@ -266,14 +278,14 @@ def _split_module(ours: dict[int | None, tuple[str, nn.Module]], A: torch.Tensor
             raise CheckpointMismatchError(
                 f"peft adapter {path}: {src} scales by {scale:g} (lora_alpha / r), {name} by {mod.scaling:g}; set "
                 "lora.alpha, lora.rank and lora.rslora as the adapter's adapter_config.json")
-        out.append((mod, a, b))
+        out.append((name, a, b))
     return out
 
 
-def _load_full(model: nn.Module, hub_tensors: dict[str, torch.Tensor], path) -> int:
-    """The adapter's modules_to_save tensors (hub-layout keys) into our parameters."""
+def _full_tensors(model: nn.Module, hub_tensors: dict[str, torch.Tensor], path) -> dict[str, torch.Tensor]:
+    """The adapter's modules_to_save tensors (hub-layout keys) as our keys, checked against the model's shapes."""
     if not hub_tensors:
-        return 0
+        return {}
     ours = from_hf_state_dict(hub_tensors, model.cfg.text.tie_word_embeddings)
     params = dict(model.named_parameters())
     for k, t in ours.items():
@@ -281,6 +293,4 @@ def _load_full(model: nn.Module, hub_tensors: dict[str, torch.Tensor], path) -> 
             here = tuple(params[k].shape) if k in params else "no such key"
             raise CheckpointMismatchError(f"peft adapter {path}: saved module tensor {k} {tuple(t.shape)} does not "
                                           f"fit this model ({here})")
-    for k, t in ours.items():
-        params[k].copy_(t.to(params[k].dtype))
-    return len(ours)
+    return dict(ours)

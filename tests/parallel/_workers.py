@@ -441,6 +441,12 @@ def check_lora_optimizer(res: dict, dims) -> dict:
             share += 8 * p.numel() / (dims.dp * (dims.tp if tp_sharded else 1))
     ratio = res["opt_bytes"] / share
     assert abs(ratio - 1) <= 0.10, f"optimizer state {res['opt_bytes']} B vs this rank's share {share:.0f} B"
+    if dims.pp == 1:
+        # The dry run's accounting (train/lora.py, from the family's roles) predicts this rank's bytes exactly.
+        from train.lora import rank_memory
+
+        predicted = rank_memory(ref, dims.tp, dims.dp, "fp32")["optimizer"]
+        assert predicted == res["opt_bytes"], f"dry-run accounting {predicted} B, measured {res['opt_bytes']} B"
     out = {"opt_bytes": res["opt_bytes"], "share_bytes": share, "ratio": ratio, "one_process_bytes":
            res["ref_opt_bytes"], "trainable": n_train, "total": n_total, "full_training_opt_bytes": 8 * n_total}
     if dims.tp == 1 and dims.pp == 1:
