@@ -36,12 +36,15 @@ from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 
 from model.config import ModelConfig
 from model.flops import batch_flops
+from model.lora import is_adapter_key
 from model.loss import DEFAULT_CHUNK_SIZE
 from parallel import ParallelDims
 from parallel.pipeline_split import prune_to_stage, stage_layer_ids
 from parallel.tensor_parallel import check_tp_divisibility, decoder_layer_plan, vision_block_plan
 from train.config import GROUPS, JobConfig
-from train.optim import group_of
+from train.lora import apply_recipe_lora, tp_local_numel
+from train.lora import trainable_by_group as trainable_by_group_of
+from train.optim import apply_freeze, group_of
 from train.weights import meta_model, resolve_model_config
 
 _FLOPS_GROUP = {"vision": "vit", "merger": "merger", "llm": "llm"}
@@ -153,11 +156,18 @@ def dry_run(cfg: JobConfig, world_size: int | None = None) -> DryRunReport:
     frozen = set(cfg.frozen_groups)
     layer_ids = stage_layer_ids(mcfg, pp, p.pp_first_stage_layers, p.pp_vision_fraction)
 
-    full = meta_model(mcfg)
+    def model_of_run():
+        """The meta model as the run builds it: frozen groups, then the recipe's LoRA adapters (train/lora.py)."""
+        mod = meta_model(mcfg)
+        apply_freeze(mod.named_parameters(), frozen)
+        apply_recipe_lora(mod, cfg.lora, frozen, 0)
+        return mod
+
+    full = model_of_run()
     by_group = dict.fromkeys(GROUPS, 0)
     for name, prm in full.named_parameters():
         by_group[group_of(name)] += prm.numel()
-    trainable_by_group = {g: (0 if g in frozen else n) for g, n in by_group.items()}
+    trainable_by_group = trainable_by_group_of(full.named_parameters(), mcfg.family)
 
     # FLOPs per token of a typical microbatch: data.max_tokens LLM tokens of which pp_vision_fraction are
     # image tokens (32x32-patch images, 256 tokens each), in samples of up to 2048 tokens.
@@ -192,18 +202,19 @@ def dry_run(cfg: JobConfig, world_size: int | None = None) -> DryRunReport:
 
     stages = []
     for s in range(pp):
-        mod = prune_to_stage(meta_model(mcfg), s, layer_ids)
-        n_loc = g_loc = 0
+        mod = prune_to_stage(model_of_run(), s, layer_ids)
+        n_loc = g_loc = g_full = 0  # g_full: the trainable elements of the same stage without LoRA
         largest_unit = 0
         seen: set[int] = set()
         for name, prm in mod.named_parameters(remove_duplicate=False):
             if id(prm) in seen:  # tied: the head is the embedding (on a pipeline's last stage, its own copy)
                 continue
             seen.add(id(prm))
-            k = local_numel(name, prm.numel(), tp, sp)
+            k = tp_local_numel(name, prm.numel(), tp, mcfg) if is_adapter_key(name) else local_numel(
+                name, prm.numel(), tp, sp)
             n_loc += k
-            if group_of(name) not in frozen:
-                g_loc += k
+            g_loc += k if prm.requires_grad else 0
+            g_full += k if group_of(name) not in frozen and not is_adapter_key(name) else 0
         units = [(f"layers.{i}", b) for i, b in mod.layers.items()]
         if mod.visual is not None:
             units += [(f"visual.blocks.{i}", b) for i, b in mod.visual.blocks.items()]
@@ -228,6 +239,7 @@ def dry_run(cfg: JobConfig, world_size: int | None = None) -> DryRunReport:
             params_b = 4 * (largest_unit if zero3 else n_loc) + 4 * n_loc / dp
             grads_b = 4 * (largest_unit if zero3 else g_loc) + 4 * g_loc / dp
         optim_b = 8 * g_loc / dp
+        full_training_b = (2 if p.mixed_precision == "bf16" else 4) * g_full + 4 * g_full / dp + 8 * g_full / dp
         inflight = min(m, pp - s) if pp > 1 else 1
 
         def per_mb(tokens: int, rows: int, stage: int = s, n_layers: int = len(ids)) -> float:
@@ -252,6 +264,8 @@ def dry_run(cfg: JobConfig, world_size: int | None = None) -> DryRunReport:
         act_long_b = activations(T_long, N_long)
         mem = {"params": params_b / GB, "grads": grads_b / GB, "optimizer": optim_b / GB, "activations": act_b / GB}
         mem["total"] = sum(mem.values())
+        if cfg.lora is not None:  # gradients + optimizer state this stage would hold without the adapters (ZeRO-1)
+            mem["grads_optim_full_training"] = full_training_b / GB
         mem["activations_longest"] = act_long_b / GB
         mem["total_longest"] = mem["total"] - mem["activations"] + mem["activations_longest"]
         # forward FLOPs per LLM token of this stage (for the balance of the split)
@@ -279,6 +293,14 @@ def _h(n: float) -> str:
     return f"{n:.0f}"
 
 
+def _group_state(g: str, frozen: set[str], cfg: JobConfig) -> str:
+    if g in frozen:
+        return "frozen"
+    if cfg.lora is not None and cfg.lora.targets(g):
+        return "LoRA adapters"
+    return "frozen" if cfg.lora is not None and g not in cfg.lora.fully_trainable else "trainable"
+
+
 def format_report(r: DryRunReport, cfg: JobConfig, mcfg: ModelConfig, sp: bool) -> str:
     p = cfg.parallel
     frozen = set(cfg.frozen_groups)
@@ -297,9 +319,10 @@ def format_report(r: DryRunReport, cfg: JobConfig, mcfg: ModelConfig, sp: bool) 
             if cfg.model.init_from else []
         ),
         "parameters: total " + _h(r.params_total) + " | " + " | ".join(
-            f"{g} {_h(n)} ({'frozen' if g in frozen else 'trainable'})" for g, n in r.params_by_group.items()
+            f"{g} {_h(n)} ({_group_state(g, frozen, cfg)})" for g, n in r.params_by_group.items()
         ),
-        f"trainable: {_h(sum(r.trainable_by_group.values()))}",
+        f"trainable: {_h(sum(r.trainable_by_group.values()))}"
+        + (f" ({100 * sum(r.trainable_by_group.values()) / r.params_total:.2f}%, LoRA)" if cfg.lora else ""),
         "pipeline split:" if r.pp > 1 else "pipeline: none (pp=1)",
     ]
     for s in r.stages:
@@ -319,6 +342,17 @@ def format_report(r: DryRunReport, cfg: JobConfig, mcfg: ModelConfig, sp: bool) 
             f"  {s.stage:>5} {mm['params']:8.2f} {mm['grads']:8.2f} {mm['optimizer']:8.2f} "
             f"{mm['activations']:8.2f} {mm['total']:8.2f} {mm['activations_longest']:8.2f} {mm['total_longest']:8.2f}"
         )
+    if cfg.lora is not None:
+        lo = cfg.lora
+        lines.append(f"LoRA: rank {lo.rank}, alpha {lo.alpha:g}{' (rslora)' if lo.rslora else ''}, targets "
+                     + ", ".join(f"{g} {lo.targets(g)}" for g in GROUPS if lo.targets(g))
+                     + (f", fully trained {lo.fully_trainable}" if lo.fully_trainable else "")
+                     + " | gradients + optimizer state per rank, GB, full training -> LoRA (saved):")
+        for s in r.stages:
+            mm = s.memory
+            lora_b = mm["grads"] + mm["optimizer"]
+            lines.append(f"  stage {s.stage}: {mm['grads_optim_full_training']:.2f} -> {lora_b:.2f} "
+                         f"({mm['grads_optim_full_training'] - lora_b:.2f} saved)")
     f = r.flops
     lines.append(
         f"FLOPs per token (fwd+bwd, trainable: {', '.join(g for g in GROUPS if g not in frozen)}): "

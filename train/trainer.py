@@ -38,6 +38,8 @@ from core.config import ConfigError
 from data.loader import DataError, LoaderInterrupted, build_loader
 from model.flops import batch_flops
 from model.hf_adapter import is_hf_dir, load_hf_slices
+from model.lora import is_adapter_key
+from model.lora_peft import is_peft_dir
 from model.qwen2_vl import Qwen2VL
 from parallel import init_distributed, parallelize
 from train.checkpoint import (
@@ -51,6 +53,7 @@ from train.checkpoint import (
 )
 from train.config import JobConfig
 from train.eval import Evaluator
+from train.lora import apply_recipe_lora, lora_refreeze, peft_base, peft_init_state, reset_adapters, trainable_by_group
 from train.metrics import MetricsLogger, device_peak_tflops, peak_memory_gb
 from train.optim import apply_freeze, build_optimizer, set_lr
 from train.prefetch import DevicePrefetcher
@@ -167,10 +170,14 @@ class Trainer:
         if full_init:
             model = Qwen2VL(self.mcfg)
         self.trainable_counts = apply_freeze(model.named_parameters(), cfg.frozen_groups)
+        # LoRA (train/lora.py): adapters on the recipe's targets, every other base weight frozen.
+        if apply_recipe_lora(model, cfg.lora, cfg.frozen_groups, cfg.train.seed):
+            self.trainable_counts = trainable_by_group(model.named_parameters(), self.mcfg.family)
         self.engine = parallelize(model, self.dims, cfg.parallel)
         if not full_init:
             self.engine.materialize(init_weights=not loading)
         apply_freeze(self.engine.named_parameters(), cfg.frozen_groups)
+        lora_refreeze(self.engine.named_parameters(), cfg.lora, cfg.frozen_groups, self.mcfg.family)
         self.optimizer = build_optimizer(list(self.engine.named_parameters()), cfg)
         self.trainable_groups = [g for g in ("vision", "merger", "llm") if g not in cfg.frozen_groups]
 
@@ -297,16 +304,24 @@ class Trainer:
         return path
 
     def _load_init(self, src: str) -> None:
-        if is_hf_dir(src):
-            sd = dict(self.engine.state_dict())
-            load_hf_slices(sd, src, self.mcfg)
-            self.engine.load_state_dict(sd)
+        adapters_loaded = False
+        if is_hf_dir(src) or is_peft_dir(src):
+            # An HF directory holds no adapters; a peft adapter directory names its HF base (train/lora.py).
+            base = peft_base(src) if is_peft_dir(src) else src
+            sd = {k: v for k, v in self.engine.state_dict().items() if not is_adapter_key(k)}
+            load_hf_slices(sd, base, self.mcfg)
+            self.engine.load_state_dict(sd, strict=self.cfg.lora is None)
+            if is_peft_dir(src):
+                self.engine.load_state_dict(peft_init_state(self.mcfg, self.cfg.lora, src), strict=False)
+                adapters_loaded = True
         else:
             ck = resolve_checkpoint(src)
             problems = self.ckpt.verify(ck)
             if problems:
                 raise ConfigError(f"model.init_from={src}: {ck} is damaged: {'; '.join(problems[:3])}")
-            load_checkpoint_weights(self.engine.modules, ck)
+            adapters_loaded = load_checkpoint_weights(self.engine.modules, ck)
+        if self.cfg.lora is not None and not adapters_loaded:
+            reset_adapters(self.engine.modules)  # the weights came without adapters: start exactly at them
         if self.is_main:
             log.info("initialized weights from %s", describe_init(src))
 
@@ -580,6 +595,7 @@ class Trainer:
             "data_wait_s": round(st.data_wait_s, 5),
             "peak_mem_gb": round(st.peak_mem_gb, 3),
             "skipped_steps": self.skipped_steps,
+            "trainable_params": sum(self.trainable_counts.values()),
             **self._progress(dt),
             **loader_metrics,
         }

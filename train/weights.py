@@ -21,10 +21,13 @@ from unittest import mock
 
 import torch
 import torch.nn as nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
 
 from core.config import ConfigError, coerce, unknown_key_error
 from model.config import ModelConfig, get_preset
 from model.hf_adapter import is_hf_dir, read_hf_config
+from model.lora import is_adapter_key
+from model.lora_peft import is_peft_dir
 from model.qwen2_vl import Qwen2VL
 from train.checkpoint import checkpoint_keys, is_complete, load_state, read_meta, resolve_checkpoint
 from train.state import ModelState
@@ -100,7 +103,11 @@ def resolve_model_config(
     source = None
     if m.init_from is not None and (require_init or Path(m.init_from).exists()):
         p = Path(m.init_from)
-        if is_hf_dir(p):
+        if is_peft_dir(p):  # a peft adapter directory: the architecture of the HF base it names
+            from train.lora import peft_base
+
+            source_cfg, source = _hf_config(peft_base(p)), f"the HF base of peft adapter {p}"
+        elif is_hf_dir(p):
             source_cfg, source = _hf_config(p), f"HF directory {p}"
         else:
             try:
@@ -148,22 +155,41 @@ def meta_model(mcfg: ModelConfig) -> Qwen2VL:
 
 # ------------------------------------------------------------------------------------------ hand-off
 @torch.no_grad()
-def load_checkpoint_weights(modules: list[nn.Module], path: str | Path, process_group=None) -> Path:
-    """Model weights only from one of our checkpoints (any layout) into this rank's stage modules, in place."""
+def load_checkpoint_weights(modules: list[nn.Module], path: str | Path, process_group=None) -> bool:
+    """Model weights only from one of our checkpoints (any layout) into this rank's stage modules, in place.
+    Returns whether LoRA adapters were loaded: a LoRA model takes a checkpoint without adapters (its base weights;
+    the caller starts fresh adapters), a model without adapters refuses a LoRA run's checkpoint."""
     ck = resolve_checkpoint(path)
     model = ModelState(modules)
     keys = checkpoint_keys(ck)
-    absent = sorted(f"model.{k}" for k in model.state_dict() if f"model.{k}" not in keys)
+    own = model.state_dict()
+    stored_adapters = any(k.startswith("model.") and is_adapter_key(k) for k in keys)
+    own_adapters = any(is_adapter_key(k) for k in own)
+    if stored_adapters and not own_adapters:
+        raise ConfigError(f"checkpoint {ck} is a LoRA run's (it holds adapters) and this recipe has no lora: section: "
+                          f"export it merged (python -m train.export {ck} DIR --lora merged) and start from DIR, or "
+                          "add the run's lora: section to continue its adapters")
+    needed = [k for k in own if stored_adapters or not is_adapter_key(k)]  # fresh adapters over a plain checkpoint
+    absent = sorted(f"model.{k}" for k in needed if f"model.{k}" not in keys)
     if absent:
         raise ConfigError(f"checkpoint {ck} lacks {len(absent)} model tensors, e.g. {absent[:5]}")
-    load_state(ck, {"model": model}, process_group)
+    if own_adapters and not stored_adapters:
+        base = {f"model.{k}": v for k, v in own.items() if not is_adapter_key(k)}
+        load_state(ck, base, process_group)
+        for m in modules:
+            mine = {k: base[f"model.{k}"] for k in get_model_state_dict(m) if f"model.{k}" in base}
+            set_model_state_dict(m, mine, options=StateDictOptions(strict=False))
+    else:
+        load_state(ck, {"model": model}, process_group)
     log.info("initialized the model from checkpoint %s", ck)
-    return ck
+    return stored_adapters
 
 
 def describe_init(path: str | Path) -> str:
     p = Path(path)
     if is_hf_dir(p):
         return f"HF directory {p}"
+    if is_peft_dir(p):
+        return f"peft adapter {p} over its base model"
     ck = resolve_checkpoint(p)
     return f"checkpoint {ck} (step {read_meta(ck)['step']})" if is_complete(ck) else str(ck)
