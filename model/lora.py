@@ -311,10 +311,3 @@ def merged_state_dict_from(sd: dict[str, torch.Tensor], scaling: float | dict[st
             delta = (sd[f"{name}.lora_B.weight"].float() @ sd[key].float()) * s
             out[f"{name}.weight"] = (w.float() + delta).to(w.dtype)
     return out
-
-
-def trainable_parameter_count(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameters of a single-device model (each shared tensor once)."""
-    seen: dict[int, nn.Parameter] = {id(p): p for p in model.parameters()}
-    total = sum(p.numel() for p in seen.values())
-    return sum(p.numel() for p in seen.values() if p.requires_grad), total
