@@ -29,6 +29,7 @@ import torch.nn as nn
 
 from model.config import ModelConfig
 from model.family import get_family
+from model.lora import LoRALinear
 from model.text import DecoderLayer, KVCache, MRotary, RMSNorm
 from model.vision import normalize_pixel_rows
 
@@ -97,7 +98,8 @@ class VLModel(nn.Module):
     # ------------------------------------------------------------------------------------ init
     @torch.no_grad()
     def init_weights(self, std: float = 0.02) -> None:
-        """Qwen-style init: normal(0, std) for linear/conv/embedding weights, zero biases, unit norms."""
+        """Qwen-style init: normal(0, std) for linear/conv/embedding weights, zero biases, unit norms; LoRA
+        adapters (model/lora.py) as at creation."""
         for m in self.modules():
             if any(p.is_meta for p in m.parameters(recurse=False)):
                 continue  # nothing to initialize on the meta device (and meta normal_ is slow at 72B)
@@ -105,6 +107,8 @@ class VLModel(nn.Module):
                 nn.init.normal_(m.weight, std=std)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
+                if isinstance(m, LoRALinear):
+                    m.reset_lora_parameters()  # B = 0: the adapted model starts as the base model
             elif isinstance(m, nn.Embedding):
                 nn.init.normal_(m.weight, std=std)
             elif isinstance(m, (nn.LayerNorm, RMSNorm)):

@@ -25,6 +25,13 @@ Weights that stay whole on every tp rank fall in two groups:
   after each backward (`plain_replicated_names`) and can check bitwise equality;
 - Qwen3's QK-norm weights (role head_norm) are plain tensors applied to this rank's heads only: their gradients are
   partial sums, which the engine sums over tp.
+
+LoRA (model/lora.py): a projection with an adapter takes its base role's split, and the adapter's factors follow
+the base weight's input and output: for a colwise projection y = x W^T with W Shard(0) (output rows), A (r, in)
+is replicated and B (out, r) Shard(0) like the output; for a rowwise one, W Shard(1) (input columns), A Shard(1)
+like the input and B replicated. The adapter's output then has the base output's placement (colwise: Shard(-1);
+rowwise: a Partial sum, reduced with the base output by the same all-reduce / reduce-scatter), so no collective is
+added. The replicated factor's gradient is a Partial sum over tp, reduced like the norms'.
 """
 
 from __future__ import annotations
@@ -32,7 +39,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor import DTensor, Placement, Replicate, Shard, distribute_tensor
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     ParallelStyle,
@@ -44,6 +51,7 @@ from torch.distributed.tensor.parallel import (
 from core.batch import IGNORE_INDEX, PackedBatch
 from model.config import ModelConfig
 from model.family import TP_ROLES, get_family
+from model.lora import LoRALinear
 
 
 # ------------------------------------------------------------------------------------------ checks
@@ -109,13 +117,46 @@ class ShardSequenceKwargs(ParallelStyle):
         return module
 
 
-def role_style(role: str, sp: bool) -> ParallelStyle | None:
+def _shard_params(module: nn.Module, placements: dict[str, Placement], mesh: DeviceMesh, src_data_rank) -> None:
+    """Replace the module's own parameters named in `placements` by DTensors placed so (requires_grad kept)."""
+    for name, placement in placements.items():
+        p = module._parameters.get(name)
+        if p is not None:
+            dt = distribute_tensor(p, mesh, [placement], src_data_rank=src_data_rank)
+            module.register_parameter(name, nn.Parameter(dt, requires_grad=p.requires_grad))
+
+
+class LoRAColwiseParallel(ColwiseParallel):
+    """ColwiseParallel for a projection with a LoRA adapter: W, b and lora_B Shard(0) (output rows); lora_A is left
+    to distribute_module, which replicates every parameter a partition function did not place."""
+
+    def _partition_linear_fn(self, name, module, device_mesh):
+        if name == "":
+            _shard_params(module, {"weight": Shard(0), "bias": Shard(0)}, device_mesh, self.src_data_rank)
+        elif name == "lora_B":
+            _shard_params(module, {"weight": Shard(0)}, device_mesh, self.src_data_rank)
+
+
+class LoRARowwiseParallel(RowwiseParallel):
+    """RowwiseParallel for a projection with a LoRA adapter: W and lora_A Shard(1) (input columns), b replicated,
+    lora_B replicated (by distribute_module)."""
+
+    def _partition_linear_fn(self, name, module, device_mesh):
+        if name == "":
+            _shard_params(module, {"weight": Shard(1), "bias": Replicate()}, device_mesh, self.src_data_rank)
+        elif name == "lora_A":
+            _shard_params(module, {"weight": Shard(1)}, device_mesh, self.src_data_rank)
+
+
+def role_style(role: str, sp: bool, lora: bool = False) -> ParallelStyle | None:
     """The ParallelStyle of a declared role (model/family.py TP_ROLES) under SP or plain TP; None = nothing to do
-    (head_norm weights stay plain tensors: parallelize() sums their gradients over tp)."""
+    (head_norm weights stay plain tensors: parallelize() sums their gradients over tp). `lora`: the projection
+    carries a LoRA adapter (its factors are placed from the role, see the module doc)."""
     if role == "colwise":
-        return ColwiseParallel()
+        return LoRAColwiseParallel() if lora else ColwiseParallel()
     if role == "rowwise":
-        return RowwiseParallel(output_layouts=Shard(0)) if sp else RowwiseParallel()
+        cls = LoRARowwiseParallel if lora else RowwiseParallel
+        return cls(output_layouts=Shard(0)) if sp else cls()
     if role == "norm":
         return SequenceParallel(sequence_dim=0) if sp else None
     if role == "gather_input":
@@ -126,10 +167,12 @@ def role_style(role: str, sp: bool) -> ParallelStyle | None:
     raise ValueError(f"unknown tensor-parallel role {role!r}; known: {', '.join(TP_ROLES)}")
 
 
-def block_plan(roles: dict[str, str], sp: bool, first: bool) -> dict[str, ParallelStyle]:
+def block_plan(roles: dict[str, str], sp: bool, first: bool, lora: frozenset[str] = frozenset()
+               ) -> dict[str, ParallelStyle]:
     """TP(+SP) plan of one block from its declared roles. `first`: the block receives a replicated
-    (whole-sequence) input and enters the sequence-sharded region (keeps this rank's slice)."""
-    plan = {path: style for path, role in roles.items() if (style := role_style(role, sp)) is not None}
+    (whole-sequence) input and enters the sequence-sharded region (keeps this rank's slice). `lora`: the paths of
+    the block's projections that carry LoRA adapters."""
+    plan = {path: style for path, role in roles.items() if (style := role_style(role, sp, path in lora)) is not None}
     if first and sp:
         plan[""] = FirstInput(Replicate(), Shard(0), local=True)
     return plan
@@ -176,7 +219,11 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, sp: bool, pad_m
         for i, (name, block) in enumerate(blocks):
             # A stage that embeds hands whole-sequence embeddings to its first layer; later stages receive
             # already sequence-sharded activations from the previous stage.
-            _parallelize(block, tp_mesh, block_plan(dict(roles), sp, first=enters and i == 0))
+            lora = frozenset(p for p, m in block.named_modules() if isinstance(m, LoRALinear))
+            if bad := sorted(p for p in lora if roles.get(p) not in ("colwise", "rowwise")):
+                raise ValueError(f"{name}.{bad[0]} has a LoRA adapter but no colwise/rowwise tensor-parallel role in "
+                                 f"the {get_family(model.cfg.family).title} plan; drop it from the lora targets")
+            _parallelize(block, tp_mesh, block_plan(dict(roles), sp, first=enters and i == 0, lora=lora))
             if sp and (kw := getattr(block, "SEQUENCE_KWARGS", ())):
                 parallelize_module(block, tp_mesh, ShardSequenceKwargs(tuple(kw)))
             partial += [f"{name}.{path}.{p}" for path, role in roles.items() if role == "head_norm"

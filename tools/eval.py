@@ -30,8 +30,8 @@ from data.config import DataConfig, DatasetSpec
 from data.sample import SampleProcessor
 from model.hf_adapter import is_hf_dir, load_hf_model
 from model.meta import empty_model
-from model.vlm import VLModel
 from model.resolve import checkpoint_config
+from model.vlm import VLModel
 from train.checkpoint import load_state, read_meta, resolve_checkpoint
 from train.config import load_config
 from train.eval import answer, qa_samples

@@ -1,4 +1,4 @@
-"""python -m tools.export CHECKPOINT OUT_DIR [--dtype bf16|fp16|fp32] [--max-shard-gb 5]
+"""python -m tools.export CHECKPOINT OUT_DIR [--dtype bf16|fp16|fp32] [--max-shard-gb 5] [--lora merged|adapter]
 
 Writes a Hugging Face directory of the checkpoint's model family (config.json + safetensors in the key layout of
 the family's released checkpoints, sharded with an index above --max-shard-gb, plus the run's tokenizer files when
@@ -7,6 +7,11 @@ parallel layout. transformers' `<Family>ForConditionalGeneration.from_pretrained
 Qwen2_5_VLForConditionalGeneration) loads it and `python -m model.parity --hf OUT_DIR` checks it.
 
 CHECKPOINT is a step_* directory, or a checkpoint dir / run dir (its latest complete step is taken).
+
+A LoRA run's checkpoint (its config has a lora: section; model/lora.py) needs --lora: `merged` writes the same HF
+directory with every adapter folded into its weight (W + scaling * B A), `adapter` writes peft's
+adapter_config.json + adapter_model.safetensors (the groups trained in full as modules_to_save), which
+`PeftModel.from_pretrained(<the HF base>, OUT_DIR)` loads (train/lora.py).
 
 It runs in one process without a process group and streams: one decoder layer / ViT block at a time is read
 from the checkpoint (DCP assembles the full tensors from every rank's shards) and appended to the current
@@ -30,13 +35,17 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
 
 from core.cli import run_cli
-from core.config import ConfigError, expand_env
+from core.config import ConfigError, expand_env, from_dict
 from core.dtypes import DTYPES
 from model.config import ModelConfig
 from model.family import get_family
-from model.hf_adapter import HFShardWriter, expected_shapes, to_hf_state_dict, write_hf_config
+from model.hf_adapter import HFShardWriter, expected_shapes, is_hf_dir, to_hf_state_dict, write_hf_config
+from model.lora import LoRAConfig, apply_lora, is_adapter_key, merged_state_dict_from
+from model.lora_peft import covering_modules, write_peft_dir
 from model.resolve import checkpoint_config
+from model.vlm import VLModel
 from train.checkpoint import checkpoint_keys, read_meta, resolve_checkpoint
+from train.lora import EXPORT_MODES
 
 log = logging.getLogger(__name__)
 
@@ -56,15 +65,19 @@ def _units(keys: list[str]) -> Iterator[list[str]]:
         yield ks
 
 
-def export(checkpoint: str | Path, out_dir: str | Path, dtype: str = "bf16", max_shard_gb: float = 5.0) -> Path:
-    """Export a checkpoint as an HF directory of its model family; returns OUT_DIR."""
+def export(checkpoint: str | Path, out_dir: str | Path, dtype: str = "bf16", max_shard_gb: float = 5.0,
+           lora: str | None = None) -> Path:
+    """Export a checkpoint as an HF directory of its model family (or, with lora='adapter', a peft adapter); returns
+    OUT_DIR."""
     if dtype not in DTYPES:
         raise ValueError(f"--dtype {dtype!r}: choose one of {sorted(DTYPES)}")
     tdtype = DTYPES[dtype]
     ck = resolve_checkpoint(checkpoint)
     meta = read_meta(ck)
     mcfg = checkpoint_config(meta, ck)
-    shapes = expected_shapes(mcfg)
+    lcfg, shapes = _lora_shapes(ck, mcfg, lora)
+    if lora == "adapter":
+        return _export_adapter(ck, mcfg, lcfg, shapes, out_dir, tdtype)
     tie = mcfg.text.tie_word_embeddings
     keys = [k for k in shapes if not (tie and k == "lm_head.weight")]
     stored = checkpoint_keys(ck)
@@ -78,7 +91,10 @@ def export(checkpoint: str | Path, out_dir: str | Path, dtype: str = "bf16", max
         for unit in _units(keys):
             sd = {f"model.{k}": torch.empty(shapes[k], dtype=torch.float32) for k in unit}
             dcp.load(sd, storage_reader=FileSystemReader(str(ck)), no_dist=True)
-            for hk, t in to_hf_state_dict({k: sd[f"model.{k}"].to(tdtype) for k in unit}, tie, layout).items():
+            plain = {k: sd[f"model.{k}"] for k in unit}
+            if lcfg is not None:  # --lora merged: fold this unit's adapters into its weights (fp32), then cast
+                plain = merged_state_dict_from(plain, lcfg.scaling)
+            for hk, t in to_hf_state_dict({k: v.to(tdtype) for k, v in plain.items()}, tie, layout).items():
                 writer.add(hk, t)
     files = writer.close()
     out = Path(out_dir)
@@ -87,6 +103,55 @@ def export(checkpoint: str | Path, out_dir: str | Path, dtype: str = "bf16", max
     log.info("exported %s (step %s) to %s: %d file(s), %.2f GB", ck, meta.get("step"), out, len(files),
              writer.total_bytes / 1e9)
     return out
+
+
+def _lora_shapes(ck: Path, mcfg: ModelConfig, lora: str | None) -> tuple[LoRAConfig | None, dict]:
+    """(the run's lora section or None, every model key's shape including the adapters'); one-line errors for a
+    LoRA checkpoint without --lora and an adapter export of a run without adapters."""
+    if lora not in (None, *EXPORT_MODES):
+        raise ValueError(f"--lora {lora!r}: choose one of {', '.join(EXPORT_MODES)}")
+    import yaml
+
+    saved = (yaml.safe_load((ck / "config.yaml").read_text()) or {}) if (ck / "config.yaml").is_file() else {}
+    lcfg = from_dict(LoRAConfig, saved["lora"], "lora") if saved.get("lora") else None
+    has_adapters = any(k.startswith("model.") and is_adapter_key(k) for k in checkpoint_keys(ck))
+    if has_adapters and lcfg is None:
+        raise ValueError(f"checkpoint {ck} holds LoRA adapters but its config.yaml has no lora: section")
+    if has_adapters and lora is None:
+        raise ValueError(f"checkpoint {ck} is a LoRA run's: pass --lora merged (an HF directory with the adapters "
+                         "folded into the weights) or --lora adapter (peft's adapter format)")
+    if lora == "adapter" and not has_adapters:
+        raise ValueError(f"--lora adapter: checkpoint {ck} has no LoRA adapters (its run had no lora: section); "
+                         "export its full weights without --lora")
+    if not has_adapters:
+        return None, expected_shapes(mcfg)
+    with torch.device("meta"):
+        shape_model = VLModel(mcfg)
+    apply_lora(shape_model, lcfg)
+    return lcfg, {k: tuple(v.shape) for k, v in shape_model.state_dict().items()}
+
+
+def _export_adapter(ck: Path, mcfg: ModelConfig, lcfg: LoRAConfig, shapes: dict, out_dir: str | Path,
+                    tdtype: torch.dtype) -> Path:
+    """--lora adapter: the adapters and the fully trained groups' tensors (small: read whole) in peft's format."""
+    with torch.device("meta"):
+        shape_model = VLModel(mcfg)
+    apply_lora(shape_model, lcfg)
+    keep = covering_modules(shape_model, lcfg.fully_trainable) if lcfg.fully_trainable else []
+    keys = [k for k in shapes if is_adapter_key(k) or any(k.startswith(m + ".") for m in keep)]
+    sd = {f"model.{k}": torch.empty(shapes[k], dtype=torch.float32) for k in keys}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+        dcp.load(sd, storage_reader=FileSystemReader(str(ck)), no_dist=True)
+    tensors = {k: sd[f"model.{k}"].to(tdtype) for k in keys}
+    import yaml
+
+    base = ((yaml.safe_load((ck / "config.yaml").read_text()) or {}).get("model") or {}).get("init_from")
+    write_peft_dir({k: v for k, v in tensors.items() if is_adapter_key(k)}, mcfg, lcfg, out_dir,
+                   {k: v for k, v in tensors.items() if not is_adapter_key(k)}, keep,
+                   base_model=base if base and is_hf_dir(base) else None)
+    log.info("exported the LoRA adapters of %s to %s (peft format)", ck, out_dir)
+    return Path(out_dir)
 
 
 PROCESSOR_CLASS = {"qwen2_vl": "Qwen2VLProcessor", "qwen2_5_vl": "Qwen2_5_VLProcessor", "qwen3_vl": "Qwen3VLProcessor"}
@@ -130,9 +195,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("out_dir", help="output Hugging Face directory")
     parser.add_argument("--dtype", default="bf16", choices=sorted(DTYPES), help="weight dtype (default bf16)")
     parser.add_argument("--max-shard-gb", type=float, default=5.0, help="safetensors shard size (default 5)")
+    parser.add_argument("--lora", choices=EXPORT_MODES, default=None,
+                        help="a LoRA run's checkpoint: 'merged' = HF directory with the adapters folded in, "
+                             "'adapter' = peft adapter_config.json + adapter_model.safetensors")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    print(export(args.checkpoint, args.out_dir, args.dtype, args.max_shard_gb))
+    print(export(args.checkpoint, args.out_dir, args.dtype, args.max_shard_gb, args.lora))
     return 0
 
 

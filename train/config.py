@@ -4,9 +4,9 @@
     python -m train --help-config                           # every key, its type, default and doc
 
 Sections: model, data (the loader's DataConfig), parallel (the engine's ParallelConfig), optim, train,
-checkpoint, metrics, eval (held-out evaluation, train/eval.py), plus run_dir. Recipes under recipes/ only
-select and override. The resolved config is written to RUN_DIR/config.yaml and into every checkpoint
-(config.yaml next to the DCP files).
+checkpoint, metrics, eval (held-out evaluation, train/eval.py), lora (model.lora.LoRAConfig), plus run_dir.
+Recipes under recipes/ only select and override. The resolved config is written to RUN_DIR/config.yaml and into
+every checkpoint (config.yaml next to the DCP files).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import yaml
 from core.config import ConfigError, apply_overrides, expand_env, from_dict, load_yaml, restore_env_refs, to_dict
 from data.config import DataConfig, DatasetSpec
 from model.family import GROUPS, get_family
+from model.lora import LoRAConfig
 from parallel import ParallelConfig
 
 STAGE_FROZEN = {1: ("llm",), 2: (), 3: ("vision",)}
@@ -239,6 +240,9 @@ class JobConfig:
     """Logging."""
     eval: EvalSection = field(default_factory=EvalSection)
     """Held-out evaluation (loss and generation accuracy) every N steps and at the end of the stage."""
+    lora: LoRAConfig | None = None
+    """LoRA adapters (model/lora.py): base weights frozen, only the adapters (and lora.fully_trainable groups) train
+    and get optimizer state; null = full training of the unfrozen groups."""
     env_refs: dict[str, str] = field(default_factory=dict, init=False, repr=False, compare=False)
     # {dotted key: '${VAR}...'} of every value expanded from a credential-like environment variable: the saved
     # config.yaml writes the reference back, so a secret never lands in a run directory or a checkpoint.
@@ -281,6 +285,11 @@ class JobConfig:
                 raise ConfigError(f"train.freeze: unknown group {g!r}; groups are {', '.join(GROUPS)}")
         if set(self.frozen_groups) == set(GROUPS):
             raise ConfigError("train.freeze freezes every group (vision, merger, llm): nothing would train")
+        if self.lora is not None:
+            try:
+                self.lora.check_frozen(self.frozen_groups)
+            except ValueError as e:
+                raise ConfigError(str(e)) from e
         if t.steps < 1:
             raise ConfigError(f"train.steps={t.steps}: must be >= 1")
         if t.global_microbatches is not None and t.global_microbatches < 1:

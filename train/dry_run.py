@@ -33,6 +33,7 @@ communication buffers and the CUDA context (~1-3 GB; docs/perf/README.md).
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,6 +42,7 @@ import torch.nn as nn
 from model.config import ModelConfig
 from model.family import get_family
 from model.flops import batch_flops, llm_forward_flops, vit_flops_per_patch
+from model.lora import is_adapter_key
 from model.loss import DEFAULT_CHUNK_SIZE
 from model.meta import meta_model
 from parallel import ParallelDims
@@ -48,21 +50,33 @@ from parallel.pipeline_split import prune_to_stage, stage_layer_ids
 from parallel.tensor_parallel import check_tp_divisibility
 from train.config import GROUPS, JobConfig
 from train.formatting import si
+from train.lora import apply_recipe_lora
+from train.lora import trainable_by_group as trainable_by_group_of
+from train.optim import apply_freeze
 from train.start import Weights, run_model_config
 
 GB = 1e9
 
 
 def tp_roles(mod: nn.Module) -> dict[str, str]:
-    """{parameter FQN: 'colwise' | 'rowwise'} of the projections a (stage of a) model shards over tp, from its
-    family's declared roles (model/family.py; parallel/tensor_parallel.py applies the same ones)."""
+    """{parameter FQN: 'split' | 'whole'} of the projections a (stage of a) model shards over tp, from its family's
+    declared roles (model/family.py; parallel/tensor_parallel.py applies the same ones): a colwise weight and bias,
+    a rowwise weight are split; a rowwise bias is whole; of a LoRA adapter (model/lora.py), the factor on the split
+    side is split (colwise: B, rowwise: A), the other whole."""
     plan = get_family(mod.cfg.family).plan(mod.cfg)
     out: dict[str, str] = {}
     for blocks, roles in ((mod.vision_blocks(), plan.vision_block), (mod.named_decoder_layers(), plan.decoder_layer)):
         for prefix, blk in blocks:
             for path, role in roles.items():
-                if role in ("colwise", "rowwise"):
-                    out |= {f"{prefix}.{path}.{n}": role for n, _ in blk.get_submodule(path).named_parameters()}
+                if role not in ("colwise", "rowwise"):
+                    continue
+                for n, _ in blk.get_submodule(path).named_parameters():
+                    factor = n.split(".")[0] if is_adapter_key(n) else None
+                    if factor is not None:
+                        split = factor == ("lora_B" if role == "colwise" else "lora_A")
+                    else:
+                        split = role == "colwise" or n.endswith("weight")
+                    out[f"{prefix}.{path}.{n}"] = "split" if split else "whole"
     return out
 
 
@@ -72,10 +86,7 @@ def local_numel(fqn: str, numel: int, tp: int, roles: dict[str, str]) -> int:
         return numel
     if fqn in ("embed_tokens.weight", "lm_head.weight"):  # vocab-parallel embedding and head
         return math.ceil(numel / tp)
-    role = roles.get(fqn)
-    if role == "colwise" or (role == "rowwise" and fqn.endswith(".weight")):
-        return math.ceil(numel / tp)
-    return numel  # norms, patch embedding, mergers, rowwise biases: replicated
+    return math.ceil(numel / tp) if roles.get(fqn) == "split" else numel  # norms, patch embed, mergers: whole
 
 
 @dataclass
@@ -127,11 +138,12 @@ class _Plan:
 def dry_run(cfg: JobConfig, world_size: int | None = None) -> DryRunReport:
     """Analyze the recipe's layout (see the module doc). Raises ValueError/ConfigError on an invalid layout."""
     plan = _plan(cfg, world_size)
-    by_group = _params_by_group(plan)
+    full = _model_of_run(plan)
+    by_group = _params_by_group(plan, full)
     flops, vit_fwd_per_token = _flops(plan, sum(by_group.values()))
     act = _Activations.of(plan)
     stages = [_stage(plan, s, act, vit_fwd_per_token) for s in range(plan.pp)]
-    trainable_by_group = {g: (0 if g in plan.frozen else n) for g, n in by_group.items()}
+    trainable_by_group = trainable_by_group_of(full.named_parameters(), plan.mcfg.family)
     rep = DryRunReport(plan.world_size, plan.dp, plan.tp, plan.pp, plan.microbatches, sum(by_group.values()),
                        by_group, trainable_by_group, stages, flops)
     rep.text = format_report(rep, cfg, plan.mcfg, plan.sp)
@@ -155,10 +167,18 @@ def _plan(cfg: JobConfig, world_size: int | None) -> _Plan:
                  stage_layer_ids(mcfg, dims.pp, p.pp_first_stage_layers, p.pp_vision_fraction))
 
 
-def _params_by_group(plan: _Plan) -> dict[str, int]:
+def _model_of_run(plan: _Plan) -> nn.Module:
+    """The meta model as the run builds it: the frozen groups, then the recipe's LoRA adapters (train/lora.py)."""
+    mod = meta_model(plan.mcfg)
+    apply_freeze(mod.named_parameters(), plan.frozen, get_family(plan.mcfg.family))
+    apply_recipe_lora(mod, plan.cfg.lora, plan.frozen, 0)
+    return mod
+
+
+def _params_by_group(plan: _Plan, model: nn.Module) -> dict[str, int]:
     by_group = dict.fromkeys(GROUPS, 0)
     family = get_family(plan.mcfg.family)
-    for name, prm in meta_model(plan.mcfg).named_parameters():
+    for name, prm in model.named_parameters():
         by_group[family.group_of(name)] += prm.numel()
     return by_group
 
@@ -261,10 +281,13 @@ def _activation_elems_per_token(mcfg: ModelConfig, tp: int, sp: bool, ac: str) -
 
 def _stage(plan: _Plan, s: int, act: _Activations, vit_fwd_per_token: float) -> StageReport:
     """Stage s as the engine builds it (the same pipeline pruning), per rank."""
-    mod = prune_to_stage(meta_model(plan.mcfg), s, plan.layer_ids)
+    mod = prune_to_stage(_model_of_run(plan), s, plan.layer_ids)
     ids = plan.layer_ids[s]
-    n_loc, g_loc, largest_unit = _local_params(plan, mod)
-    mem = _memory(plan, n_loc, g_loc, largest_unit)
+    k = rank_numel(mod, plan.tp, plan.frozen)
+    mem = _memory(plan, k.params, k.trainable, k.largest_unit)
+    if plan.cfg.lora is not None:  # gradients + optimizer state this stage would hold without the adapters
+        full = _memory(plan, k.params, k.trainable_full, k.largest_unit)
+        mem_full_b = full["grads"] + full["optimizer"]
     d = plan.cfg.data
     mem["activations"] = act.stage_bytes(plan, s, len(ids), d.max_tokens, d.patch_budget) / GB
     mem["total"] = sum(mem.values())
@@ -272,27 +295,40 @@ def _stage(plan: _Plan, s: int, act: _Activations, vit_fwd_per_token: float) -> 
     mem["activations_longest"] = act.stage_bytes(plan, s, len(ids), d.video_sample_tokens,
                                                  d.video_sample_patches) / GB
     mem["total_longest"] = mem["total"] - mem["activations"] + mem["activations_longest"]
-    return StageReport(s, ids, _stage_modules(plan, mod, s), n_loc, g_loc,
+    if plan.cfg.lora is not None:
+        mem["grads_optim_full_training"] = mem_full_b
+    return StageReport(s, ids, _stage_modules(plan, mod, s), k.params, k.trainable,
                        _stage_fwd_flops(plan, s, len(ids), vit_fwd_per_token), mem)
 
 
-def _local_params(plan: _Plan, mod: nn.Module) -> tuple[int, int, int]:
-    """(parameters, trainable parameters, parameters of the largest FSDP unit) one tp rank of a stage holds."""
-    roles, family = tp_roles(mod), get_family(plan.mcfg.family)
-    n_loc = g_loc = 0
+@dataclass
+class RankNumel:
+    """Elements one tp rank of a (stage of a) model holds, after the tp split and before the dp one."""
+
+    params: int
+    trainable: int  # requires_grad: after freezing and LoRA
+    largest_unit: int  # parameters of the largest FSDP unit (a transformer block)
+    trainable_full: int  # what would train without LoRA: the groups the stage leaves unfrozen, adapters excluded
+
+
+def rank_numel(mod: nn.Module, tp: int, frozen: Iterable[str] = ()) -> RankNumel:
+    """RankNumel of `mod` (a single-device model or pipeline stage, e.g. on the meta device) under `tp`, from its
+    family's declared tp roles; each shared tensor (the tied head) once."""
+    roles, family, frozen = tp_roles(mod), get_family(mod.cfg.family), set(frozen)
+    n_loc = g_loc = g_full = 0
     seen: set[int] = set()
     for name, prm in mod.named_parameters(remove_duplicate=False):
         if id(prm) in seen:  # tied: the head is the embedding (on a pipeline's last stage, its own copy)
             continue
         seen.add(id(prm))
-        k = local_numel(name, prm.numel(), plan.tp, roles)
+        k = local_numel(name, prm.numel(), tp, roles)
         n_loc += k
-        if family.group_of(name) not in plan.frozen:
-            g_loc += k
-    largest_unit = max((sum(local_numel(f"{prefix}.{n}", q.numel(), plan.tp, roles)
+        g_loc += k if prm.requires_grad else 0
+        g_full += k if family.group_of(name) not in frozen and not is_adapter_key(name) else 0
+    largest_unit = max((sum(local_numel(f"{prefix}.{n}", q.numel(), tp, roles)
                             for n, q in blk.named_parameters()) for prefix, blk in mod.transformer_blocks()),
                        default=0)
-    return n_loc, g_loc, largest_unit
+    return RankNumel(n_loc, g_loc, largest_unit, g_full)
 
 
 def _memory(plan: _Plan, n_loc: int, g_loc: int, largest_unit: int) -> dict[str, float]:
@@ -337,6 +373,15 @@ def _h(n: float) -> str:
     return si(n, ("T", "B", "M", "K"))
 
 
+def _group_state(g: str, frozen: set[str], cfg: JobConfig) -> str:
+    """How a parameter group trains in this run: frozen, through LoRA adapters, or fully."""
+    if g in frozen:
+        return "frozen"
+    if cfg.lora is not None and cfg.lora.targets(g):
+        return "LoRA adapters"
+    return "frozen" if cfg.lora is not None and g not in cfg.lora.fully_trainable else "trainable"
+
+
 def format_report(r: DryRunReport, cfg: JobConfig, mcfg: ModelConfig, sp: bool) -> str:
     p = cfg.parallel
     frozen = set(cfg.frozen_groups)
@@ -355,9 +400,10 @@ def format_report(r: DryRunReport, cfg: JobConfig, mcfg: ModelConfig, sp: bool) 
             if cfg.model.init_from else []
         ),
         "parameters: total " + _h(r.params_total) + " | " + " | ".join(
-            f"{g} {_h(n)} ({'frozen' if g in frozen else 'trainable'})" for g, n in r.params_by_group.items()
+            f"{g} {_h(n)} ({_group_state(g, frozen, cfg)})" for g, n in r.params_by_group.items()
         ),
-        f"trainable: {_h(sum(r.trainable_by_group.values()))}",
+        f"trainable: {_h(sum(r.trainable_by_group.values()))}"
+        + (f" ({100 * sum(r.trainable_by_group.values()) / r.params_total:.2f}%, LoRA)" if cfg.lora else ""),
         "pipeline split:" if r.pp > 1 else "pipeline: none (pp=1)",
     ]
     for s in r.stages:
@@ -377,6 +423,17 @@ def format_report(r: DryRunReport, cfg: JobConfig, mcfg: ModelConfig, sp: bool) 
             f"  {s.stage:>5} {mm['params']:8.2f} {mm['grads']:8.2f} {mm['optimizer']:8.2f} "
             f"{mm['activations']:8.2f} {mm['total']:8.2f} {mm['activations_longest']:8.2f} {mm['total_longest']:8.2f}"
         )
+    if cfg.lora is not None:
+        lo = cfg.lora
+        lines.append(f"LoRA: rank {lo.rank}, alpha {lo.alpha:g}{' (rslora)' if lo.rslora else ''}, targets "
+                     + ", ".join(f"{g} {lo.targets(g)}" for g in GROUPS if lo.targets(g))
+                     + (f", fully trained {lo.fully_trainable}" if lo.fully_trainable else "")
+                     + " | gradients + optimizer state per rank, GB, full training -> LoRA (saved):")
+        for s in r.stages:
+            mm = s.memory
+            lora_b = mm["grads"] + mm["optimizer"]
+            lines.append(f"  stage {s.stage}: {mm['grads_optim_full_training']:.2f} -> {lora_b:.2f} "
+                         f"({mm['grads_optim_full_training'] - lora_b:.2f} saved)")
     f = r.flops
     lines.append(
         f"FLOPs per token (fwd+bwd, trainable: {', '.join(g for g in GROUPS if g not in frozen)}): "

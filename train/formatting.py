@@ -57,6 +57,8 @@ def format_line(r: dict[str, Any], total: int) -> str:
         parts.append(f"flop/s {si(r['flops_per_s'])}")
     parts.append(f"data {1000 * r['data_wait_s']:.0f}ms")
     parts.append(f"mem {r['peak_mem_gb']:.2f}GB")
+    if r.get("trainable_params") is not None:
+        parts.append(f"trainable {si(r['trainable_params'])}")
     if "elapsed_s" in r:
         parts.append(f"elapsed {format_duration(r['elapsed_s'])} eta {format_duration(r['eta_s'])}")
     if r.get("skipped_steps"):

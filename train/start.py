@@ -17,14 +17,17 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import torch
 import torch.nn as nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
 
 from core.config import ConfigError
 from model.config import ModelConfig
 from model.hf_adapter import is_hf_dir, load_hf_slices
+from model.lora import LoRAConfig, is_adapter_key
+from model.lora_peft import is_peft_dir
 from model.meta import meta_model
 from model.resolve import checkpoint_config, hf_config, resolve_model_config
 from model.vlm import VLModel
@@ -39,6 +42,7 @@ from train.checkpoint import (
     step_dirs,
 )
 from train.config import JobConfig, ModelSection
+from train.lora import peft_base, peft_init_state, reset_adapters
 from train.resume_data import check_resume_data
 from train.state import ModelState, set_rng_state
 
@@ -52,29 +56,42 @@ shards in place (the init then depends on the layout)."""
 
 @dataclass(frozen=True)
 class Weights:
-    """Model weights on disk: one of our checkpoints (a complete step directory) or an HF directory of a supported
-    family."""
+    """Model weights on disk: one of our checkpoints (a complete step directory), an HF directory of a supported
+    family, or a peft adapter directory (adapters over the HF base directory it names)."""
 
     path: Path
-    hf: bool
+    kind: Literal["checkpoint", "hf", "peft"]
 
     @classmethod
     def at(cls, src: str | Path) -> Weights:
-        """model.init_from's weights: an HF directory, or a step / checkpoint / run directory of ours."""
+        """model.init_from's weights: an HF directory, a peft adapter directory, or a step / checkpoint / run
+        directory of ours."""
         p = Path(src)
         if is_hf_dir(p):
-            return cls(p, hf=True)
+            return cls(p, "hf")
+        if is_peft_dir(p):
+            return cls(p, "peft")
         try:
-            return cls(resolve_checkpoint(p), hf=False)
+            return cls(resolve_checkpoint(p), "checkpoint")
         except FileNotFoundError as e:
             raise ConfigError(f"model.init_from={str(src)!r}: not an HF directory and {e}") from e
 
     @property
+    def hf(self) -> bool:
+        """HF weights (a peft adapter's base is an HF directory), not a checkpoint of ours."""
+        return self.kind != "checkpoint"
+
+    @property
     def name(self) -> str:
-        return f"HF directory {self.path}" if self.hf else f"checkpoint {self.path}"
+        return {"hf": "HF directory", "peft": "peft adapter", "checkpoint": "checkpoint"}[self.kind] + f" {self.path}"
 
     def model_config(self) -> ModelConfig:
-        return hf_config(self.path) if self.hf else checkpoint_config(read_meta(self.path), self.path)
+        if self.kind == "checkpoint":
+            return checkpoint_config(read_meta(self.path), self.path)
+        try:
+            return hf_config(peft_base(self.path) if self.kind == "peft" else self.path)
+        except ValueError as e:  # a peft adapter whose base is not here
+            raise ConfigError(str(e)) from e
 
 
 @dataclass(frozen=True)
@@ -187,32 +204,58 @@ def load_start(run: Resumable, engine: Any, start: Start) -> None:
     if start.resume is not None:
         resume(run, start.resume)
     elif start.init is not None:
-        load_init(engine, start.init, start.model_config, run.is_main)
+        load_init(engine, start.init, start.model_config, run.cfg.lora, run.is_main)
 
 
-def load_init(engine: Any, init: Weights, mcfg: ModelConfig, is_main: bool) -> None:
-    """model.init_from's weights into this rank's shards of the engine's model."""
+def load_init(engine: Any, init: Weights, mcfg: ModelConfig, lcfg: LoRAConfig | None, is_main: bool) -> None:
+    """model.init_from's weights into this rank's shards of the engine's model. A LoRA run whose weights hold no
+    adapters (an HF directory, a checkpoint of a run without LoRA) starts fresh ones (B = 0: exactly the loaded
+    model); a peft adapter directory brings its adapters over its HF base."""
     if init.hf:
-        sd = dict(engine.state_dict())
-        load_hf_slices(sd, init.path, mcfg)
-        engine.load_state_dict(sd)
+        # An HF directory holds no adapters; a peft adapter directory names its HF base (train/lora.py).
+        sd = {k: v for k, v in engine.state_dict().items() if not is_adapter_key(k)}
+        load_hf_slices(sd, peft_base(init.path) if init.kind == "peft" else init.path, mcfg)
+        engine.load_state_dict(sd, strict=lcfg is None)
+        adapters = init.kind == "peft"
+        if adapters:
+            engine.load_state_dict(peft_init_state(mcfg, lcfg, init.path), strict=False)
     else:
-        load_checkpoint_weights(engine.modules, init.path)
+        adapters = load_checkpoint_weights(engine.modules, init.path)
+    if lcfg is not None and not adapters:
+        reset_adapters(engine.modules)
     if is_main:
         log.info("initialized weights from %s", init.name if init.hf else
                  f"checkpoint {init.path} (step {read_meta(init.path)['step']})")
 
 
 @torch.no_grad()
-def load_checkpoint_weights(modules: list[nn.Module], path: Path, process_group=None) -> None:
-    """Model weights only from one of our checkpoints (any layout) into this rank's stage modules, in place."""
+def load_checkpoint_weights(modules: list[nn.Module], path: Path, process_group=None) -> bool:
+    """Model weights only from one of our checkpoints (any layout) into this rank's stage modules, in place.
+    Returns whether LoRA adapters were loaded: a LoRA model takes a checkpoint without adapters (its base weights;
+    the caller starts fresh adapters), a model without adapters refuses a LoRA run's checkpoint."""
     model = ModelState(modules)
     keys = checkpoint_keys(path)
-    absent = sorted(f"model.{k}" for k in model.state_dict() if f"model.{k}" not in keys)
+    own = model.state_dict()
+    stored_adapters = any(k.startswith("model.") and is_adapter_key(k) for k in keys)
+    own_adapters = any(is_adapter_key(k) for k in own)
+    if stored_adapters and not own_adapters:
+        raise ConfigError(f"checkpoint {path} is a LoRA run's (it holds adapters) and this recipe has no lora: "
+                          f"section: export it merged (python -m tools.export {path} DIR --lora merged) and start "
+                          "from DIR, or add the run's lora: section to continue its adapters")
+    needed = [k for k in own if stored_adapters or not is_adapter_key(k)]  # fresh adapters over a plain checkpoint
+    absent = sorted(f"model.{k}" for k in needed if f"model.{k}" not in keys)
     if absent:
         raise ConfigError(f"checkpoint {path} lacks {len(absent)} model tensors, e.g. {absent[:5]}")
-    load_state(path, {"model": model}, process_group)
+    if own_adapters and not stored_adapters:
+        base = {f"model.{k}": v for k, v in own.items() if not is_adapter_key(k)}
+        load_state(path, base, process_group)
+        for m in modules:
+            mine = {k: base[f"model.{k}"] for k in get_model_state_dict(m) if f"model.{k}" in base}
+            set_model_state_dict(m, mine, options=StateDictOptions(strict=False))
+    else:
+        load_state(path, {"model": model}, process_group)
     log.info("initialized the model from checkpoint %s", path)
+    return stored_adapters
 
 
 def resume(run: Resumable, path: Path) -> None:

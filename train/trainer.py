@@ -46,6 +46,7 @@ from parallel import ParallelModel, init_distributed, parallelize
 from train.checkpoint import CheckpointManager, Layout
 from train.config import GROUPS, JobConfig
 from train.eval import Evaluator
+from train.lora import apply_recipe_lora, trainable_by_group
 from train.metrics import MetricsLogger, device_peak_tflops, peak_memory_gb
 from train.optim import ScheduleState, apply_freeze, build_optimizer, set_lr
 from train.prefetch import DevicePrefetcher
@@ -199,10 +200,14 @@ class Trainer(Stateful):
         """The model for the start (train/start.py), frozen once, before the engine wraps it (frozen parameters get
         no gradient, optimizer state or gradient reduction), then sharded; a model built on the meta device gets
         its shards here, randomly initialized when no weights will be loaded. Returns the engine and the
-        trainable parameter count of each group."""
+        trainable parameter count of each group. With a lora: section, the adapters go on the model after freezing
+        (train/lora.py): every base weight frozen, the adapters (and lora.fully_trainable groups) train."""
+        cfg = self.cfg
         model, on_meta = start_model(self.start)
-        counts = apply_freeze(model.named_parameters(), self.cfg.frozen_groups, get_family(self.mcfg.family))
-        engine = parallelize(model, self.dims, self.cfg.parallel)
+        counts = apply_freeze(model.named_parameters(), cfg.frozen_groups, get_family(self.mcfg.family))
+        if apply_recipe_lora(model, cfg.lora, cfg.frozen_groups, cfg.train.seed):
+            counts = trainable_by_group(model.named_parameters(), self.mcfg.family)
+        engine = parallelize(model, self.dims, cfg.parallel)
         if on_meta:
             engine.materialize(init_weights=not self.start.loads_weights)
         return engine, counts
@@ -490,6 +495,7 @@ class Trainer(Stateful):
             "data_wait_s": round(st.data_wait_s, 5),
             "peak_mem_gb": round(st.peak_mem_gb, 3),
             "skipped_steps": self.skipped_steps,
+            "trainable_params": sum(self.trainable_counts.values()),
             **self._progress(dt),
             **loader_metrics,
         }

@@ -2,21 +2,24 @@
 
 layout_worker: the same global batch through one process (the plain model, no parallel code) and through a
 parallel layout; asserts equal loss, equal full gradients (step 0) and equal parameters after 3 AdamW steps,
-then the layout's own properties (named in spec["checks"]).
+then the layout's own properties (named in spec["checks"]). spec["lora"] (LoRAConfig fields) puts LoRA adapters
+on both models (model/lora.py) with random B, so the adapters' gradients are not zero at step 0.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 import os
 import time
 
 import torch
 import torch.distributed as dist
 from _synth import global_batch, reference_step, tiny_config
-from torch.distributed.tensor import DTensor, Shard
+from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from model.family import get_family
+from model.lora import LoRAConfig, apply_lora, lora_modules
 from model.loss import model_loss
 from model.vlm import VLModel
 from parallel import ParallelConfig, init_distributed, parallelize
@@ -54,6 +57,33 @@ def _freeze(model: torch.nn.Module, what: str | None) -> None:
     for n, p in model.named_parameters():
         if family.group_of(n) == what:
             p.requires_grad_(False)
+
+
+def _add_lora(model: torch.nn.Module, spec: dict) -> None:
+    """spec["lora"]'s adapters (frozen base, the spec's frozen group checked), then B drawn at random in name order
+    (B = 0 would make every A gradient zero at step 0, and the comparison vacuous)."""
+    if not spec.get("lora"):
+        return
+    apply_lora(model, LoRAConfig(**spec["lora"]), frozen_groups=[spec["freeze"]] if spec.get("freeze") else [])
+    g = torch.Generator().manual_seed(99)
+    with torch.no_grad():
+        for _, m in sorted(lora_modules(model).items()):
+            m.lora_B.weight.copy_(0.05 * torch.randn(m.lora_B.weight.shape, generator=g))
+
+
+def _check_lora_materialized(pm, ref: torch.nn.Module) -> int:
+    """After materialize(init_weights=True) on the meta path: every rank's slices of the adapters are those of the
+    adapters built on the CPU (A drawn from its name-seeded generator, B = 0): n adapters checked."""
+    want = {n: p for n, p in ref.named_parameters()}
+    n = 0
+    for name, p in pm.named_parameters():
+        if name.endswith(".lora_A.weight"):
+            assert torch.equal(_full(p.detach()), want[name]), f"{name}: materialized A differs from the CPU-built one"
+            n += 1
+        elif name.endswith(".lora_B.weight"):
+            assert _full(p.detach()).abs().max() == 0, f"{name}: B must start at zero"
+    assert n, "no adapter on this rank"
+    return n
 
 
 def _adamw(params, foreach: bool = True, eps: float = 1e-6):
@@ -124,13 +154,20 @@ def run_equivalence(spec: dict, dims, cfg: ParallelConfig, tag: str = "") -> dic
     torch.manual_seed(0)
     ref = VLModel(tiny_config(tie=spec.get("tie", False), family=family))
     _freeze(ref, spec.get("freeze"))
+    _add_lora(ref, spec)
     if spec.get("meta"):
         # The trainer's big-model path: build on meta, parallelize, allocate shards, load the weights.
         with torch.device("meta"):
             model = VLModel(tiny_config(tie=spec.get("tie", False), family=family))
         _freeze(model, spec.get("freeze"))
+        if spec.get("lora"):
+            apply_lora(model, LoRAConfig(**spec["lora"]), frozen_groups=[spec["freeze"]] if spec.get("freeze") else [])
         pm = parallelize(model, dims, cfg)
         pm.materialize(init_weights=True)
+        if spec.get("lora"):
+            fresh = VLModel(tiny_config(tie=spec.get("tie", False), family=family))  # adapters as built on the CPU
+            apply_lora(fresh, LoRAConfig(**spec["lora"]))
+            out_meta = _check_lora_materialized(pm, fresh)
         pm.load_state_dict(ref.state_dict())
     else:
         model = copy.deepcopy(ref)
@@ -141,6 +178,8 @@ def run_equivalence(spec: dict, dims, cfg: ParallelConfig, tag: str = "") -> dic
     ref_grads0: dict[str, torch.Tensor] | None = None
     m = cfg.num_microbatches
     out = {"losses": [], "ref_losses": [], "schedules": [], "lengths": [], "kinds": [], "family": family}
+    if spec.get("meta") and spec.get("lora"):
+        out["lora_materialized"] = out_meta
     for step in range(3):
         gb = global_batch(step, dims.dp * m, family=family)
         ref_loss = reference_step(ref, gb)
@@ -179,7 +218,7 @@ def run_equivalence(spec: dict, dims, cfg: ParallelConfig, tag: str = "") -> dic
         opt.zero_grad(set_to_none=True)
         ref_opt.zero_grad(set_to_none=True)
     out["param_diff"] = compare_params(pm, ref, ref_grads0)
-    out.update(pm=pm, ref=ref, opt=opt)
+    out.update(pm=pm, ref=ref, opt=opt, lora=spec.get("lora") or {})
     return out
 
 
@@ -347,6 +386,110 @@ def check_tp_layout(res: dict, dims, cfg) -> dict:
     return {"sp_rows": seen}
 
 
+def check_lora_layout(res: dict, dims) -> dict:
+    """LoRA under TP: the adapter of a colwise projection has A replicated and B Shard(0) (like the output), of a
+    rowwise one A Shard(1) (like the input) and B replicated; merger adapters are plain replicated tensors. Names
+    from the family's roles and the modules held, so a missing adapter is a KeyError, never a skipped check."""
+    params = dict(res["pm"].named_parameters())
+    plan = get_family(res["family"]).plan(res["pm"].module.cfg)
+
+    def tp_placement(p):
+        if not isinstance(p, DTensor):
+            return None
+        names = p.device_mesh.mesh_dim_names
+        return p.placements[names.index("tp")] if "tp" in names else None
+
+    seen = {"colwise": 0, "rowwise": 0, "plain": 0}
+    for chunk in res["pm"].modules:
+        for name in lora_modules(chunk):
+            block_roles = plan.vision_block if name.startswith("visual.blocks.") else plan.decoder_layer
+            path = name.split(".", 3)[-1] if name.startswith("visual.blocks.") else name.split(".", 2)[-1]
+            role = block_roles.get(path) if name.startswith(("layers.", "visual.blocks.")) else None
+            a, b = params[f"{name}.lora_A.weight"], params[f"{name}.lora_B.weight"]
+            where = (name, tp_placement(a), tp_placement(b))
+            if role == "colwise":
+                assert tp_placement(a) == Replicate() and tp_placement(b) == Shard(0), where
+            elif role == "rowwise":
+                assert tp_placement(a) == Shard(1) and tp_placement(b) == Replicate(), where
+            else:
+                assert tp_placement(a) is None and tp_placement(b) is None, name
+                role = "plain"
+            seen[role] += 1
+    assert seen["colwise"] and seen["rowwise"], seen
+    return seen
+
+
+def check_lora_optimizer(res: dict, dims) -> dict:
+    """Only adapters (and fully trained groups) have optimizer state; the one-process AdamW state is exactly
+    exp_avg + exp_avg_sq (fp32) of the trainable parameters, and each rank holds its share: 1/dp of it under
+    ZeRO-1, and of a tp-sharded factor 1/(dp * tp) (replicated factors 1/dp), within 10% (uneven shards)."""
+    names = {id(p): n for n, p in res["pm"].named_parameters()}
+    full = set(res["lora"].get("fully_trainable", []))
+    family = get_family(res["family"])
+    for p in res["opt"].state:
+        n = names[id(p)]
+        assert ".lora_" in n or family.group_of(n) in full, f"{n} has optimizer state but is no adapter"
+    ref = res["ref"]
+    n_train = sum(p.numel() for p in ref.parameters() if p.requires_grad)
+    n_total = sum(p.numel() for p in ref.parameters())
+    assert res["ref_opt_bytes"] == 8 * n_train, (res["ref_opt_bytes"], n_train)
+    share = 0.0
+    for p in res["pm"].parameters():
+        if p.requires_grad:  # FSDP shards every trainable parameter over dp; TP-sharded factors over tp too
+            dims_ = p.device_mesh.mesh_dim_names or ()
+            tp_sharded = "tp" in dims_ and not p.placements[dims_.index("tp")].is_replicate()
+            share += 8 * p.numel() / (dims.dp * (dims.tp if tp_sharded else 1))
+    ratio = res["opt_bytes"] / share
+    assert abs(ratio - 1) <= 0.10, f"optimizer state {res['opt_bytes']} B vs this rank's share {share:.0f} B"
+    if dims.pp == 1:
+        # The dry run's accounting (train/dry_run.py, from the family's roles) predicts this rank's bytes exactly.
+        from train.dry_run import rank_numel
+
+        predicted = 8 * rank_numel(ref, dims.tp).trainable // dims.dp
+        assert predicted == res["opt_bytes"], f"dry-run accounting {predicted} B, measured {res['opt_bytes']} B"
+    out = {"opt_bytes": res["opt_bytes"], "share_bytes": share, "ratio": ratio, "one_process_bytes":
+           res["ref_opt_bytes"], "trainable": n_train, "total": n_total, "full_training_opt_bytes": 8 * n_total}
+    if dims.tp == 1 and dims.pp == 1:
+        out["zero1"] = check_zero1_bytes(res, dims)
+    return out
+
+
+def check_lora_dropout(dims, cfg, family: str) -> dict:
+    """Adapter dropout under this layout: no one-process equality (the masks are random), but the replicated
+    factors must stay bitwise equal across tp ranks through training steps (their gradients are reduced), and the
+    training-mode loss must differ from the eval-mode one (dropout is applied)."""
+    import dataclasses
+
+    torch.manual_seed(0)
+    model = VLModel(tiny_config(family=family))
+    _add_lora(model, {"lora": {**LORA_SMOKE, "dropout": 0.3}})
+    pm = parallelize(model, dims, dataclasses.replace(cfg, check_replicated_every=1))
+    m = cfg.num_microbatches
+    gb = global_batch(7, dims.dp * m, family=family)
+    mine = gb[dims.dp_rank * m : (dims.dp_rank + 1) * m] if dims.is_first_stage else None
+    by_mode = {}
+    for training in (True, False):
+        for mod in pm.modules:
+            mod.train(training)
+        by_mode[training] = pm.evaluate(mine).loss
+    assert abs(by_mode[True] - by_mode[False]) > 1e-6, f"dropout changed nothing: {by_mode}"
+    for mod in pm.modules:
+        mod.train()
+    opt = _adamw([p for p in pm.parameters() if p.requires_grad], foreach=False)
+    losses = []
+    for step in range(2):
+        gb = global_batch(step, dims.dp * m, family=family)
+        losses.append(pm.step(gb[dims.dp_rank * m : (dims.dp_rank + 1) * m] if dims.is_first_stage else None).loss)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    pm.check_replicated()  # (step() also checks at the start of every step: check_replicated_every=1)
+    assert all(math.isfinite(x) for x in losses), losses
+    return {"losses": losses, "eval_train_mode": by_mode[True], "eval_eval_mode": by_mode[False]}
+
+
+LORA_SMOKE = {"rank": 4, "alpha": 8.0, "vision": ["attn", "mlp"], "merger": ["all"]}
+
+
 def check_pipeline(res: dict, dims, cfg) -> dict:
     """Receive buffers have each microbatch's true length; lengths change per step; the schedule's order (1F1B
     or interleaved warm-up count); the bytes sent are exactly the activations and gradients of every chunk."""
@@ -459,6 +602,8 @@ def layout_worker(rank: int, world: int, spec: dict) -> dict:
     }
     if spec.get("eval"):
         report["eval"] = res["eval"]
+    if "lora_materialized" in res:
+        report["lora_materialized"] = res["lora_materialized"]
     for check in spec.get("checks", []):
         if check == "zero1":
             report["zero1"] = check_zero1_bytes(res, dims)
@@ -470,6 +615,12 @@ def layout_worker(rank: int, world: int, spec: dict) -> dict:
             report["pp"] = check_pipeline(res, dims, cfg)
         elif check == "dcp":
             report["dcp"] = check_dcp_roundtrip(res, dims, cfg, spec["tmpdir"])
+        elif check == "lora_tp":
+            report["lora_tp"] = check_lora_layout(res, dims)
+        elif check == "lora_dropout":
+            report["lora_dropout"] = check_lora_dropout(dims, cfg, family)
+        elif check == "lora_opt":
+            report["lora_opt"] = check_lora_optimizer(res, dims)
         elif check == "bf16_smoke":
             report["bf16"] = check_bf16_smoke(dims, cfg, family)
         elif check.startswith("variant:"):

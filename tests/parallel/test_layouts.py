@@ -14,6 +14,10 @@ counts across dp ranks).
 The other families (Qwen2.5-VL: window attention under SP; Qwen3-VL: DeepStack in pipeline stage 0, QK-norm under
 TP, the position table) run the same checks on the layouts the seam must hold: pp2, dp2 x tp2 + SP (with the
 recipe stages' frozen groups) and tp2 x pp2 + SP from the meta device.
+
+LoRA (model/lora.py) runs the same equality with adapters on (random B, frozen base) under dp2 (ZeRO-1 holds only
+the adapters' optimizer state, bytes checked; compiled blocks), tp2 + SP (the factors' placements checked; with
+dropout the replicated factors stay equal), pp2 and dp2 x tp2 from the meta device (Qwen3-VL).
 """
 
 from __future__ import annotations
@@ -176,4 +180,57 @@ def test_family_tp2_pp2_sp_tied_meta(family):
         "parallel": {"tp": 2, "pp": 2, "num_microbatches": 3, "activation_checkpoint": "full",
                      "pp_first_stage_layers": 1, "check_replicated_every": 1},
         "checks": ["pp", "tp"],
+    }, timeout=460)
+
+
+# ------------------------------------------------------------------------------------------ LoRA
+# Adapters on the LLM's attention and MLP, the ViT's and the merger's (random B, so every adapter gradient is
+# non-zero at step 0): each layout equals one process with the same adapters, base weights frozen.
+LORA = {"rank": 4, "alpha": 8.0, "vision": ["attn", "mlp"], "merger": ["all"]}
+
+
+@pytest.mark.timeout(300)
+def test_lora_dp2_zero1_full_ac_compile():
+    """ZeRO-1 shards only the adapters' optimizer state (bytes checked); full activation checkpointing; a
+    variant with blocks compiled (aot_eager) and the merger trained in full beside LLM adapters (stage 3's usual
+    setting; without ViT adapters and checkpointing, which each multiply the graphs to compile)."""
+    _run(2, {
+        "parallel": {"dp": 2, "num_microbatches": 2, "activation_checkpoint": "full"},
+        "lora": LORA, "eval": True,
+        "checks": ["lora_opt", "variant:compiled_full_merger"],
+        "variants": {"compiled_full_merger": {
+            "eval": False,  # (no-grad forwards would compile graphs of their own)
+            "parallel": {"compile": True, "compile_backend": "aot_eager", "activation_checkpoint": "none"},
+            "lora": {**LORA, "vision": [], "merger": [], "fully_trainable": ["merger"]}}},
+    })
+
+
+@pytest.mark.timeout(300)
+def test_lora_tp2_sequence_parallel():
+    """Colwise adapters: A replicated, B Shard(0); rowwise: A Shard(1), B replicated (checked); SP and plain TP;
+    with adapter dropout the replicated factors stay equal across the tp ranks."""
+    _run(2, {
+        "parallel": {"tp": 2, "num_microbatches": 2, "check_replicated_every": 1},
+        "lora": LORA, "eval": True,
+        "checks": ["tp", "lora_tp", "lora_opt", "lora_dropout", "variant:no_sp"],
+        "variants": {"no_sp": {"parallel": {"sequence_parallel": False}}},
+    })
+
+
+@pytest.mark.timeout(300)
+def test_lora_pp2_qwen2_5_vl():
+    _run(2, {"family": "qwen2_5_vl", "lora": LORA, "eval": True, "checks": ["pp", "lora_opt"],
+             "parallel": {"pp": 2, "num_microbatches": 4, "pp_first_stage_layers": 1}})
+
+
+@pytest.mark.timeout(500)
+def test_lora_dp2_tp2_sp_selective_ac_meta_qwen3_vl():
+    """Qwen3-VL (DeepStack, QK-norm) from the meta device (the adapters materialize as on the CPU), stage 3's frozen
+    ViT (adapters on the LLM and the merger only)."""
+    _run(4, {
+        "family": "qwen3_vl", "meta": True, "freeze": "vision",
+        "lora": {**LORA, "vision": []},
+        "parallel": {"dp": 2, "tp": 2, "num_microbatches": 2, "activation_checkpoint": "selective",
+                     "check_replicated_every": 1},
+        "checks": ["tp", "lora_tp", "lora_opt"],
     }, timeout=460)
