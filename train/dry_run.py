@@ -71,7 +71,7 @@ def tp_roles(mod: nn.Module) -> dict[str, str]:
                 if role not in ("colwise", "rowwise"):
                     continue
                 for n, _ in blk.get_submodule(path).named_parameters():
-                    factor = n.split(".")[0] if is_adapter_key(n) else None
+                    factor = n.split(".")[0] if is_adapter_key(f"{path}.{n}") else None
                     if factor is not None:
                         split = factor == ("lora_B" if role == "colwise" else "lora_A")
                     else:
