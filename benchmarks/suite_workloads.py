@@ -295,21 +295,24 @@ def free_engine(e: Engine | None) -> None:
 
 
 def train_step(e: Engine, host_mbs: list[PackedBatch], clock: Clock | None = None) -> dict[str, float]:
-    """One optimizer step over `host_mbs` (gradient accumulation) the way train.trainer runs it: the prefetcher's
-    copies, the engine step, clipping, AdamW, gradients dropped; returns host-side timings (ms) and the loss."""
+    """One optimizer step over `host_mbs` (gradient accumulation) the way train.trainer runs it: host preparation
+    (ParallelModel.prepare) and the prefetcher's copies, the engine step, clipping, AdamW with the skip flag on the
+    device, gradients dropped; returns host-side timings (ms) and the loss (read after the step's work)."""
+    from train.optim import optimizer_step
+
     t0 = time.perf_counter()
-    mbs = e.prefetcher.to_device(list(host_mbs))
+    mbs = e.prefetcher.to_device(e.pm.prepare(list(host_mbs)))
     data_ms = (time.perf_counter() - t0) * 1e3
     if clock:
         clock.mark("step")
     res = e.pm.step(mbs)
     if clock:
         clock.mark("fb_end")
-    e.pm.clip_grad_norm_(1.0)
+    gnorm = e.pm.clip_grad_norm_(1.0)
     if clock:
         clock.mark("clip_end")
     if e.optimizer is not None:
-        e.optimizer.step()
+        optimizer_step(e.optimizer, ~(torch.isfinite(res.loss_t) & torch.isfinite(gnorm)))
     if clock:
         clock.mark("opt_end")
     for _, p in e.pm.named_parameters():

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import json
 import sys
 import tempfile
@@ -355,9 +354,11 @@ class HostSyncCounter(TorchDispatchMode):
 
 # ------------------------------------------------------------------------------------------ one training step
 @contextlib.contextmanager
-def emulated_trainer(steps_before: int = 1) -> Iterator[Any]:
+def emulated_trainer(steps_before: int = 1, optimizer: str = "fused") -> Iterator[Any]:
     """A train.trainer.Trainer of the golden tiny recipe (benchmarks/tiny_corpus.py: generated corpus, tiny
-    model, 2 microbatches a step) built on EMULATED_DEVICE, after `steps_before` uncounted steps."""
+    model, 2 microbatches a step) built on EMULATED_DEVICE, after `steps_before` uncounted steps. `optimizer`:
+    optim.implementation, 'fused' as on a GPU (the skip decided in its kernel), or 'foreach' (one read of the skip
+    flag per step)."""
     from tiny_corpus import golden_recipe, make_tiny_corpus
 
     import parallel.dims as dims_mod
@@ -365,8 +366,11 @@ def emulated_trainer(steps_before: int = 1) -> Iterator[Any]:
     from train.config import config_from_dict
     from train.trainer import Trainer
 
+    destroy_distributed()  # a process group left by an earlier user would keep its device (not the emulated one)
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = config_from_dict(golden_recipe(make_tiny_corpus(Path(tmp) / "corpus"), Path(tmp) / "run", "cpu"))
+        raw = golden_recipe(make_tiny_corpus(Path(tmp) / "corpus"), Path(tmp) / "run", "cpu")
+        raw.setdefault("optim", {})["implementation"] = optimizer
+        cfg = config_from_dict(raw)
         trainer = None
         try:
             with mock.patch.object(dims_mod, "_pick_device", lambda cfg, local_rank: EMULATED_DEVICE):
@@ -400,28 +404,24 @@ def _fsdp_on(modules: list[torch.nn.Module], device: torch.device) -> None:
 
 
 def _copies_to_device(counter: HostSyncCounter) -> Callable[[list | None], list | None]:
-    """The prefetcher's hand-over as on a GPU: a device copy of each tensor field (pinned, non-blocking: no
+    """The prefetcher's hand-over as on a GPU: a device copy of each tensor that goes (pinned, non-blocking: no
     sync), the host batches kept for the host-side FLOP count."""
-    from core.batch import HOST_FIELDS
+
+    def copy(t: torch.Tensor) -> torch.Tensor:
+        counter._quiet += 1
+        try:
+            out = t.clone()
+        finally:
+            counter._quiet -= 1
+        counter.mark_device(out)
+        return out
 
     def to_device(mbs):
         if mbs is None:
             return None
-        out = []
         for mb in mbs:
             mb.num_supervised  # noqa: B018 - counted on the host first, as the prefetcher does
-            moved = {}
-            for f in dataclasses.fields(mb):
-                v = getattr(mb, f.name)
-                if isinstance(v, torch.Tensor) and f.name not in HOST_FIELDS:
-                    counter._quiet += 1
-                    try:
-                        moved[f.name] = v.clone()
-                    finally:
-                        counter._quiet -= 1
-                    counter.mark_device(moved[f.name])
-            out.append(dataclasses.replace(mb, **moved))
-        return out
+        return [mb.map_device_tensors(copy) for mb in mbs]
 
     return to_device
 
@@ -451,18 +451,21 @@ def count_step(trainer: Any, extra_device: Iterable[torch.Tensor] = ()) -> tuple
     with mock.patch.object(trainer.prefetcher, "to_device", _copies_to_device(counter)), \
             mock.patch.object(attention, "_sdpa", _accelerator_sdpa), counter:
         st = trainer.train_step()
+    st.loss, st.grad_norm = float(st.loss_t), float(st.grad_norm_t)  # read after the count, as the loop would
     return counter.report, st
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--json", type=Path, default=None, help="also write the count and sites here")
+    ap.add_argument("--optimizer", choices=("fused", "foreach"), default="fused",
+                    help="optim.implementation: fused (a GPU's default) or foreach")
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
-    with emulated_trainer() as trainer:
+    with emulated_trainer(optimizer=a.optimizer) as trainer:
         rep, st = count_step(trainer)
-    print(f"host-device syncs in one training step of the tiny recipe (2 microbatches; loss {st.loss:.6f}), "
-          "counted on CPU (benchmarks/sync_count.py):\n")
+    print(f"host-device syncs in one training step of the tiny recipe (2 microbatches, {a.optimizer} AdamW; "
+          f"loss {st.loss:.6f}), counted on CPU (benchmarks/sync_count.py):\n")
     print(rep.table())
     if a.json:
         a.json.write_text(json.dumps(rep.as_dict(), indent=1) + "\n")

@@ -33,8 +33,10 @@ the model then runs a zero-weighted dummy ViT pass so every rank runs the same v
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
+from typing import Any
 
 import torch
+from torch.utils._pytree import tree_map_only
 
 IGNORE_INDEX = -100
 """The label of a position that is not supervised (torch's cross_entropy default ignore_index)."""
@@ -60,6 +62,12 @@ class PackedBatch:
     supervised: int | None = field(default=None, repr=False, compare=False)
     """Cached count of supervised positions (num_supervised): counted once, on the host, and carried by to(), so
     a batch on the device never needs a device read to be counted."""
+    supervised_idx: torch.Tensor | None = field(default=None, repr=False, compare=False)
+    """The supervised positions (S,) int64, found on the host before the labels move (the loss takes them instead
+    of searching the labels on the device, a read back); None until set (parallel/engine.py prepares it)."""
+    prepared: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+    """Extra model keyword arguments built on the host from this batch (model.vlm.VLModel.host_inputs: the ViT's
+    plan, the placeholder counts); their tensors move with the batch, so the forward reads nothing back."""
 
     @property
     def num_tokens(self) -> int:
@@ -110,11 +118,19 @@ class PackedBatch:
         derives its segment boundaries and rotary positions from them on the host), so they stay where they are
         and reading them never waits for the device."""
         self.num_supervised  # noqa: B018 - counted here, on the host, before the labels move
+        return self.map_device_tensors(lambda t: t.to(device, non_blocking=non_blocking))
+
+    def map_device_tensors(self, fn) -> PackedBatch:
+        """A copy with fn applied to every tensor that goes to the device (the grids stay): the fields and the
+        tensors inside `prepared`."""
         kw = {}
         for f in fields(self):
             v = getattr(self, f.name)
-            moved = isinstance(v, torch.Tensor) and f.name not in HOST_FIELDS
-            kw[f.name] = v.to(device, non_blocking=non_blocking) if moved else v
+            if f.name == "prepared":
+                v = tree_map_only(torch.Tensor, fn, v)
+            elif isinstance(v, torch.Tensor) and f.name not in HOST_FIELDS:
+                v = fn(v)
+            kw[f.name] = v
         return PackedBatch(**kw)
 
     def model_inputs(self) -> dict:
@@ -128,6 +144,7 @@ class PackedBatch:
             "image_grid_thw": self.image_grid_thw,
             "pixel_values_videos": self.pixel_values_videos,
             "video_grid_thw": self.video_grid_thw,
+            **self.prepared,
         }
 
     def as_dict(self) -> dict:

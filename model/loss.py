@@ -116,6 +116,25 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         return gh, gw, None, None, None, None, None, None
 
 
+def check_label_range(y_S: torch.Tensor, vocab_size: int) -> None:
+    """A one-line ValueError when a supervised label is outside [0, vocab_size)."""
+    if not y_S.numel():
+        return
+    lo, hi = torch.stack([y_S.min(), y_S.max()]).tolist()  # one read for both bounds
+    if lo < 0 or hi >= vocab_size:
+        raise ValueError(f"labels hold token id {lo if lo < 0 else hi} outside the vocabulary [0, {vocab_size}) "
+                         f"(only {IGNORE_INDEX} marks unsupervised positions)")
+
+
+def supervised_positions(labels_T: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """The positions with a label (host tensors in, host tensor out), checked against the vocabulary: what
+    lm_loss's supervised_idx takes, built before the labels go to the device."""
+    labels = labels_T.reshape(-1)
+    sel_S = torch.nonzero(labels != IGNORE_INDEX).flatten()
+    check_label_range(labels[sel_S], vocab_size)
+    return sel_S
+
+
 def lm_loss(
     h_TD: torch.Tensor,
     w_VlD: torch.Tensor,
@@ -125,12 +144,15 @@ def lm_loss(
     vocab_start: int = 0,
     vocab_size: int | None = None,
     vocab_reduce: VocabReduce | None = None,
+    supervised_idx: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sum of token cross-entropies over supervised positions (fp32 scalar), and their count (int64 scalar).
 
     h_TD: final (normed) hidden states (T, D) or (..., D), the whole sequence; w_VlD: the head weight (V, D), or
     this rank's rows [vocab_start, vocab_start + Vl) of a vocab-parallel head together with `vocab_reduce` and
-    the full `vocab_size`; labels_T: shifted labels (T,), IGNORE_INDEX = unsupervised.
+    the full `vocab_size`; labels_T: shifted labels (T,), IGNORE_INDEX = unsupervised; supervised_idx: the
+    supervised positions (S,) int64 on h's device, found and range-checked on the host (supervised_positions)
+    before the labels moved: then nothing is read back from the device here.
     """
     if chunk_size <= 0:
         raise ValueError(f"chunk_size={chunk_size} must be positive")
@@ -138,18 +160,18 @@ def lm_loss(
     h_TD = h_TD.reshape(-1, h_TD.shape[-1])
     if labels.numel() != h_TD.shape[0]:
         raise ValueError(f"labels have {labels.numel()} positions but hidden states {h_TD.shape[0]}")
-    sel_S = torch.nonzero(labels != IGNORE_INDEX).flatten()
-    n = torch.tensor(sel_S.numel(), device=h_TD.device, dtype=torch.long)
+    checked = supervised_idx is not None
+    sel_S = supervised_idx if checked else torch.nonzero(labels != IGNORE_INDEX).flatten()
+    # A fill, not torch.tensor(): no copy from pageable host memory.
+    n = torch.full((), sel_S.numel(), device=h_TD.device, dtype=torch.long)
     if sel_S.numel() == 0:
         # Keep the graph connected (zero gradient) so every rank runs the same backward.
         return (h_TD.sum() * 0.0 + w_VlD.sum() * 0.0).float(), n
     h_SD = h_TD.index_select(0, sel_S)
     y_S = labels.index_select(0, sel_S)
     V = vocab_size if vocab_size is not None else w_VlD.shape[0]
-    lo, hi = torch.stack([y_S.min(), y_S.max()]).tolist()  # one host sync (nonzero above already syncs)
-    if lo < 0 or hi >= V:
-        raise ValueError(f"labels hold token id {lo if lo < 0 else hi} outside the vocabulary [0, {V}) "
-                         f"(only {IGNORE_INDEX} marks unsupervised positions)")
+    if not checked:
+        check_label_range(y_S, V)
     grad_on = torch.is_grad_enabled()
     need_h, need_w = grad_on and h_SD.requires_grad, grad_on and w_VlD.requires_grad
     dev = h_SD.device.type

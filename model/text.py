@@ -60,6 +60,11 @@ class MRotary(nn.Module):
         self.dim, self.theta = cfg.head_dim, cfg.rope_theta
         self.register_buffer("inv_freq", self.fresh_inv_freq(), persistent=False)
         self.streams = mrope_streams(tuple(cfg.mrope_section), cfg.mrope_interleaved)
+        # The stream of each frequency, a device buffer: a host list would be copied to the device every forward.
+        self.register_buffer("stream_of_freq", self.fresh_streams(), persistent=False)
+
+    def fresh_streams(self, device: torch.device | str | None = None) -> torch.Tensor:
+        return torch.tensor(self.streams, device=device if device is not None else torch.get_default_device())
 
     def fresh_inv_freq(self, device: torch.device | str | None = None) -> torch.Tensor:
         # Computed on the CPU in fp32 exactly as transformers does, then moved: bit-identical angles.
@@ -73,7 +78,7 @@ class MRotary(nn.Module):
             inv_freq = self.fresh_inv_freq(inv_freq.device)
         freqs_3TF = position_ids_3T.to(inv_freq.device, torch.float)[..., None] * inv_freq
         # Pick each frequency's stream: an exact selection, no arithmetic.
-        streams_F = torch.tensor(self.streams, device=inv_freq.device)
+        streams_F = self.stream_of_freq
         freqs_TF = freqs_3TF.gather(0, streams_F.expand(1, freqs_3TF.shape[1], -1)).squeeze(0)
         emb_TDh = torch.cat([freqs_TF, freqs_TF], dim=-1)
         return emb_TDh.cos().to(dtype), emb_TDh.sin().to(dtype)

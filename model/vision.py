@@ -20,21 +20,34 @@ values on the device, where it costs nothing.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils._pytree import tree_map_only
 
 from model.attention import varlen_attention
 from model.config import ModelConfig, VisionConfig
 from model.processing import VisionProcessing
 
 
-def normalize_pixel_rows(rows: torch.Tensor, proc: VisionProcessing) -> torch.Tensor:
+def pixel_affine(proc: VisionProcessing, device: torch.device | str | None = None) -> torch.Tensor:
+    """(2, 3) fp32: per channel the scale a = 1 / (255 std) and the offset b = mean / std of the family's
+    normalization, v * a - b (what normalize_pixel_rows applies)."""
+    std = torch.tensor(proc.pixel_std, dtype=torch.float32, device="cpu")
+    mean = torch.tensor(proc.pixel_mean, dtype=torch.float32, device="cpu")
+    return torch.stack([1.0 / (255.0 * std), mean / std]).to(device if device is not None
+                                                             else torch.get_default_device())
+
+
+def normalize_pixel_rows(rows: torch.Tensor, proc: VisionProcessing, affine: torch.Tensor | None = None,
+                         ) -> torch.Tensor:
     """Pixel rows -> the processor's float rows (N, P). Float rows pass through unchanged; raw uint8 rows are
     rescaled by 1/255 and normalized per channel with the family's mean / std (folded into one multiply-add:
-    v * a + b), and single-frame image rows get their temporal copy. Equal to the processor's values to float32
-    rounding (< 1e-6)."""
+    v * a - b), and single-frame image rows get their temporal copy. Equal to the processor's values to float32
+    rounding (< 1e-6). `affine`: pixel_affine(proc) already on the rows' device (the model's buffer), else it is
+    built here."""
     if rows.dtype != torch.uint8:
         return rows
     C, T, q = 3, proc.temporal_patch_size, proc.patch_size * proc.patch_size
@@ -42,9 +55,8 @@ def normalize_pixel_rows(rows: torch.Tensor, proc: VisionProcessing) -> torch.Te
     if width not in (C * q, C * T * q):
         raise ValueError(f"raw pixel rows are {width} wide; expected {C * q} (image frame) or {C * T * q} (video) "
                          f"for {proc.family}'s {proc.patch_size}-pixel patches")
-    std = torch.tensor(proc.pixel_std, dtype=torch.float32, device=rows.device).view(1, C, 1)
-    mean = torch.tensor(proc.pixel_mean, dtype=torch.float32, device=rows.device).view(1, C, 1)
-    x_NCK = rows.view(N, C, -1).float() * (1.0 / (255.0 * std)) - mean / std
+    a_C, b_C = (affine if affine is not None else pixel_affine(proc, rows.device)).unbind(0)
+    x_NCK = rows.view(N, C, -1).float() * a_C.view(1, C, 1) - b_C.view(1, C, 1)
     if width == C * q:
         x_NCK = x_NCK.unsqueeze(2).expand(N, C, T, q)
     return x_NCK.reshape(N, C * T * q)
@@ -248,6 +260,44 @@ def layer_norm(dim: int, eps: float) -> nn.Module:
     return nn.LayerNorm(dim, eps=eps)
 
 
+def vit_row_padding(grid_thw: torch.Tensor, multiple: int) -> tuple[torch.Tensor, int]:
+    """(grids, j): under sequence parallelism the ViT's rows must split evenly over tp; when the grids' rows are
+    not a multiple of `multiple`, a blank image of grid (1, 2, 2j) (4j rows, its own attention segment, its j merged
+    tokens dropped after the merger) is appended (host grids; parallel/tensor_parallel.py pads the pixels)."""
+    grid = grid_thw.reshape(-1, 3).to("cpu", torch.long)
+    N = int(grid.prod(-1).sum())
+    if N % multiple == 0:
+        return grid, 0
+    j = next((j for j in range(1, 4 * multiple + 1) if (N + 4 * j) % multiple == 0), None)
+    if j is None:
+        raise ValueError(f"cannot pad {N} ViT rows to a multiple of {multiple} with 2x2 windows")
+    return torch.cat([grid, torch.tensor([[1, 2, 2 * j]], dtype=torch.long)]), j
+
+
+class VisionPlan(NamedTuple):
+    """What the ViT derives from the grids, built on the host (VisionTower.plan) and moved to the device with the
+    microbatch (core.batch.PackedBatch.prepared), so the tower's forward reads nothing back from the device and
+    copies nothing from pageable host memory."""
+
+    pos_N2: torch.Tensor
+    """Rotary (row, col) of every patch row, in the order the blocks see the rows."""
+    rows: torch.Tensor | None
+    """The row permutation applied before the blocks (None: the processor's order)."""
+    inverse: torch.Tensor | None
+    """The merged-token permutation that restores the processor's order after the merger."""
+    cu: tuple[torch.Tensor, ...]
+    """The distinct attention segmentations (int32 cu_seqlens over rows)."""
+    max_len: tuple[int, ...]
+    """The longest segment of each segmentation."""
+    block_segments: tuple[int, ...]
+    """Per ViT block (by its index in the full model), the segmentation it attends within."""
+    extra: dict[str, torch.Tensor]
+    """A family's own inputs (Qwen3-VL: the position table's interpolation taps and weights)."""
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> VisionPlan:
+        return tree_map_only(torch.Tensor, lambda t: t.to(device, non_blocking=non_blocking), self)
+
+
 class VisionTower(nn.Module):
     """ViT + merger over packed patch rows (Qwen2-VL as is; the other families subclass it).
 
@@ -260,15 +310,22 @@ class VisionTower(nn.Module):
         super().__init__()
         v = cfg.vision
         self.cfg = v
+        self.row_padding: int | None = None
+        """Set under sequence parallelism (parallel/tensor_parallel.py): rows are padded to a multiple of it
+        (vit_row_padding) before the blocks."""
         self.patch_embed = PatchEmbed(v, bias=patch_bias)
         self.rotary = VisionRotary(v)
         self.blocks = nn.ModuleDict({str(i): block(i) for i in range(v.depth)})
         self.merger = merger
 
     # ---------------------------------------------------------------- what a family changes
-    def embed_patches(self, pixels_NP: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:  # noqa: ARG002
-        """Patch rows -> (N, C) inputs of the first block."""
+    def embed_patches(self, pixels_NP: torch.Tensor, plan: VisionPlan) -> torch.Tensor:  # noqa: ARG002
+        """Patch rows -> (N, C) inputs of the first block (in the processor's row order)."""
         return self.patch_embed(pixels_NP)
+
+    def plan_extra(self, grid_thw: torch.Tensor) -> dict[str, torch.Tensor]:  # noqa: ARG002
+        """The family's own host-built inputs of embed_patches (VisionPlan.extra)."""
+        return {}
 
     def segments(self, grid_thw: torch.Tensor) -> tuple[torch.Tensor | None, list[tuple[torch.Tensor, int]]]:
         """(row order, per block (cu_seqlens, max_seqlen)): the rows are permuted by `order` before the blocks and
@@ -283,26 +340,45 @@ class VisionTower(nn.Module):
         return None
 
     # ---------------------------------------------------------------- forward
-    def forward(self, pixels_NP: torch.Tensor, grid_thw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        grid_thw = grid_thw.to("cpu", torch.long)
-        order, plan = self.segments(grid_thw)
+    def plan(self, grid_thw: torch.Tensor) -> VisionPlan:
+        """The host-side VisionPlan of these grids (I, 3) (host tensors; .to(device) moves it)."""
+        grid_thw = grid_thw.to("cpu", torch.long).reshape(-1, 3)
+        order, segments = self.segments(grid_thw)
         pos_N2 = vision_rope_positions(grid_thw, self.cfg.spatial_merge_size)
-        x_NC = self.embed_patches(pixels_NP, grid_thw)
-        m2 = self.cfg.spatial_merge_size**2
-        if order is not None:  # permute whole merge windows (m2 rows each), rows and their rotary positions
-            rows_N = (order.view(-1, 1) * m2 + torch.arange(m2)).flatten()
-            pos_N2 = pos_N2[rows_N]
-            x_NC = x_NC[rows_N.to(x_NC.device)]
-        rope = self.rotary(pos_N2)
+        rows = inverse = None
+        if order is not None:  # whole merge windows (m2 rows each) move together, with their rotary positions
+            m2 = self.cfg.spatial_merge_size**2
+            rows = (order.view(-1, 1) * m2 + torch.arange(m2)).flatten()
+            pos_N2, inverse = pos_N2[rows], torch.argsort(order)
+        distinct: list[tuple[torch.Tensor, int]] = []
+        block_segments = []
+        for cu, max_len in segments:
+            i = next((j for j, (c, _) in enumerate(distinct) if c is cu), None)
+            if i is None:
+                i = len(distinct)
+                distinct.append((cu, max_len))
+            block_segments.append(i)
+        return VisionPlan(pos_N2, rows, inverse, tuple(c for c, _ in distinct), tuple(m for _, m in distinct),
+                          tuple(block_segments), self.plan_extra(grid_thw))
+
+    def forward(self, pixels_NP: torch.Tensor, grid_thw: torch.Tensor, plan: VisionPlan | None = None,
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`plan`: self.plan(grid_thw) already on the pixels' device (what the training loop passes, built on the
+        host before the copy); without it, it is built here (tests, inference)."""
+        if plan is None:
+            plan = self.plan(grid_thw).to(pixels_NP.device)
+        x_NC = self.embed_patches(pixels_NP, plan)
+        if plan.rows is not None:
+            x_NC = x_NC[plan.rows]
+        rope = self.rotary(plan.pos_N2)
         deep = []
         for name, blk in self.blocks.items():
-            cu, max_len = plan[int(name)]
-            x_NC = blk(x_NC, cu.to(x_NC.device), max_len, rope)
+            seg = plan.block_segments[int(name)]
+            x_NC = blk(x_NC, plan.cu[seg], plan.max_len[seg], rope)
             if (feat := self.deepstack(int(name), x_NC)) is not None:
                 deep.append(feat)
         tokens_MD = self.merger(x_NC)
         deep_KMD = torch.stack(deep) if deep else tokens_MD.new_empty(0, *tokens_MD.shape)
-        if order is not None:
-            inverse = torch.argsort(order).to(tokens_MD.device)
-            tokens_MD, deep_KMD = tokens_MD[inverse], deep_KMD[:, inverse]
+        if plan.inverse is not None:
+            tokens_MD, deep_KMD = tokens_MD[plan.inverse], deep_KMD[:, plan.inverse]
         return tokens_MD, deep_KMD

@@ -31,7 +31,7 @@ from model.config import ModelConfig
 from model.family import get_family
 from model.lora import LoRALinear
 from model.text import DecoderLayer, KVCache, MRotary, RMSNorm
-from model.vision import normalize_pixel_rows
+from model.vision import VisionPlan, normalize_pixel_rows, pixel_affine, vit_row_padding
 
 TOP_MODULES = {"visual": "first", "embed_tokens": "first", "norm": "last", "lm_head": "last"}
 """The model's modules outside the decoder layers, by the pipeline stage that runs them."""
@@ -75,6 +75,9 @@ class VLModel(nn.Module):
         if t.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.rotary = MRotary(t)
+        # Raw uint8 pixel rows are normalized on the device with these (model.vision.pixel_affine); a buffer, so no
+        # forward copies the family's mean / std from the host.
+        self.register_buffer("pixel_affine", pixel_affine(self.processing), persistent=False)
         self.init_weights()
 
     # ------------------------------------------------------------------------------------ structure (for parallel/)
@@ -119,19 +122,42 @@ class VLModel(nn.Module):
 
     @torch.no_grad()
     def init_buffers(self, device: torch.device | str | None = None) -> None:
-        """(Re)compute the rotary frequency buffers (non-persistent, so neither checkpoints nor `to_empty`
-        carry them) on `device` (default: where they are now), in fp32."""
+        """(Re)compute the non-persistent buffers (neither checkpoints nor `to_empty` carry them) on `device`
+        (default: where they are now): the rotary frequencies (fp32), M-RoPE's stream of each frequency, the
+        pixel normalization."""
+        device = device if device is not None else self.rotary.inv_freq.device
         rotaries = [self.rotary] + ([self.visual.rotary] if self.visual is not None else [])
         for rot in rotaries:
-            rot.inv_freq = rot.fresh_inv_freq(device if device is not None else rot.inv_freq.device)
+            rot.inv_freq = rot.fresh_inv_freq(device)
+        self.rotary.stream_of_freq = self.rotary.fresh_streams(device)
+        self.pixel_affine = pixel_affine(self.processing, device)
 
     # ------------------------------------------------------------------------------------ embedding
     def _dummy_vision(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """A 1-frame-pair, 2x2-patch blank image: the smallest input the ViT + merger accept."""
         m = self.cfg.vision.spatial_merge_size
-        grid = torch.tensor([[1, m, m]])
-        pixels = torch.zeros(m * m, self.cfg.vision.patch_dim, device=device)
-        return pixels, grid
+        return torch.zeros(m * m, self.cfg.vision.patch_dim, device=device), self._dummy_grid()
+
+    def host_inputs(self, input_ids: torch.Tensor, image_grid_thw: torch.Tensor | None,
+                    video_grid_thw: torch.Tensor | None) -> dict:
+        """The forward's host-built keyword arguments for one microbatch, from its host tensors: the ViT's plan
+        (VisionTower.plan of the images' then the videos' grids, or of the blank image a text-only microbatch runs)
+        and the placeholder counts. Moved to the device with the microbatch, they spare the forward every read
+        back from the device (core.batch.PackedBatch.prepared)."""
+        ids_T = input_ids.reshape(-1)
+        counts = (int((ids_T == self.cfg.image_token_id).sum()), int((ids_T == self.cfg.video_token_id).sum()))
+        out: dict = {"placeholder_counts": counts}
+        if self.visual is not None:
+            grids = [g.reshape(-1, 3) for g in (image_grid_thw, video_grid_thw) if g is not None and g.numel()]
+            grid = torch.cat(grids) if grids else self._dummy_grid()
+            if self.visual.row_padding:  # sequence parallelism pads the rows with a blank image: plan those
+                grid, _ = vit_row_padding(grid, self.visual.row_padding)
+            out["vision_plan"] = self.visual.plan(grid)
+        return out
+
+    def _dummy_grid(self) -> torch.Tensor:
+        m = self.cfg.vision.spatial_merge_size
+        return torch.tensor([[1, m, m]])
 
     def embed(
         self,
@@ -146,8 +172,10 @@ class VLModel(nn.Module):
         return self._embed(input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)[0]
 
     def _embed(self, input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw,
+               vision_plan: VisionPlan | None = None, placeholder_counts: tuple[int, int] | None = None,
                ) -> tuple[torch.Tensor, DeepStack | None]:
-        """(embeddings (T, D), DeepStack inputs or None).
+        """(embeddings (T, D), DeepStack inputs or None). `vision_plan` / `placeholder_counts`: host_inputs()'s,
+        on the device (else computed here, reading the ids back).
 
         NOTE: images and videos go through ONE ViT call (their segments never mix). When the microbatch has
         no vision input, a blank image runs instead and is added with weight zero, so every rank runs the
@@ -159,33 +187,31 @@ class VLModel(nn.Module):
         h_TD = self.embed_tokens(ids_T)
         if self.visual is None:
             return h_TD, None
-        pix, grids, n_img_rows = [], [], 0
-        if pixel_values is not None and pixel_values.numel():
-            pix.append(normalize_pixel_rows(pixel_values, self.processing))
-            grids.append(image_grid_thw.reshape(-1, 3))
-            n_img_rows = pixel_values.shape[0]
-        if pixel_values_videos is not None and pixel_values_videos.numel():
-            pix.append(normalize_pixel_rows(pixel_values_videos, self.processing))
-            grids.append(video_grid_thw.reshape(-1, 3))
+        masks = (ids_T == self.cfg.image_token_id, ids_T == self.cfg.video_token_id)
+        if placeholder_counts is None:
+            placeholder_counts = tuple(torch.stack([m.sum() for m in masks]).tolist())  # one read for both
+        pix, grids = [], []
+        for rows, grid in ((pixel_values, image_grid_thw), (pixel_values_videos, video_grid_thw)):
+            if rows is not None and rows.numel():
+                pix.append(normalize_pixel_rows(rows, self.processing, self.pixel_affine))
+                grids.append(grid.reshape(-1, 3))
+        n_img_rows = pix[0].shape[0] if pixel_values is not None and pixel_values.numel() else 0
         if not pix:
-            n_pads = torch.stack([(ids_T == self.cfg.image_token_id).sum(), (ids_T == self.cfg.video_token_id).sum()])
-            n_img, n_vid = n_pads.tolist()
+            n_img, n_vid = placeholder_counts
             if n_img or n_vid:
                 raise ValueError(
                     f"input_ids hold {n_img} <|image_pad|> and {n_vid} <|video_pad|> tokens but no pixel_values / "
                     "pixel_values_videos were given (0 embeddings from the ViT)"
                 )
             dummy_pix, dummy_grid = self._dummy_vision(h_TD.device)
-            v_MD, deep_KMD = self.visual(dummy_pix.to(h_TD.dtype), dummy_grid)
+            v_MD, deep_KMD = self.visual(dummy_pix.to(h_TD.dtype), dummy_grid, vision_plan)
             return h_TD + 0.0 * (v_MD.sum() + deep_KMD.sum()).to(h_TD.dtype), None
-        v_MD, deep_KMD = self.visual(torch.cat(pix).to(h_TD.dtype), torch.cat(grids).cpu())
+        v_MD, deep_KMD = self.visual(torch.cat(pix).to(h_TD.dtype), torch.cat(grids).cpu(), vision_plan)
         merge = self.cfg.vision.spatial_merge_size ** 2
         n_img_tok = n_img_rows // merge
-        masks = (ids_T == self.cfg.image_token_id, ids_T == self.cfg.video_token_id)
-        counts = torch.stack([m.sum() for m in masks]).tolist()  # one host read for both checks
         for mask_T, n_pad, emb_MD, kind in (
-            (masks[0], counts[0], v_MD[:n_img_tok], "image"),
-            (masks[1], counts[1], v_MD[n_img_tok:], "video"),
+            (masks[0], placeholder_counts[0], v_MD[:n_img_tok], "image"),
+            (masks[1], placeholder_counts[1], v_MD[n_img_tok:], "video"),
         ):
             if n_pad != emb_MD.shape[0]:
                 raise ValueError(
@@ -210,6 +236,8 @@ class VLModel(nn.Module):
         video_grid_thw: torch.Tensor | None = None,
         hidden_states: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
+        vision_plan: VisionPlan | None = None,
+        placeholder_counts: tuple[int, int] | None = None,
     ) -> torch.Tensor:
         """One packed microbatch through the modules this (stage of the) model holds: the hidden states (T, D),
         normalized when this stage holds the final norm. Stage 0 takes ids (and pixels); later stages take the
@@ -217,12 +245,14 @@ class VLModel(nn.Module):
 
         With `kv_cache` (inference, model/generate.py): one sequence, whose new tokens attend to everything the
         cache holds; continuing a cached sequence needs explicit `position_ids` (generated tokens continue after
-        the prompt's highest M-RoPE id, not after its length)."""
+        the prompt's highest M-RoPE id, not after its length). `vision_plan` / `placeholder_counts`: host_inputs()'s
+        on the device, so nothing is read back from it (the training loop's microbatches carry them)."""
         deep = None
         if hidden_states is None:
             if self.embed_tokens is None:
                 raise ValueError("a stage without embed_tokens needs hidden_states from the previous stage")
-            h_TD, deep = self._embed(input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
+            h_TD, deep = self._embed(input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw,
+                                     vision_plan, placeholder_counts)
         else:
             h_TD = hidden_states
         T = h_TD.shape[0]

@@ -40,6 +40,9 @@ class ParallelDims:
     mesh: DeviceMesh | None = field(default=None, repr=False)
     timeout: datetime.timedelta = field(default=datetime.timedelta(seconds=600), repr=False)
     device: torch.device = field(default_factory=lambda: torch.device("cpu"), repr=False)
+    host_group: dist.ProcessGroup | None = field(default=None, repr=False)
+    """A world group on the CPU (gloo) for the step's exchange of host values (ParallelModel.step), so it never
+    waits for the device; None: the default group, which is gloo already (CPU runs)."""
 
     def __post_init__(self) -> None:
         for name in ("pp", "tp"):
@@ -199,6 +202,8 @@ def init_distributed(cfg: ParallelConfig, env: Mapping[str, str] | None = None) 
                 dist.init_process_group(backend, store=store, rank=launch.rank, world_size=launch.world_size,
                                         timeout=timeout)
     dims.build_mesh(device.type)
+    if dist.get_backend() != "gloo":
+        dims.host_group = dist.new_group(backend="gloo", timeout=timeout)
     _DIMS = dims
     return dims
 

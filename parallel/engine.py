@@ -28,9 +28,10 @@ normalized like the training loss.
 
 from __future__ import annotations
 
+import dataclasses
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
 from functools import partial
 
 import torch
@@ -41,7 +42,7 @@ from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from core.batch import IGNORE_INDEX, PackedBatch
-from model.loss import DEFAULT_CHUNK_SIZE, lm_loss
+from model.loss import DEFAULT_CHUNK_SIZE, lm_loss, supervised_positions
 from parallel.checkpointing import apply_activation_checkpointing
 from parallel.compile import apply_compile
 from parallel.config import ParallelConfig
@@ -63,9 +64,10 @@ from parallel.vocab_parallel import make_loss_fn
 class StepResult:
     """What one optimizer step's forward/backward measured (identical on every rank)."""
 
-    loss: float
-    """Global mean loss: sum of supervised-token cross-entropies over all dp ranks and microbatches divided by
-    their count (0.0 when nothing was supervised)."""
+    loss_t: torch.Tensor
+    """Global mean loss as a 0-dim fp64 tensor on the device: sum of supervised-token cross-entropies over all dp
+    ranks and microbatches divided by their count (0 when nothing was supervised). Kept on the device so the step
+    never waits for it; `loss` reads it."""
     num_tokens: int
     """Global packed tokens (before SP padding), all dp ranks and microbatches."""
     num_supervised: int
@@ -78,6 +80,15 @@ class StepResult:
     """Wall time of this rank's step() call."""
     schedule: ScheduleStats | None = None
     """This rank's schedule record: receive-buffer shapes, compute time, bytes sent, idle fraction (this rank)."""
+    host_sum: dict[str, float] = field(default_factory=dict)
+    """The caller's `host_values`, summed over every rank of the world (step())."""
+    host_max: dict[str, float] = field(default_factory=dict)
+    """The caller's `host_values`, their largest over every rank of the world."""
+
+    @property
+    def loss(self) -> float:
+        """loss_t read on the host (waits for the device)."""
+        return float(self.loss_t)
 
 
 @dataclass
@@ -96,6 +107,14 @@ class EvalResult:
     """Global real eval microbatches (dp ranks with fewer ran unsupervised fillers, not counted)."""
     eval_time_s: float
     """Wall time of this rank's evaluate() call."""
+
+
+def _check_same_count(most: int, least: int) -> None:
+    if most != least:
+        raise ValueError(
+            f"dp ranks passed different numbers of microbatches this step (between {least} and {most}); every dp "
+            "rank must run the same count (FSDP reduces on the last one)"
+        )
 
 
 # ------------------------------------------------------------------------------------------ parallelize
@@ -236,6 +255,24 @@ class ParallelModel:
         self.sync_tied_weights()
 
     # ---------------------------------------------------------------- step
+    def prepare(self, microbatches: list[PackedBatch] | None) -> list[PackedBatch] | None:
+        """Stage 0's microbatches made ready on the HOST, before their copy to the device: the supervised positions
+        (the loss takes them instead of searching the labels on the device) and the model's host-built inputs
+        (VLModel.host_inputs: the ViT's plan, the placeholder counts). With them the step reads nothing back from
+        the device. The training loop calls it before its prefetcher's copy; step() prepares what was not."""
+        if microbatches is None or self.stage != 0:
+            return microbatches
+        return [self._prepare_one(mb) for mb in microbatches]
+
+    def _prepare_one(self, mb: PackedBatch) -> PackedBatch:
+        if not isinstance(mb, PackedBatch) or mb.supervised_idx is not None or mb.input_ids.device.type != "cpu":
+            return mb  # prepared already, or on the device already (the model then finds what it needs itself)
+        model = self.modules[0]
+        return dataclasses.replace(
+            mb, supervised_idx=supervised_positions(mb.labels, model.cfg.text.vocab_size),
+            prepared=model.host_inputs(mb.input_ids, mb.image_grid_thw, mb.video_grid_thw),
+        )
+
     def _stage0_batches(self, microbatches: list[PackedBatch] | None,
                         num_real: int | None = None) -> list[tuple[PackedBatch, int, int]] | None:
         """(device, SP-padded microbatch, real length, supervised count) on stage 0; entries from num_real on are
@@ -252,6 +289,7 @@ class ParallelModel:
         for i, mb in enumerate(microbatches):
             if not isinstance(mb, PackedBatch):
                 raise ValueError(f"microbatch {i} is a {type(mb).__name__}, expected core.batch.PackedBatch")
+            mb = self._prepare_one(mb)
             n_sup = mb.num_supervised
             mb = mb.to(self.dims.device, non_blocking=True)
             real = mb.num_tokens if num_real is None or i < num_real else 0
@@ -269,8 +307,8 @@ class ParallelModel:
         return metas_from_batches(batches)
 
     def _global_counts(self, metas: list[MicrobatchMeta]) -> tuple[int, int, int, int]:
-        """Global (supervised, real tokens, padding tokens, real microbatches); raises when dp ranks' counts
-        differ."""
+        """Global (supervised, real tokens, padding tokens, real microbatches) by a device all-reduce over dp
+        (evaluate()); raises when dp ranks' counts differ."""
         dev = self.dims.device
         m = len(metas)
         sums = torch.tensor(
@@ -283,18 +321,59 @@ class ParallelModel:
         dist.all_reduce(sums, group=dp_group)
         dist.all_reduce(mm, op=dist.ReduceOp.MAX, group=dp_group)
         n_sup, n_tok, n_pad, n_mb, most, neg_least = torch.cat([sums, mm]).tolist()  # one host read
-        if most != -neg_least:
-            raise ValueError(
-                f"dp ranks passed different numbers of microbatches this step (between {-neg_least} and "
-                f"{most}); every dp rank must run the same count (FSDP reduces on the last one)"
-            )
+        _check_same_count(most, -neg_least)
         return n_sup, n_tok, n_pad, n_mb
 
-    def step(self, microbatches: list[PackedBatch] | None) -> StepResult:
+    _COUNTS = ("exhausted", "reporter", "microbatches", "supervised", "tokens", "padding", "real_microbatches")
+
+    def _exchange(self, microbatches: list[PackedBatch] | None, exhausted: bool,
+                  host_values: Mapping[str, float]) -> tuple[dict[str, float], dict[str, float]]:
+        """The step's one exchange of host values over the world, on a CPU group (ParallelDims.host_group; the
+        default group on CPU): whether any rank is out of data, stage 0's global counts (each dp replica's
+        tp rank 0 reports), the caller's values. Nothing in it waits for the device. Returns (sums, maxima) by
+        name; the microbatch counts of the reporters must agree (else a ValueError on every rank)."""
+        dims = self.dims
+        reporter = self.stage == 0 and dims.tp_rank == 0 and not exhausted
+        mbs = list(microbatches or []) if reporter else []
+        mult = self.cfg.pad_multiple(dims.tp) if self.sequence_parallel else 1
+        own = [float(exhausted), float(reporter), float(len(mbs)),
+               float(sum(mb.num_supervised for mb in mbs)), float(sum(mb.num_tokens for mb in mbs)),
+               float(sum(-mb.num_tokens % mult for mb in mbs)), float(sum(mb.num_tokens > 0 for mb in mbs)),
+               *(float(v) for v in host_values.values())]
+        group = dims.host_group
+        world = dist.get_world_size(group)
+        mine = torch.tensor(own, dtype=torch.float64)
+        rows = [torch.empty_like(mine) for _ in range(world)]
+        dist.all_gather(rows, mine, group=group)
+        table = torch.stack(rows)
+        names = [*self._COUNTS, *host_values]
+        sums, maxima = dict(zip(names, table.sum(0).tolist())), dict(zip(names, table.max(0).values.tolist()))
+        if not sums["exhausted"]:
+            counts = [int(r[2]) for r in table.tolist() if r[1]]
+            _check_same_count(max(counts, default=0), min(counts, default=0))
+        return sums, maxima
+
+    def host_max(self, values: list[float]) -> list[float]:
+        """The largest of each host value over the world, on the CPU group (never waits for the device)."""
+        t = torch.tensor(values, dtype=torch.float64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.dims.host_group)
+        return t.tolist()
+
+    def step(self, microbatches: list[PackedBatch] | None, *, exhausted: bool = False,
+             host_values: Mapping[str, float] | None = None) -> StepResult | None:
         """Forward + backward over the step's microbatches (this dp rank's share); gradients are reduced and
-        ready on return. Pipeline stages > 0 pass None (stage 0 broadcasts what they need)."""
+        ready on return. Pipeline stages > 0 pass None (stage 0 broadcasts what they need).
+
+        The step's host values travel in one exchange before any compute (_exchange): `exhausted` (this rank
+        has no more data: every rank returns None, nothing runs) and `host_values` (the caller's numbers,
+        returned summed and maximized over the world in host_sum / host_max). Nothing inside the step reads
+        the device back when the microbatches were prepared on the host (prepare()), except the pipeline's
+        length broadcast when pp > 1; the loss stays on the device (StepResult.loss_t)."""
         t0 = time.perf_counter()
         cfg, dims = self.cfg, self.dims
+        sums, maxima = self._exchange(microbatches, exhausted, host_values or {})
+        if sums["exhausted"]:
+            return None
         if cfg.check_replicated_every and self.steps % cfg.check_replicated_every == 0:
             self.check_replicated()
         batches = self._stage0_batches(microbatches)
@@ -303,7 +382,7 @@ class ParallelModel:
         ):
             self._check_tp_inputs(batches)
         metas = self._metas(batches)
-        n_sup, n_tok, n_pad, n_mb = self._global_counts(metas)
+        n_sup, n_tok, n_pad, n_mb = (int(sums[k]) for k in ("supervised", "tokens", "padding", "real_microbatches"))
         m = len(metas)
         self.executor.check_microbatches(m)  # every rank knows m here: all raise alike
         inv_count = 1.0 / max(n_sup, 1)
@@ -316,9 +395,11 @@ class ParallelModel:
         self._post_backward()
         loss_sum = self._global_loss(loss_acc)
         self.steps += 1
+        n_caller = len(self._COUNTS)
         return StepResult(
-            loss=loss_sum * inv_count if n_sup else 0.0, num_tokens=n_tok, num_supervised=n_sup,
+            loss_t=loss_sum * inv_count, num_tokens=n_tok, num_supervised=n_sup,
             num_microbatches=n_mb, padded_tokens=n_pad, step_time_s=time.perf_counter() - t0, schedule=stats,
+            host_sum=dict(list(sums.items())[n_caller:]), host_max=dict(list(maxima.items())[n_caller:]),
         )
 
     def _run_schedule(self, batches: list[tuple[PackedBatch, int]] | None, metas: list[MicrobatchMeta],
@@ -341,7 +422,8 @@ class ParallelModel:
                           "max_seqlen": meta.max_seqlen}
             out = module(**kwargs)
             if vs == last_vs:
-                loss_sum, _ = self.loss_fn(out, module.lm_head.weight, meta.labels)
+                loss_sum, _ = self.loss_fn(out, module.lm_head.weight, meta.labels,
+                                           supervised_idx=meta.supervised_idx)
                 loss_acc = loss_acc + loss_sum.detach().double()
                 return loss_sum * scale
             if isinstance(out, DTensor):
@@ -356,13 +438,13 @@ class ParallelModel:
                                   forward_only=forward_only)
         return loss_acc, stats
 
-    def _global_loss(self, loss_acc: torch.Tensor) -> float:
-        """Sum of this step's token CE over the world: the last stage's tp-rank-0 ranks hold one share per dp
-        rank; one world all-reduce sums them."""
+    def _global_loss(self, loss_acc: torch.Tensor) -> torch.Tensor:
+        """Sum of this step's token CE over the world (fp64, on the device): the last stage's tp-rank-0 ranks hold
+        one share per dp rank; one world all-reduce sums them."""
         dims = self.dims
         contrib = loss_acc if (self.stage == dims.pp - 1 and dims.tp_rank == 0) else torch.zeros_like(loss_acc)
         dist.all_reduce(contrib)
-        return float(contrib)
+        return contrib
 
     # ---------------------------------------------------------------- evaluation
     @torch.no_grad()
@@ -394,7 +476,7 @@ class ParallelModel:
         n_sup, n_tok, _, n_mb = self._global_counts(metas)
         loss_acc, _ = self._run_schedule(batches, metas, 1.0, _no_backward, forward_only=True)
         self.reshard()
-        loss_sum = self._global_loss(loss_acc)
+        loss_sum = float(self._global_loss(loss_acc))
         return EvalResult(
             loss=loss_sum / n_sup if n_sup else float("nan"), loss_sum=loss_sum, num_supervised=n_sup,
             num_tokens=n_tok, num_microbatches=n_mb, eval_time_s=time.perf_counter() - t0,

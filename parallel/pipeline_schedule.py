@@ -46,7 +46,7 @@ from typing import Literal
 import torch
 import torch.distributed as dist
 
-from core.batch import PackedBatch
+from core.batch import IGNORE_INDEX, PackedBatch
 
 Schedule = Literal["1f1b", "interleaved_1f1b"]
 
@@ -69,6 +69,9 @@ class MicrobatchMeta:
     """(S_i + 1,) int32."""
     labels: torch.Tensor
     """(T_i,) int64."""
+    supervised_idx: torch.Tensor | None = None
+    """(num_supervised,) int64: the positions with a label, found on the host (parallel/engine.py prepare); None:
+    the loss finds them on the device."""
 
 
 _TABLE_COLS = 5
@@ -83,9 +86,16 @@ def metas_from_batches(mbs: list[tuple[PackedBatch, int, int]]) -> list[Microbat
                 num_tokens=mb.num_tokens, num_real_tokens=real, num_supervised=n_sup,
                 max_seqlen=int(mb.max_seqlen), position_ids=mb.position_ids.reshape(3, -1),
                 cu_seqlens=mb.cu_seqlens.to(torch.int32), labels=mb.labels.reshape(-1),
+                supervised_idx=mb.supervised_idx,
             )
         )
     return out
+
+
+def _supervised(meta: MicrobatchMeta) -> torch.Tensor:
+    if meta.supervised_idx is not None:
+        return meta.supervised_idx.long()
+    return torch.nonzero(meta.labels != IGNORE_INDEX).flatten()
 
 
 def broadcast_step_metadata(
@@ -115,10 +125,11 @@ def broadcast_step_metadata(
         table_m5 = torch.zeros(m, _TABLE_COLS, dtype=torch.long, device=device)
     dist.broadcast(table_m5, src=src, group=group)
     rows = table_m5.tolist()
-    total = sum(4 * T + n_cu for T, n_cu, *_ in rows)
+    total = sum(4 * T + n_cu + n_sup for T, n_cu, _, n_sup, _ in rows)
     if is_src:
         payload = torch.cat(
-            [torch.cat([x.position_ids.reshape(-1).long(), x.cu_seqlens.long(), x.labels.long()]) for x in metas]
+            [torch.cat([x.position_ids.reshape(-1).long(), x.cu_seqlens.long(), x.labels.long(), _supervised(x)])
+             for x in metas]
         ).to(device)
     else:
         payload = torch.empty(total, dtype=torch.long, device=device)
@@ -133,7 +144,9 @@ def broadcast_step_metadata(
         off += n_cu
         labels = payload[off : off + T]
         off += T
-        out.append(MicrobatchMeta(T, real, n_sup, max_seqlen, pos, cu, labels))
+        sup = payload[off : off + n_sup]
+        off += n_sup
+        out.append(MicrobatchMeta(T, real, n_sup, max_seqlen, pos, cu, labels, sup))
     return out
 
 

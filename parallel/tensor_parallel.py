@@ -36,6 +36,8 @@ added. The replicated factor's gradient is a Partial sum over tp, reduced like t
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn as nn
 from torch.distributed.device_mesh import DeviceMesh
@@ -52,6 +54,7 @@ from core.batch import IGNORE_INDEX, PackedBatch
 from model.config import ModelConfig
 from model.family import TP_ROLES, get_family
 from model.lora import LoRALinear
+from model.vision import vit_row_padding
 
 
 # ------------------------------------------------------------------------------------------ checks
@@ -270,10 +273,13 @@ def register_vit_row_padding(tower: nn.Module, multiple: int) -> None:
     dropped: list[int] = []  # pre-hook -> post-hook of the same call (a forward never nests in itself)
 
     def pad(_module: nn.Module, args: tuple) -> tuple:
-        pixels_NP, grid_thw = args
+        pixels_NP, grid_thw, *rest = args
+        plan = rest[0] if rest else None
         padded_NP, padded_grid, n_drop = pad_vit_rows(pixels_NP, grid_thw, multiple)
         dropped.append(n_drop)
-        return padded_NP, padded_grid
+        if plan is not None and plan.pos_N2.shape[0] != padded_NP.shape[0]:
+            plan = None  # built for other rows: the tower builds its own (VLModel.host_inputs pads like this)
+        return padded_NP, padded_grid, plan
 
     def trim(_module: nn.Module, _args: tuple, out: tuple[torch.Tensor, torch.Tensor]) -> tuple:
         n_drop = dropped.pop()
@@ -283,23 +289,18 @@ def register_vit_row_padding(tower: nn.Module, multiple: int) -> None:
         keep = tokens_MD.shape[0] - n_drop
         return tokens_MD[:keep], deep_KMD[:, :keep]
 
+    tower.row_padding = multiple  # VLModel.host_inputs plans the padded rows on the host
     tower.register_forward_pre_hook(pad)
     tower.register_forward_hook(trim)
 
 
 def pad_vit_rows(pixels_NP: torch.Tensor, grid_thw: torch.Tensor, multiple: int):
-    """(pixels, grid, merged tokens to drop) with N padded to a multiple of `multiple` by a blank image."""
-    N = pixels_NP.shape[0]
-    if N % multiple == 0:
+    """(pixels, grid, merged tokens to drop) with N padded to a multiple of `multiple` by a blank image
+    (model.vision.vit_row_padding)."""
+    grid, j = vit_row_padding(grid_thw, multiple)
+    if not j:
         return pixels_NP, grid_thw, 0
-    for j in range(1, 4 * multiple + 1):
-        if (N + 4 * j) % multiple == 0:
-            break
-    else:  # pragma: no cover - gcd(4, multiple) divides N, so some j <= multiple always works
-        raise ValueError(f"cannot pad {N} ViT rows to a multiple of {multiple} with 2x2 windows")
-    pad_NP = pixels_NP.new_zeros(4 * j, pixels_NP.shape[1])
-    grid = torch.cat([grid_thw.reshape(-1, 3).cpu(), torch.tensor([[1, 2, 2 * j]], dtype=torch.long)])
-    return torch.cat([pixels_NP, pad_NP]), grid, j
+    return torch.cat([pixels_NP, pixels_NP.new_zeros(4 * j, pixels_NP.shape[1])]), grid, j
 
 
 # ------------------------------------------------------------------------------------------ SP padding
@@ -318,10 +319,9 @@ def pad_microbatch(mb: PackedBatch, multiple: int, pad_token_id: int = 0) -> Pac
     ids = torch.cat([mb.input_ids.reshape(-1), torch.full((n,), pad_token_id, dtype=mb.input_ids.dtype, device=dev)])
     labels = torch.cat([mb.labels.reshape(-1), torch.full((n,), IGNORE_INDEX, dtype=mb.labels.dtype, device=dev)])
     pos_3T = torch.cat([mb.position_ids.reshape(3, -1), torch.arange(n, device=dev).expand(3, -1)], dim=1)
-    cu = torch.cat([mb.cu_seqlens, torch.tensor([T + n], dtype=mb.cu_seqlens.dtype, device=dev)])
-    return PackedBatch(
-        input_ids=ids, labels=labels, position_ids=pos_3T.to(mb.position_ids.dtype), cu_seqlens=cu,
-        max_seqlen=max(int(mb.max_seqlen), n), pixel_values=mb.pixel_values, image_grid_thw=mb.image_grid_thw,
-        pixel_values_videos=mb.pixel_values_videos, video_grid_thw=mb.video_grid_thw,
-        sample_keys=list(mb.sample_keys), supervised=mb.num_supervised,  # the padding is unsupervised
+    # A fill, not torch.tensor(): a device batch gets no copy from pageable host memory.
+    cu = torch.cat([mb.cu_seqlens, torch.full((1,), T + n, dtype=mb.cu_seqlens.dtype, device=dev)])
+    return dataclasses.replace(  # the padding is unsupervised: the count and positions stay
+        mb, input_ids=ids, labels=labels, position_ids=pos_3T.to(mb.position_ids.dtype), cu_seqlens=cu,
+        max_seqlen=max(int(mb.max_seqlen), n), sample_keys=list(mb.sample_keys), supervised=mb.num_supervised,
     )

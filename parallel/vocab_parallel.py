@@ -47,10 +47,11 @@ def gather_for_head(h: torch.Tensor, tp_mesh: DeviceMesh, sequence_parallel: boo
 
 
 def make_loss_fn(tp_mesh: DeviceMesh, sequence_parallel: bool, chunk_size: int):
-    """loss_fn(h, head_weight, labels) -> (loss_sum, n) for a head weight that is a Shard(0) DTensor over tp."""
+    """loss_fn(h, head_weight, labels, supervised_idx=None) -> (loss_sum, n) for a head weight that is a Shard(0)
+    DTensor over tp."""
     reduce = _TPReduce(tp_mesh.get_group())
 
-    def loss_fn(h: torch.Tensor, w: torch.Tensor, labels: torch.Tensor):
+    def loss_fn(h: torch.Tensor, w: torch.Tensor, labels: torch.Tensor, supervised_idx: torch.Tensor | None = None):
         if not isinstance(w, DTensor) or w.placements[-1] != Shard(0):
             raise ValueError(f"the vocab-parallel head expects a Shard(0) DTensor weight, got {type(w).__name__}")
         w_VlD = w.to_local()
@@ -58,6 +59,6 @@ def make_loss_fn(tp_mesh: DeviceMesh, sequence_parallel: bool, chunk_size: int):
         vocab_start = tp_mesh.get_local_rank() * (V // tp_mesh.size())
         h_TD = gather_for_head(h, tp_mesh, sequence_parallel)
         return lm_loss(h_TD, w_VlD, labels, chunk_size=chunk_size, vocab_start=vocab_start, vocab_size=V,
-                       vocab_reduce=reduce)
+                       vocab_reduce=reduce, supervised_idx=supervised_idx)
 
     return loss_fn

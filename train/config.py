@@ -80,7 +80,8 @@ class OptimConfig:
     """Clip the global gradient norm (over every parallel group) to this value; 0 = no clipping (the norm is
     still computed and logged)."""
     implementation: Literal["auto", "fused", "foreach", "for"] = "auto"
-    """AdamW kernel: 'auto' = fused on CUDA, foreach elsewhere."""
+    """AdamW kernel: 'auto' = fused on CUDA, foreach elsewhere. Only 'fused' skips a non-finite step on the device
+    (the others read the skip flag on the host every step: one wait for the device per step)."""
 
 
 @dataclass
@@ -155,7 +156,9 @@ class MetricsConfig:
     """Per-step metrics: RUN_DIR/metrics.jsonl, one console line on rank 0, optional W&B."""
 
     log_every: int = 1
-    """Write metrics every N steps (the console line and jsonl record)."""
+    """Write metrics every N steps (the console line and jsonl record). The loss, gradient norm and skip flag of
+    the steps in between stay on the device and are read together at the next log (or checkpoint, or stop) step:
+    the only steps on which the host waits for the device, so a larger N lets the host queue further ahead."""
     peak_tflops: float | None = None
     """Peak dense bf16 TFLOP/s of one device for MFU; null = a table by device name (H100, H200, A100, ...).
     On CPU, MFU is not reported; achieved FLOP/s is."""

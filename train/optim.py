@@ -77,7 +77,8 @@ def param_groups(named_params: Iterable[tuple[str, nn.Parameter]], cfg: JobConfi
 
 def build_optimizer(named_params: list[tuple[str, nn.Parameter]], cfg: JobConfig,
                     family: ModelFamily) -> torch.optim.AdamW | None:
-    """AdamW over the trainable parameters, fused on CUDA, foreach elsewhere (optim.implementation).
+    """AdamW over the trainable parameters, fused on CUDA, foreach elsewhere (optim.implementation; torch's fused
+    kernel runs on the CPU too).
 
     None when this rank holds no trainable parameter (e.g. a pipeline stage of only frozen LLM layers in
     stage 1): the rank still runs forward/backward (activation gradients flow through it) but never steps.
@@ -89,10 +90,23 @@ def build_optimizer(named_params: list[tuple[str, nn.Parameter]], cfg: JobConfig
     on_cuda = all(p.device.type == "cuda" for g in groups for p in g["params"])
     if impl == "auto":
         impl = "fused" if on_cuda else "foreach"
-    if impl == "fused" and not on_cuda:
-        raise ValueError("optim.implementation=fused needs every parameter on CUDA; use auto or foreach")
     kw = {"fused": True} if impl == "fused" else {"foreach": impl == "foreach"}
     return torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps, **kw)
+
+
+def optimizer_step(optimizer: torch.optim.Optimizer, skip: torch.Tensor) -> None:
+    """The update, unless the device flag `skip` (a 0-dim bool: a non-finite loss or gradient norm) is set. The
+    fused AdamW takes the flag into its kernel (found_inf, as torch's GradScaler passes it: no parameter, moment
+    or step count changes), so the host never waits for the flag; the other implementations read it first."""
+    if optimizer.defaults.get("fused"):
+        optimizer.found_inf = skip.float()
+        optimizer.grad_scale = None
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.found_inf, optimizer.grad_scale
+    elif not bool(skip):
+        optimizer.step()
 
 
 def lr_multiplier(step: int, cfg: JobConfig) -> float:

@@ -13,17 +13,22 @@ position saved in a checkpoint stays exact.
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 
-from core.batch import HOST_FIELDS, PackedBatch
+from core.batch import PackedBatch
 
 
-def _tensors(mb: PackedBatch) -> dict[str, torch.Tensor]:
-    """The tensors that go to the device (the grids stay on the host: core.batch.HOST_FIELDS)."""
-    return {f.name: v for f in dataclasses.fields(mb)
-            if isinstance(v := getattr(mb, f.name), torch.Tensor) and f.name not in HOST_FIELDS}
+def _tensors(mb: PackedBatch) -> list[torch.Tensor]:
+    """The tensors that go to the device (the grids stay on the host: core.batch.HOST_FIELDS; the host-built
+    model inputs in `prepared` go)."""
+    out: list[torch.Tensor] = []
+
+    def keep(t: torch.Tensor) -> torch.Tensor:
+        out.append(t)
+        return t
+
+    mb.map_device_tensors(keep)
+    return out
 
 
 class DevicePrefetcher:
@@ -34,6 +39,12 @@ class DevicePrefetcher:
         self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self.copied_bytes = 0
         """Bytes copied to the device so far (a check that the path is used)."""
+
+    def _copy(self, t: torch.Tensor) -> torch.Tensor:
+        if t.device.type == "cpu" and not t.is_pinned():
+            t = t.pin_memory()
+        self.copied_bytes += t.numel() * t.element_size()
+        return t.to(self.device, non_blocking=True)
 
     def to_device(self, mbs: list[PackedBatch] | None) -> list[PackedBatch] | None:
         """The microbatches with every tensor on the device. The copies may still be in flight: work queued on
@@ -47,15 +58,9 @@ class DevicePrefetcher:
         with torch.cuda.stream(self.stream):
             for mb in mbs:
                 mb.num_supervised  # noqa: B018 - counted on the host before the labels move
-                moved = {}
-                for name, t in _tensors(mb).items():
-                    if t.device.type == "cpu" and not t.is_pinned():
-                        t = t.pin_memory()
-                    moved[name] = t.to(self.device, non_blocking=True)
-                    self.copied_bytes += t.numel() * t.element_size()
-                out.append(dataclasses.replace(mb, **moved))
+                out.append(mb.map_device_tensors(self._copy))
         compute.wait_stream(self.stream)
         for mb in out:
-            for t in _tensors(mb).values():
+            for t in _tensors(mb):
                 t.record_stream(compute)
         return out

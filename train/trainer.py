@@ -48,7 +48,7 @@ from train.config import GROUPS, JobConfig
 from train.eval import Evaluator
 from train.lora import apply_recipe_lora, trainable_by_group
 from train.metrics import MetricsLogger, device_peak_tflops, peak_memory_gb
-from train.optim import ScheduleState, apply_freeze, build_optimizer, set_lr
+from train.optim import ScheduleState, apply_freeze, build_optimizer, optimizer_step, set_lr
 from train.prefetch import DevicePrefetcher
 from train.resume_data import data_meta
 from train.run_lock import acquire_run_lock, release_run_lock
@@ -88,10 +88,16 @@ class TrainResult:
 
 @dataclass
 class StepStats:
-    """What one optimizer step measured (reduced over ranks where it says so)."""
+    """What one optimizer step measured (reduced over ranks where it says so). The loss, the gradient norm and
+    whether the update was skipped stay on the device until the loop reads them, all pending steps in one read,
+    at the next step that needs them (a log, checkpoint or evaluation step, a stop, the end): `resolved`."""
 
-    loss: float
-    grad_norm: float
+    step: int
+    """The step this was (1-based: the trainer's step counter after it)."""
+    loss_t: torch.Tensor
+    grad_norm_t: torch.Tensor
+    nonfinite_t: torch.Tensor
+    """A non-finite loss or gradient norm: the update was skipped (decided on the device)."""
     lrs: dict[str, float]
     tokens: float
     """Packed tokens of the step, summed over dp ranks."""
@@ -102,11 +108,14 @@ class StepStats:
     step_time_s: float
     data_wait_s: float
     """The longest wait for the loader over ranks."""
-    peak_mem_gb: float
-    skipped: bool
-    """The update was skipped: a non-finite loss or gradient norm on some rank."""
     stop_requested: bool
     """A rank received SIGTERM / SIGUSR1 / SIGINT."""
+    loss: float = math.nan
+    grad_norm: float = math.nan
+    skipped: bool = False
+    """The update was skipped: a non-finite loss or gradient norm (identical on every rank: both are global)."""
+    resolved: bool = False
+    """loss, grad_norm and skipped hold the device values."""
 
 
 class Trainer(Stateful):
@@ -132,6 +141,8 @@ class Trainer(Stateful):
         self.trainable_groups = [g for g in GROUPS if g not in cfg.frozen_groups]
         # ---- 4. the checkpointed state, loaded from the start (resume: all of it; init_from: the weights)
         self.step = self.skipped_steps = self.consecutive_skips = 0
+        self._diverged: tuple[int, int, int] | None = None
+        """(step, skipped, in a row) where the skip limits were first crossed (train.max_*skip*)."""
         self.tokens_seen = self.samples_seen = 0
         self.data_pass = 0  # bumped when the loader cannot continue its position (dp size changed)
         self.schedule = ScheduleState(cfg)
@@ -290,12 +301,6 @@ class Trainer(Stateful):
         for _, p in self.engine.named_parameters():
             p.grad = None
 
-    def _allreduce(self, values: list[float], op: dist.ReduceOp) -> list[float]:
-        # On the training device: the default group is NCCL on GPUs, which takes CUDA tensors only.
-        t = torch.tensor(values, dtype=torch.float64, device=self.device)
-        dist.all_reduce(t, op=op)
-        return t.tolist()
-
     def _step_flops(self, mbs: list) -> tuple[float, float, float, float]:
         """(FLOPs, tokens, supervised tokens, samples) of this rank's microbatches (one reporter per dp rank)."""
         flops = tokens = sup = samples = 0.0
@@ -313,47 +318,66 @@ class Trainer(Stateful):
 
     def train_step(self) -> StepStats | None:
         """One optimizer step on every rank: microbatches, forward + backward (the engine), global clipping, the
-        update (skipped on every rank when any rank saw a non-finite value). None when the data ran out."""
+        update (skipped on every rank when the loss or the gradient norm is not finite). None when the data ran
+        out. Nothing here waits for the device (with the fused AdamW): the microbatches are prepared on the host
+        before their copy, the step's host values travel in the engine's one exchange, clipping and the skip are
+        decided on the device; the loss and the norm are read later, by _resolve."""
         cfg = self.cfg
         lrs = set_lr(self.optimizer, self.step, cfg)
         t0 = time.perf_counter()
-        mbs = self._next_microbatches()
+        mbs = self.engine.prepare(self._next_microbatches())
         # CUDA: pinned, non-blocking copies on a side stream (train/prefetch.py); the host copies stay for the
         # FLOP count, which would otherwise read device tensors back.
         device_mbs = self.prefetcher.to_device(mbs)
         t_data = time.perf_counter() - t0
-        # Every rank must agree before the engine runs: a first-stage rank out of data stops all.
-        (exhausted,) = self._allreduce([float(self.layout.has_data and mbs is None)], dist.ReduceOp.MAX)
-        if exhausted:
+        flops, _, _, samples = self._step_flops(mbs)
+        # A first-stage rank out of data stops every rank (the engine returns None on all, before any compute).
+        res = self.engine.step(device_mbs, exhausted=self.layout.has_data and mbs is None,
+                               host_values={"data_wait": t_data, "samples": samples, "flops": flops})
+        if res is None:
             return None
-        res = self.engine.step(device_mbs)
         # max_norm 0 = measure only (the engine scales nothing), so grad_clip: 0 disables clipping.
-        gnorm = float(self.engine.clip_grad_norm_(cfg.optim.grad_clip))
-        loss = float(res.loss)
-        nonfinite_local = float(not (math.isfinite(loss) and math.isfinite(gnorm)))
-        flops, tokens, sup, samples = self._step_flops(mbs)
-        nonfinite, data_wait, mem, stop_flag = self._allreduce(
-            [nonfinite_local, t_data, peak_memory_gb(self.device), float(self._stop_signal is not None)],
-            dist.ReduceOp.MAX,
-        )
-        tokens, sup, samples, flops = self._allreduce([tokens, sup, samples, flops], dist.ReduceOp.SUM)
-        if nonfinite:
-            self.skipped_steps += 1
-            self.consecutive_skips += 1
-            if self.is_main:
-                log.warning("step %d: non-finite loss=%s grad_norm=%s: update skipped (%d so far)",
-                            self.step + 1, loss, gnorm, self.skipped_steps)
-        else:
-            if self.optimizer is not None:
-                self.optimizer.step()
-            self.consecutive_skips = 0
+        gnorm_t = self.engine.clip_grad_norm_(cfg.optim.grad_clip)
+        nonfinite_t = ~(torch.isfinite(res.loss_t) & torch.isfinite(gnorm_t))
+        if self.optimizer is not None:
+            optimizer_step(self.optimizer, nonfinite_t)
         self._zero_grad()
+        # A signal that arrived during the step stops every rank after it (a host exchange, no device wait).
+        (stop,) = self.engine.host_max([float(self._stop_signal is not None)])
         self.step += 1
-        self.tokens_seen += int(tokens)
-        self.samples_seen += int(samples)
-        return StepStats(loss=loss, grad_norm=gnorm, lrs=lrs, tokens=tokens, supervised=sup, samples=samples,
-                         flops=flops, step_time_s=time.perf_counter() - t0, data_wait_s=data_wait, peak_mem_gb=mem,
-                         skipped=bool(nonfinite), stop_requested=bool(stop_flag))
+        self.tokens_seen += res.num_tokens
+        self.samples_seen += int(res.host_sum["samples"])
+        return StepStats(step=self.step, loss_t=res.loss_t, grad_norm_t=gnorm_t, nonfinite_t=nonfinite_t, lrs=lrs,
+                         tokens=res.num_tokens, supervised=res.num_supervised, samples=res.host_sum["samples"],
+                         flops=res.host_sum["flops"], step_time_s=time.perf_counter() - t0,
+                         data_wait_s=res.host_max["data_wait"], stop_requested=bool(stop))
+
+    def _resolve(self, pending: list[StepStats], losses: list[float]) -> None:
+        """Read the pending steps' loss, norm and skip flag in one device read, then do each step's bookkeeping in
+        order: the skip counters, a skip streak's protected checkpoint, the warning, the divergence check (no
+        checkpoint is saved between two reads, so the newest one is the one a streak began after)."""
+        if not pending:
+            return
+        vals = torch.stack([torch.stack([st.loss_t.double(), st.grad_norm_t.double(), st.nonfinite_t.double()])
+                            for st in pending]).tolist()
+        for st, (loss, gnorm, nonfinite) in zip(pending, vals):
+            st.loss, st.grad_norm, st.skipped, st.resolved = loss, gnorm, bool(nonfinite), True
+            if st.skipped:
+                self.skipped_steps += 1
+                self.consecutive_skips += 1
+                if self.consecutive_skips == 1:
+                    # A streak of skipped steps begins: the newest checkpoint is the last good one; keep_last must
+                    # not prune it while the run may be diverging, and nothing is saved until it recovers.
+                    self.ckpt.wait()
+                    self.ckpt.protected = self.ckpt.latest()
+                if self.is_main:
+                    log.warning("step %d: non-finite loss=%s grad_norm=%s: update skipped (%d so far)",
+                                st.step, loss, gnorm, self.skipped_steps)
+            else:
+                self.consecutive_skips = 0
+                losses.append(loss)
+            self._note_divergence(st.step)
+        pending.clear()
 
     # ------------------------------------------------------------------------------------ loop
     def _install_signal_handlers(self) -> None:
@@ -374,18 +398,27 @@ class Trainer(Stateful):
             with contextlib.suppress(ValueError):  # not the main thread (e.g. embedded use): no handler
                 self._prev_handlers[s] = signal.signal(s, handler)
 
+    def _note_divergence(self, step: int) -> None:
+        """Remember the first step at which the skip limits were crossed (_resolve, step by step); the loop
+        stops after that step's log line (_check_divergence)."""
+        tcfg = self.cfg.train
+        if self._diverged is None and (self.skipped_steps > tcfg.max_skipped_steps
+                                       or self.consecutive_skips >= tcfg.max_consecutive_skips):
+            self._diverged = (step, self.skipped_steps, self.consecutive_skips)
+
     def _check_divergence(self) -> None:
         tcfg = self.cfg.train
-        if self.skipped_steps > tcfg.max_skipped_steps or self.consecutive_skips >= tcfg.max_consecutive_skips:
+        if self._diverged is not None:
+            step, skipped, in_a_row = self._diverged
             msg = (
-                f"stopping at step {self.step}: {self.skipped_steps} steps skipped for a non-finite loss or "
-                f"gradient norm ({self.consecutive_skips} in a row; limits train.max_skipped_steps="
+                f"stopping at step {step}: {skipped} steps skipped for a non-finite loss or "
+                f"gradient norm ({in_a_row} in a row; limits train.max_skipped_steps="
                 f"{tcfg.max_skipped_steps}, train.max_consecutive_skips={tcfg.max_consecutive_skips}). "
                 "The run diverged: lower optim.lr, raise optim.warmup_steps or check the data; resume from "
                 + (f"the last checkpoint saved before the skips began, {self.ckpt.protected}."
                    if self.ckpt.protected is not None else f"an earlier run, no checkpoint exists in {self.ckpt.dir}.")
             )
-            self.metrics.event("stop", step=self.step, reason="diverged", message=msg)
+            self.metrics.event("stop", step=step, reason="diverged", message=msg)
             raise TrainingStopped(msg)
 
     def train(self) -> TrainResult:
@@ -393,19 +426,24 @@ class Trainer(Stateful):
         self._step_ema: float | None = None
         self._install_signal_handlers()
         losses: list[float] = []
+        pending: list[StepStats] = []
         stop_reason = "completed"
         try:
             while self.step < self.cfg.train.steps:
                 self.ckpt.poll()
                 st = self.straggler.timed(self.train_step, lambda: self.step)
                 if st is None:
+                    self._resolve(pending, losses)
                     stop_reason = self._no_microbatches()
                     break
-                if not st.skipped:
-                    losses.append(st.loss)
+                pending.append(st)
+                if self._needs_values(st):
+                    self._resolve(pending, losses)
                 if self._after_step(st):
                     stop_reason = "signal"
                     break
+            self._resolve(pending, losses)
+            self._check_divergence()
             self._finish(stop_reason)
         finally:
             for s, prev in self._prev_handlers.items():
@@ -429,21 +467,27 @@ class Trainer(Stateful):
                         self.cfg.data.epochs)
         return "data_exhausted"
 
+    def _log_due(self) -> bool:
+        return self.step % self.cfg.metrics.log_every == 0 or self.step == self.cfg.train.steps
+
+    def _checkpoint_due(self) -> bool:
+        every = self.cfg.checkpoint.every
+        return bool(every) and self.step % every == 0 and self.step < self.cfg.train.steps
+
+    def _needs_values(self, st: StepStats) -> bool:
+        """Whether this step reads the pending loss / norm / skip flags: it logs, may save or evaluate, stops, or
+        ends the run. Other steps queue theirs (metrics.log_every sets how often a run waits for the device)."""
+        return self._log_due() or self._checkpoint_due() or st.stop_requested
+
     def _after_step(self, st: StepStats) -> bool:
-        """A skip streak's protected checkpoint, the step's log line, the divergence check, a due evaluation and
-        checkpoint. True when a stop signal ends the run at this step (after its checkpoint)."""
-        cfg, total = self.cfg, self.cfg.train.steps
-        if st.skipped and self.consecutive_skips == 1:
-            # A streak of skipped steps begins: the newest checkpoint is the last good one; keep_last must not
-            # prune it while the run may be diverging, and nothing is saved until it recovers.
-            self.ckpt.wait()
-            self.ckpt.protected = self.ckpt.latest()
-        if self.step % cfg.metrics.log_every == 0 or self.step == total:
+        """The step's log line, a due evaluation and checkpoint (the values they need are resolved by then:
+        _needs_values). True when a stop signal ends the run at this step (after its checkpoint)."""
+        if self._log_due():
             self._log_step(st)
         self._check_divergence()
         if self.evaluator is not None:
             self.evaluator.maybe_run(self.step, final=False)
-        due = cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 and self.step < total
+        due = self._checkpoint_due()
         if (due or st.stop_requested) and self.consecutive_skips == 0:
             self.save()
         elif (due or st.stop_requested) and self.is_main:
@@ -474,7 +518,7 @@ class Trainer(Stateful):
                 "eta_s": round(self._step_ema * (self.cfg.train.steps - self.step), 2)}
 
     def _log_step(self, st: StepStats) -> None:
-        loader_metrics = self._loader_metrics()
+        loader_metrics, peak_mem = self._loader_metrics()
         world, dt = self.layout.world, st.step_time_s
         rec = {
             "step": self.step,
@@ -493,7 +537,7 @@ class Trainer(Stateful):
             "tflops_per_device": st.flops / dt / world / 1e12 if dt > 0 else 0.0,
             "mfu": (st.flops / dt / world / (self.peak_tflops * 1e12)) if self.peak_tflops and dt > 0 else None,
             "data_wait_s": round(st.data_wait_s, 5),
-            "peak_mem_gb": round(st.peak_mem_gb, 3),
+            "peak_mem_gb": round(peak_mem, 3),
             "skipped_steps": self.skipped_steps,
             "trainable_params": sum(self.trainable_counts.values()),
             **self._progress(dt),
@@ -501,20 +545,25 @@ class Trainer(Stateful):
         }
         self.metrics.log(rec)
 
-    def _loader_metrics(self) -> dict[str, Any]:
+    def _loader_metrics(self) -> tuple[dict[str, Any], float]:
         """Loader counters summed over dp ranks (one reporter per dp rank): skipped samples by reason and the
-        packing efficiency (real tokens / token budget) of everything consumed so far in this data pass."""
-        local: dict[str, float] = {}
+        packing efficiency (real tokens / token budget) of everything consumed so far in this data pass; and the
+        largest peak device memory of any rank (GB), gathered with them (log steps only)."""
+        local: dict[str, float] = {"peak_mem_gb": peak_memory_gb(self.device)}
         if self.loader is not None and self.layout.tp_rank == 0:
             m = self.loader.metrics()
-            local = {k: v for k, v in m.items()
-                     if k.startswith("skipped/") or k in ("batches", "tokens", "truncated", "clamped_boxes")}
+            local.update({k: v for k, v in m.items()
+                          if k.startswith("skipped/") or k in ("batches", "tokens", "truncated", "clamped_boxes")})
         gathered: list[dict[str, float] | None] = [None] * self.layout.world
         dist.all_gather_object(gathered, local)
         tot: dict[str, float] = {}
+        peak = 0.0
         for g in gathered:
             for k, v in (g or {}).items():
-                tot[k] = tot.get(k, 0) + v
+                if k == "peak_mem_gb":
+                    peak = max(peak, v)
+                else:
+                    tot[k] = tot.get(k, 0) + v
         out: dict[str, Any] = {
             "skipped_samples": {k[len("skipped/"):]: int(v) for k, v in tot.items() if k.startswith("skipped/")}
         }
@@ -524,7 +573,7 @@ class Trainer(Stateful):
             out["truncated_samples"] = int(tot["truncated"])
         if tot.get("clamped_boxes"):
             out["clamped_boxes"] = int(tot["clamped_boxes"])
-        return out
+        return out, peak
 
     def close(self) -> None:
         self.ckpt.wait()

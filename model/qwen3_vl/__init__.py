@@ -16,7 +16,7 @@ from model.family import ModelFamily, ParallelPlan, decoder_layer_roles, vision_
 from model.processing import HALF, VisionProcessing
 from model.qwen3_vl.hf import config_from_hf, config_to_hf
 from model.qwen3_vl.presets import PRESETS
-from model.vision import TwoLayerMLP, VisionBlock, VisionTower, layer_norm
+from model.vision import TwoLayerMLP, VisionBlock, VisionPlan, VisionTower, layer_norm
 
 
 class DeepStackMerger(nn.Module):
@@ -74,11 +74,14 @@ class DeepStackVisionTower(VisionTower):
         self.deepstack_merger_list = nn.ModuleList(
             DeepStackMerger(v, cfg.text.hidden_size, postshuffle_norm=True) for _ in v.deepstack_visual_indexes)
 
-    def embed_patches(self, pixels_NP: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
-        x_NC = self.patch_embed(pixels_NP)
+    def plan_extra(self, grid_thw: torch.Tensor) -> dict[str, torch.Tensor]:
         idx_N4, w_N4 = interpolation_taps(grid_thw, self.side, self.cfg.spatial_merge_size)
-        dev = self.pos_embed.weight.device
-        pos_NC = (self.pos_embed(idx_N4.to(dev)) * w_N4.to(dev)[:, :, None]).sum(1)
+        return {"pos_taps": idx_N4, "pos_weights": w_N4}
+
+    def embed_patches(self, pixels_NP: torch.Tensor, plan: VisionPlan) -> torch.Tensor:
+        x_NC = self.patch_embed(pixels_NP)
+        taps, wts = plan.extra["pos_taps"], plan.extra["pos_weights"]
+        pos_NC = (self.pos_embed(taps) * wts[:, :, None]).sum(1)
         return x_NC + pos_NC.to(x_NC.dtype)
 
     def deepstack(self, index: int, x_NC: torch.Tensor) -> torch.Tensor | None:

@@ -61,7 +61,7 @@ def test_where_the_architecture_comes_from_is_one_line_errors(tmp_path):
         resolve_model_config(ModelSection(hf_config=str(tmp_path)))
     with pytest.raises(ConfigError, match="set model.preset, model.hf_config or model.init_from"):
         resolve_model_config(ModelSection(preset=None))
-    with pytest.raises(ConfigError, match="model.preset: unknown model preset 'huge'"):
+    with pytest.raises(ConfigError, match="model.preset: unknown Qwen2-VL preset 'huge'; choose one of tiny, "):
         resolve_model_config(ModelSection(preset="huge"))
     with pytest.raises(ConfigError, match=str(tmp_path)):
         resolve_model_config(ModelSection(preset=None, hf_config=str(tmp_path)))

@@ -19,6 +19,7 @@ from train.optim import (
     build_optimizer,
     decays,
     lr_multiplier,
+    optimizer_step,
     set_lr,
 )
 
@@ -139,3 +140,35 @@ def test_global_normalization_is_not_a_mean_of_means():
     got = dict(engine.named_parameters())[name].grad
     got = got.full_tensor() if hasattr(got, "full_tensor") else got
     torch.testing.assert_close(got, dict(ref.named_parameters())[name].grad, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("impl", ["fused", "foreach"])
+def test_a_flagged_step_changes_nothing_and_an_unflagged_one_updates(impl):
+    """optimizer_step's skip (train/trainer.py: a non-finite loss or gradient norm, decided on the device): with
+    the fused kernel the flag goes in as found_inf, with foreach it is read first; either way a flagged step
+    leaves parameters, moments and step counts as they were, and a later unflagged step equals a run that never
+    saw the flagged one."""
+    def run(flags: list[bool]) -> tuple[dict, dict]:
+        torch.manual_seed(0)
+        lin = torch.nn.Linear(8, 4)
+        opt = torch.optim.AdamW(lin.parameters(), lr=1e-2, **({"fused": True} if impl == "fused" else
+                                                               {"foreach": True}))
+        for i, skip in enumerate(flags):
+            torch.manual_seed(100 + i)
+            lin(torch.randn(3, 8)).square().sum().backward()
+            optimizer_step(opt, torch.tensor(skip))
+            lin.zero_grad()
+        return ({k: v.detach().clone() for k, v in lin.state_dict().items()},
+                {id_: {k: v.clone() for k, v in st.items()} for id_, st in enumerate(opt.state.values())})
+
+    p0, _ = run([])
+    p_skip, s_skip = run([True])
+    assert all(torch.equal(p0[k], p_skip[k]) for k in p0)
+    assert all(float(st.get("step", 0)) == 0 and not any(float(v.abs().sum()) for k, v in st.items() if k != "step")
+               for st in s_skip.values())
+    p_upd, _ = run([False])
+    assert any(not torch.equal(p0[k], p_upd[k]) for k in p0)
+    # A skipped step in the middle is not counted: two updates, two steps of bias correction.
+    _, sa = run([False, True, False])
+    _, sb = run([False, False])
+    assert [float(st["step"]) for st in sa.values()] == [float(st["step"]) for st in sb.values()] == [2.0, 2.0]
