@@ -1,8 +1,9 @@
-"""python -m demo [--workdir runs/demo] [--steps S1,S2,S3] [--threads N] [--eval-samples N]
+"""python -m demo [--family qwen2_vl|qwen2_5_vl|qwen3_vl] [--workdir runs/demo] [--steps S1,S2,S3] [--threads N]
 
 The README's one command after the install: generate the project's real-data sample set (sklearn digits,
 scikit-image photos, PyAV-encoded videos of a digit moving; demo/data.py, written as shards by
-`python -m data.shards make`), then train the tiny Qwen2-VL through the paper's three stages on CPU, each stage
+`python -m data.shards make`), then train the tiny model of a family (--family; default Qwen2-VL) through the
+paper's three stages on CPU, each stage
 starting from the previous one's final checkpoint and ending with a held-out evaluation (greedy answers to
 "Which digit is this?" on digits never trained on, and "Which way does the digit move?" on unseen videos):
 
@@ -29,6 +30,7 @@ import time
 from pathlib import Path
 
 from demo.chain import DEMO_STEPS, RECIPES, prepare_data, run_chain, stage_table
+from model.family import DEFAULT_FAMILY, FAMILY_NAMES
 
 
 def parse_steps(text: str) -> tuple[int, int, int]:
@@ -43,6 +45,8 @@ def parse_steps(text: str) -> tuple[int, int, int]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m demo", description=__doc__.split("\n")[0])
+    ap.add_argument("--family", default=DEFAULT_FAMILY, choices=FAMILY_NAMES,
+                    help=f"the model family whose tiny preset trains (default {DEFAULT_FAMILY})")
     ap.add_argument("--workdir", default="runs/demo",
                     help="where data/, the stage runs stage1..3/, hf/ and report/ go (default ./runs/demo)")
     ap.add_argument("--steps", type=parse_steps, default=DEMO_STEPS,
@@ -80,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(work / d, ignore_errors=True)
 
     # One evaluation at the end of each stage: the figures the demo prints.
-    extra = [f"train.seed={args.seed}", f"data.seed={args.seed}", "eval.every=0"]
+    extra = [f"model.family={args.family}", f"train.seed={args.seed}", f"data.seed={args.seed}", "eval.every=0"]
     if args.eval_samples:
         extra.append(f"eval.max_samples={args.eval_samples}")
     runs = run_chain(work, dict(zip((1, 2, 3), args.steps)), extra)

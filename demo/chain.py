@@ -40,10 +40,12 @@ class StageRun:
 
 
 def run_chain(work: Path, steps: dict[int, int], extra: list[str] | None = None, runs: Path | None = None,
-              recipes: Path = RECIPES, print_fn=print) -> list[StageRun]:
+              recipes: Path = RECIPES, print_fn=print, stage_extra: dict[int, list[str]] | None = None,
+              ) -> list[StageRun]:
     """Train the stages in `steps` ({stage: steps}, in order; a stage not in it is skipped, the next one then
     starts from the last stage that ran, or from a random init) under LEARN_DIR=work (its data/), each in
-    RUNS/stageN (default RUNS = work)."""
+    RUNS/stageN (default RUNS = work). `extra`: overrides of every stage (e.g. model.family=qwen3_vl);
+    `stage_extra`: of one stage (e.g. {3: [lora.rank=8, ...]})."""
     from tools.report import load_run
     from train.config import load_config
     from train.trainer import run
@@ -55,7 +57,8 @@ def run_chain(work: Path, steps: dict[int, int], extra: list[str] | None = None,
     for stage, n in steps.items():
         run_dir = runs / f"stage{stage}"
         overrides = [f"train.steps={n}", f"optim.warmup_steps={min(10, max(1, n // 10))}",
-                     f"model.init_from={prev if prev is not None else 'null'}", *(extra or [])]
+                     f"model.init_from={prev if prev is not None else 'null'}", *(extra or []),
+                     *(stage_extra or {}).get(stage, [])]
         if runs != work:
             overrides.insert(0, f"run_dir={run_dir}")
         recipe = recipes / f"stage{stage}.yaml"

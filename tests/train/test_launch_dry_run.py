@@ -11,6 +11,7 @@ import pytest
 from model.family import get_preset
 from model.meta import meta_model
 from parallel.launcher import export_launch_env, first_host, resolve_launch_env, strip_local_rank
+from tests.model.test_model import PUBLISHED
 from train.config import load_config
 from train.dry_run import dry_run, local_numel, tp_roles
 
@@ -151,3 +152,17 @@ def test_dry_run_cli(tmp_path):
                           "--dry-run", "--world-size", "8"], capture_output=True, text=True, cwd=REPO)
     assert res.returncode == 0, res.stderr
     assert "pp1 x dp8 x tp1 = 8 ranks" in res.stdout and "memory per rank" in res.stdout
+
+
+@pytest.mark.parametrize("family_preset", sorted(PUBLISHED))
+def test_dry_run_of_every_preset_counts_its_parameters_like_transformers(family_preset):
+    """`python -m train --dry-run` of each family's presets: the parameter count it prints is the model's (which
+    tests/model/test_model.py holds equal to transformers' and the model card's), and it prints a memory table."""
+    family, name = family_preset
+    cfg = load_config(REPO / "recipes" / "qwen2vl_7b" / "stage2.yaml",
+                      [f"model.family={family}", f"model.preset={name}", "model.init_from=null", "parallel.tp=1",
+                       "parallel.pp=1"])
+    r = dry_run(cfg, world_size=8)
+    n = sum(p.numel() for p in meta_model(get_preset(family, name)).parameters())
+    assert r.params_total == n and abs(n / 1e9 - PUBLISHED[family_preset]) < 0.06
+    assert f"parameters: total {n / 1e9:.2f}B" in r.text and "memory per rank" in r.text
