@@ -24,6 +24,7 @@ import torch.nn as nn
 
 from core.config import ConfigError
 from model.config import ModelConfig
+from model.family import get_family
 from model.hf_adapter import is_hf_dir, load_hf_slices
 from model.meta import meta_model
 from model.resolve import checkpoint_config, hf_config, resolve_model_config
@@ -173,6 +174,7 @@ class Resumable(Protocol):
     """What resume() restores: the trainer (train/trainer.py), which is Stateful itself."""
 
     cfg: JobConfig
+    mcfg: ModelConfig
     layout: Layout
     ckpt: CheckpointManager
     is_main: bool
@@ -226,7 +228,8 @@ def resume(run: Resumable, path: Path) -> None:
     same_layout = same_dp and saved["tp"] == layout.tp and saved["pp"] == layout.pp
     restore_data = same_dp and cfg.checkpoint.data_state == "exact"
     # Data settings that change what a sample becomes: refused or warned about (train/resume_data.py).
-    check_resume_data(meta, cfg.data, restore_data, path, warn=run.is_main)
+    check_resume_data(meta, cfg.data, restore_data, path, warn=run.is_main,
+                      vision=get_family(run.mcfg.family).processing(run.mcfg))
     state = run.checkpoint_state()
     if not same_layout:
         state.pop("rng")
