@@ -299,3 +299,26 @@ def test_supervise_modes_and_default_system(tok_dir):
     assert ids_n[0] == sp.im_start and Tokenizer.load(tok_dir).decode(ids_n[:3]) == "<|im_start|>user\n"
     assert len(ids) - len(ids_n) == len(Tokenizer.load(tok_dir).encode(
         "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"))
+
+
+def test_pixel_bounds_and_system_prompt_follow_the_family(tok_dir, chat_ds, family, vision):
+    """Unset pixel bounds are the family's merged-token defaults (images 4 .. 16384, video frames 128 .. 768 tokens
+    of factor x factor pixels), `default_system: auto` its chat template's; checks that need the factor use it."""
+    f2 = vision.factor ** 2
+    cfg = DataConfig.from_dict({"datasets": [{"path": chat_ds}], "tokenizer": tok_dir})
+    assert cfg.min_pixels is None and cfg.max_pixels is None and cfg.default_system == "auto"
+    assert cfg.image_pixels(vision) == (4 * f2, 16384 * f2) == (vision.min_pixels, vision.max_pixels)
+    video = cfg.resolved_video(vision)
+    assert (video.min_pixels, video.max_pixels) == (128 * f2, 768 * f2)
+    assert cfg.system_prompt(vision) == vision.default_system
+    assert (vision.default_system is None) == (family == "qwen3_vl")
+    # min_pixels below one merge window of the family: an error at build time naming the factor (28*28 = 784 is
+    # one window for Qwen2-VL and Qwen2.5-VL, less than one of Qwen3-VL's 32 x 32).
+    small = _cfg(tok_dir, [chat_ds], min_pixels=28 * 28, max_pixels=None)
+    if vision.factor == 28:
+        build_loader(small, 0, 1, vision=vision).close()
+    else:
+        with pytest.raises(ValueError, match=r"data.min_pixels=784 is below one 32x32 merge window"):
+            build_loader(small, 0, 1, vision=vision)
+    with pytest.raises(ValueError, match=r"data.video.max_tokens=140 is below one frame pair"):
+        build_loader(_cfg(tok_dir, [chat_ds], video={"min_pixels": 150 * f2, "max_tokens": 140}), 0, 1, vision=vision)
