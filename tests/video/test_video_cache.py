@@ -58,6 +58,8 @@ def test_hit_equals_cold_decode_and_keys_cover_parameters(tmp_path):
     assert vc.cache_key(ident, cfg, q2) == base == vc.cache_key(ident, cfg, q25)
     assert vc.cache_key(ident, cfg, q3) != base
     assert vc.cache_key(ident, VideoConfig(min_pixels=128 * 784, max_pixels=768 * 784), q2) == base
+    explicit = VideoConfig(min_pixels=128 * 1024, max_pixels=768 * 1024)  # the same bounds for both factors
+    assert vc.cache_key(ident, explicit, q2) != vc.cache_key(ident, explicit, q3)
     assert vc.cache_key(ident, VideoConfig(min_pixels=128 * 784, max_pixels=768 * 784), q3) != vc.cache_key(
         ident, cfg, q3)
     # By default the identity a caller passes is a name, not a version: the key follows the content, so a
