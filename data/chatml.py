@@ -1,4 +1,4 @@
-"""Sample JSON -> ChatML token ids and supervision mask, identical to Qwen2-VL's chat template + processor.
+"""Sample JSON -> ChatML token ids and supervision mask, identical to the family's chat template + processor.
 
 Sample formats (docs/data.md has the user-facing description):
 
@@ -9,11 +9,16 @@ Sample formats (docs/data.md has the user-facing description):
                {"type": "video", "video": "..."}
                {"type": "box", "box": [x1, y1, x2, y2] | [[x1, y1, x2, y2], ...], "ref": "phrase"?, "image": i?}
 
-Rendering (Qwen2-VL-Instruct's chat template, written out in docs/design ARCHITECTURE.md):
-- a default system turn `<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n` when the first message
-  is not a system message (configurable);
+Rendering (the Qwen-VL Instruct chat templates, written out in docs/design ARCHITECTURE.md; the families differ
+only where said):
+- a default system turn `<|im_start|>system\\n{prompt}<|im_end|>\\n` when the first message is not a system
+  message: Qwen2-VL's and Qwen2.5-VL's templates write "You are a helpful assistant.", Qwen3-VL's none
+  (data.config.DataConfig.default_system);
 - each message `<|im_start|>{role}\\n` + content + `<|im_end|>\\n`; text items verbatim, nothing between items;
-- an image item `<|vision_start|>` + `<|image_pad|>` * (t*h*w/4) + `<|vision_end|>` (video: `<|video_pad|>`);
+- an image item `<|vision_start|>` + `<|image_pad|>` * (t*h*w/4) + `<|vision_end|>`; a video item the same with
+  `<|video_pad|>`, except for Qwen3-VL, whose processor writes each frame pair behind its time as text (VisionInfo
+  frame_times): `<|vision_start|>` + per pair (`<{t:.1f} seconds>` `<|vision_start|>` pads `<|vision_end|>`) +
+  `<|vision_end|>`, the timestamps unsupervised text tokenized on their own (they sit between special tokens);
 - a box item `<|object_ref_start|>phrase<|object_ref_end|><|box_start|>(x1,y1),(x2,y2)<|box_end|>`, pixel
   coordinates of the referenced image (default: the latest image before the box) scaled to [0, 1000).
 Pretraining samples are the items alone, followed by `<|endoftext|>` (configurable).
@@ -41,7 +46,7 @@ import numpy as np
 from data.tokenizer import SpecialIds, Tokenizer
 
 ROLES = ("system", "user", "assistant")
-TEXT, SPECIAL, VISION = 0, 1, 2
+TEXT, SPECIAL, VISION, PADS = 0, 1, 2, 3
 
 
 # Control tokens a sample's text must not spell (see the module docstring): where they are refused.
@@ -218,8 +223,41 @@ class VisionInfo:
     """What rendering needs to know about one media item (placeholder order)."""
 
     type: str  # image | video
-    num_tokens: int  # t * h * w / 4
+    num_tokens: int  # t * h * w / merge^2
     orig_size: tuple[int, int] | None  # (width, height) for images
+    frame_times: list[float] | None = None
+    """A video whose frame pairs are written behind their times (Qwen3-VL): one time in seconds per pair, each pair
+    num_tokens / len(frame_times) pads; None: one block of pads (every image, Qwen2-VL's / Qwen2.5-VL's videos)."""
+
+
+def frame_time_text(t: float) -> str:
+    """A frame pair's timestamp as Qwen3-VL's processor writes it."""
+    return f"<{t:.1f} seconds>"
+
+
+def _expand_vision(pieces: list[tuple[int, object, bool]], vision: list[VisionInfo],
+                   sp: SpecialIds) -> list[tuple[int, object, bool]]:
+    """VISION pieces -> their tokens' pieces: `<|vision_start|>`, (PADS, (pad id, count)) or per frame pair a
+    timestamp and a block of its own, `<|vision_end|>`; never supervised."""
+    out: list[tuple[int, object, bool]] = []
+    for kind, value, sup in pieces:
+        if kind != VISION:
+            out.append((kind, value, sup))
+            continue
+        v = vision[value]  # type: ignore[index]
+        pad = sp.image_pad if v.type == "image" else sp.video_pad
+        out.append((SPECIAL, sp.vision_start, False))
+        if v.frame_times is None:
+            out.append((PADS, (pad, v.num_tokens), False))
+        else:
+            per_pair, rest = divmod(v.num_tokens, max(1, len(v.frame_times)))
+            if rest or not v.frame_times:
+                raise ValueError(f"{v.num_tokens} video tokens do not split into {len(v.frame_times)} frame pairs")
+            for t in v.frame_times:
+                out += [(TEXT, frame_time_text(t), False), (SPECIAL, sp.vision_start, False),
+                        (PADS, (pad, per_pair), False), (SPECIAL, sp.vision_end, False)]
+        out.append((SPECIAL, sp.vision_end, False))
+    return out
 
 
 def render(
@@ -299,9 +337,10 @@ def tokenize(
     """Token ids (L,) int64 and targets (L,) bool: whether each token is supervised (to be predicted).
 
     Adjacent text pieces are joined and tokenized as one run (what the HF tokenizer sees between special
-    tokens); a token is supervised when its characters overlap a supervised piece.
+    tokens); a token is supervised when its characters overlap a supervised piece. Vision pieces become their
+    blocks (_expand_vision: Qwen3-VL's video timestamps are runs of their own).
     """
-    sp = tok.special
+    pieces = _expand_vision(pieces, vision, tok.special)
     runs: list[str] = []
     run_spans: list[list[tuple[int, int]]] = []  # supervised character spans per run
     layout: list[tuple[int, int, bool]] = []  # (kind, value, sup) with TEXT value = run index
@@ -351,13 +390,10 @@ def tokenize(
         elif kind == SPECIAL:
             ids_parts.append(np.asarray([value], dtype=np.int64))
             tgt_parts.append(np.asarray([sup], dtype=bool))
-        else:
-            v = vision[value]
-            pad = sp.image_pad if v.type == "image" else sp.video_pad
-            block = np.full(v.num_tokens + 2, pad, dtype=np.int64)
-            block[0], block[-1] = sp.vision_start, sp.vision_end
-            ids_parts.append(block)
-            tgt_parts.append(np.zeros(v.num_tokens + 2, dtype=bool))
+        else:  # PADS
+            pad, n = value  # type: ignore[misc]
+            ids_parts.append(np.full(n, pad, dtype=np.int64))
+            tgt_parts.append(np.zeros(n, dtype=bool))
     if not ids_parts:
         return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=bool)
     return np.concatenate(ids_parts), np.concatenate(tgt_parts)

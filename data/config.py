@@ -27,13 +27,16 @@ from typing import Any, Literal
 from core.config import from_dict
 from data.media.video import DEFAULT_MAX_TOKENS as DEFAULT_VIDEO_TOKENS
 from data.media.video import VideoConfig
-from data.media.vision import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, FACTOR
+from data.media.vision import vision_or_default
 from data.storage import StorageConfig
+from model.processing import VisionProcessing
 
 DatasetKind = Literal["auto", "chat", "pretrain", "indexed"]
 Supervise = Literal["auto", "assistant", "all"]
 DATASET_KINDS = typing.get_args(DatasetKind)
 SUPERVISE = typing.get_args(Supervise)
+AUTO_SYSTEM = "auto"
+"""`default_system: auto`: the system prompt the family's chat template inserts (model.processing)."""
 
 
 @dataclass
@@ -92,10 +95,13 @@ class DataConfig:
     max_video_sample_patches: int | None = None
     """ViT patch-row budget of a sample that holds a video (a video of N merged tokens has 4 * N rows); like
     max_video_sample_tokens, a sample over max_patches travels alone. None = max_patches."""
-    min_pixels: int = DEFAULT_MIN_PIXELS
-    """Images: smallest resized area (smart_resize), as qwen-vl-utils (default 4*28*28)."""
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    """Images: largest resized area (smart_resize), as qwen-vl-utils (default 16384*28*28; the paper's ablation
+    min_pixels: int | None = None
+    """Images: smallest resized area in pixels (smart_resize). None = the family's default as qwen-vl-utils, 4 merged
+    tokens: 4 x factor^2, factor = patch x merge (28 for Qwen2-VL / Qwen2.5-VL: 3136 pixels; 32 for Qwen3-VL:
+    4096). At least factor^2."""
+    max_pixels: int | None = None
+    """Images: largest resized area in pixels (smart_resize). None = the family's default as qwen-vl-utils, 16384
+    merged tokens: 16384 x factor^2 (12845056 pixels at factor 28, 16777216 at 32; the Qwen2-VL paper's ablation
     used 100*28*28 / 16384*28*28)."""
     supervise: Supervise = "auto"
     """Which tokens are trained on. `auto`: assistant turns (with their <|im_end|>) for chat samples, all text for
@@ -104,9 +110,10 @@ class DataConfig:
     overlong: Literal["skip", "truncate"] = "skip"
     """A sample longer than max_tokens: `skip` it (counted), or `truncate` it when it has no vision input
     (samples with images/videos are always skipped: cutting a vision block would break it)."""
-    default_system: str | None = "You are a helpful assistant."
-    """System prompt inserted when a chat's first message is not a system message (Qwen2-VL's chat template);
-    None inserts nothing."""
+    default_system: str | None = AUTO_SYSTEM
+    """System prompt inserted when a chat's first message is not a system message. `auto`: the family's chat
+    template's (Qwen2-VL and Qwen2.5-VL insert "You are a helpful assistant.", Qwen3-VL nothing); any other string
+    is inserted as is; null inserts nothing."""
     pretrain_eos: bool = True
     """Append <|endoftext|> (supervised) to every pretraining sample, so the model learns where documents end."""
     shuffle_buffer: int = 1000
@@ -117,7 +124,8 @@ class DataConfig:
     """Per worker: processed samples held for best-fit packing (larger = fuller microbatches, more RAM)."""
     pack_buffer_patches: int | None = None
     """Per worker: cap on the ViT patch rows held in the packing buffer (bounds RAM: an image row is held as
-    588 uint8 bytes, a video row as 4704 float32 bytes). None = 4 * max_patches."""
+    3 x p x p uint8 bytes, a video row as 3 x 2 x p x p, p the family's patch size: 588 / 1176 bytes at 14, 768 /
+    1536 at 16). None = 4 * max_patches."""
     seed: int = 0
     """Seed of the shard order, the shuffle and the dataset mix (the loader uses no global RNG)."""
     num_workers: int = 2
@@ -185,20 +193,39 @@ class DataConfig:
         """Patch-row budget of a sample holding a video."""
         return max(self.patch_budget, self.max_video_sample_patches or 0)
 
-    def resolved_video(self) -> VideoConfig:
-        """The video config the loader uses: video.max_tokens = 0 (automatic) becomes Qwen2-VL's 16384 or less,
-        so that one video plus text fits a video sample's budgets (at most a quarter of the patch rows' worth of
-        tokens, and three quarters of the tokens: the rest is the text's)."""
-        v = self.video
+    def image_pixels(self, vision: VisionProcessing | None = None) -> tuple[int, int]:
+        """(min_pixels, max_pixels) of images in force for the family (`vision` None: Qwen2-VL's): the configured
+        values, or 4 and 16384 merged tokens of factor x factor pixels."""
+        v = vision_or_default(vision)
+        lo = v.min_pixels if self.min_pixels is None else self.min_pixels
+        hi = v.max_pixels if self.max_pixels is None else self.max_pixels
+        return lo, hi
+
+    def system_prompt(self, vision: VisionProcessing | None = None) -> str | None:
+        """The default system prompt in force: `auto` -> the family's chat template's (None for Qwen3-VL)."""
+        if self.default_system == AUTO_SYSTEM:
+            return vision_or_default(vision).default_system
+        return self.default_system
+
+    def resolved_video(self, vision: VisionProcessing | None = None) -> VideoConfig:
+        """The video config the loader uses for the family (`vision` None: Qwen2-VL's): video.min_pixels /
+        max_pixels null become the family's 128 / 768 merged tokens per frame, and video.max_tokens = 0
+        (automatic) becomes 16384 or less, so that one video plus text fits a video sample's budgets (at most a
+        quarter of the patch rows' worth of tokens, and three quarters of the tokens: the rest is the text's)."""
+        lo, hi = self.video.frame_pixels(vision)
+        v = dataclasses.replace(self.video, min_pixels=lo, max_pixels=hi)
         if v.max_tokens:
             return v
-        fit = min(DEFAULT_VIDEO_TOKENS, self.video_sample_patches // 4, self.video_sample_tokens * 3 // 4)
+        m = vision_or_default(vision).merge_size ** 2
+        fit = min(DEFAULT_VIDEO_TOKENS, self.video_sample_patches // m, self.video_sample_tokens * 3 // 4)
         # Below one frame pair no video fits at all: keep the smallest valid cap, and every video sample is then
         # a counted skip whose message names the budget to raise (data.sample).
-        return dataclasses.replace(v, max_tokens=max(fit, v.floor_tokens))
+        return dataclasses.replace(v, max_tokens=max(fit, v.floor_tokens(vision)))
 
-    def validate(self) -> None:
-        """Raise ValueError naming the first bad value and the fix (called by build_loader)."""
+    def validate(self, vision: VisionProcessing | None = None) -> None:
+        """Raise ValueError naming the first bad value and the fix. Without `vision` (parsing: the family is not
+        known yet) the family-dependent checks (pixel bounds against the resize factor) are left out; build_loader
+        runs them with the family's facts."""
         if not self.datasets:
             raise ValueError("data.datasets is empty: list at least one dataset (path: DIR or s3://... prefix)")
         for d in self.datasets:
@@ -212,8 +239,8 @@ class DataConfig:
         checks = [
             (self.max_tokens >= 16, f"max_tokens must be >= 16, got {self.max_tokens}"),
             (self.patch_budget >= 4, f"max_patches must be >= 4, got {self.patch_budget}"),
-            (self.min_pixels >= FACTOR * FACTOR, f"min_pixels must be >= {FACTOR * FACTOR}, got {self.min_pixels}"),
-            (self.max_pixels >= self.min_pixels, f"max_pixels ({self.max_pixels}) < min_pixels ({self.min_pixels})"),
+            (self.min_pixels is None or self.min_pixels >= 1, f"min_pixels must be >= 1, got {self.min_pixels}"),
+            (self.max_pixels is None or self.max_pixels >= 1, f"max_pixels must be >= 1, got {self.max_pixels}"),
             (self.shuffle_buffer >= 0, f"shuffle_buffer must be >= 0, got {self.shuffle_buffer}"),
             (self.shuffle_buffer_bytes >= 0, f"shuffle_buffer_bytes must be >= 0, got {self.shuffle_buffer_bytes}"),
             (self.pack_buffer >= 1, f"pack_buffer must be >= 1, got {self.pack_buffer}"),
@@ -237,7 +264,25 @@ class DataConfig:
         for ok, msg in checks:
             if not ok:
                 raise ValueError(msg)
+        if vision is not None:
+            self._check_family(vision)
         self._check_video_fits()
+
+    def _check_family(self, vision: VisionProcessing) -> None:
+        """The pixel bounds against the family's resize factor (a smaller image has no patch to give)."""
+        f = vision.factor
+        lo, hi = self.image_pixels(vision)
+        if lo < f * f:
+            raise ValueError(f"data.min_pixels={lo} is below one {f}x{f} merge window ({vision.family}'s patch "
+                             f"{vision.patch_size} x merge {vision.merge_size}): set it >= {f * f} or null (the "
+                             f"family's default, {vision.min_pixels})")
+        if hi < lo:
+            raise ValueError(f"data.max_pixels ({hi}) < data.min_pixels ({lo}) for {vision.family} (null = the "
+                             f"family's defaults {vision.min_pixels} and {vision.max_pixels})")
+        try:
+            self.video.check(vision)
+        except ValueError as e:
+            raise ValueError(f"data.{e} ({vision.family})") from None
 
     def _check_video_fits(self) -> None:
         """An explicit video.max_tokens must fit a video sample's budgets: otherwise every video that reaches the

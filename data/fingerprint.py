@@ -1,6 +1,6 @@
 """What a sample becomes: the data settings that decide the tokens and pixels of a sample, as one small dict.
 
-    fp = sample_fingerprint(cfg)                  # stored in every checkpoint's meta.json
+    fp = sample_fingerprint(cfg, vision)          # stored in every checkpoint's meta.json
     changes = fingerprint_changes(saved, fp)      # ["data.video.fps: 2.0 -> 1.0", ...] in the recipe's keys
 
 A resumed run whose fingerprint differs from its checkpoint's is not the run it claims to continue: the same
@@ -8,11 +8,14 @@ samples would become other tokens or pixels. The trainer decides what to do abou
 here is only the what. In it:
 
 - the tokenizer, by the sha256 of its tokenizer.json (a path can move, or hold another tokenizer);
-- images: `min_pixels`, `max_pixels`;
+- the model family's processor facts (`vision`, model.processing.VisionProcessing; None = Qwen2-VL's): the
+  family, patch / merge / temporal patch sizes (so the resize factor), pixel mean and std, how a video's time is
+  encoded (and tokens per second);
+- images: `min_pixels`, `max_pixels` in force (null: the family's defaults, recorded as their values);
 - videos: the resolved `video.*` settings that change frames, pixels or tokens (fps, frame and pixel bounds, the
   token cap in force, the decoder backend); not timeouts, threads or the cache, which change neither;
-- rendering and labels (the chat template's options): `default_system`, `supervise`, `pretrain_eos`, and per
-  dataset its `kind`, `supervise` and `append_eod`;
+- rendering and labels (the chat template's options): the default system prompt in force (`auto`: the family's),
+  `supervise`, `pretrain_eos`, and per dataset its `kind`, `supervise` and `append_eod`;
 - truncation: `max_tokens` when `overlong: truncate` cuts samples at it.
 
 Budgets that only decide whether a sample fits (max_patches, the video-sample budgets) are not in it (the loader's
@@ -27,6 +30,8 @@ import os
 from typing import Any
 
 from data.config import DataConfig
+from data.media.vision import vision_or_default
+from model.processing import VisionProcessing
 
 _VIDEO_KEYS = ("fps", "min_frames", "max_frames", "min_pixels", "max_pixels", "max_tokens", "backend")
 
@@ -50,15 +55,28 @@ def tokenizer_hash(path: str) -> str | None:
     return _file_sha256(os.path.abspath(file), st.st_size, st.st_mtime_ns)
 
 
-def sample_fingerprint(cfg: DataConfig) -> dict[str, Any]:
-    """The settings that decide which tokens and pixels a sample becomes, by recipe key (module docstring)."""
-    video = cfg.resolved_video()
+def family_facts(vision: VisionProcessing | None = None) -> dict[str, Any]:
+    """The processor facts of a family that change what a sample becomes (JSON-plain: lists, not tuples)."""
+    v = vision_or_default(vision)
+    return {"patch_size": v.patch_size, "merge_size": v.merge_size, "temporal_patch_size": v.temporal_patch_size,
+            "pixel_mean": list(v.pixel_mean), "pixel_std": list(v.pixel_std), "video_time": v.video_time,
+            "tokens_per_second": v.tokens_per_second}
+
+
+def sample_fingerprint(cfg: DataConfig, vision: VisionProcessing | None = None) -> dict[str, Any]:
+    """The settings that decide which tokens and pixels a sample becomes, by recipe key (module docstring), for the
+    model family's processor facts `vision` (None: Qwen2-VL's)."""
+    v = vision_or_default(vision)
+    video = cfg.resolved_video(v)
+    lo, hi = cfg.image_pixels(v)
     fp: dict[str, Any] = {
         "data.tokenizer": tokenizer_hash(cfg.tokenizer),
-        "data.min_pixels": cfg.min_pixels,
-        "data.max_pixels": cfg.max_pixels,
+        "model.family": v.family,
+        "model.family (processor facts)": family_facts(v),
+        "data.min_pixels": lo,
+        "data.max_pixels": hi,
         **{f"data.video.{k}": getattr(video, k) for k in _VIDEO_KEYS},
-        "data.default_system": cfg.default_system,
+        "data.default_system": cfg.system_prompt(v),
         "data.supervise": cfg.supervise,
         "data.pretrain_eos": cfg.pretrain_eos,
         "data.max_tokens (overlong: truncate)": cfg.max_tokens if cfg.overlong == "truncate" else None,
@@ -84,4 +102,4 @@ def fingerprint_changes(saved: dict[str, Any], now: dict[str, Any]) -> list[str]
     return out
 
 
-__all__ = ["fingerprint_changes", "sample_fingerprint", "tokenizer_hash"]
+__all__ = ["family_facts", "fingerprint_changes", "sample_fingerprint", "tokenizer_hash"]

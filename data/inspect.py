@@ -1,13 +1,15 @@
 """Stream a few microbatches and report what the loader does with the data.
 
-    python -m data.inspect --data SPEC --tokenizer DIR --steps N [--dump FILE] [--show K] [options]
+    python -m data.inspect --data SPEC --tokenizer DIR --steps N [--family F] [--dump FILE] [--show K] [options]
 
 SPEC: a dataset path (local dir, s3:// or oss:// prefix, or megatron .bin/.idx prefix), several joined with
 commas, each optionally weighted as PATH@WEIGHT; or a YAML/JSON file holding a `data:` mapping (a recipe) or a
 DataConfig mapping. Prints samples/s, tokens/s, packing efficiency and skip counts; --dump saves the microbatches
 with torch.save as a list of dicts (input_ids, labels, position_ids (3, L), cu_seqlens, max_seqlen, pixel_values,
 image_grid_thw, pixel_values_videos, video_grid_thw, sample_keys); --show K prints the first K samples of the
-first microbatch as text, with the supervised tokens in [[...]].
+first microbatch as text, with the supervised tokens in [[...]]. Samples are rendered and resized for the model
+family (--family; default: the recipe's model.family, else qwen2_vl): its chat template's system prompt, resize
+factor, video timestamps and position ids.
 """
 
 from __future__ import annotations
@@ -24,11 +26,15 @@ from core.batch import IGNORE_INDEX
 from core.cli import run_cli
 from data.config import DataConfig, DatasetSpec
 from data.loader import build_loader
+from data.media.vision import family_vision
 from data.tokenizer import Tokenizer
+from model.family import DEFAULT_FAMILY, FAMILY_NAMES, get_family
 
 
-def _config(args: argparse.Namespace) -> DataConfig:
+def _config(args: argparse.Namespace) -> tuple[DataConfig, str]:
+    """The data config and the model family (--family, else a recipe's model.family, else the default)."""
     spec = args.data
+    family = None
     if os.path.isfile(spec) and spec.endswith((".yaml", ".yml", ".json")):
         with open(spec) as f:
             if spec.endswith(".json"):
@@ -37,6 +43,8 @@ def _config(args: argparse.Namespace) -> DataConfig:
                 import yaml
 
                 d = yaml.safe_load(f)
+        model = d.get("model") if isinstance(d.get("model"), dict) else {}
+        family = model.get("family")
         d = dict(d.get("data", d))
     else:
         datasets = []
@@ -51,7 +59,7 @@ def _config(args: argparse.Namespace) -> DataConfig:
     cfg = DataConfig.from_dict(d)
     if args.kind:
         cfg.datasets = [DatasetSpec(**{**vars(ds), "kind": args.kind}) for ds in cfg.datasets]
-    return cfg
+    return cfg, args.family or family or DEFAULT_FAMILY
 
 
 def show(batch, tok: Tokenizer, k: int) -> None:
@@ -95,12 +103,18 @@ def main(argv: list[str] | None = None) -> int:
                     help="data.datasets[].kind of every dataset given with --data")
     ap.add_argument("--dp-rank", type=int, default=0, help="read as this data-parallel rank (default 0)")
     ap.add_argument("--dp-size", type=int, default=1, help="... of this many (default 1)")
+    ap.add_argument("--family", choices=FAMILY_NAMES, default=None,
+                    help="model family the samples are rendered and resized for (default: the recipe's "
+                         f"model.family, else {DEFAULT_FAMILY})")
     args = ap.parse_args(argv)
     try:
-        cfg = _config(args)
+        cfg, family = _config(args)
+        vision = family_vision(family)
     except ValueError as e:
         ap.error(str(e))
-    loader = build_loader(cfg, args.dp_rank, args.dp_size)
+    print(f"family {family} ({get_family(family).title}): resize factor {vision.factor}, default system prompt "
+          f"{cfg.system_prompt(vision)!r}, video time as {vision.video_time}")
+    loader = build_loader(cfg, args.dp_rank, args.dp_size, vision=vision)
     dumped = []
     t0 = time.perf_counter()
     first = None

@@ -7,9 +7,11 @@ Public API (the train loop codes against exactly this):
 
     cfg = DataConfig.from_dict(recipe["data"])          # strict: unknown keys / wrong types raise
     plans = check_sources(cfg, dp_size)                  # optional: the sources checked, no sample read
+    vision = get_family(mcfg.family).processing(mcfg)    # the model family's processor facts
     loader = build_loader(cfg, dp_rank, dp_size,         # never calls torch.distributed
                           interrupt=lambda: stop_requested,  # optional: polled while waiting for data
-                          plans=plans)                   # optional: check_sources' (else it checks them)
+                          plans=plans,                   # optional: check_sources' (else it checks them)
+                          vision=vision)                 # optional: None = Qwen2-VL's (its tiny preset's)
     loader.load_state_dict(saved)                        # optional, before iterating
     for batch in loader:                                 # core.batch.PackedBatch, CPU tensors, one microbatch
         ...
@@ -20,6 +22,11 @@ Public API (the train loop codes against exactly this):
 
 `for batch in loader` runs until every dataset finished its `epochs` (forever when epochs is None). Iterating
 again continues from the current state (it never restarts the data).
+
+A loader built for a family gives what that family's transformers processor gives (tests/data): its resize
+factor and pixel bounds, its chat template's default system prompt, its video time encoding (Qwen2.5-VL's
+seconds per frame pair in the position ids, Qwen3-VL's text timestamps and per-frame-pair blocks) and its M-RoPE
+position ids (model.processing.VisionProcessing); pixel rows are as wide as its patches.
 
 Faults: unreadable shards and bad samples are counted skips (metrics "skipped/<reason>"). Iteration raises a
 DataError (one message naming the datasets, the skip counts by reason and the fix) when the data cannot feed
@@ -63,6 +70,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from core.batch import PackedBatch
 from data.config import DataConfig
+from data.fingerprint import family_facts
+from data.media.vision import vision_or_default
 from data.pipeline import (
     ERRORS,
     DataError,
@@ -77,6 +86,7 @@ from data.pipeline import (
 from data.sources import DatasetPlan, plan_dataset
 from data.storage import storage_metrics
 from data.tokenizer import Tokenizer
+from model.processing import VisionProcessing
 
 log = logging.getLogger("data.loader")
 STATE_VERSION = 1
@@ -103,10 +113,10 @@ class _Workers(IterableDataset):
     worker with an item that carries it, raised by the training process in the worker's turn."""
 
     def __init__(self, cfg: DataConfig, plans: list[DatasetPlan], dp_rank: int, dp_size: int, order: list[int],
-                 states: list[dict | None], reports=None, interrupt: Callable[[], bool] | None = None,
-                 stop=None) -> None:
+                 states: list[dict | None], vision: VisionProcessing, reports=None,
+                 interrupt: Callable[[], bool] | None = None, stop=None) -> None:
         self.cfg, self.plans, self.dp_rank, self.dp_size = cfg, plans, dp_rank, dp_size
-        self.order, self.states = order, states
+        self.order, self.states, self.vision = order, states, vision
         self.reports, self.interrupt, self.stop = reports, interrupt, stop
 
     def __iter__(self) -> Iterator[dict]:
@@ -125,7 +135,7 @@ class _Workers(IterableDataset):
         # its next sample, so a shutdown never waits for a worker busy skipping.
         interrupt = self.interrupt if info is None else (self.stop.is_set if self.stop is not None else None)
         pipe = WorkerPipeline(self.cfg, self.plans, self.dp_rank * W + w, self.dp_size * W, self.states[w],
-                              notify=notify, interrupt=interrupt)
+                              notify=notify, interrupt=interrupt, vision=self.vision)
         try:
             for batch, state in pipe:
                 item = {"worker": w, "batch": None if batch is None else batch.as_dict(), "state": state,
@@ -142,8 +152,10 @@ class Loader:
     """Iterable of PackedBatch with state_dict / load_state_dict / metrics (see the module docstring)."""
 
     def __init__(self, cfg: DataConfig, dp_rank: int, dp_size: int,
-                 interrupt: Callable[[], bool] | None = None, plans: list[DatasetPlan] | None = None) -> None:
-        cfg.validate()
+                 interrupt: Callable[[], bool] | None = None, plans: list[DatasetPlan] | None = None,
+                 vision: VisionProcessing | None = None) -> None:
+        self.vision = vision_or_default(vision)
+        cfg.validate(self.vision)
         self.interrupt = interrupt
         if not (0 <= dp_rank < dp_size):
             raise ValueError(f"dp_rank must be in [0, dp_size), got dp_rank={dp_rank}, dp_size={dp_size}")
@@ -162,18 +174,20 @@ class Loader:
 
     # ------------------------------------------------------------------ state
     def _fingerprint(self) -> dict:
-        c = self.cfg
+        c, v = self.cfg, self.vision
+        lo, hi = c.image_pixels(v)
         return {
             "datasets": [[d.path, d.kind, d.weight, d.supervise, d.append_eod] for d in c.datasets],
             "samples": [p.total for p in self.plans],
             "seed": c.seed, "max_tokens": c.max_tokens, "max_patches": c.patch_budget,
-            "min_pixels": c.min_pixels, "max_pixels": c.max_pixels, "supervise": c.supervise,
-            "overlong": c.overlong, "default_system": c.default_system, "pretrain_eos": c.pretrain_eos,
+            "min_pixels": lo, "max_pixels": hi, "supervise": c.supervise,
+            "overlong": c.overlong, "default_system": c.system_prompt(v), "pretrain_eos": c.pretrain_eos,
             "shuffle_buffer": c.shuffle_buffer, "shuffle_buffer_bytes": c.shuffle_buffer_bytes,
             "pack_buffer": c.pack_buffer, "pack_buffer_patches": c.pack_patch_cap, "epochs": c.epochs,
             "logical_workers": self.W, "dp_rank": self.dp_rank, "dp_size": self.dp_size,
             "max_video_sample_tokens": c.video_sample_tokens, "max_video_sample_patches": c.video_sample_patches,
-            "video_max_tokens": c.resolved_video().max_tokens,
+            "video_max_tokens": c.resolved_video(v).max_tokens,
+            "family": family_facts(v),
         }
 
     def state_dict(self) -> dict:
@@ -216,11 +230,11 @@ class Loader:
         order = [(self._next + i) % self.W for i in range(self.W)]
         if self.cfg.num_workers == 0:
             return iter(_Workers(self.cfg, self.plans, self.dp_rank, self.dp_size, order,
-                                 copy.deepcopy(self._states), interrupt=self.interrupt))
+                                 copy.deepcopy(self._states), self.vision, interrupt=self.interrupt))
         ctx = mp.get_context(self.cfg.start_method)
         self._reports, self._stop = ctx.Queue(maxsize=256), ctx.Event()
         ds = _Workers(self.cfg, self.plans, self.dp_rank, self.dp_size, order, copy.deepcopy(self._states),
-                      reports=self._reports, stop=self._stop)
+                      self.vision, reports=self._reports, stop=self._stop)
         dl = DataLoader(
             ds,
             batch_size=None,
@@ -414,11 +428,13 @@ def check_sources(cfg: DataConfig, dp_size: int) -> list[DatasetPlan]:
 
 
 def build_loader(cfg: DataConfig, dp_rank: int, dp_size: int, interrupt: Callable[[], bool] | None = None,
-                 plans: list[DatasetPlan] | None = None) -> Loader:
+                 plans: list[DatasetPlan] | None = None, vision: VisionProcessing | None = None) -> Loader:
     """The loader of one data-parallel rank (reads dataset manifests; starts no process until iterated).
     `interrupt`: polled while waiting for data; True makes next() raise LoaderInterrupted (e.g. a stop signal).
-    `plans`: check_sources() of the same datasets, storage and dp size, when the caller checked them already."""
-    return Loader(cfg, dp_rank, dp_size, interrupt, plans)
+    `plans`: check_sources() of the same datasets, storage and dp size, when the caller checked them already.
+    `vision`: the model family's processor facts (`get_family(mcfg.family).processing(mcfg)`); None = Qwen2-VL's
+    (its tiny preset's), for callers that name no model."""
+    return Loader(cfg, dp_rank, dp_size, interrupt, plans, vision)
 
 
 __all__ = ["DataError", "DataStalled", "Loader", "LoaderInterrupted", "NoUsableData", "TooManyBadShards",

@@ -1,6 +1,7 @@
 """Best-fit packing of processed samples into microbatches under an LLM-token and a ViT-patch budget.
 
-Shape legend: T = packed tokens, S = samples in the microbatch, N = patch rows, P = 1176.
+Shape legend: T = packed tokens, S = samples in the microbatch, N = patch rows, P = 3 * 2 * p * p at the family's
+patch size p (its samples carry it).
 
 The packer holds a buffer of samples (bounded by count and by patch rows). When it is full, one microbatch is
 formed: the OLDEST sample opens it (so no sample waits forever), then the largest buffered sample that still
@@ -20,9 +21,10 @@ import numpy as np
 import torch
 from torch.utils.data import get_worker_info
 
-from core.batch import IMAGE_ROW_DIM, PATCH_DIM, PackedBatch
-from data.media.vision import image_rows_raw
+from core.batch import PackedBatch
+from data.media.vision import image_rows_raw, vision_or_default
 from data.sample import Processed
+from model.processing import VisionProcessing
 
 
 @dataclass
@@ -94,7 +96,13 @@ class Packer:
 
 
 def assemble(samples: list[Processed]) -> PackedBatch:
-    """Concatenate whole samples into one PackedBatch (images/videos in placeholder order)."""
+    """Concatenate whole samples into one PackedBatch (images/videos in placeholder order; pixel rows as wide as
+    the family's patches: 3 * p * p per raw image row, 3 * T * p * p per video row, empty ones too)."""
+    vision = vision_or_default(samples[0].vision)
+    if any(vision_or_default(s.vision) != vision for s in samples):
+        raise ValueError("samples made with different processor facts (model families) cannot share a microbatch")
+    p = vision.patch_size
+    video_dim = 3 * vision.temporal_patch_size * p * p
     lens = [s.num_tokens for s in samples]
     cu = torch.zeros(len(samples) + 1, dtype=torch.int32)
     cu[1:] = torch.cumsum(torch.tensor(lens, dtype=torch.int32), 0)
@@ -107,11 +115,11 @@ def assemble(samples: list[Processed]) -> PackedBatch:
         position_ids=torch.cat([s.position_ids for s in samples], dim=1),
         cu_seqlens=cu,
         max_seqlen=max(lens),
-        pixel_values=_image_rows(samples, img_grids),
+        pixel_values=_image_rows(samples, img_grids, vision),
         image_grid_thw=torch.tensor(img_grids, dtype=torch.long).reshape(-1, 3),
-        pixel_values_videos=torch.cat(vid_rows, out=_empty(sum(r.shape[0] for r in vid_rows), PATCH_DIM,
+        pixel_values_videos=torch.cat(vid_rows, out=_empty(sum(r.shape[0] for r in vid_rows), video_dim,
                                                             vid_rows[0].dtype))
-        if vid_rows else _empty(0, PATCH_DIM),
+        if vid_rows else _empty(0, video_dim),
         video_grid_thw=torch.tensor(vid_grids, dtype=torch.long).reshape(-1, 3),
         sample_keys=[s.key for s in samples],
     )
@@ -159,15 +167,16 @@ def _empty(n: int, width: int, dtype: torch.dtype = torch.uint8) -> torch.Tensor
     return torch.empty(0, dtype=dtype).set_(storage, 0, (n, width), (width, 1))
 
 
-def _image_rows(samples: list[Processed], grids: list[tuple[int, int, int]]) -> torch.Tensor:
-    """All images' raw pixel rows (N, 588) uint8, written straight into one buffer (no per-image tensors to
+def _image_rows(samples: list[Processed], grids: list[tuple[int, int, int]],
+                vision: VisionProcessing) -> torch.Tensor:
+    """All images' raw pixel rows (N, 3 * p * p) uint8, written straight into one buffer (no per-image tensors to
     concatenate)."""
     n = sum(t * h * w for t, h, w in grids)
-    out_NP = _empty(n, IMAGE_ROW_DIM)
+    out_NP = _empty(n, 3 * vision.patch_size * vision.patch_size)
     o = 0
     for s in samples:
         for im, (t, h, w) in zip(s.images, s.image_grids):
-            image_rows_raw(im, out=out_NP[o : o + t * h * w].numpy())
+            image_rows_raw(im, vision, out=out_NP[o : o + t * h * w].numpy())
             o += t * h * w
     return out_NP
 

@@ -34,6 +34,7 @@ from data.config import DataConfig
 from data.packing import Entry, Packer, assemble
 from data.sample import Processed, RawSample, SampleProcessor
 from data.sources import BadShard, DatasetPlan, EpochLayout, Reader, mix64
+from model.processing import VisionProcessing
 
 log = logging.getLogger("data.loader")
 
@@ -195,15 +196,16 @@ class WorkerPipeline:
     `notify(message)` carries the warnings the training process should log (bad shards, stall reports; default:
     this process's log); `interrupt()` is polled between samples (in the training process: the loader's
     `interrupt`; in a worker process: the loader's shutdown flag) and raises LoaderInterrupted when it answers True.
+    `vision`: the model family's processor facts (None: Qwen2-VL's), for the default SampleProcessor.
     """
 
     def __init__(self, cfg: DataConfig, plans: list[DatasetPlan], g: int, G: int, state: dict | None = None,
                  processor: SampleProcessor | None = None, notify: Callable[[str], None] | None = None,
-                 interrupt: Callable[[], bool] | None = None) -> None:
+                 interrupt: Callable[[], bool] | None = None, vision: VisionProcessing | None = None) -> None:
         self.cfg, self.plans, self.g, self.G = cfg, plans, g, G
         self.notify = notify or log.warning
         self.interrupt = interrupt
-        self.proc = processor or SampleProcessor(cfg)
+        self.proc = processor or SampleProcessor(cfg, vision=vision)
         self.readers = [Reader(p, cfg.storage, cfg.read_chunk_bytes) for p in plans]
         st = state or {}
         self.done = bool(st.get("done", False))

@@ -69,7 +69,7 @@ def evaluate_offline(path: str | Path, data: list[str], *, max_new_tokens: int =
     if len(set(names)) != len(names):
         raise ConfigError(f"--data paths have the same name {names}: give directories with distinct names")
     data_cfg = dataclasses.replace(data_cfg, datasets=specs)
-    proc = SampleProcessor(data_cfg)
+    proc = SampleProcessor(data_cfg, vision=model.processing)  # the model family's processor facts
     report: dict[str, Any] = {"model": str(path), "max_new_tokens": max_new_tokens, "datasets": {},
                               "predictions": []}
     for i, spec in enumerate(specs):

@@ -50,6 +50,7 @@ from data.sample import RawSample, SampleProcessor
 from data.sources import Reader, plan_dataset
 from data.tokenizer import Tokenizer
 from model.config import ModelConfig
+from model.family import get_family
 from model.generate import greedy_generate
 from model.meta import empty_model
 from model.vlm import VLModel
@@ -220,6 +221,7 @@ class Evaluator:
         self.generates = self.ecfg.generation and self.skip_reason is None and layout.tp_rank == 0
         self._qa: dict[str, tuple[list[QASample], Counter]] = {}
         self._proc: SampleProcessor | None = None
+        self.vision = get_family(mcfg.family).processing(mcfg)  # the data's processor facts are the model's
 
     def maybe_run(self, step: int, final: bool) -> None:
         e = self.ecfg
@@ -240,7 +242,7 @@ class Evaluator:
         if self.layout.has_data:
             data_cfg = dataclasses.replace(self.cfg.data, datasets=[spec], epochs=1, shuffle_buffer=0,
                                            num_workers=self.ecfg.num_workers)
-            loader = build_loader(data_cfg, self.layout.dp_rank, self.layout.dp)
+            loader = build_loader(data_cfg, self.layout.dp_rank, self.layout.dp, vision=self.vision)
         it = iter(loader) if loader is not None else None
         loss_sum, count = 0.0, 0
         try:
@@ -274,7 +276,7 @@ class Evaluator:
     def _qa_for(self, index: int, spec: DatasetSpec) -> tuple[list[QASample], Counter]:
         if spec.label not in self._qa:
             if self._proc is None:
-                self._proc = SampleProcessor(self.cfg.data)
+                self._proc = SampleProcessor(self.cfg.data, vision=self.vision)
             self._qa[spec.label] = qa_samples(self.cfg.data, spec, index, self._proc, rank=self.layout.dp_rank,
                                               world=self.layout.dp, max_samples=self.ecfg.max_samples)
         return self._qa[spec.label]

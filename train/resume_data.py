@@ -2,7 +2,8 @@
 checkpoint's (issue 22).
 
 Every checkpoint's meta.json holds `data_fingerprint` (data.fingerprint.sample_fingerprint: the tokenizer by
-content hash, the image and video pixel and frame settings, the chat template's options, truncation). On resume:
+content hash, the model family's processor facts, the image and video pixel and frame settings, the chat
+template's options, truncation). On resume:
 
 - nothing changed: nothing to say;
 - something changed and the run would continue the saved data position (checkpoint.data_state: exact, same dp
@@ -24,28 +25,29 @@ from typing import Any
 from core.config import ConfigError
 from data.config import DataConfig
 from data.fingerprint import fingerprint_changes, sample_fingerprint
+from model.processing import VisionProcessing
 
 log = logging.getLogger(__name__)
 META_KEY = "data_fingerprint"
 
 
-def data_meta(cfg: DataConfig) -> dict[str, Any]:
-    """The checkpoint meta.json field of a run's data settings."""
-    return {META_KEY: sample_fingerprint(cfg)}
+def data_meta(cfg: DataConfig, vision: VisionProcessing | None = None) -> dict[str, Any]:
+    """The checkpoint meta.json field of a run's data settings (`vision`: the model family's processor facts)."""
+    return {META_KEY: sample_fingerprint(cfg, vision)}
 
 
 def check_resume_data(meta: dict[str, Any], cfg: DataConfig, continues_position: bool, path: Path | str,
-                      warn: bool = True) -> list[str]:
-    """Compare the checkpoint's data fingerprint with this run's (see the module doc): raises ConfigError when the
-    run would continue the saved data position with changed settings, else returns the changes (logged as a
-    warning when `warn`, i.e. on the main rank)."""
+                      warn: bool = True, vision: VisionProcessing | None = None) -> list[str]:
+    """Compare the checkpoint's data fingerprint with this run's (see the module doc; `vision`: the model family's
+    processor facts, None = Qwen2-VL's): raises ConfigError when the run would continue the saved data position
+    with changed settings, else returns the changes (logged as a warning when `warn`, i.e. on the main rank)."""
     saved = meta.get(META_KEY)
     if saved is None:
         if warn:
             log.warning("checkpoint %s records no data settings (saved by an older version): whether the data "
                         "settings changed since cannot be checked", path)
         return []
-    changes = fingerprint_changes(saved, sample_fingerprint(cfg))
+    changes = fingerprint_changes(saved, sample_fingerprint(cfg, vision))
     if not changes:
         return []
     what = "; ".join(changes)

@@ -25,6 +25,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 
 from core.config import ConfigError
 from model.config import ModelConfig
+from model.family import get_family
 from model.hf_adapter import is_hf_dir, load_hf_slices
 from model.lora import LoRAConfig, is_adapter_key
 from model.lora_peft import is_peft_dir
@@ -190,6 +191,7 @@ class Resumable(Protocol):
     """What resume() restores: the trainer (train/trainer.py), which is Stateful itself."""
 
     cfg: JobConfig
+    mcfg: ModelConfig
     layout: Layout
     ckpt: CheckpointManager
     is_main: bool
@@ -269,7 +271,8 @@ def resume(run: Resumable, path: Path) -> None:
     same_layout = same_dp and saved["tp"] == layout.tp and saved["pp"] == layout.pp
     restore_data = same_dp and cfg.checkpoint.data_state == "exact"
     # Data settings that change what a sample becomes: refused or warned about (train/resume_data.py).
-    check_resume_data(meta, cfg.data, restore_data, path, warn=run.is_main)
+    check_resume_data(meta, cfg.data, restore_data, path, warn=run.is_main,
+                      vision=get_family(run.mcfg.family).processing(run.mcfg))
     state = run.checkpoint_state()
     if not same_layout:
         state.pop("rng")

@@ -232,7 +232,8 @@ class Trainer(Stateful):
         data_cfg = dataclasses.replace(cfg.data, seed=cfg.data.seed + DATA_PASS_SEED_STRIDE * self.data_pass)
         # A stop signal is honoured while the loader waits for data (it polls this between short waits).
         loader = build_loader(data_cfg, self.layout.dp_rank, self.layout.dp,
-                              interrupt=lambda: self._stop_signal is not None, plans=self.data_plans)
+                              interrupt=lambda: self._stop_signal is not None, plans=self.data_plans,
+                              vision=get_family(self.mcfg.family).processing(self.mcfg))
         try:
             self.loader_state.attach(loader)
         except ValueError as e:
@@ -273,7 +274,7 @@ class Trainer(Stateful):
             self.ckpt.protected = None  # a good checkpoint again: the streak's protection ends with this save
         meta = {"model_config": self.mcfg.to_hf_dict(), "stage": self.cfg.train.stage,
                 "frozen": list(self.cfg.frozen_groups), "tokens_seen": self.tokens_seen,
-                **data_meta(self.cfg.data)}
+                **data_meta(self.cfg.data, get_family(self.mcfg.family).processing(self.mcfg))}
         self.ckpt.save(self.step, self.checkpoint_state(), self.cfg.to_yaml(), meta)
         self._saved_step = self.step
         self.metrics.event("checkpoint", step=self.step, seconds=round(self.ckpt.save_seconds, 3),

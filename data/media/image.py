@@ -1,13 +1,14 @@
-"""Image decoding and Qwen2-VL's naive dynamic resolution.
+"""Image decoding and Qwen-VL's naive dynamic resolution, at the family's resize factor.
 
-Shape legend: H/W = resized height/width, C = 3 channels, N = patch rows, P = 1176 (3 * 2 * 14 * 14).
+Shape legend: H/W = resized height/width, C = 3 channels, N = patch rows, P = 3 * 2 * p * p (p: patch size).
 
-Pipeline per image, the same steps as transformers' Qwen2VLImageProcessorPil (and qwen-vl-utils): bytes -> PIL
-decode -> RGB (transparency composited onto white) -> smart_resize(h, w) -> PIL BICUBIC resize -> uint8 (H, W, C).
+Pipeline per image, the same steps as transformers' Qwen2VLImageProcessorPil (and qwen-vl-utils), which every
+family's image processor is with its own patch size and mean / std: bytes -> PIL decode -> RGB (transparency
+composited onto white) -> smart_resize(h, w, factor) -> PIL BICUBIC resize -> uint8 (H, W, C).
 One deliberate difference: a 16-bit grayscale image is scaled to 8 bits (to_8bit), where PIL's conversion, and so
 transformers', saturates every value above 255 to white. The packing buffer keeps this uint8 image;
 `data.media.vision.image_rows_raw` patchifies it into raw uint8 rows (one frame per row) when the microbatch is
-assembled, and the model rescales, CLIP-normalizes and adds the temporal copy on the device
+assembled, and the model rescales, normalizes (the family's mean / std) and adds the temporal copy on the device
 (model.vision.normalize_pixel_rows): the float32 rows transformers' processor returns would be 8x the bytes through
 worker queues and host-to-device copies.
 
@@ -24,7 +25,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from data.media.vision import AspectRatioError, smart_resize
+from data.media.vision import AspectRatioError, smart_resize, vision_or_default
+from model.processing import VisionProcessing
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
@@ -38,11 +40,12 @@ class LoadedImage:
     """A resized image ready for patchify."""
 
     pixels_HWC: np.ndarray
-    """uint8 RGB, sides multiples of 28."""
+    """uint8 RGB, sides multiples of the resize factor (patch x merge: 28 or 32)."""
     grid_thw: tuple[int, int, int]
-    """(1, H/14, W/14)."""
+    """(1, H/p, W/p)."""
     orig_size: tuple[int, int]
     """(width, height) before resizing: grounding boxes are normalized against it."""
+    merge_size: int = 2
 
     @property
     def num_patches(self) -> int:
@@ -50,7 +53,7 @@ class LoadedImage:
 
     @property
     def num_tokens(self) -> int:
-        return self.num_patches // 4
+        return self.num_patches // (self.merge_size * self.merge_size)
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -102,22 +105,26 @@ def image_size(data: bytes) -> tuple[int, int] | None:
         return None
 
 
-def load_image(data: bytes, min_pixels: int, max_pixels: int, name: str | None = None) -> LoadedImage:
-    """Decode, convert to RGB and resize with smart_resize + PIL BICUBIC (transformers' PIL backend).
+def load_image(data: bytes, min_pixels: int | None = None, max_pixels: int | None = None, name: str | None = None,
+               vision: VisionProcessing | None = None) -> LoadedImage:
+    """Decode, convert to RGB and resize with smart_resize at the family's factor + PIL BICUBIC (transformers' PIL
+    backend). `min_pixels` / `max_pixels` None: the family's defaults (4 and 16384 merged tokens); `vision` None:
+    Qwen2-VL's facts.
 
     Raises ImageDecodeError (bad bytes; the message calls the image `name`) or AspectRatioError (aspect ratio >
     200); both are counted skips.
     """
+    v = vision_or_default(vision)
     img = decode_image(data, name)
     w, h = img.size
-    # transformers' arithmetic (the parity target); differs from qwen-vl-utils only for sides < 14 px.
-    rh, rw = smart_resize(h, w, min_pixels=min_pixels, max_pixels=max_pixels, clamp_to_factor=False)
+    # transformers' arithmetic (the parity target); differs from qwen-vl-utils only for sides < factor / 2.
+    rh, rw = smart_resize(h, w, v.factor, min_pixels, max_pixels, clamp_to_factor=False)
     if (rw, rh) != (w, h):
         img = img.resize((rw, rh), resample=Image.Resampling.BICUBIC)
     pixels = np.asarray(img, dtype=np.uint8)
     if pixels.ndim != 3 or pixels.shape[2] != 3:
         raise ImageDecodeError(f"decoded image has shape {pixels.shape}, expected (H, W, 3)")
-    return LoadedImage(pixels, (1, rh // 14, rw // 14), (w, h))
+    return LoadedImage(pixels, (1, rh // v.patch_size, rw // v.patch_size), (w, h), v.merge_size)
 
 
 __all__ = ["AspectRatioError", "ImageDecodeError", "LoadedImage", "decode_image", "image_size", "load_image"]

@@ -1,20 +1,28 @@
-"""Videos for Qwen2-VL: decode from in-memory bytes, sample at 2 fps, resize under a token budget, patchify.
+"""Videos for every Qwen-VL family: decode from in-memory bytes, sample at 2 fps, resize under a token budget,
+patchify.
 
-Shape legend: F = sampled frames, H/W = resized height/width, C = 3, N = patch rows, P = 1176.
+Shape legend: F = sampled frames, H/W = resized height/width, C = 3, N = patch rows, T = temporal patch (2),
+f = resize factor (the family's patch x merge: 28 for Qwen2-VL / Qwen2.5-VL, 32 for Qwen3-VL), P = row length.
 
-Sampling is Qwen2-VL's (qwen-vl-utils 0.0.14 `smart_nframes` + `fetch_video`):
+Sampling is qwen-vl-utils' (0.0.14 `smart_nframes` + `fetch_video`, which every family's reference pipeline
+uses; `image_patch_size` gives the factor):
 
-    nframes   = floor2(clamp(total_frames / video_fps * fps, ceil2(min_frames), floor2(min(max_frames, total))))
+    nframes   = floorT(clamp(total_frames / video_fps * fps, ceilT(min_frames), floorT(min(max_frames, total))))
     indices   = round(linspace(0, total_frames - 1, nframes))           (torch.linspace, round half to even)
-    per frame = max(min(max_pixels, total_pixels / nframes * 2), int(min_pixels * 1.05))
-    (h, w)    = smart_resize(H, W, 28, min_pixels, per frame)            total_pixels = max_tokens * 28 * 28
+    per frame = max(min(max_pixels, total_pixels / nframes * T), int(min_pixels * 1.05))
+    (h, w)    = smart_resize(H, W, f, min_pixels, per frame)             total_pixels = max_tokens * f * f
 
-so a video yields at most `max_tokens` merged tokens (t/2 * h/28 * w/28) - except that the 1.05 x min_pixels
-floor can exceed the budget on long videos. There qwen-vl-utils overshoots; we keep the cap HARD: the frame
-count is lowered (an even number of evenly spaced frames, i.e. a lower effective fps) until the tokens fit, and
-`fps_used` records the rate actually sampled. Frames are resized with PIL bicubic (antialiased like the
-torchvision resize qwen-vl-utils uses; measured difference <= 2/255, see docs/storage_video.md), then
-CLIP-normalized and patchified by data.media.vision (transformers' row order).
+with min_pixels / max_pixels 128 and 768 merged tokens per frame (x f^2) unless configured, so a video yields at
+most `max_tokens` merged tokens (t/T * h/f * w/f) - except that the 1.05 x min_pixels floor can exceed the
+budget on long videos. There qwen-vl-utils overshoots; we keep the cap HARD: the frame count is lowered (an even
+number of evenly spaced frames, i.e. a lower effective fps) until the tokens fit, and `fps_used` records the rate
+actually sampled. Frames are resized with PIL bicubic (antialiased like the torchvision resize qwen-vl-utils uses;
+measured difference <= 2/255, see docs/storage_video.md) and patchified by data.media.vision (transformers' row
+order); the model normalizes them on the device with the family's mean / std.
+
+How a clip's time reaches the model is the family's (model.processing.VisionProcessing.video_time), from what the
+clip carries: Qwen2.5-VL's seconds per frame pair are T / fps_used (transformers' second_per_grid_ts), Qwen3-VL's
+per-pair timestamps come from `frame_indices` and the source `video_fps` (its processor's _calculate_timestamps).
 
 Decoding: backend "pyav" (default: in-process, bundled FFmpeg, frame-threaded) or "ffmpeg" (the imageio-ffmpeg
 binary in a subprocess). Every decode runs under a wall-clock watchdog (`decode_timeout_s`); a corrupt,
@@ -39,19 +47,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from data.media.vision import (
-    FACTOR,
-    PATCH_SIZE,
-    TEMPORAL_PATCH_SIZE,
-    AspectRatioError,
-    smart_resize,
-    video_rows_raw,
-)
-from model.config import VisionConfig
+from data.media.vision import AspectRatioError, smart_resize, video_rows_raw, vision_or_default
+from model.processing import VisionProcessing
 from model.vision import normalize_pixel_rows
 
 BACKENDS = ("pyav", "ffmpeg")
-DEFAULT_MAX_TOKENS = 16384  # Qwen2-VL's cap on merged tokens per video (the paper's 16384)
+DEFAULT_MAX_TOKENS = 16384  # the cap on merged tokens per video (the Qwen2-VL paper's 16384)
+FRAME_MIN_TOKENS = 128  # qwen-vl-utils' VIDEO_MIN_TOKEN_NUM: smallest frame, in merged tokens (every family)
+FRAME_MAX_TOKENS = 768  # qwen-vl-utils' VIDEO_MAX_TOKEN_NUM: largest frame, in merged tokens (every family)
 RESIZE_METHOD = "pil-bicubic-v1"  # part of the cache key: a change here must not reuse old frames
 
 
@@ -66,8 +69,8 @@ class VideoDecodeError(ValueError):
 
 @dataclass
 class VideoConfig:
-    """How videos are sampled, decoded and cached (recipe `data.video`). Defaults are Qwen2-VL's
-    (qwen-vl-utils: 2 fps, 4..768 frames, 128..768 merged tokens per frame)."""
+    """How videos are sampled, decoded and cached (recipe `data.video`). Defaults are qwen-vl-utils' for every
+    family (2 fps, 4..768 frames, 128..768 merged tokens per frame)."""
 
     fps: float = 2.0
     """Frames sampled per second of video (before the token cap lowers it on long videos)."""
@@ -75,14 +78,17 @@ class VideoConfig:
     """Fewest frames sampled (rounded up to a multiple of 2), if the video has that many."""
     max_frames: int = 768
     """Most frames sampled (rounded down to a multiple of 2)."""
-    min_pixels: int = 128 * 28 * 28
-    """Smallest resized frame area (pixels); the 1.05 x floor of qwen-vl-utils applies."""
-    max_pixels: int = 768 * 28 * 28
-    """Largest resized frame area (pixels) before the per-video budget lowers it."""
+    min_pixels: int | None = None
+    """Smallest resized frame area (pixels); the 1.05 x floor of qwen-vl-utils applies. None = the family's
+    default, 128 merged tokens: 128 x factor^2 (factor = patch x merge: 28 for Qwen2-VL / Qwen2.5-VL, 100352
+    pixels; 32 for Qwen3-VL, 131072)."""
+    max_pixels: int | None = None
+    """Largest resized frame area (pixels) before the per-video budget lowers it. None = the family's default,
+    768 merged tokens: 768 x factor^2 (602112 pixels at factor 28, 786432 at 32)."""
     max_tokens: int = 0
-    """Hard cap on merged tokens per video (t/2 * h/28 * w/28): sets the per-video pixel budget
-    (max_tokens * 28 * 28) and, when the per-frame minimum would still exceed it, lowers the frame count.
-    0 = Qwen2-VL's 16384, which the loader lowers to what a video sample's microbatch holds
+    """Hard cap on merged tokens per video (t/2 * h/f * w/f at the family's factor f): sets the per-video pixel
+    budget (max_tokens * f * f) and, when the per-frame minimum would still exceed it, lowers the frame count.
+    0 = 16384, which the loader lowers to what a video sample's microbatch holds
     (data.max_video_sample_patches / 4 and 3/4 of data.max_video_sample_tokens, the rest left to the text); an
     explicit value must fit those budgets (checked when the data config is parsed)."""
     backend: Literal["pyav", "ffmpeg"] = "pyav"
@@ -113,15 +119,15 @@ class VideoConfig:
             raise ValueError(f"video.fps must be > 0, got {self.fps}")
         if not 1 <= self.min_frames <= self.max_frames:
             raise ValueError(f"video needs 1 <= min_frames <= max_frames, got {self.min_frames}, {self.max_frames}")
-        if not 0 < self.min_pixels <= self.max_pixels:
-            raise ValueError(f"video needs 0 < min_pixels <= max_pixels, got {self.min_pixels}, {self.max_pixels}")
+        for k in ("min_pixels", "max_pixels"):
+            if getattr(self, k) is not None and not getattr(self, k) > 0:
+                raise ValueError(f"video.{k} must be > 0 or null (the family's default), got {getattr(self, k)}")
+        if self.min_pixels is not None and self.max_pixels is not None and self.min_pixels > self.max_pixels:
+            raise ValueError(f"video needs min_pixels <= max_pixels, got {self.min_pixels}, {self.max_pixels}")
         if self.max_tokens < 0:
             raise ValueError(f"video.max_tokens must be >= 0 (0 = automatic), got {self.max_tokens}")
-        if self.max_tokens and self.max_tokens < self.floor_tokens:
-            raise ValueError(
-                f"video.max_tokens={self.max_tokens} is below one frame pair at min_pixels "
-                f"({self.floor_tokens} tokens): raise max_tokens or lower min_pixels"
-            )
+        if self.min_pixels is None:  # the floor in tokens is then the same for every family
+            self.check()
         if not self.decode_timeout_s > 0:
             raise ValueError(f"video.decode_timeout_s must be > 0, got {self.decode_timeout_s}")
         if self.decode_threads < 0:
@@ -134,11 +140,33 @@ class VideoConfig:
         """The cap in force: max_tokens, or DEFAULT_MAX_TOKENS when it is 0 (automatic) and nobody lowered it."""
         return self.max_tokens or DEFAULT_MAX_TOKENS
 
-    @property
-    def floor_tokens(self) -> int:
-        """Tokens of one frame pair at qwen-vl-utils' per-frame floor (1.05 x min_pixels): the smallest cap that
-        holds a frame pair of every video."""
-        return math.ceil(int(self.min_pixels * 1.05) / (FACTOR * FACTOR))
+    def frame_pixels(self, vision: VisionProcessing | None = None) -> tuple[int, int]:
+        """(min_pixels, max_pixels) of a frame in force for the family: the configured values, or 128 and 768
+        merged tokens of factor x factor pixels."""
+        f = vision_or_default(vision).factor
+        lo = FRAME_MIN_TOKENS * f * f if self.min_pixels is None else self.min_pixels
+        hi = FRAME_MAX_TOKENS * f * f if self.max_pixels is None else self.max_pixels
+        return lo, hi
+
+    def floor_tokens(self, vision: VisionProcessing | None = None) -> int:
+        """Tokens of one frame pair at qwen-vl-utils' per-frame floor (1.05 x min_pixels) at the family's factor:
+        the smallest cap that holds a frame pair of every video."""
+        f = vision_or_default(vision).factor
+        return math.ceil(int(self.frame_pixels(vision)[0] * 1.05) / (f * f))
+
+    def check(self, vision: VisionProcessing | None = None) -> None:
+        """The checks that need the family's factor (ValueError naming the fix): the frame bounds in force are
+        ordered and an explicit max_tokens holds one frame pair."""
+        lo, hi = self.frame_pixels(vision)
+        if lo > hi:
+            raise ValueError(f"video needs min_pixels <= max_pixels, got {lo}, {hi} (null = the family's default: "
+                             f"{FRAME_MIN_TOKENS} and {FRAME_MAX_TOKENS} merged tokens per frame)")
+        floor = self.floor_tokens(vision)
+        if self.max_tokens and self.max_tokens < floor:
+            raise ValueError(
+                f"video.max_tokens={self.max_tokens} is below one frame pair at min_pixels "
+                f"({floor} tokens): raise max_tokens or lower min_pixels"
+            )
 
 
 @dataclass
@@ -146,25 +174,40 @@ class VideoClip:
     """One processed video, ready for packing."""
 
     rows_u8: torch.Tensor
-    """(grid_t * grid_h * grid_w, 1176) uint8 RAW rows in transformers' Qwen2-VL order (before rescale and
-    normalization, which model.vision.normalize_pixel_rows applies on the device): what the loader ships."""
+    """(grid_t * grid_h * grid_w, P) uint8 RAW rows in transformers' order (before rescale and normalization,
+    which model.vision.normalize_pixel_rows applies on the device): what the loader ships."""
     grid_thw: tuple[int, int, int]
-    """(frames / 2, h / 14, w / 14): the row for video_grid_thw."""
+    """(frames / T, h / p, w / p): the row for video_grid_thw."""
     fps_used: float
     """Frames per second of video actually sampled (lower than cfg.fps when the token cap bit)."""
     frame_indices: list[int]
-    """Indices of the decoded frames used, in order (before the odd-count padding)."""
+    """Indices of the decoded frames used, in order (before the padding to whole frame pairs)."""
+    video_fps: float = 0.0
+    """Frame rate of the source video (its timestamps: Qwen3-VL's text timestamps come from it)."""
+    vision: VisionProcessing | None = None
+    """The family's processor facts the rows were made with (None: Qwen2-VL's)."""
 
     @property
     def pixel_values(self) -> torch.Tensor:
-        """(N, 1176) float32: the processor's normalized rows (computed from rows_u8 on demand)."""
-        return normalize_pixel_rows(self.rows_u8, VisionConfig())
+        """(N, P) float32: the processor's normalized rows (computed from rows_u8 on demand)."""
+        return normalize_pixel_rows(self.rows_u8, vision_or_default(self.vision))
 
     @property
     def num_tokens(self) -> int:
         """Merged tokens (<|video_pad|> count) this clip takes in the LLM sequence."""
         t, h, w = self.grid_thw
-        return t * h * w // 4
+        m = vision_or_default(self.vision).merge_size
+        return t * h * w // (m * m)
+
+    @property
+    def seconds_per_pair(self) -> float:
+        """Seconds of video per temporal patch: temporal patch / sampled fps (Qwen2.5-VL's second_per_grid_ts)."""
+        return vision_or_default(self.vision).temporal_patch_size / self.fps_used
+
+    def frame_pair_timestamps(self) -> list[float]:
+        """Qwen3-VL: each frame pair's time in seconds, as its processor computes it from the sampled frame indices
+        and the source fps."""
+        return vision_or_default(self.vision).frame_pair_timestamps(self.frame_indices, self.video_fps)
 
 
 @dataclass
@@ -178,11 +221,16 @@ class SamplingPlan:
     """True when the hard token cap lowered the frame count below Qwen's."""
     native_hw: tuple[int, int] = (0, 0)
     """Decoded frame size (height, width) before the resize."""
+    video_fps: float = 0.0
+    """Frame rate of the source video."""
+    patch_size: int = 14
+    temporal_patch_size: int = 2
 
     @property
     def grid_thw(self) -> tuple[int, int, int]:
-        """The clip's (t, h, w) patch grid: what decoding these frames will give (an odd count is padded)."""
-        return _ceil2(self.nframes) // TEMPORAL_PATCH_SIZE, self.height // PATCH_SIZE, self.width // PATCH_SIZE
+        """The clip's (t, h, w) patch grid: what decoding these frames will give (padded to whole frame pairs)."""
+        T, p = self.temporal_patch_size, self.patch_size
+        return _ceil_t(self.nframes, T) // T, self.height // p, self.width // p
 
 
 @dataclass
@@ -195,45 +243,51 @@ class SampledFrames:
     meta: dict = field(default_factory=dict)
 
 
-def _floor2(x: float) -> int:
-    return math.floor(x / TEMPORAL_PATCH_SIZE) * TEMPORAL_PATCH_SIZE
+def _floor_t(x: float, T: int) -> int:
+    return math.floor(x / T) * T
 
 
-def _ceil2(x: float) -> int:
-    return math.ceil(x / TEMPORAL_PATCH_SIZE) * TEMPORAL_PATCH_SIZE
+def _ceil_t(x: float, T: int) -> int:
+    return math.ceil(x / T) * T
 
 
-def plan_sampling(total_frames: int, video_fps: float, height: int, width: int, cfg: VideoConfig) -> SamplingPlan:
-    """Which frames to keep and their resized size (pure: the parity tests check it against Qwen's formula)."""
+def plan_sampling(total_frames: int, video_fps: float, height: int, width: int, cfg: VideoConfig,
+                  vision: VisionProcessing | None = None) -> SamplingPlan:
+    """Which frames to keep and their resized size at the family's factor (pure: the parity tests check it against
+    Qwen's formula). `vision` None: Qwen2-VL's facts."""
+    v = vision_or_default(vision)
+    T, f = v.temporal_patch_size, v.factor
     if total_frames < 1 or not video_fps > 0:
         raise VideoDecodeError(f"video has {total_frames} frames at {video_fps} fps", "decode_failed")
-    if total_frames < TEMPORAL_PATCH_SIZE:
+    if total_frames < T:
         nframes = total_frames  # one frame: patchify repeats it to fill the temporal patch
     else:
-        min_frames = _ceil2(cfg.min_frames)
-        max_frames = _floor2(min(cfg.max_frames, total_frames))
+        min_frames = _ceil_t(cfg.min_frames, T)
+        max_frames = _floor_t(min(cfg.max_frames, total_frames), T)
         n = total_frames / video_fps * cfg.fps
-        nframes = _floor2(min(min(max(n, min_frames), max_frames), total_frames))
+        nframes = _floor_t(min(min(max(n, min_frames), max_frames), total_frames), T)
     cap = cfg.token_cap
-    total_pixels = cap * FACTOR * FACTOR
-    per_frame = max(min(cfg.max_pixels, total_pixels / nframes * TEMPORAL_PATCH_SIZE), int(cfg.min_pixels * 1.05))
-    per_frame = min(cfg.max_pixels, per_frame)  # as fetch_video: the configured max_pixels wins over the floor
+    total_pixels = cap * f * f
+    min_pixels, max_pixels = cfg.frame_pixels(v)
+    per_frame = max(min(max_pixels, total_pixels / nframes * T), int(min_pixels * 1.05))
+    per_frame = min(max_pixels, per_frame)  # as fetch_video: the configured max_pixels wins over the floor
     try:
-        h, w = smart_resize(height, width, FACTOR, cfg.min_pixels, per_frame)
+        h, w = smart_resize(height, width, f, min_pixels, per_frame)
     except AspectRatioError as e:
         raise VideoDecodeError(str(e), "aspect_ratio") from None
-    tokens_per_pair = (h // FACTOR) * (w // FACTOR)
+    tokens_per_pair = (h // f) * (w // f)
     capped = False
-    if _ceil2(nframes) // TEMPORAL_PATCH_SIZE * tokens_per_pair > cap:
+    if _ceil_t(nframes, T) // T * tokens_per_pair > cap:
         max_pairs = cap // tokens_per_pair
         if max_pairs < 1:
             raise VideoDecodeError(
                 f"one frame pair at {h}x{w} is {tokens_per_pair} tokens > max_tokens={cap}", "too_large"
             )
-        nframes = min(nframes, max_pairs * TEMPORAL_PATCH_SIZE)
+        nframes = min(nframes, max_pairs * T)
         capped = True
     idx = torch.linspace(0, total_frames - 1, nframes).round().long().tolist()
-    return SamplingPlan(nframes, idx, h, w, nframes / total_frames * video_fps, capped, (height, width))
+    return SamplingPlan(nframes, idx, h, w, nframes / total_frames * video_fps, capped, (height, width),
+                        float(video_fps), v.patch_size, T)
 
 
 class _Deadline:
@@ -443,7 +497,7 @@ def _watched(fn, cfg: VideoConfig):
     return r
 
 
-def probe_plan(data: bytes, cfg: VideoConfig) -> SamplingPlan:
+def probe_plan(data: bytes, cfg: VideoConfig, vision: VisionProcessing | None = None) -> SamplingPlan:
     """The sampling plan (frames, resized size, so the patch grid) from the container alone: demuxed, not decoded.
 
     The same plan decode_frames follows, so `probe_plan(...).grid_thw` is the grid the decoded clip will have: the
@@ -453,19 +507,20 @@ def probe_plan(data: bytes, cfg: VideoConfig) -> SamplingPlan:
 
     def work(deadline: _Deadline) -> SamplingPlan:
         pr = _probe(data, deadline, cfg)
-        return plan_sampling(pr.frames, pr.fps, pr.height, pr.width, cfg)
+        return plan_sampling(pr.frames, pr.fps, pr.height, pr.width, cfg, vision)
 
     return _watched(work, cfg)
 
 
-def decode_frames(data: bytes, cfg: VideoConfig) -> SampledFrames:
-    """Decode, sample and resize: uint8 frames (F, H, W, 3). Runs under the wall-clock watchdog."""
+def decode_frames(data: bytes, cfg: VideoConfig, vision: VisionProcessing | None = None) -> SampledFrames:
+    """Decode, sample and resize (at the family's factor): uint8 frames (F, H, W, 3). Runs under the wall-clock
+    watchdog."""
     if not data:
         raise VideoDecodeError("zero-length video", "empty")
 
     def work(deadline: _Deadline) -> SampledFrames:
         pr = _probe(data, deadline, cfg)
-        plan = plan_sampling(pr.frames, pr.fps, pr.height, pr.width, cfg)
+        plan = plan_sampling(pr.frames, pr.fps, pr.height, pr.width, cfg, vision)
         fn = _decode_pyav if cfg.backend == "pyav" else _decode_ffmpeg
         frames = fn(data, plan, cfg, deadline)
         meta = {
@@ -480,16 +535,19 @@ def decode_frames(data: bytes, cfg: VideoConfig) -> SampledFrames:
     return _watched(work, cfg)
 
 
-def frames_to_rows(frames_FHWC: np.ndarray) -> tuple[torch.Tensor, tuple[int, int, int]]:
+def frames_to_rows(frames_FHWC: np.ndarray,
+                   vision: VisionProcessing | None = None) -> tuple[torch.Tensor, tuple[int, int, int]]:
     """uint8 frames -> the processor's float32 pixel rows (N, P) and grid; the same values as data.media.vision's
     patchify(normalize(frames)) (equal to within 1e-6). The loader ships the raw rows instead
     (data.media.vision.video_rows_raw); this is for callers that want the processor's floats."""
-    rows_u8, grid = video_rows_raw(frames_FHWC)
-    return normalize_pixel_rows(rows_u8, VisionConfig()), grid
+    v = vision_or_default(vision)
+    rows_u8, grid = video_rows_raw(frames_FHWC, v)
+    return normalize_pixel_rows(rows_u8, v), grid
 
 
-def frames_to_clip(sf: SampledFrames) -> VideoClip:
+def frames_to_clip(sf: SampledFrames, vision: VisionProcessing | None = None) -> VideoClip:
     """Patchify sampled uint8 frames into raw (uint8) rows in transformers' order; a cache hit pays only this
     rearrangement of bytes (normalization happens on the device)."""
-    rows_u8, grid = video_rows_raw(sf.frames_FHWC)
-    return VideoClip(rows_u8, grid, float(sf.fps_used), list(sf.frame_indices))
+    rows_u8, grid = video_rows_raw(sf.frames_FHWC, vision)
+    return VideoClip(rows_u8, grid, float(sf.fps_used), list(sf.frame_indices),
+                     float(sf.meta.get("video_fps", 0.0)), vision)

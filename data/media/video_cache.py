@@ -3,7 +3,8 @@
     python -m data.shards warm --data s3://bucket/videos-shards --cache-dir /local/vcache [--workers 8]
 
 Key: sha256 of the video's identity and of every parameter that changes the frames (fps, min/max frames,
-min/max pixels, max tokens, frame-count tolerance, resize method, decoder backend and its version, entry format).
+min/max pixels in force, max tokens, frame-count tolerance, the family's patch / merge / temporal patch sizes (so
+its resize factor), resize method, decoder backend and its version, entry format).
 The identity is the content's sha256 by default, so an object rewritten under the same name can never serve
 stale frames; with `VideoConfig.cache_trust_identity` the caller's identity (an ETag) is used as is and the
 content is not hashed.
@@ -25,6 +26,7 @@ Concurrency (DataLoader workers and ranks of one node sharing the directory):
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -49,6 +51,8 @@ from data.media.video import (
     decode_frames,
     frames_to_clip,
 )
+from data.media.vision import vision_or_default
+from model.processing import VisionProcessing
 
 log = logging.getLogger("data.media.video_cache")
 
@@ -103,8 +107,10 @@ def cache_metrics() -> dict[str, int]:
     return METRICS.snapshot()
 
 
-def cache_key(identity: str, cfg: VideoConfig) -> str:
-    """sha256 over the identity and every parameter that changes the cached frames."""
+def cache_key(identity: str, cfg: VideoConfig, vision: VisionProcessing | None = None) -> str:
+    """sha256 over the identity and every parameter that changes the cached frames (`vision` None: Qwen2-VL's)."""
+    v = vision_or_default(vision)
+    min_pixels, max_pixels = cfg.frame_pixels(v)
     params = {
         "identity": identity,
         "format": FORMAT_VERSION,
@@ -113,10 +119,13 @@ def cache_key(identity: str, cfg: VideoConfig) -> str:
         "fps": cfg.fps,
         "min_frames": cfg.min_frames,
         "max_frames": cfg.max_frames,
-        "min_pixels": cfg.min_pixels,
-        "max_pixels": cfg.max_pixels,
+        "min_pixels": min_pixels,  # in force: null (the family's default) and its value give the same frames
+        "max_pixels": max_pixels,
         "max_tokens": cfg.token_cap,  # 0 (automatic, unlowered) and 16384 give the same frames
         "frame_count_tolerance": cfg.frame_count_tolerance,
+        "patch_size": v.patch_size,  # the resize factor (patch x merge) and the frame pairs
+        "merge_size": v.merge_size,
+        "temporal_patch_size": v.temporal_patch_size,
     }
     return hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()
 
@@ -261,10 +270,14 @@ class VideoCache:
 
     # ---------------------------------------------------------------- the entry point
     def get_or_decode(self, data: bytes, cfg: VideoConfig, identity: str | None = None,
-                      decode: Callable[[bytes, VideoConfig], SampledFrames] = decode_frames) -> SampledFrames:
-        """Frames from the cache, or decoded (by this process or, if it is faster, another one) and stored."""
+                      decode: Callable[[bytes, VideoConfig], SampledFrames] | None = None,
+                      vision: VisionProcessing | None = None) -> SampledFrames:
+        """Frames from the cache, or decoded (by this process or, if it is faster, another one) and stored, for the
+        family's facts `vision` (None: Qwen2-VL's). `decode(data, cfg)`: default decode_frames at `vision`."""
         ident = identity if (identity and cfg.cache_trust_identity) else content_identity(data)
-        key = cache_key(ident, cfg)
+        key = cache_key(ident, cfg, vision)
+        if decode is None:
+            decode = functools.partial(decode_frames, vision=vision)
         sf = self._lookup(key)
         if sf is not None:
             return sf
@@ -404,9 +417,13 @@ def _after_fork() -> None:
 os.register_at_fork(after_in_child=_after_fork)
 
 
-def load_video(data: bytes, cfg: VideoConfig, identity: str | None = None) -> VideoClip:
-    """The loader's entry point: bytes of a video file -> VideoClip, through the decode cache when
-    `cfg.cache_dir` is set. `identity` (e.g. the storage ETag of the object) keys the cache; None = the content
-    hash. Raises VideoDecodeError for unusable videos."""
-    sf = get_cache(cfg).get_or_decode(data, cfg, identity) if cfg.cache_dir else decode_frames(data, cfg)
-    return frames_to_clip(sf)
+def load_video(data: bytes, cfg: VideoConfig, identity: str | None = None,
+               vision: VisionProcessing | None = None) -> VideoClip:
+    """The loader's entry point: bytes of a video file -> VideoClip for the family's facts `vision` (None:
+    Qwen2-VL's), through the decode cache when `cfg.cache_dir` is set. `identity` (e.g. the storage ETag of the
+    object) keys the cache; None = the content hash. Raises VideoDecodeError for unusable videos."""
+    if cfg.cache_dir:
+        sf = get_cache(cfg).get_or_decode(data, cfg, identity, vision=vision)
+    else:
+        sf = decode_frames(data, cfg, vision)
+    return frames_to_clip(sf, vision)

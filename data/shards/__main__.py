@@ -2,9 +2,14 @@
 
     python -m data.shards make --input FILE --media DIR --out DIR [--format ours|llava|sharegpt|llamafactory|swift]
         [--dataset-info dataset_info.json [--dataset NAME]] [--allow-absolute-media] [--samples-per-shard N]
-        [--prefix P] [--tokenizer DIR]
-    python -m data.shards index DIR [--tokenizer DIR]      # shards written by other tools (webdataset etc.)
-    python -m data.shards warm --data DATASET... --cache-dir DIR [--workers N] [video options]
+        [--prefix P] [--tokenizer DIR] [--family qwen2_vl|qwen2_5_vl|qwen3_vl]
+    python -m data.shards index DIR [--tokenizer DIR] [--family F]  # shards written by other tools (webdataset etc.)
+    python -m data.shards warm --data DATASET... --cache-dir DIR --family F [--workers N] [video options]
+
+The samples a converter writes are the same for every model family (the loader renders them for the family of the
+run: its chat template's system prompt, its vision blocks and video timestamps); `--family` decides what depends on
+the family's resize factor: make's and index's token estimates in the sidecar indexes, and warm's cache keys and
+frame sizes (warm for the family you will train, or the loader decodes again).
 
 Each subcommand prints one summary line; bad input is reported per line / per sample and counted. A mistake
 (a missing file, a wrong directory, a truncated shard) is one line on stderr and exit code 2, no traceback (set
@@ -23,6 +28,7 @@ import time
 from core.cli import run_cli
 from core.config import field_docs
 from data.shards.convert import DEFAULT_FORMAT, FORMATS
+from model.family import DEFAULT_FAMILY, FAMILY_NAMES
 
 
 class _Parser(argparse.ArgumentParser):
@@ -61,11 +67,13 @@ def _parser() -> argparse.ArgumentParser:
     mk.add_argument("--prefix", default="shard", help="shard file name prefix (default 'shard')")
     mk.add_argument("--tokenizer", default=None,
                     help="tokenizer directory: exact text token counts in the index (default: a bytes/4 estimate)")
+    _family_arg(mk, "the model family whose resize factor the index's image token estimates use")
     ix = sub.add_parser("index", help="write sidecar indexes + dataset.json for existing .tar shards",
                         description="(Re)index every .tar shard of a local directory and write its manifest; a "
                                     "truncated shard is an error naming it.")
     ix.add_argument("dir", help="directory holding the .tar shards")
     ix.add_argument("--tokenizer", default=None, help="tokenizer directory: exact text token counts in the index")
+    _family_arg(ix, "the model family whose resize factor the index's image token estimates use")
     w = sub.add_parser("warm", help="decode a dataset's videos into the decode cache ahead of training",
                        description="Read the datasets as the loader does and decode every video into the cache "
                                    "under the key the loader looks up, so training never waits for these decodes.")
@@ -73,12 +81,19 @@ def _parser() -> argparse.ArgumentParser:
     w.add_argument("--cache-dir", required=True, help="the cache directory (data.video.cache_dir of the recipe)")
     w.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) // 2),
                    help="processes decoding in parallel, one shard each (default: half the cores)")
+    _family_arg(w, "the model family of the training run: its resize factor decides the frames' sizes and the cache "
+                   "keys the loader looks up")
     docs, vdef = field_docs(VideoConfig), VideoConfig()
     for f in dataclasses.fields(VideoConfig):
         if f.name == "cache_dir":
             continue
         default = getattr(vdef, f.name)
-        kind = (lambda v: v.lower() in ("1", "true", "yes")) if isinstance(default, bool) else type(default)
+        if default is None:  # min_pixels / max_pixels: null = the family's default
+            kind = int
+        elif isinstance(default, bool):
+            kind = lambda v: v.lower() in ("1", "true", "yes")  # noqa: E731
+        else:
+            kind = type(default)
         help_text = " ".join(docs.get(f.name, "").split()).replace("%", "%%")
         w.add_argument("--" + f.name.replace("_", "-"), type=kind, default=default,
                        help=f"{help_text} (data.video.{f.name}; default {default})")
@@ -86,6 +101,11 @@ def _parser() -> argparse.ArgumentParser:
     w.add_argument("--oss-endpoint", default=None, help="OSS endpoint for oss:// paths (data.storage.oss_endpoint)")
     w.add_argument("--region", default=None, help="object-store region (data.storage.region)")
     return ap
+
+
+def _family_arg(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--family", choices=FAMILY_NAMES, default=DEFAULT_FAMILY,
+                   help=f"{what} (model.family of the recipe; default {DEFAULT_FAMILY})")
 
 
 def _run(args: argparse.Namespace, ap: argparse.ArgumentParser) -> int:
@@ -98,6 +118,9 @@ def _run(args: argparse.Namespace, ap: argparse.ArgumentParser) -> int:
             raise ValueError(f"--media {args.media!r} is not a directory: give the folder the media paths are in")
     elif args.cmd == "index" and not os.path.isdir(args.dir):
         raise ValueError(f"{args.dir!r} is not a directory: give the directory holding the .tar shards")
+    from data.media.vision import family_vision
+
+    vision = family_vision(args.family)
     tok = None
     if getattr(args, "tokenizer", None):
         from data.tokenizer import Tokenizer
@@ -107,7 +130,7 @@ def _run(args: argparse.Namespace, ap: argparse.ArgumentParser) -> int:
         from data.shards.make import make, nothing_written
 
         man = make(args.input, args.media, args.out, args.samples_per_shard, tok, args.prefix, args.format,
-                   args.allow_absolute_media, args.dataset_info, args.dataset)
+                   args.allow_absolute_media, args.dataset_info, args.dataset, vision)
         if not man["samples"]:  # a dataset of nothing is a mistake to report, not a result (exit 2)
             raise ValueError(nothing_written(args.input, args.media, args.format, man.get("skipped") or {}))
         print(f"wrote {man['samples']} samples in {len(man['shards'])} shards to {args.out}; "
@@ -115,7 +138,7 @@ def _run(args: argparse.Namespace, ap: argparse.ArgumentParser) -> int:
     elif args.cmd == "index":
         from data.shards.webdataset import index_dir
 
-        man = index_dir(args.dir, tok)
+        man = index_dir(args.dir, tok, vision)
         print(f"indexed {man['samples']} samples in {len(man['shards'])} shards under {args.dir}")
     else:
         from data.media.video import VideoConfig
@@ -126,10 +149,10 @@ def _run(args: argparse.Namespace, ap: argparse.ArgumentParser) -> int:
         vcfg = VideoConfig(cache_dir=args.cache_dir, **kw)
         scfg = StorageConfig(endpoint_url=args.endpoint_url, oss_endpoint=args.oss_endpoint, region=args.region)
         t0 = time.monotonic()
-        r = warm(args.data, vcfg, scfg, args.workers)
-        print(f"warm: {r['shards']} shards, {r['videos']} videos: {r['decoded']} decoded, {r['cached']} already "
-              f"cached, {sum(r['failed'].values())} failed {r['failed']} in {time.monotonic() - t0:.1f}s "
-              f"-> {args.cache_dir}")
+        r = warm(args.data, vcfg, scfg, args.workers, vision)
+        print(f"warm ({args.family}): {r['shards']} shards, {r['videos']} videos: {r['decoded']} decoded, "
+              f"{r['cached']} already cached, {sum(r['failed'].values())} failed {r['failed']} in "
+              f"{time.monotonic() - t0:.1f}s -> {args.cache_dir}")
     return 0
 
 

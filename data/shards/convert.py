@@ -7,7 +7,11 @@ them (one code path for every format).
 
 Each converter follows the way its tool renders the format for Qwen2-VL, so that our ChatML rendering of the
 converted sample gives the tool's token ids (tests/data/test_convert.py checks each against the tool's
-documented examples and template, with the real Qwen2 tokenizer):
+documented examples and template, with the real Qwen2 tokenizer). The sample a converter writes is the same for
+every model family (Qwen2-VL, Qwen2.5-VL, Qwen3-VL): rendering is the loader's, for the family of the run (its
+default system turn, vision blocks, video timestamps: data/chatml.py), so `make --family` changes no sample, only
+the index's token estimates. Text a converter writes stays text for every family (ms-swift's boxes: Qwen2-VL's
+0-1000 grounding text with box tokens).
 
 - `llava` (LLaVA-Instruct / LLaVA-Pretrain / LLaVA-Video style: `conversations` of `from: human|gpt` + `value`,
   `image`(s) / `video`(s) as a path or a list of paths): haotian-liu/LLaVA docs/Finetune_Custom_Data.md and

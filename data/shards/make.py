@@ -26,6 +26,7 @@ from data.chatml import SkipSample, parse_sample
 from data.media.image import image_size as header_size
 from data.shards.convert import DEFAULT_FORMAT, get_converter, guess_format, read_records
 from data.shards.webdataset import ShardWriter, index_shard_file, write_manifest
+from model.processing import VisionProcessing
 
 
 def _walk_media(obj: dict) -> Iterable[dict]:
@@ -146,11 +147,14 @@ def nothing_written(input_path: str, media_dir: str, fmt: str, skipped: dict[str
 
 def make(input_path: str, media_dir: str, out_dir: str, samples_per_shard: int = 1000, tokenizer=None,
          prefix: str = "shard", fmt: str = DEFAULT_FORMAT, allow_absolute_media: bool = False,
-         dataset_info: str | None = None, dataset: str | None = None) -> dict:
+         dataset_info: str | None = None, dataset: str | None = None,
+         vision: VisionProcessing | None = None) -> dict:
     """Records + media folder -> shards, sidecar indexes and the manifest. Returns the manifest.
 
     `fmt`: the input's format (data/shards/convert.py FORMATS); `dataset_info` / `dataset`: a LLaMA-Factory
-    dataset_info.json and entry giving the columns (formats sharegpt, llamafactory).
+    dataset_info.json and entry giving the columns (formats sharegpt, llamafactory). The samples are the same for
+    every model family (the loader renders them); `vision` (the family's processor facts, None: Qwen2-VL's) only
+    sets the image token estimates of the sidecar indexes (smart_resize at its resize factor).
     """
     convert = get_converter(fmt, dataset_info, dataset, input_path)
     files = MediaFiles(media_dir, allow_absolute_media)
@@ -164,7 +168,7 @@ def make(input_path: str, media_dir: str, out_dir: str, samples_per_shard: int =
         nonlocal writer
         if writer is not None:
             writer.close()
-            indexes.append(index_shard_file(writer.path, tokenizer))
+            indexes.append(index_shard_file(writer.path, tokenizer, vision))
             writer = None
 
     for lineno, rec in read_records(input_path):

@@ -2,7 +2,8 @@
 
 Reads a dataset exactly as the loader does (its manifest or sidecar indexes, the shard reader of data/sources.py,
 the sample's own media resolution), so every video the loader will decode is decoded once here, under the key
-the loader will look up: after a warm, training never waits for a decode of these videos.
+the loader will look up (for the family given: its resize factor is part of the key): after a warm, training never
+waits for a decode of these videos.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from data.media.video_cache import METRICS, get_cache
 from data.sample import media_bytes
 from data.sources import Reader, plan_dataset
 from data.storage import StorageConfig
+from model.processing import VisionProcessing
 
 log = logging.getLogger("data.shards.warm")
 
@@ -26,7 +28,7 @@ _READ_CHUNK = 16 << 20
 
 
 def _warm_shard(job: tuple) -> dict:
-    spec, shard, vcfg, scfg = job
+    spec, shard, vcfg, scfg, vision = job
     plan = plan_dataset(0, spec, scfg)
     reader = Reader(plan, scfg, _READ_CHUNK)
     cache = get_cache(vcfg)
@@ -50,7 +52,7 @@ def _warm_shard(job: tuple) -> dict:
                 continue
             before = METRICS.snapshot()["decodes"]
             try:
-                cache.get_or_decode(data, vcfg, identity)
+                cache.get_or_decode(data, vcfg, identity, vision=vision)
             except VideoDecodeError as e:
                 out["failed"][e.reason] += 1
                 log.warning("warm: %s %s: %s", raw.key, ref, e)
@@ -59,8 +61,10 @@ def _warm_shard(job: tuple) -> dict:
     return out
 
 
-def warm(paths: list[str], vcfg: VideoConfig, storage_cfg: StorageConfig | None = None, workers: int = 1) -> dict:
-    """Decode every video of the datasets under `paths` into `vcfg.cache_dir`; one job per shard."""
+def warm(paths: list[str], vcfg: VideoConfig, storage_cfg: StorageConfig | None = None, workers: int = 1,
+         vision: VisionProcessing | None = None) -> dict:
+    """Decode every video of the datasets under `paths` into `vcfg.cache_dir`, for the model family's processor facts
+    `vision` (None: Qwen2-VL's: its resize factor decides the frames and the cache key); one job per shard."""
     if not vcfg.cache_dir:
         raise ValueError("warm needs a cache directory (--cache-dir)")
     scfg = storage_cfg or StorageConfig()
@@ -68,7 +72,7 @@ def warm(paths: list[str], vcfg: VideoConfig, storage_cfg: StorageConfig | None 
     for p in paths:
         spec = DatasetSpec(path=p)
         plan = plan_dataset(0, spec, scfg)
-        jobs += [(spec, s, vcfg, scfg) for s in range(len(plan.shards))]
+        jobs += [(spec, s, vcfg, scfg, vision) for s in range(len(plan.shards))]
     total: dict = {"shards": len(jobs), "videos": 0, "cached": 0, "decoded": 0, "failed": Counter()}
     if workers > 1:
         with mp.get_context("spawn").Pool(workers) as pool:

@@ -13,7 +13,8 @@ Sidecar index (JSON): {"version": 1, "shard": NAME, "bytes": SIZE, "samples": [{
 "est_tokens"}, ...]}. `offset`/`size` span the sample's tar headers and data, so one ranged read fetches a sample
 (random access for resume and shuffle-buffer restore), and consecutive samples are one contiguous range (chunked
 sequential streaming); `data_offset` is relative to `offset`. `est_tokens` estimates the rendered length (exact
-text tokens when --tokenizer is given, image tokens from the stored sizes at the default min/max pixels).
+text tokens when --tokenizer is given, image tokens from the stored sizes by smart_resize at the model family's
+resize factor and default min/max pixels: `--family`, default Qwen2-VL).
 
 Members follow WebDataset's naming: the key is the member name up to the first dot of its basename, so keys
 cannot contain dots (make replaces them).
@@ -32,7 +33,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from data.media.image import IMAGE_EXTS, image_size
-from data.media.vision import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, AspectRatioError, smart_resize
+from data.media.vision import AspectRatioError, smart_resize, vision_or_default
+from model.processing import VisionProcessing
 
 INDEX_SUFFIX = ".index.json"
 MANIFEST = "dataset.json"
@@ -104,14 +106,16 @@ def _text_of(obj: object) -> list[str]:
     return out
 
 
-def _image_tokens(size: list[int] | None, min_pixels: int, max_pixels: int) -> int:
+def _image_tokens(size: list[int] | None, vision: VisionProcessing) -> int:
+    """Merged tokens of an image of `size` (width, height) at the family's factor and default pixel bounds."""
     if not size:
         return 0
+    f = vision.factor
     try:
-        h, w = smart_resize(size[1], size[0], min_pixels=min_pixels, max_pixels=max_pixels)
+        h, w = smart_resize(size[1], size[0], f, vision.min_pixels, vision.max_pixels, clamp_to_factor=False)
     except (AspectRatioError, ValueError):
         return 0
-    return (h // 28) * (w // 28)
+    return (h // f) * (w // f)
 
 
 class TruncatedShardError(ValueError):
@@ -125,8 +129,9 @@ def _truncated(shard_name: str, what: str) -> TruncatedShardError:
     )
 
 
-def index_tar(fileobj, shard_name: str, nbytes: int, tokenizer=None) -> dict:
-    """Sidecar index of one tar shard (see the module docstring).
+def index_tar(fileobj, shard_name: str, nbytes: int, tokenizer=None, vision: VisionProcessing | None = None) -> dict:
+    """Sidecar index of one tar shard (see the module docstring); `vision`: the model family's processor facts for
+    the token estimate (None: Qwen2-VL's).
 
     Raises TruncatedShardError when the archive does not end with its end-of-archive marker (a zero block right
     after the last member) or a member's data runs past `nbytes`: Python's tarfile stops silently at a header
@@ -194,7 +199,7 @@ def index_tar(fileobj, shard_name: str, nbytes: int, tokenizer=None) -> dict:
                 joined = "".join(texts)
                 text_tokens = len(tokenizer.encode(joined)) if tokenizer is not None else None
                 n_text = text_tokens if text_tokens is not None else len(joined.encode()) // 4
-                n_img = sum(_image_tokens(v, DEFAULT_MIN_PIXELS, DEFAULT_MAX_PIXELS) for v in s["media"].values())
+                n_img = sum(_image_tokens(v, vision_or_default(vision)) for v in s["media"].values())
                 est = n_text + n_img + 2 * len(s["media"]) + 4 * len(texts)
             except (UnicodeDecodeError, json.JSONDecodeError):
                 pass
@@ -203,10 +208,10 @@ def index_tar(fileobj, shard_name: str, nbytes: int, tokenizer=None) -> dict:
     return {"version": 1, "shard": shard_name, "bytes": nbytes, "samples": samples}
 
 
-def index_shard_file(path: str, tokenizer=None) -> dict:
+def index_shard_file(path: str, tokenizer=None, vision: VisionProcessing | None = None) -> dict:
     """Index a local shard and write its sidecar (PATH.index.json); returns the index."""
     with open(path, "rb") as f:
-        idx = index_tar(f, os.path.basename(path), os.path.getsize(path), tokenizer)
+        idx = index_tar(f, os.path.basename(path), os.path.getsize(path), tokenizer, vision)
     _write_json(path + INDEX_SUFFIX, idx)
     return idx
 
@@ -267,12 +272,13 @@ def split_sample(buf: bytes | memoryview, members: list[list]) -> dict[str, byte
     return {name: bytes(buf[off : off + size]) for name, off, size in members}
 
 
-def index_dir(root: str, tokenizer=None) -> dict:
-    """(Re)index every .tar of a local directory and write the manifest."""
+def index_dir(root: str, tokenizer=None, vision: VisionProcessing | None = None) -> dict:
+    """(Re)index every .tar of a local directory and write the manifest (`vision`: the family, for token
+    estimates)."""
     if not os.path.isdir(root):
         raise ValueError(f"{root!r} is not a directory: give the directory holding the .tar shards")
     names = sorted(n for n in os.listdir(root) if n.endswith(".tar"))
     if not names:
         raise ValueError(f"no .tar shards in {root}")
-    indexes = [index_shard_file(os.path.join(root, n), tokenizer) for n in names]
+    indexes = [index_shard_file(os.path.join(root, n), tokenizer, vision) for n in names]
     return write_manifest(root, indexes)

@@ -10,14 +10,12 @@ import pytest
 import torch
 from datahelpers import js, mixed_samples, small_image, text_chat, write_dataset
 
-from core.batch import IMAGE_ROW_DIM, PATCH_DIM
 from data.config import DataConfig, DatasetSpec
 from data.indexed import write_indexed
 from data.loader import build_loader
-from model.config import tiny
+from model.family import get_preset
 from model.loss import model_loss
-from model.position_ids import packed_mrope_position_ids
-from model.qwen2_vl import Qwen2VL
+from model.vlm import VLModel
 
 
 @pytest.fixture(scope="module")
@@ -32,8 +30,9 @@ def _cfg(tok_dir, paths, **kw) -> DataConfig:
     return DataConfig(**base)
 
 
-def test_microbatch_contract_and_model_consumes_it(tok_dir, chat_ds):
-    batches = list(build_loader(_cfg(tok_dir, [chat_ds]), 0, 1))
+def test_microbatch_contract_and_model_consumes_it(tok_dir, chat_ds, family, vision):
+    f2, p2 = vision.factor ** 2, vision.patch_size ** 2
+    batches = list(build_loader(_cfg(tok_dir, [chat_ds], max_pixels=64 * f2), 0, 1, vision=vision))
     assert sum(len(b.sample_keys) for b in batches) == 40
     text_only = [b for b in batches if b.image_grid_thw.shape[0] == 0]
     with_img = [b for b in batches if b.image_grid_thw.shape[0] > 0]
@@ -44,26 +43,27 @@ def test_microbatch_contract_and_model_consumes_it(tok_dir, chat_ds):
         cu = b.cu_seqlens.tolist()
         assert b.cu_seqlens.dtype == torch.int32 and len(cu) == len(b.sample_keys) + 1
         assert b.max_seqlen == max(e - s for s, e in zip(cu[:-1], cu[1:]))
-        # Positions: the reference algorithm on the packed sequence; every sample starts at 0.
-        ref = packed_mrope_position_ids(b.input_ids, b.cu_seqlens, b.image_grid_thw, b.video_grid_thw)
+        # Positions: the family's position ids of the packed sequence; every sample starts at 0.
+        ref = vision.packed_position_ids(b.input_ids, b.cu_seqlens, b.image_grid_thw, b.video_grid_thw)
         assert torch.equal(b.position_ids, ref)
         assert all(int(b.position_ids[:, s].abs().sum()) == 0 for s in cu[:-1])
         # Labels are shifted within each sample: the last position of every sample predicts nothing.
         assert all(int(b.labels[e - 1]) == -100 for e in cu[1:])
         sup = b.labels != -100
         assert torch.equal(b.labels[:-1][sup[:-1]], b.input_ids[1:][sup[:-1]])
-        # Raw uint8 rows (core/batch.py): one frame per image row; the model normalizes on the device.
-        assert b.pixel_values.dtype == torch.uint8 and b.pixel_values.shape[1] == IMAGE_ROW_DIM
+        # Raw uint8 rows (core/batch.py): one frame per image row, of the family's patch size; the model normalizes
+        # them on the device.
+        assert b.pixel_values.dtype == torch.uint8 and b.pixel_values.shape[1] == 3 * p2
     # Empty vision input is a valid (0, width) / (0, 3) input.
     if text_only:
         b = text_only[0]
-        assert b.pixel_values.shape == (0, IMAGE_ROW_DIM) and b.image_grid_thw.shape == (0, 3)
-        assert b.pixel_values_videos.shape == (0, PATCH_DIM) and b.video_grid_thw.shape == (0, 3)
+        assert b.pixel_values.shape == (0, 3 * p2) and b.image_grid_thw.shape == (0, 3)
+        assert b.pixel_values_videos.shape == (0, 3 * 2 * p2) and b.video_grid_thw.shape == (0, 3)
 
     # The model consumes the microbatches; packing changes nothing: the packed loss equals the sum of the
     # per-sample losses (no attention across samples, positions restart).
     torch.manual_seed(0)
-    model = Qwen2VL(tiny()).eval()
+    model = VLModel(get_preset(family, "tiny")).eval()
     for b in ([with_img[0]] + text_only[:1]):
         with torch.no_grad():
             loss_sum, n = model_loss(model, b.labels, **b.model_inputs())
@@ -299,3 +299,26 @@ def test_supervise_modes_and_default_system(tok_dir):
     assert ids_n[0] == sp.im_start and Tokenizer.load(tok_dir).decode(ids_n[:3]) == "<|im_start|>user\n"
     assert len(ids) - len(ids_n) == len(Tokenizer.load(tok_dir).encode(
         "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"))
+
+
+def test_pixel_bounds_and_system_prompt_follow_the_family(tok_dir, chat_ds, family, vision):
+    """Unset pixel bounds are the family's merged-token defaults (images 4 .. 16384, video frames 128 .. 768 tokens
+    of factor x factor pixels), `default_system: auto` its chat template's; checks that need the factor use it."""
+    f2 = vision.factor ** 2
+    cfg = DataConfig.from_dict({"datasets": [{"path": chat_ds}], "tokenizer": tok_dir})
+    assert cfg.min_pixels is None and cfg.max_pixels is None and cfg.default_system == "auto"
+    assert cfg.image_pixels(vision) == (4 * f2, 16384 * f2) == (vision.min_pixels, vision.max_pixels)
+    video = cfg.resolved_video(vision)
+    assert (video.min_pixels, video.max_pixels) == (128 * f2, 768 * f2)
+    assert cfg.system_prompt(vision) == vision.default_system
+    assert (vision.default_system is None) == (family == "qwen3_vl")
+    # min_pixels below one merge window of the family: an error at build time naming the factor (28*28 = 784 is
+    # one window for Qwen2-VL and Qwen2.5-VL, less than one of Qwen3-VL's 32 x 32).
+    small = _cfg(tok_dir, [chat_ds], min_pixels=28 * 28, max_pixels=None)
+    if vision.factor == 28:
+        build_loader(small, 0, 1, vision=vision).close()
+    else:
+        with pytest.raises(ValueError, match=r"data.min_pixels=784 is below one 32x32 merge window"):
+            build_loader(small, 0, 1, vision=vision)
+    with pytest.raises(ValueError, match=r"data.video.max_tokens=140 is below one frame pair"):
+        build_loader(_cfg(tok_dir, [chat_ds], video={"min_pixels": 150 * f2, "max_tokens": 140}), 0, 1, vision=vision)

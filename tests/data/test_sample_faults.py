@@ -106,7 +106,7 @@ _STAGES = {  # the per-sample path, in order: each name is looked up in data.sam
     "video": "load_video",
     "render": "render",
     "tokenize": "tokenize",
-    "positions": "mrope_position_ids",
+    "positions": "position_ids",
     "labels": "shift_labels",
 }
 

@@ -150,6 +150,37 @@ def test_inspect_cli_dump(made, tok_dir, tmp_path, capsys):
         assert int(b["cu_seqlens"][-1]) == b["input_ids"].numel() <= 256
 
 
+def test_family_options_of_make_and_inspect(made, tok_dir, tmp_path, capsys):
+    """`make --family`: the same samples for every family (the loader renders them), image token estimates at the
+    family's factor; `inspect --family` renders and resizes for it and says so; a wrong name is a usage error."""
+    out, _ = made
+    jsonl, media = out.parent / "in.jsonl", out.parent / "media"
+    out3 = tmp_path / "shards3"
+    assert shards_main(["make", "--input", str(jsonl), "--media", str(media), "--out", str(out3),
+                        "--samples-per-shard", "4", "--family", "qwen3_vl"]) == 0
+    for shard in ("shard-000000.tar", "shard-000001.tar"):
+        with tarfile.open(out / shard) as a, tarfile.open(out3 / shard) as b:
+            assert [(m.name, a.extractfile(m).read()) for m in a] == [(m.name, b.extractfile(m).read()) for m in b]
+    est = {}
+    for root in (out, out3):
+        first = json.loads((root / ("shard-000000.tar" + INDEX_SUFFIX)).read_text())["samples"][0]
+        est[root] = first["est_tokens"] - first["text_tokens"] if first["text_tokens"] else first["est_tokens"]
+    # The 128x128 photo: 5 x 5 merged tokens at Qwen2-VL's factor 28 (140 px), 4 x 4 at Qwen3-VL's 32 (128 px).
+    assert est[out] - est[out3] == 25 - 16
+    dump = tmp_path / "dump3.pt"
+    rc = inspect_main(["--data", str(out3), "--tokenizer", tok_dir, "--steps", "20", "--max-tokens", "256",
+                       "--workers", "0", "--show", "1", "--dump", str(dump), "--family", "qwen3_vl", "--epochs", "1"])
+    stdout = capsys.readouterr().out
+    assert rc == 0 and "family qwen3_vl (Qwen3-VL): resize factor 32, default system prompt None" in stdout
+    assert "You are a helpful assistant." not in stdout  # Qwen3-VL's template inserts no system turn
+    batches = torch.load(dump)
+    assert all(b["pixel_values"].shape[1] == 3 * 16 * 16 for b in batches)  # raw image rows of 16-pixel patches
+    assert sum(b["image_grid_thw"].shape[0] for b in batches) == 2
+    with pytest.raises(SystemExit) as e:
+        inspect_main(["--data", str(out3), "--tokenizer", tok_dir, "--family", "qwen3"])
+    assert e.value.code == 2 and "invalid choice: 'qwen3'" in capsys.readouterr().err
+
+
 # ------------------------------------------------------------------------------------------------ reported bugs
 def _vid_bytes(n: int) -> bytes:
     return bytes((i * 37 + 11) % 251 for i in range(n))  # stands in for an mp4: index never decodes it

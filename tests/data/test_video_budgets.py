@@ -117,3 +117,27 @@ def test_twenty_minute_clip_trains_with_a_shipped_recipe(tok_dir, tmp_path, long
     assert 8192 < t * h * w // 4 <= d.video.max_tokens == 16384  # more than the old budget allowed
     assert d.max_tokens < b.num_tokens <= d.max_video_sample_tokens and b.num_patches <= d.max_video_sample_patches
     assert all(x.num_tokens <= d.max_tokens and x.num_patches <= d.patch_budget for x in batches if x is not b)
+
+
+@pytest.mark.timeout(180)
+def test_qwen3_vl_timestamps_count_in_the_budget_before_decoding(tok_dir, tmp_path, long_clip, monkeypatch):
+    """Qwen3-VL writes each frame pair's time as text: a sample whose video tokens fit the budget but whose
+    timestamps do not is skipped as overlong from the container's metadata (the exact rendered length, timestamps
+    included; never decoded). The same data and budget under Qwen2-VL (no timestamps) trains."""
+    from data.media.vision import family_vision
+
+    root = write_dataset(tmp_path / "ts", [("vid", {"json": js({"messages": QA}), "vid0.mp4": long_clip}),
+                                           ("txt", {"json": js(text_chat(1, 20))})])
+    decodes = _counting(monkeypatch, cache_mod, "decode_frames")
+    probes = _counting(monkeypatch, video_mod, "_probe")
+    cfg = DataConfig(datasets=[DatasetSpec(root)], tokenizer=tok_dir, max_tokens=3200, max_patches=16384,
+                     num_workers=0, epochs=1, shuffle_buffer=0, video={"max_tokens": 3150})
+    loader = build_loader(cfg, 0, 1, vision=family_vision("qwen3_vl"))
+    keys = [k for b in loader for k in b.sample_keys]
+    assert keys == ["ts/shard-000000.tar/txt"] and loader.metrics()["skipped/overlong"] == 1
+    assert decodes == [] and len(probes) == 1
+    loader = build_loader(cfg, 0, 1, vision=family_vision("qwen2_vl"))
+    batches = list(loader)
+    assert loader.metrics()["skipped"] == 0 and len(decodes) == 1
+    t, h, w = next(b for b in batches if b.video_grid_thw.shape[0]).video_grid_thw[0].tolist()
+    assert t * h * w // 4 <= 3150

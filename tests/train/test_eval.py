@@ -53,7 +53,7 @@ def test_prompts_equal_transformers_chat_template(qa_dir):
     assert [s.key.rsplit("/", 1)[-1] for s in samples] == ["img", "vid", "multi", "img2"]
     assert skips == {"not_chat": 1, "no_reference": 1}
     assert [s.reference for s in samples] == ["A cat.", "To the right.", "Six.", "A cat."]
-    proc = hf_processor(cfg.min_pixels, cfg.max_pixels)
+    proc = hf_processor(*cfg.image_pixels())
     members = {"img": small_image(2, 56, 84), "img2": small_image(0, 84, 56)}
     for s in samples:
         name = s.key.rsplit("/", 1)[-1]

@@ -65,6 +65,28 @@ def test_settings_that_do_not_change_a_sample_are_not(tok):
     assert fingerprint_changes(saved, sample_fingerprint(same)) == []
 
 
+def test_the_model_familys_processor_facts_are_in_the_fingerprint(tok):
+    """A resumed run of another family reads the same samples into other pixels and tokens (resize factor, mean /
+    std, video time, default system prompt): named. Unset bounds and `default_system: auto` are recorded as the
+    values they stand for, so spelling the family's defaults out changes nothing."""
+    from data.media.vision import family_vision
+
+    q2, q25, q3 = (family_vision(f) for f in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"))
+    saved = json.loads(json.dumps(sample_fingerprint(_data(tok), q2)))  # as read back from meta.json
+    assert fingerprint_changes(saved, sample_fingerprint(_data(tok))) == []  # no family given: Qwen2-VL's
+
+    def changed(now) -> set[str]:
+        return {c.split(": ")[0] for c in fingerprint_changes(saved, now)}
+
+    assert changed(sample_fingerprint(_data(tok), q3)) == {
+        "model.family", "model.family (processor facts)", "data.min_pixels", "data.max_pixels",
+        "data.video.min_pixels", "data.video.max_pixels", "data.default_system"}
+    assert changed(sample_fingerprint(_data(tok), q25)) == {"model.family", "model.family (processor facts)"}
+    spelled = _data(tok, min_pixels=4 * 784, max_pixels=16384 * 784, default_system="You are a helpful assistant.",
+                    video={"min_pixels": 128 * 784, "max_pixels": 768 * 784})
+    assert changed(sample_fingerprint(spelled, q2)) == set()
+
+
 def test_the_tokenizer_is_compared_by_content_not_by_path(tok, tmp_path):
     moved = tmp_path / "moved"
     shutil.copytree(tok, moved)

@@ -18,11 +18,9 @@ from data.media import video as video_mod
 from data.media.video import VideoClip, VideoConfig, VideoDecodeError, decode_frames, plan_sampling
 from data.media.video_cache import load_video
 
-TOTAL_PIXELS = 16384 * 28 * 28  # max_tokens=16384 stated as qwen-vl-utils' total_pixels
 
-
-def _tokens(nframes, h, w):
-    return math.ceil(nframes / 2) * (h // 28) * (w // 28)
+def _tokens(nframes, h, w, factor=28):
+    return math.ceil(nframes / 2) * (h // factor) * (w // factor)
 
 
 @pytest.mark.parametrize(
@@ -38,62 +36,79 @@ def _tokens(nframes, h, w):
         (5000, 50, 64, 64),  # tiny frames, upscaled to min_pixels
     ],
 )
-@pytest.mark.parametrize("fps_cfg,min_px,max_px", [(2.0, 128 * 784, 768 * 784), (1.0, 64 * 784, 256 * 784)])
-def test_plan_matches_qwen_formula_or_caps_tokens(total, fps, H, W, fps_cfg, min_px, max_px):
+@pytest.mark.parametrize("fps_cfg,min_tok,max_tok", [(2.0, None, None), (1.0, 64, 256)])
+def test_plan_matches_qwen_formula_or_caps_tokens(total, fps, H, W, fps_cfg, min_tok, max_tok, vision):
+    """Frames and frame size as qwen-vl-utils computes them for the family (image_patch_size 14 or 16: factor 28 or
+    32; frame bounds in merged tokens x factor^2, by default 128 .. 768), or fewer frames under the hard cap."""
+    f = vision.factor
+    min_px, max_px = (None, None) if min_tok is None else (min_tok * f * f, max_tok * f * f)
     cfg = VideoConfig(fps=fps_cfg, min_pixels=min_px, max_pixels=max_px)
-    ele = {"fps": fps_cfg, "min_pixels": min_px, "max_pixels": max_px, "total_pixels": TOTAL_PIXELS}
-    idx, (h, w), sample_fps = qwen_fetch_video_plan(ele, total, fps, H, W)
-    plan = plan_sampling(total, fps, H, W, cfg)
-    assert (plan.height, plan.width) == (h, w)
-    if _tokens(len(idx), h, w) <= cfg.token_cap:
+    ele = {"fps": fps_cfg, "total_pixels": 16384 * f * f}  # max_tokens=16384 stated as qwen-vl-utils' total_pixels
+    if min_px is not None:
+        ele |= {"min_pixels": min_px, "max_pixels": max_px}
+    idx, (h, w), sample_fps = qwen_fetch_video_plan(ele, total, fps, H, W, image_patch_size=vision.patch_size)
+    plan = plan_sampling(total, fps, H, W, cfg, vision)
+    assert (plan.height, plan.width) == (h, w) and h % f == 0 and w % f == 0
+    assert plan.grid_thw == (math.ceil(plan.nframes / 2), h // vision.patch_size, w // vision.patch_size)
+    if _tokens(len(idx), h, w, f) <= cfg.token_cap:
         # Within the cap: exactly Qwen's frames, size and fps.
         assert plan.indices == idx and not plan.capped
         assert plan.fps_used == pytest.approx(sample_fps)
     else:
         # Beyond it Qwen overshoots; we keep the cap hard with fewer, evenly spaced frames and a lower fps.
         assert plan.capped and plan.nframes % 2 == 0 and plan.nframes < len(idx)
-        assert _tokens(plan.nframes, h, w) <= cfg.token_cap < _tokens(plan.nframes + 2, h, w)
+        assert _tokens(plan.nframes, h, w, f) <= cfg.token_cap < _tokens(plan.nframes + 2, h, w, f)
         assert plan.indices == torch.linspace(0, total - 1, plan.nframes).round().long().tolist()
         assert plan.fps_used == pytest.approx(plan.nframes / total * fps) and plan.fps_used < sample_fps
-    assert _tokens(plan.nframes, plan.height, plan.width) <= cfg.token_cap
+    assert _tokens(plan.nframes, plan.height, plan.width, f) <= cfg.token_cap
 
 
 @pytest.mark.parametrize("w,h,n,fps", [(320, 240, 45, 30), (640, 360, 150, 25), (200, 600, 61, 24)])
-def test_real_clips_sample_like_qwen(w, h, n, fps):
+def test_real_clips_sample_like_qwen(w, h, n, fps, vision):
     """Decoded clips: frame indices, grid and fps as Qwen computes from the decoded frame count (torchvision's
-    reader counts decoded frames), and the frames are the decoded frames at those indices, resized."""
+    reader counts decoded frames) for the family, and the frames are the decoded frames at those indices, resized;
+    the clip carries the source fps and what the family's time encoding needs."""
     data = encode_clip(w, h, n, fps)
     decoded = [f.to_ndarray(format="rgb24") for f in av.open(io.BytesIO(data)).decode(video=0)]
-    ele = {"fps": 2.0, "min_pixels": 128 * 784, "max_pixels": 768 * 784, "total_pixels": TOTAL_PIXELS}
-    idx, (rh, rw), sample_fps = qwen_fetch_video_plan(ele, len(decoded), fps, h, w)
-    clip = load_video(data, VideoConfig())
+    p = vision.patch_size
+    ele = {"fps": 2.0, "total_pixels": 16384 * vision.factor**2}
+    idx, (rh, rw), sample_fps = qwen_fetch_video_plan(ele, len(decoded), fps, h, w, image_patch_size=p)
+    clip = load_video(data, VideoConfig(), vision=vision)
     assert isinstance(clip, VideoClip)
     assert clip.frame_indices == idx
-    assert clip.grid_thw == (len(idx) // 2, rh // 14, rw // 14)
-    assert clip.pixel_values.shape == (len(idx) // 2 * (rh // 14) * (rw // 14), 1176)
+    assert clip.grid_thw == (len(idx) // 2, rh // p, rw // p)
+    assert clip.pixel_values.shape == (len(idx) // 2 * (rh // p) * (rw // p), 3 * 2 * p * p)
     assert clip.pixel_values.dtype == torch.float32
-    assert clip.fps_used == pytest.approx(sample_fps)
-    sf = decode_frames(data, VideoConfig())
+    assert clip.fps_used == pytest.approx(sample_fps) and clip.video_fps == pytest.approx(fps)
+    assert clip.seconds_per_pair == pytest.approx(2 / sample_fps)
+    # Qwen3-VL's per-pair times, as its processor computes them from the sampled indices and the source fps.
+    from transformers.models.qwen3_vl.processing_qwen3_vl import Qwen3VLProcessor
+
+    assert clip.frame_pair_timestamps() == Qwen3VLProcessor._calculate_timestamps(None, list(idx), fps, 2)
+    sf = decode_frames(data, VideoConfig(), vision)
     for j, i in enumerate(idx):
         ref = video_mod._resize(decoded[i], rh, rw)
         assert np.array_equal(sf.frames_FHWC[j], ref), f"frame {i}"
 
 
-def test_pixel_rows_match_transformers_processor():
-    """Rows vs transformers' Qwen2-VL processing of the same frames. Its video processor needs torchvision (not
-    installable beside torch 2.13 CPU), so the oracle is Qwen2VLImageProcessorPil per frame: its row j of frame
-    f holds f's patch j repeated over the temporal axis; a video row of frame pair (2k, 2k+1) must hold frame
-    2k's patch in temporal slot 0 and frame 2k+1's in slot 1, in the same spatial order."""
+def test_pixel_rows_match_transformers_processor(vision):
+    """Rows vs transformers' processing of the same frames, for the family. Its video processors need torchvision
+    (not installable beside torch 2.13 CPU), so the oracle is Qwen2VLImageProcessorPil (with the family's patch size
+    and mean / std) per frame: its row j of frame f holds f's patch j repeated over the temporal axis; a video row
+    of frame pair (2k, 2k+1) must hold frame 2k's patch in temporal slot 0 and frame 2k+1's in slot 1, in the same
+    spatial order."""
     from transformers import Qwen2VLImageProcessorPil
 
-    sf = decode_frames(encode_clip(320, 180, 45, 30), VideoConfig())
+    p = vision.patch_size
+    sf = decode_frames(encode_clip(320, 180, 45, 30), VideoConfig(), vision)
     assert len(sf.frames_FHWC) == 4
-    clip = video_mod.frames_to_clip(sf)
-    proc = Qwen2VLImageProcessorPil(do_resize=False)
+    clip = video_mod.frames_to_clip(sf, vision)
+    proc = Qwen2VLImageProcessorPil(do_resize=False, patch_size=p, image_mean=list(vision.pixel_mean),
+                                    image_std=list(vision.pixel_std))
     per_frame = [
-        proc(images=[f], return_tensors="np")["pixel_values"].reshape(-1, 3, 2, 14, 14) for f in sf.frames_FHWC
+        proc(images=[f], return_tensors="np")["pixel_values"].reshape(-1, 3, 2, p, p) for f in sf.frames_FHWC
     ]
-    rows = clip.pixel_values.numpy().reshape(len(sf.frames_FHWC) // 2, -1, 3, 2, 14, 14)
+    rows = clip.pixel_values.numpy().reshape(len(sf.frames_FHWC) // 2, -1, 3, 2, p, p)
     for k in range(rows.shape[0]):
         np.testing.assert_allclose(rows[k][:, :, 0], per_frame[2 * k][:, :, 0], rtol=0, atol=2e-6)
         np.testing.assert_allclose(rows[k][:, :, 1], per_frame[2 * k + 1][:, :, 1], rtol=0, atol=2e-6)
@@ -115,10 +130,11 @@ def test_fast_rows_equal_vision_normalize_patchify(nframes):
     torch.testing.assert_close(rows, ref, rtol=0, atol=1e-6)
 
 
-def test_single_frame_video_is_padded_by_repeating_it():
-    clip = load_video(encode_clip(320, 240, 1, 30), VideoConfig())
+def test_single_frame_video_is_padded_by_repeating_it(vision):
+    clip = load_video(encode_clip(320, 240, 1, 30), VideoConfig(), vision=vision)
     assert clip.frame_indices == [0] and clip.grid_thw[0] == 1
-    rows = clip.pixel_values.reshape(-1, 3, 2, 14, 14)
+    p = vision.patch_size
+    rows = clip.pixel_values.reshape(-1, 3, 2, p, p)
     assert torch.equal(rows[:, :, 0], rows[:, :, 1])
 
 

@@ -20,6 +20,7 @@ from video_clips import encode_clip
 from data.media import video_cache as vc
 from data.media.video import VideoConfig, VideoDecodeError, decode_frames
 from data.media.video_cache import load_video
+from data.media.vision import family_vision
 from data.shards import index_dir
 from data.shards.__main__ import main as shards_main
 
@@ -51,6 +52,16 @@ def test_hit_equals_cold_decode_and_keys_cover_parameters(tmp_path):
         assert vc.cache_key(ident, VideoConfig(cache_dir=str(tmp_path), **change)) != base, change
     # Parameters that do not change the frames do not change the key.
     assert vc.cache_key(ident, VideoConfig(cache_dir="/elsewhere", decode_timeout_s=5, decode_threads=1)) == base
+    # The family's frame facts: Qwen2.5-VL's are Qwen2-VL's (same entries); Qwen3-VL's factor 32 gives other frames.
+    # Unset frame bounds key as the family's values they stand for.
+    q2, q25, q3 = (family_vision(f) for f in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"))
+    assert vc.cache_key(ident, cfg, q2) == base == vc.cache_key(ident, cfg, q25)
+    assert vc.cache_key(ident, cfg, q3) != base
+    assert vc.cache_key(ident, VideoConfig(min_pixels=128 * 784, max_pixels=768 * 784), q2) == base
+    explicit = VideoConfig(min_pixels=128 * 1024, max_pixels=768 * 1024)  # the same bounds for both factors
+    assert vc.cache_key(ident, explicit, q2) != vc.cache_key(ident, explicit, q3)
+    assert vc.cache_key(ident, VideoConfig(min_pixels=128 * 784, max_pixels=768 * 784), q3) != vc.cache_key(
+        ident, cfg, q3)
     # By default the identity a caller passes is a name, not a version: the key follows the content, so a
     # video rewritten under the same name is decoded anew. With cache_trust_identity the identity alone keys it.
     other = encode_clip(320, 240, 61, 30)
@@ -225,8 +236,10 @@ def _tar_bytes(members: dict[str, bytes]) -> bytes:
     return b.getvalue()
 
 
-def test_warm_cli_fills_the_cache_the_loader_reads(tmp_path):
-    """Shards with a video member and a video referenced by path; after `warm`, loading those bytes is a hit."""
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen3_vl"])
+def test_warm_cli_fills_the_cache_the_loader_reads(tmp_path, family):
+    """Shards with a video member and a video referenced by path; after `warm --family F`, loading those bytes for
+    that family is a hit (for a family of another resize factor, a miss)."""
     v1, v2 = encode_clip(320, 240, 45, 30), encode_clip(200, 150, 30, 30)
     ds = tmp_path / "ds"
     ds.mkdir()
@@ -239,15 +252,19 @@ def test_warm_cli_fills_the_cache_the_loader_reads(tmp_path):
     (ds / "shard-000001.tar").write_bytes(_tar_bytes({"c.json": msg("broken.mp4").encode(), "c.broken.mp4": b"xx"}))
     cache_dir = tmp_path / "cache"
     index_dir(str(ds))  # the loader (and so warm) reads shards through their sidecar indexes
-    rc = shards_main(["warm", "--data", str(ds), "--cache-dir", str(cache_dir), "--workers", "1"])
+    rc = shards_main(["warm", "--data", str(ds), "--cache-dir", str(cache_dir), "--workers", "1", "--family", family])
     assert rc == 0
     m = vc.cache_metrics()
     assert m["decodes"] == 3 and m["writes"] == 2
     vc.METRICS.reset()
-    cfg = VideoConfig(cache_dir=str(cache_dir))
-    load_video(v1, cfg, identity="ds/shard-000000/a.a.clip.mp4")
-    load_video(v2, cfg, identity=str(ds / "clips" / "b.mp4"))
+    cfg, vision = VideoConfig(cache_dir=str(cache_dir)), family_vision(family)
+    clip = load_video(v1, cfg, identity="ds/shard-000000/a.a.clip.mp4", vision=vision)
+    load_video(v2, cfg, identity=str(ds / "clips" / "b.mp4"), vision=vision)
     with pytest.raises(VideoDecodeError):
-        load_video(b"xx", cfg)
+        load_video(b"xx", cfg, vision=vision)
     m = vc.cache_metrics()
     assert m["hits"] == 2 and m["negative_hits"] == 1 and m["decodes"] == 0
+    assert clip.rows_u8.shape[1] == 3 * 2 * vision.patch_size**2
+    other = family_vision("qwen3_vl" if family == "qwen2_vl" else "qwen2_vl")
+    load_video(v1, cfg, vision=other)
+    assert vc.cache_metrics()["decodes"] == 1

@@ -44,7 +44,6 @@ def encode_clip(width: int, height: int, nframes: int, fps: int = 30, faststart:
 # beside torch 2.13 CPU here). Source: qwen_vl_utils/vision_process.py: smart_nframes, fetch_video,
 # _read_video_torchvision / _read_video_torchcodec, smart_resize.
 QWEN_FRAME_FACTOR = 2
-QWEN_IMAGE_FACTOR = 28
 
 
 def qwen_smart_resize(height, width, factor, min_pixels, max_pixels):
@@ -73,17 +72,19 @@ def qwen_smart_nframes(ele, total_frames, video_fps):
     return nframes
 
 
-def qwen_fetch_video_plan(ele, total_frames, video_fps, height, width):
-    """(frame indices, resized (h, w), sample_fps) exactly as fetch_video computes them."""
+def qwen_fetch_video_plan(ele, total_frames, video_fps, height, width, image_patch_size=14):
+    """(frame indices, resized (h, w), sample_fps) exactly as fetch_video computes them (`image_patch_size`: 14 for
+    Qwen2-VL / Qwen2.5-VL, 16 for Qwen3-VL, whose factor is 2 x that)."""
     import torch
 
+    factor = image_patch_size * 2
     nframes = qwen_smart_nframes(ele, total_frames, video_fps)
     idx = torch.linspace(0, total_frames - 1, nframes).round().long().tolist()
     sample_fps = nframes / max(total_frames, 1e-6) * video_fps
-    min_pixels = ele.get("min_pixels", 128 * QWEN_IMAGE_FACTOR**2)
+    min_pixels = ele.get("min_pixels", 128 * factor**2)
     total_pixels = ele["total_pixels"]
-    video_frame_max_pixels = 768 * QWEN_IMAGE_FACTOR**2
+    video_frame_max_pixels = 768 * factor**2
     max_pixels = max(min(video_frame_max_pixels, total_pixels / nframes * QWEN_FRAME_FACTOR), int(min_pixels * 1.05))
     max_pixels = min(ele.get("max_pixels", max_pixels), max_pixels)
-    h, w = qwen_smart_resize(height, width, QWEN_IMAGE_FACTOR, min_pixels, max_pixels)
+    h, w = qwen_smart_resize(height, width, factor, min_pixels, max_pixels)
     return idx, (h, w), sample_fps
