@@ -20,7 +20,8 @@ def _run(cmd: list[str]) -> subprocess.CompletedProcess:
     ([sys.executable, "-m", "data.inspect", "--data", "/nope/shards", "--tokenizer", "/nope/tok"],
      "python -m data.inspect: error: no tokenizer.json at '/nope/tok'"),
     ([sys.executable, "-m", "model.parity", "--hf", "/tmp/definitely-not-here"],
-     "python -m model.parity: error: --hf /tmp/definitely-not-here: no HF Qwen2-VL directory there"),
+     "python -m model.parity: error: --hf /tmp/definitely-not-here: no HF checkpoint directory there (it needs "
+     "config.json and *.safetensors)"),
     ([sys.executable, "-m", "tools.export", "/nope/run", "/tmp/out-never-written"],
      "python -m tools.export: error: no complete checkpoint at /nope/run"),
 ])
