@@ -11,13 +11,15 @@ cu_seqlens[-1] == T, and return o_THDh. Attention never crosses a segment bounda
   kernel that ships inside torch. Work and memory follow sum(L_i^2), never T^2.
 - ``flex``: ``torch.nn.attention.flex_attention`` with a block-sparse document mask built from cu_seqlens on
   the device (no host sync): only the FLEX_BLOCK x FLEX_BLOCK tiles that touch one segment (and, causal, lie on
-  or below the diagonal) are computed, so it is varlen too, in any dtype. On CUDA it runs compiled (Triton); on
-  CPU it runs eagerly, forward only, materializing the scores (tests and evaluation only).
+  or below the diagonal) are computed, so it is varlen too, in any dtype. The mask is built once per microbatch
+  (cached_mask: every layer gets the same cu_seqlens tensor), not once per layer. On CUDA it runs compiled
+  (Triton); on CPU it runs eagerly, forward only, materializing the scores (tests and evaluation only).
 - ``sdpa``: ``scaled_dot_product_attention`` everywhere (CPU included). A single segment runs as one call.
   Several segments run either as one call with a block-diagonal (causal) boolean mask (on accelerators, and
   inside torch.compile: a constant kernel count and no host sync however many samples are packed, but T x T
-  mask memory) or as one call per segment (eager CPU, where launches are cheap and the mask would cost T^2
-  work instead of sum(L_i^2)). Both are exact; tests check them against a plain softmax reference.
+  mask memory; eager, one mask per microbatch like flex's) or as one call per segment (eager CPU, where launches
+  are cheap and the mask would cost T^2 work instead of sum(L_i^2)). Both are exact; tests check them against a
+  plain softmax reference.
 
 'auto' picks flash, then torch_varlen on CUDA in half precision, else sdpa: fp32 on CUDA is a parity/debug
 setting, where the SDPA mask is acceptable. 'flex' is opt-in (the GPU suite measures it against torch_varlen).
@@ -27,6 +29,8 @@ from __future__ import annotations
 
 import functools
 import inspect
+import weakref
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -36,6 +40,34 @@ BACKENDS = ("auto", "flash", "torch_varlen", "flex", "sdpa")
 """Names accepted by varlen_attention(backend=...) and ModelConfig.attn_backend."""
 FLEX_BLOCK = 128
 """Tile size of the flex block mask (flex_attention's default block size)."""
+
+
+_MASK_CACHE_SIZE = 8
+"""Masks kept (a pipeline holds several microbatches in flight; the ViT's full and window blocks have one each)."""
+_mask_cache: list[tuple[weakref.ref, int, tuple, Any]] = []
+
+
+def _drop_dead_masks(_ref: weakref.ref | None = None) -> None:
+    _mask_cache[:] = [e for e in _mask_cache if e[0]() is not None]
+
+
+def cached_mask(build: Callable[..., Any], cu_seqlens: torch.Tensor, total: int, causal: bool) -> Any:
+    """build(cu_seqlens, total, causal), built once per microbatch rather than once per layer.
+
+    Every layer of one forward (and its recompute in backward) receives the same cu_seqlens tensor, so the mask is
+    keyed by that tensor's identity (held weakly: the entry goes with the microbatch) and its version counter (an
+    in-place change rebuilds). Inside torch.compile the mask is built in the graph, as before: no cache lookups
+    are traced."""
+    if torch.compiler.is_compiling():
+        return build(cu_seqlens, total, causal)
+    key = (build, total, causal)
+    for ref, version, k, mask in _mask_cache:
+        if ref() is cu_seqlens and version == cu_seqlens._version and k == key:
+            return mask
+    mask = build(cu_seqlens, total, causal)
+    _mask_cache.insert(0, (weakref.ref(cu_seqlens, _drop_dead_masks), cu_seqlens._version, key, mask))
+    del _mask_cache[_MASK_CACHE_SIZE:]
+    return mask
 
 
 def _import_kernels() -> dict[str, Any]:
@@ -165,7 +197,7 @@ def sdpa_block_mask(q_THDh, k_THkvDh, v_THkvDh, cu_seqlens, *, causal: bool, sca
     """All segments in one SDPA call with a block-diagonal (causal) mask."""
     if cu_seqlens.numel() <= 2:
         return _sdpa_one(q_THDh, k_THkvDh, v_THkvDh, causal, scale)
-    mask_TT = block_mask(cu_seqlens, q_THDh.shape[0], causal)
+    mask_TT = cached_mask(block_mask, cu_seqlens, q_THDh.shape[0], causal)
     return _sdpa_one(q_THDh, k_THkvDh, v_THkvDh, False, scale, mask_TT)
 
 
@@ -240,7 +272,7 @@ def flex_block_mask(cu_seqlens: torch.Tensor, total: int, causal: bool, block: i
 def flex_varlen(q_THDh, k_THkvDh, v_THkvDh, cu_seqlens, *, causal: bool, scale: float | None = None):
     """Packed attention through flex_attention with the block-sparse document mask (flex_block_mask)."""
     T = q_THDh.shape[0]
-    bm = flex_block_mask(cu_seqlens, T, causal)
+    bm = cached_mask(flex_block_mask, cu_seqlens, T, causal)
     q_1HTD = q_THDh.transpose(0, 1).unsqueeze(0)
     k_1HTD = k_THkvDh.transpose(0, 1).unsqueeze(0)
     v_1HTD = v_THkvDh.transpose(0, 1).unsqueeze(0)
