@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from model.attention import (
     FLEX_BLOCK,
@@ -203,10 +205,13 @@ def test_attention_paths_trace_without_graph_breaks(monkeypatch):
     import model.attention as A
 
     q, k, v, cu = _qkv([30, 17, 50])
-    for backend in ("sdpa", "auto", "flex"):
+    for backend in ("sdpa", "auto", "flex", "sdpa_grouped_view"):
+        if backend == "sdpa_grouped_view":  # CUDA's masked SDPA: the kv heads as the batch (sdpa_heads)
+            monkeypatch.setattr(A, "sdpa_takes_grouped_kv", lambda q, masked: False)
         torch._dynamo.reset()
-        ex = torch._dynamo.explain(lambda q, k, v, cu, b=backend: varlen_attention(q, k, v, cu, 50, causal=True,
-                                                                                  backend=b))(q, k, v, cu)
+        b = backend.removesuffix("_grouped_view")
+        ex = torch._dynamo.explain(lambda q, k, v, cu, b=b: varlen_attention(q, k, v, cu, 50, causal=True,
+                                                                            backend=b))(q, k, v, cu)
         assert ex.graph_break_count == 0, (backend, ex.break_reasons)
     monkeypatch.setitem(A._KERNELS, "torch_varlen", lambda q, k, v, *a, **kw: q * 1.0)
     torch._dynamo.reset()
@@ -296,3 +301,55 @@ def test_cached_mask_is_keyed_by_the_tensor_and_its_version():
     del cu
     gc.collect()
     assert len(A._mask_cache) < n
+
+
+class _SdpaArgs(TorchDispatchMode):
+    """The key tensors SDPA's kernels receive, and the forward ops (other than views) that read the keys' storage:
+    a copy of the kv heads would be one."""
+
+    def __init__(self, key_storage: int) -> None:
+        super().__init__()
+        self.key_storage, self.keys, self.readers = key_storage, [], []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func)
+        if "scaled_dot_product" in name:
+            self.keys.append(args[1])
+        elif not func.is_view and any(isinstance(a, torch.Tensor) and a.untyped_storage().data_ptr()
+                                      == self.key_storage for a in args):
+            self.readers.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("path", ["segment_loop", "block_mask", "cached"])
+def test_gqa_grouped_view_equals_enable_gqa(monkeypatch, path):
+    """Where SDPA's kernel does not take fewer kv heads (CUDA's efficient / cuDNN kernels: a mask, or fp32), the
+    call runs with the kv heads as the batch and the keys expanded without a copy; outputs and gradients equal
+    the enable_gqa call's (what CPU and CUDA's flash kernel run), which equals the fp64 reference."""
+    import model.attention as A
+    from model.text import cached_attention
+
+    q, k, v, cu = _qkv([6, 11, 4], H=6, Hkv=2)
+    if path == "cached":
+        fn = lambda q, k, v: cached_attention(q[14:], k, v)  # noqa: E731 - 7 new tokens over 21 cached
+    else:
+        fn = partial({"segment_loop": sdpa_segment_loop, "block_mask": sdpa_block_mask}[path], cu_seqlens=cu,
+                     causal=True)
+    results = []
+    for native in (True, False):
+        monkeypatch.setattr(A, "sdpa_takes_grouped_kv", lambda q, masked, native=native: native)
+        qq, kk, vv = (t.clone().requires_grad_() for t in (q, k, v))
+        with _SdpaArgs(kk.untyped_storage().data_ptr()) as seen:
+            out = fn(qq, kk, vv)
+        out.pow(2).sum().backward()
+        results.append((out, qq.grad, kk.grad, vv.grad))
+        for key in seen.keys:
+            assert key.shape[1] == (2 if native else 3), key.shape
+            # A view of the projection's own storage (zero stride over the query heads of a group): no copy.
+            assert key.untyped_storage().data_ptr() == kk.untyped_storage().data_ptr()
+            assert native or key.stride()[1] == 0
+        assert seen.keys and not seen.readers, seen.readers
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    if path != "cached":
+        torch.testing.assert_close(results[1][0].double(), reference(q, k, v, cu, True), rtol=1e-5, atol=1e-5)
