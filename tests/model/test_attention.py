@@ -272,6 +272,7 @@ def test_masks_are_built_once_per_forward_not_per_layer(monkeypatch, backend):
         got = model(**batch)
         per_forward = list(builds)
         monkeypatch.setattr(A, "_MASK_CACHE_SIZE", 0)  # every layer builds its own
+        A._mask_cache.clear()
         builds.clear()
         want = model(**batch)
     T = batch["input_ids"].numel()

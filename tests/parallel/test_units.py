@@ -300,3 +300,40 @@ def test_save_list_resolves_absent_kernels_without_error(monkeypatch):
         assert not any(n.startswith("flash_attn.") for n in names)
     else:
         assert "flash_attn._flash_attn_varlen_forward.default" in names
+
+
+@pytest.mark.parametrize("mode", ["full", "op"])
+def test_checkpointed_layers_share_one_mask(monkeypatch, mode):
+    """The accelerator SDPA path (one block-diagonal mask per microbatch, model/attention.py cached_mask) under
+    activation checkpointing: the recompute in backward reuses the forward's mask, and the gradients equal those
+    of layers that each build their own."""
+    import model.attention as attention
+
+    monkeypatch.setattr(attention, "sdpa_segment_loop", attention.sdpa_block_mask)
+    builds = []
+    real = attention.block_mask
+
+    def counted(cu, total, causal):
+        builds.append(total)
+        return real(cu, total, causal)
+
+    monkeypatch.setattr(attention, "block_mask", counted)
+    torch.manual_seed(0)
+    model = VLModel(tiny_config())
+    ac = {"full": "full", "op": "selective"}[mode]
+    apply_activation_checkpointing(model, ParallelConfig(activation_checkpoint=ac, ac_selective="op"))
+    mb = global_batch(0, 1)[0]
+    grads, counts = [], []
+    for size in (attention._MASK_CACHE_SIZE, 0):  # shared, then one per layer call
+        monkeypatch.setattr(attention, "_MASK_CACHE_SIZE", size)
+        attention._mask_cache.clear()
+        builds.clear()
+        model.zero_grad(set_to_none=True)
+        model_loss(model, mb.labels, **mb.model_inputs())[0].backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        counts.append(len(builds))
+    # The decoder's packed samples: one mask for all its layers, forward and recompute; uncached, each layer
+    # builds one in forward and one in its recompute.
+    assert counts[0] == 1 and counts[1] == 2 * tiny_config().text.num_layers, counts
+    for n, g in grads[0].items():
+        torch.testing.assert_close(g, grads[1][n], rtol=0, atol=0, msg=n)
