@@ -114,6 +114,9 @@ def markdown(r: dict[str, Any]) -> str:
                   f"shape {lh['shape']}: loss rel {lh['loss_rel']:.2e}, d/dh rel {lh['grad_h_rel']:.2e}, d/dW rel "
                   f"{lh['grad_w_rel']:.2e} (tolerance {lh['tolerance']}); fwd+bwd fp32 {lh['fp32_ms']} ms, bf16 "
                   f"{lh['bf16_ms']} ms"]
+        if "eager_body_bf16_ms" in lh:  # the fused chunk body (CUDA) against the eager one, same shapes
+            lines.append(f"eager chunk body: fp32 {lh['eager_body_fp32_ms']} ms, bf16 {lh['eager_body_bf16_ms']} ms "
+                         f"(fused / eager bf16 {lh['bf16_ms'] / lh['eager_body_bf16_ms']:.2f})")
     g = P.get("golden", {})
     if "comparison" in g:
         lines += ["", "## Golden 30-step training vs the recorded CPU run", "",

@@ -583,7 +583,9 @@ def largest_microbatch(w: Workload, device: torch.device, ac: str, sizes: list[i
 
 # ------------------------------------------------------------------------------------------ loss head
 def loss_head_check(device: torch.device, S: int, D: int, V: int, reps: int) -> dict[str, Any]:
-    """model.loss.lm_loss in bf16 against fp32 (loss, d/dh, d/dW relative errors) and its time, fwd + bwd."""
+    """model.loss.lm_loss in bf16 against fp32 (loss, d/dh, d/dW relative errors) and its time, fwd + bwd; where
+    the device runs the fused chunk body (CUDA), the eager body's time too (`eager_body_*_ms`)."""
+    import model.loss as L
     from model.loss import lm_loss
 
     g = torch.Generator().manual_seed(0)
@@ -606,6 +608,20 @@ def loss_head_check(device: torch.device, S: int, D: int, V: int, reps: int) -> 
             times.append(time.perf_counter() - t0)
         grads[name] = (float(loss.detach()), h.grad.float(), w.grad.float())
         out[f"{name}_ms"] = round(statistics.median(times) * 1e3, 3)
+        if L.chunk_fns(device) is not None:  # the same head through the eager body, for the ratio
+            fused_fns, L.chunk_fns = L.chunk_fns, lambda dev: None
+            try:
+                eager = []
+                for _ in range(reps):
+                    h.grad = w.grad = None
+                    sync(device)
+                    t0 = time.perf_counter()
+                    lm_loss(h, w, y)[0].backward()
+                    sync(device)
+                    eager.append(time.perf_counter() - t0)
+            finally:
+                L.chunk_fns = fused_fns
+            out[f"eager_body_{name}_ms"] = round(statistics.median(eager) * 1e3, 3)
     lf, hf, wf = grads["fp32"]
     lb, hb, wb = grads["bf16"]
     out["loss_rel"] = abs(lb - lf) / abs(lf)
