@@ -14,7 +14,8 @@ Parts, the answer first (docs/perf/README.md says what each measures and its tol
   env          device, versions, attention kernels, a measured bf16 matmul rate; a 1-rank NCCL smoke test in a
                child process (gloo for the configs when NCCL fails)
   parity       model.parity against transformers on a tiny random checkpoint: fp32 (tol 1e-4) and bf16
-  a_eager      config (a): throughput, MFU (3 conventions), peak memory vs the dry run's estimate
+  a_eager      config (a): throughput, MFU (3 conventions, named by what they count), peak memory vs the dry
+               run's estimate
   a_compiled   config (a) with parallel.compile; its compile time decides which later compiled configs run
   a_profile    config (a): step time split, top-15 kernels (torch.profiler), host-device syncs in one step
   backends     every attention backend against an fp32 per-segment SDPA reference on packed ViT and LLM
@@ -547,10 +548,9 @@ def _throughput_once(s: Suite, rec: dict, w: W.Workload, pool: list, est: float 
         W.timed_steps(e, pool, warmup=3 if compile else 2, max_steps=3 if s.cpu else 10, deadline=deadline,
                       record=rec, warmup_guard=s.alarm_deferred if compile else contextlib.nullcontext)
         peak = s.report["parts"]["env"].get("peak_bf16_tflops")
-        if peak and "tflops_per_s" in rec:
-            rec.update(mfu=round(rec["tflops_per_s"] / peak, 4),
-                       mfu_dense_attn=round(rec["tflops_dense_per_s"] / peak, 4),
-                       mfu_llm_only=round(rec["tflops_llm_per_s"] / peak, 4))
+        if peak and "tflops_doc_causal_per_s" in rec:  # the conventions: benchmarks/suite_workloads.py
+            rec.update({f"mfu_{k}": round(rec[f"tflops_{k}_per_s"] / peak, 4)
+                        for k in ("doc_causal", "packed_full", "llm_doc_causal")})
         rec["peak_gb"] = W.peak_memory(dev)
         rec["dry_run_gb"] = est
         if est and rec["peak_gb"]:

@@ -199,8 +199,9 @@ def preimport(modules: tuple[str, ...] = WARM_MODULES) -> dict[str, str]:
 
 def warm_compile(device: Any) -> dict[str, Any]:
     """Compile and differentiate a tiny function with dynamic shapes, as the configs do (inductor on CUDA,
-    aot_eager on CPU): the compile workers, Triton's first kernel build and dynamo's caches start here, not
-    under a part's alarm. Returns its time (or its error)."""
+    aot_eager on CPU), and run the loss head once per dtype: the compile workers, Triton's first kernel build,
+    the loss head's chunk kernels and dynamo's caches start here, not under a part's alarm. Returns its time
+    (or its error)."""
     import torch
 
     backend = "inductor" if device.type == "cuda" else "aot_eager"
@@ -214,6 +215,14 @@ def warm_compile(device: Any) -> dict[str, Any]:
             x = torch.randn(n, 32, device=device)
             w = torch.randn(32, 32, device=device, requires_grad=True)
             cf(x, w).sum().backward()
+        # The loss head's chunk kernels, compiled on CUDA even in eager configs (model/loss.py chunk_fns): their
+        # first build here, in both dtypes (later builds hit inductor's caches).
+        from model.loss import lm_loss
+
+        for dt in (torch.float32, torch.bfloat16):
+            h = torch.randn(24, 32, device=device, dtype=dt, requires_grad=True)
+            w = torch.randn(64, 32, device=device, dtype=dt, requires_grad=True)
+            lm_loss(h, w, torch.randint(0, 64, (24,), device=device), chunk_size=16)[0].backward()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
     except Exception as ex:  # noqa: BLE001 - recorded; the compiled parts then fail with their own errors

@@ -10,9 +10,12 @@ synthetic but shaped like the loader's: whole samples back to back, vision block
 pixel rows (588 wide per image, 1176 per video frame pair), M-RoPE ids from model.position_ids, every text
 token supervised (pretraining), vision tokens not.
 
-MFU conventions (model/flops.py): `mfu` counts ViT + merger + LLM + head matmuls with causal attention as
-L(L+1)/2 pairs; `mfu_dense_attn` counts L^2 pairs (torchtitan / Megatron); `mfu_llm_only` counts the decoder
-and head only over the same step time (LMMs-Engine leaves the ViT out).
+MFU conventions (model/flops.py), each named by what it counts: `mfu_doc_causal` = ViT + merger + LLM + head
+matmuls with each packed document's causal attention, L(L+1)/2 pairs, and the head on supervised rows (the work
+done; the issue's goal); `mfu_packed_full` = the same matmuls with the decoder's attention over the whole packed
+row as one sequence, T^2 pairs, and the head on every token (torchtitan's count, whose seq_len is the packed
+length); `mfu_llm_doc_causal` = the decoder + head part of mfu_doc_causal over the same step time (LMMs-Engine
+leaves the ViT out).
 """
 
 from __future__ import annotations
@@ -163,13 +166,13 @@ def synth_microbatch(mcfg, w: Workload, seed: int, tokens: int | None = None) ->
 
 
 def microbatch_flops(mcfg, mb: PackedBatch, trainable: list[str]) -> dict[str, float]:
+    """Training FLOPs of one microbatch in each MFU convention (the module docstring)."""
     from model.flops import batch_flops
 
     grids = [mb.image_grid_thw, mb.video_grid_thw]
     f = batch_flops(mcfg, mb.cu_seqlens, grids, n_supervised=mb.num_supervised, trainable=trainable)
-    d = batch_flops(mcfg, mb.cu_seqlens, grids, n_supervised=mb.num_supervised, trainable=trainable,
-                    causal_halving=False)
-    return {"total": f["total"], "dense": d["total"], "llm": f["llm"], "vit": f["vit"]}
+    t = batch_flops(mcfg, mb.cu_seqlens, grids, trainable=trainable, attention="packed_full")
+    return {"doc_causal": f["total"], "packed_full": t["total"], "llm_doc_causal": f["llm"], "vit": f["vit"]}
 
 
 # ------------------------------------------------------------------------------------------ clocks
@@ -343,7 +346,8 @@ def timed_steps(e: Engine, pool: list[PackedBatch], *, warmup: int, max_steps: i
             sync(dev)
             record["warmup_s"].append(round(time.perf_counter() - t0, 3))
             record["loss_first"] = st["loss"]
-    times, waits, fl, dense, llm, toks = [], [], 0.0, 0.0, 0.0, 0
+    times, waits, toks = [], [], 0
+    fl = dict.fromkeys(("doc_causal", "packed_full", "llm_doc_causal"), 0.0)
     for i in range(warmup, warmup + max_steps):
         mbs = step_batches(pool, i, per_step)
         sync(dev)
@@ -354,13 +358,12 @@ def timed_steps(e: Engine, pool: list[PackedBatch], *, warmup: int, max_steps: i
         waits.append(st["data_wait_ms"])
         for j in range(per_step):
             f = flops[(i * per_step + j) % len(pool)]
-            fl, dense, llm = fl + f["total"], dense + f["dense"], llm + f["llm"]
+            fl = {k: v + f[k] for k, v in fl.items()}
         toks += sum(mb.num_tokens for mb in mbs)
         total = sum(times)
         record.update(timed_steps=len(times), step_ms_median=round(statistics.median(times) * 1e3, 2),
-                      tokens_per_s=round(toks / total, 1), tflops_per_s=round(fl / total / 1e12, 3),
-                      tflops_dense_per_s=round(dense / total / 1e12, 3),
-                      tflops_llm_per_s=round(llm / total / 1e12, 3),
+                      tokens_per_s=round(toks / total, 1),
+                      **{f"tflops_{k}_per_s": round(v / total / 1e12, 3) for k, v in fl.items()},
                       data_wait_ms_median=round(statistics.median(waits), 3), loss_last=st["loss"])
         if time.perf_counter() > deadline:
             break
@@ -401,8 +404,9 @@ def step_split(e: Engine, host_mbs: list[PackedBatch]) -> dict[str, float | None
 
         def vit_done(m, a, out):
             clock.mark("vit_end")
-            if out.requires_grad:
-                out.register_hook(lambda g: clock.mark("vit_bwd_start"))
+            tokens = out[0]  # the tower returns (merged tokens, DeepStack features): model/vision.py
+            if tokens.requires_grad:
+                tokens.register_hook(lambda g: clock.mark("vit_bwd_start"))
 
         hooks.append(root.visual.register_forward_hook(vit_done))
     hooks.append(layers[0].register_forward_pre_hook(lambda m, a: clock.mark("llm_start")))
@@ -583,7 +587,9 @@ def largest_microbatch(w: Workload, device: torch.device, ac: str, sizes: list[i
 
 # ------------------------------------------------------------------------------------------ loss head
 def loss_head_check(device: torch.device, S: int, D: int, V: int, reps: int) -> dict[str, Any]:
-    """model.loss.lm_loss in bf16 against fp32 (loss, d/dh, d/dW relative errors) and its time, fwd + bwd."""
+    """model.loss.lm_loss in bf16 against fp32 (loss, d/dh, d/dW relative errors) and its time, fwd + bwd; where
+    the device runs the fused chunk body (CUDA), the eager body's time too (`eager_body_*_ms`)."""
+    import model.loss as L
     from model.loss import lm_loss
 
     g = torch.Generator().manual_seed(0)
@@ -606,6 +612,20 @@ def loss_head_check(device: torch.device, S: int, D: int, V: int, reps: int) -> 
             times.append(time.perf_counter() - t0)
         grads[name] = (float(loss.detach()), h.grad.float(), w.grad.float())
         out[f"{name}_ms"] = round(statistics.median(times) * 1e3, 3)
+        if L.chunk_fns(device) is not None:  # the same head through the eager body, for the ratio
+            fused_fns, L.chunk_fns = L.chunk_fns, lambda dev: None
+            try:
+                eager = []
+                for _ in range(reps):
+                    h.grad = w.grad = None
+                    sync(device)
+                    t0 = time.perf_counter()
+                    lm_loss(h, w, y)[0].backward()
+                    sync(device)
+                    eager.append(time.perf_counter() - t0)
+            finally:
+                L.chunk_fns = fused_fns
+            out[f"eager_body_{name}_ms"] = round(statistics.median(eager) * 1e3, 3)
     lf, hf, wf = grads["fp32"]
     lb, hb, wb = grads["bf16"]
     out["loss_rel"] = abs(lb - lf) / abs(lf)

@@ -11,13 +11,20 @@ cu_seqlens[-1] == T, and return o_THDh. Attention never crosses a segment bounda
   kernel that ships inside torch. Work and memory follow sum(L_i^2), never T^2.
 - ``flex``: ``torch.nn.attention.flex_attention`` with a block-sparse document mask built from cu_seqlens on
   the device (no host sync): only the FLEX_BLOCK x FLEX_BLOCK tiles that touch one segment (and, causal, lie on
-  or below the diagonal) are computed, so it is varlen too, in any dtype. On CUDA it runs compiled (Triton); on
-  CPU it runs eagerly, forward only, materializing the scores (tests and evaluation only).
+  or below the diagonal) are computed, so it is varlen too, in any dtype. The mask is built once per microbatch
+  (cached_mask: every layer gets the same cu_seqlens tensor), not once per layer. On CUDA it runs compiled
+  (Triton); on CPU it runs eagerly, forward only, materializing the scores (tests and evaluation only).
 - ``sdpa``: ``scaled_dot_product_attention`` everywhere (CPU included). A single segment runs as one call.
   Several segments run either as one call with a block-diagonal (causal) boolean mask (on accelerators, and
   inside torch.compile: a constant kernel count and no host sync however many samples are packed, but T x T
-  mask memory) or as one call per segment (eager CPU, where launches are cheap and the mask would cost T^2
-  work instead of sum(L_i^2)). Both are exact; tests check them against a plain softmax reference.
+  mask memory; eager, one mask per microbatch like flex's) or as one call per segment (eager CPU, where launches
+  are cheap and the mask would cost T^2 work instead of sum(L_i^2)). Both are exact; tests check them against a
+  plain softmax reference.
+
+GQA (Hkv < H): no backend copies the kv heads where its kernel takes them grouped: flash-attn natively,
+torch_varlen with enable_gqa (torch >= 2.13; older releases repeat them), flex with enable_gqa, SDPA with
+enable_gqa where its kernel takes it and otherwise with the kv heads as the batch over a zero-stride view
+(sdpa_heads).
 
 'auto' picks flash, then torch_varlen on CUDA in half precision, else sdpa: fp32 on CUDA is a parity/debug
 setting, where the SDPA mask is acceptable. 'flex' is opt-in (the GPU suite measures it against torch_varlen).
@@ -27,6 +34,8 @@ from __future__ import annotations
 
 import functools
 import inspect
+import weakref
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -36,6 +45,34 @@ BACKENDS = ("auto", "flash", "torch_varlen", "flex", "sdpa")
 """Names accepted by varlen_attention(backend=...) and ModelConfig.attn_backend."""
 FLEX_BLOCK = 128
 """Tile size of the flex block mask (flex_attention's default block size)."""
+
+
+_MASK_CACHE_SIZE = 8
+"""Masks kept (a pipeline holds several microbatches in flight; the ViT's full and window blocks have one each)."""
+_mask_cache: list[tuple[weakref.ref, int, tuple, Any]] = []
+
+
+def _drop_dead_masks(_ref: weakref.ref | None = None) -> None:
+    _mask_cache[:] = [e for e in _mask_cache if e[0]() is not None]
+
+
+def cached_mask(build: Callable[..., Any], cu_seqlens: torch.Tensor, total: int, causal: bool) -> Any:
+    """build(cu_seqlens, total, causal), built once per microbatch rather than once per layer.
+
+    Every layer of one forward (and its recompute in backward) receives the same cu_seqlens tensor, so the mask is
+    keyed by that tensor's identity (held weakly: the entry goes with the microbatch) and its version counter (an
+    in-place change rebuilds). Inside torch.compile the mask is built in the graph, as before: no cache lookups
+    are traced."""
+    if torch.compiler.is_compiling():
+        return build(cu_seqlens, total, causal)
+    key = (build, total, causal)
+    for ref, version, k, mask in _mask_cache:
+        if ref() is cu_seqlens and version == cu_seqlens._version and k == key:
+            return mask
+    mask = build(cu_seqlens, total, causal)
+    _mask_cache.insert(0, (weakref.ref(cu_seqlens, _drop_dead_masks), cu_seqlens._version, key, mask))
+    del _mask_cache[_MASK_CACHE_SIZE:]
+    return mask
 
 
 def _import_kernels() -> dict[str, Any]:
@@ -146,36 +183,64 @@ def block_mask(cu_seqlens: torch.Tensor, total: int, causal: bool) -> torch.Tens
     return mask_TT
 
 
-def _sdpa_one(q_THDh, k_THkvDh, v_THkvDh, causal: bool, scale: float | None, mask_TT=None) -> torch.Tensor:
+def sdpa_takes_grouped_kv(q: torch.Tensor, masked: bool) -> bool:
+    """Whether the SDPA kernel this call reaches reads Hkv < H key/value heads itself (enable_gqa).
+
+    CPU: its flash kernel does, with or without a mask. CUDA: the flash kernel does (half precision, no mask);
+    the efficient and cuDNN kernels take a mask and fp32 but not, in every torch release this project supports,
+    fewer kv heads: there enable_gqa would fall back to the math kernel (T x T fp32 scores, kv heads repeated)."""
+    if q.device.type == "cpu":
+        return True
+    return not masked and q.dtype in (torch.float16, torch.bfloat16)
+
+
+def sdpa_heads(q_THDh, k_SHkvDh, v_SHkvDh, causal: bool, scale: float | None, mask_TS=None) -> torch.Tensor:
+    """One SDPA call over all heads (T queries, S keys); GQA without copying the key/value heads.
+
+    Where the kernel takes grouped heads (sdpa_takes_grouped_kv), enable_gqa. Elsewhere the call is made with
+    the kv heads as the batch: queries (Hkv, H / Hkv, T, Dh) and keys expanded (a zero-stride view, no copy) to
+    (Hkv, H / Hkv, S, Dh), so query head h meets kv head h // (H / Hkv), as repeat_interleave would pair them."""
     # SDPA wants (batch, heads, tokens, head_dim).
     q_1HTD = q_THDh.transpose(0, 1).unsqueeze(0)
-    k_1HTD = k_THkvDh.transpose(0, 1).unsqueeze(0)
-    v_1HTD = v_THkvDh.transpose(0, 1).unsqueeze(0)
-    # A branch, not a value: compiled with dynamic shapes the head counts are symbols, and the kernels take a
-    # plain bool (a branch becomes a guard on the head counts, which never change).
-    gqa = True if q_1HTD.shape[1] != k_1HTD.shape[1] else False  # noqa: SIM210
-    if mask_TT is None:
-        o_1HTD = F.scaled_dot_product_attention(q_1HTD, k_1HTD, v_1HTD, is_causal=causal, scale=scale, enable_gqa=gqa)
+    k_1HSD = k_SHkvDh.transpose(0, 1).unsqueeze(0)
+    v_1HSD = v_SHkvDh.transpose(0, 1).unsqueeze(0)
+    n_q, n_kv = q_1HTD.shape[1], k_1HSD.shape[1]
+    kw: dict[str, Any] = {"scale": scale}
+    if mask_TS is None:
+        kw["is_causal"] = causal
     else:
-        o_1HTD = F.scaled_dot_product_attention(q_1HTD, k_1HTD, v_1HTD, attn_mask=mask_TT, scale=scale, enable_gqa=gqa)
+        kw["attn_mask"] = mask_TS
+    # Branches, not values: compiled with dynamic shapes the head counts are symbols, and the kernels take a
+    # plain bool (a branch becomes a guard on the head counts, which never change).
+    if n_q == n_kv:
+        o_1HTD = F.scaled_dot_product_attention(q_1HTD, k_1HSD, v_1HSD, **kw)
+    elif sdpa_takes_grouped_kv(q_THDh, mask_TS is not None):
+        o_1HTD = F.scaled_dot_product_attention(q_1HTD, k_1HSD, v_1HSD, enable_gqa=True, **kw)
+    else:
+        T, S, Dh, rep = q_1HTD.shape[2], k_1HSD.shape[2], q_1HTD.shape[3], n_q // n_kv
+        q_GrTD = q_1HTD.view(n_kv, rep, T, Dh)
+        k_GrSD = k_1HSD.view(n_kv, 1, S, Dh).expand(n_kv, rep, S, Dh)
+        v_GrSD = v_1HSD.view(n_kv, 1, S, v_1HSD.shape[3]).expand(n_kv, rep, S, v_1HSD.shape[3])
+        o_GrTD = F.scaled_dot_product_attention(q_GrTD, k_GrSD, v_GrSD, **kw)
+        return o_GrTD.permute(2, 0, 1, 3).reshape(T, n_q, -1)
     return o_1HTD.squeeze(0).transpose(0, 1)
 
 
 def sdpa_block_mask(q_THDh, k_THkvDh, v_THkvDh, cu_seqlens, *, causal: bool, scale: float | None = None):
     """All segments in one SDPA call with a block-diagonal (causal) mask."""
     if cu_seqlens.numel() <= 2:
-        return _sdpa_one(q_THDh, k_THkvDh, v_THkvDh, causal, scale)
-    mask_TT = block_mask(cu_seqlens, q_THDh.shape[0], causal)
-    return _sdpa_one(q_THDh, k_THkvDh, v_THkvDh, False, scale, mask_TT)
+        return sdpa_heads(q_THDh, k_THkvDh, v_THkvDh, causal, scale)
+    mask_TT = cached_mask(block_mask, cu_seqlens, q_THDh.shape[0], causal)
+    return sdpa_heads(q_THDh, k_THkvDh, v_THkvDh, False, scale, mask_TT)
 
 
 def sdpa_segment_loop(q_THDh, k_THkvDh, v_THkvDh, cu_seqlens, *, causal: bool, scale: float | None = None):
     """One SDPA call per segment (reads the boundaries on the host)."""
     bounds = cu_seqlens.tolist()
     if len(bounds) <= 2:
-        return _sdpa_one(q_THDh, k_THkvDh, v_THkvDh, causal, scale)
+        return sdpa_heads(q_THDh, k_THkvDh, v_THkvDh, causal, scale)
     outs = [
-        _sdpa_one(q_THDh[s:e], k_THkvDh[s:e], v_THkvDh[s:e], causal, scale)
+        sdpa_heads(q_THDh[s:e], k_THkvDh[s:e], v_THkvDh[s:e], causal, scale)
         for s, e in zip(bounds[:-1], bounds[1:])
         if e > s
     ]
@@ -187,7 +252,7 @@ def _sdpa(q_THDh, k_THkvDh, v_THkvDh, cu_seqlens, causal: bool, scale: float | N
     # recompile per distinct set of lengths): the mask form traces into one graph for every length.
     # Compiled, the mask is built for one segment too: no graph specialization on the segment count.
     if torch.compiler.is_compiling():
-        return _sdpa_one(q_THDh, k_THkvDh, v_THkvDh, False, scale, block_mask(cu_seqlens, q_THDh.shape[0], causal))
+        return sdpa_heads(q_THDh, k_THkvDh, v_THkvDh, False, scale, block_mask(cu_seqlens, q_THDh.shape[0], causal))
     if q_THDh.device.type == "cpu":
         return sdpa_segment_loop(q_THDh, k_THkvDh, v_THkvDh, cu_seqlens, causal=causal, scale=scale)
     return sdpa_block_mask(q_THDh, k_THkvDh, v_THkvDh, cu_seqlens, causal=causal, scale=scale)
@@ -240,11 +305,11 @@ def flex_block_mask(cu_seqlens: torch.Tensor, total: int, causal: bool, block: i
 def flex_varlen(q_THDh, k_THkvDh, v_THkvDh, cu_seqlens, *, causal: bool, scale: float | None = None):
     """Packed attention through flex_attention with the block-sparse document mask (flex_block_mask)."""
     T = q_THDh.shape[0]
-    bm = flex_block_mask(cu_seqlens, T, causal)
+    bm = cached_mask(flex_block_mask, cu_seqlens, T, causal)
     q_1HTD = q_THDh.transpose(0, 1).unsqueeze(0)
     k_1HTD = k_THkvDh.transpose(0, 1).unsqueeze(0)
     v_1HTD = v_THkvDh.transpose(0, 1).unsqueeze(0)
-    gqa = True if q_1HTD.shape[1] != k_1HTD.shape[1] else False  # noqa: SIM210 - see _sdpa_one
+    gqa = True if q_1HTD.shape[1] != k_1HTD.shape[1] else False  # noqa: SIM210 - see sdpa_heads
     # Eager flex materializes the scores; on CUDA run the compiled kernel. Inside a compiled layer the plain
     # function is traced into that layer's graph anyway.
     eager_ok = q_THDh.device.type == "cpu" or torch.compiler.is_compiling()

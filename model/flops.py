@@ -8,11 +8,16 @@ it is memory-bound and well under 1% of the total. This is the convention of PaL
 torch.utils.flop_counter.FlopCounterMode, against which tests/model/test_flops.py checks this module
 exactly (matmul for matmul).
 
-Attention is computed from the ACTUAL per-segment lengths (packed samples never attend to each other; ViT segments
-are single frame pairs, or Qwen2.5-VL's windows in its window blocks): a segment of L tokens costs 4 * L_pairs *
-width FLOPs forward, with L_pairs = L^2 for the bidirectional ViT and, for the causal LLM, L*(L+1)/2
-(`causal_halving=True`, the work a causal flash kernel does) or L^2 (`causal_halving=False`, the dense convention of
-torchtitan/Megatron and of a FLOP counter looking at a dense masked kernel). Say which one when reporting MFU.
+Attention pairs (query, key) are counted in one of three conventions, each named by what it counts
+(`attention=`; ATTENTION_CONVENTIONS), 4 * pairs * width FLOPs forward per layer:
+  doc_causal   each packed document's causal pairs, L(L+1)/2 for a document of L tokens: the work a varlen causal
+               kernel does (packed samples never attend to each other). The default and the honest figure.
+  doc_full     each document's L^2 pairs: a dense per-document kernel (what a FLOP counter sees on per-segment
+               SDPA, the check of tests/model/test_flops.py).
+  packed_full  the whole packed row of T tokens as one sequence, T^2 pairs, no causal discount: torchtitan's
+               convention (12 * layers * heads * head_dim * seq_len per token, seq_len = the packed length).
+They concern the decoder; the bidirectional ViT's attention is always its real segments' (frame pairs, or
+Qwen2.5-VL's windows in its window blocks), L^2 pairs each. Say which one when reporting MFU.
 
 Backward, per matmul: one more forward-sized matmul for the input gradient (needed when anything upstream
 trains) and one for the weight gradient (needed when that weight trains). Fully trainable, this is the
@@ -36,6 +41,9 @@ import torch
 
 from model.config import ModelConfig
 from model.family import GROUPS
+
+ATTENTION_CONVENTIONS = ("doc_causal", "doc_full", "packed_full")
+"""How the decoder's attention pairs are counted (the module docstring says what each counts)."""
 
 
 def _lengths(cu_seqlens: torch.Tensor | Sequence[int]) -> list[int]:
@@ -97,8 +105,21 @@ def vit_forward_flops(cfg: ModelConfig, grid_thw_rows: Iterable[tuple[int, int, 
     }
 
 
+def attention_pairs(seq_lengths: Iterable[int], attention: str = "doc_causal") -> int:
+    """(query, key) pairs of one decoder layer over packed documents of these lengths, in `attention`'s
+    convention (ATTENTION_CONVENTIONS)."""
+    lengths = list(seq_lengths)
+    if attention == "doc_causal":
+        return sum(L * (L + 1) // 2 for L in lengths)
+    if attention == "doc_full":
+        return sum(L * L for L in lengths)
+    if attention == "packed_full":
+        return sum(lengths) ** 2
+    raise ValueError(f"attention={attention!r}; choose one of {ATTENTION_CONVENTIONS}")
+
+
 def llm_forward_flops(
-    cfg: ModelConfig, seq_lengths: Iterable[int], *, n_supervised: int | None = None, causal_halving: bool = True
+    cfg: ModelConfig, seq_lengths: Iterable[int], *, n_supervised: int | None = None, attention: str = "doc_causal"
 ) -> dict[str, int]:
     """Forward FLOPs of the decoder + head on packed samples of these lengths."""
     t = cfg.text
@@ -106,11 +127,10 @@ def llm_forward_flops(
     q, kv = t.num_heads * Dh, t.num_kv_heads * Dh
     lengths = list(seq_lengths)
     T = sum(lengths)
-    pairs = sum(L * (L + 1) // 2 if causal_halving else L * L for L in lengths)
     S = T if n_supervised is None else n_supervised
     return {
         "layers_linear": t.num_layers * 2 * T * (2 * D * q + 2 * D * kv + 3 * D * F),  # q, o; k, v; gate, up, down
-        "layers_attention": t.num_layers * 4 * pairs * t.num_heads * Dh,
+        "layers_attention": t.num_layers * 4 * attention_pairs(lengths, attention) * t.num_heads * Dh,
         "head": 2 * S * D * t.vocab_size,
         "tokens": T,
     }
@@ -123,13 +143,14 @@ def batch_flops(
     *,
     n_supervised: int | None = None,
     trainable: Iterable[str] = GROUPS,
-    causal_halving: bool = True,
+    attention: str = "doc_causal",
 ) -> dict[str, int | float]:
     """FLOPs of one forward + backward over a packed microbatch.
 
     cu_seqlens: LLM sample boundaries (S+1,); vision_grid_thw: all image AND video grids of the microbatch
     (a (K, 3) tensor, a list of such tensors, or (t, h, w) tuples); n_supervised: positions the LM head runs
-    on (None = every token); trainable: subset of GROUPS whose weights get gradients.
+    on (None = every token); trainable: subset of GROUPS whose weights get gradients; attention: how the
+    decoder's attention pairs are counted (ATTENTION_CONVENTIONS).
 
     Returns ints: vit (ViT + merger), llm (decoder + head), total, their forward-only parts vit_fwd / llm_fwd,
     tokens (T), and per_token = total / T (float) for MFU = per_token * tokens_per_second / peak_flops.
@@ -139,7 +160,7 @@ def batch_flops(
         raise ValueError(f"unknown trainable groups {sorted(unknown)}; choose from {GROUPS}")
     tv, tm, tl = "vision" in train, "merger" in train, "llm" in train
     vf = vit_forward_flops(cfg, _grid_rows(vision_grid_thw))
-    lf = llm_forward_flops(cfg, _lengths(cu_seqlens), n_supervised=n_supervised, causal_halving=causal_halving)
+    lf = llm_forward_flops(cfg, _lengths(cu_seqlens), n_supervised=n_supervised, attention=attention)
     # Autograd computes an input gradient only where something upstream trains.
     vit = (
         vf["patch_embed"] * _bwd_factor(False, tv)
@@ -172,10 +193,10 @@ def batch_flops(
     }
 
 
-def llm_flops_per_token(cfg: ModelConfig, seq_len: int, *, causal_halving: bool = True) -> float:
+def llm_flops_per_token(cfg: ModelConfig, seq_len: int, *, attention: str = "doc_causal") -> float:
     """Training (fwd + bwd, all trainable) FLOPs per token of the decoder + head for samples of seq_len
     tokens, every position supervised: the text-only MFU figure, e.g. for a dry run."""
-    f = batch_flops(cfg, [0, seq_len], [], causal_halving=causal_halving)
+    f = batch_flops(cfg, [0, seq_len], [], attention=attention)
     return f["llm"] / seq_len
 
 

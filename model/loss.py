@@ -15,6 +15,12 @@ however long the sequence, and no logits are recomputed in backward: the head co
 forward + backward (1 when no gradient is needed, 2 when the weight is frozen). Backward only scales the stored
 gradients by the incoming grad (e.g. 1 / global token count).
 
+Two bodies compute a chunk's loss and softmax - onehot, with the same results (tested): on CUDA (with triton)
+`_chunk_fused`, a row max and two compiled kernels that read the logits in their own dtype (bf16 under mixed
+precision) three times and write the gradient once, no fp32 copy of the chunk ever written (a GPU is
+bandwidth-bound here); elsewhere `_chunk_eager`, in place in one fp32 buffer (a CPU is bound by the exps, which
+the fused body computes twice). benchmarks/bench_loss_head.py measures both.
+
 Vocab parallelism is the same kernel with the weight's rows split over ranks (Megatron's vocab-parallel
 cross-entropy): the caller passes `vocab_start` (the first row it holds) and a `VocabReduce` whose two in-place
 all-reduces (MAX of the row maxima, SUM of target logit and sum of exp) make every rank's softmax exact; d/dh is
@@ -30,6 +36,7 @@ Returns (loss_sum fp32, n_supervised int64): the trainer divides by the GLOBAL s
 
 from __future__ import annotations
 
+import functools
 from typing import Protocol
 
 import torch
@@ -49,6 +56,91 @@ class VocabReduce(Protocol):
     def sum_(self, t: torch.Tensor) -> None: ...
 
 
+def _chunk_eager(h_cD, w_VlD, idx_c, mine_c, reduce: VocabReduce | None, need_grad: bool):
+    """(loss_c, d(loss)/d(logits) in h's dtype or None) of one chunk, in place in one fp32 buffer: the eager body
+    (CPUs, compute-bound: one exp per logit matters more than the passes over memory)."""
+    rows_c = torch.arange(idx_c.numel(), device=idx_c.device)
+    logits_cVl = F.linear(h_cD, w_VlD).float()
+    max_c = logits_cVl.amax(dim=-1)
+    if reduce is not None:
+        reduce.max_(max_c)
+    # log-sum-exp by hand, in place: the buffer becomes logits - max, then exp, then the softmax, then
+    # the gradient, with no second c x Vl allocation (torch.logsumexp would make one).
+    p_cVl = logits_cVl.sub_(max_c[:, None])
+    target_c = p_cVl[rows_c, idx_c]
+    if mine_c is not None:
+        target_c = torch.where(mine_c, target_c, torch.zeros_like(target_c))
+    p_cVl = p_cVl.exp_()
+    sum_c = p_cVl.sum(dim=-1)
+    if reduce is not None:
+        both_2c = torch.stack([target_c, sum_c])
+        reduce.sum_(both_2c)
+        target_c, sum_c = both_2c[0], both_2c[1]
+    loss_c = (sum_c.log() - target_c).sum()
+    if not need_grad:
+        return loss_c, None
+    # d(loss)/d(logits) = softmax - onehot (the onehot only where this rank holds the target row)
+    g_cVl = p_cVl.div_(sum_c[:, None])
+    g_cVl[rows_c, idx_c] -= 1.0 if mine_c is None else mine_c.to(g_cVl.dtype)
+    return loss_c, g_cVl.to(h_cD.dtype)
+
+
+def _softmax_stats(logits_cVl, max_c, idx_c, mine_c):
+    """(sum of exp(logits - max), target logit (0 where this rank does not hold it)), fp32, one read of the
+    logits in their own dtype."""
+    x_cVl = logits_cVl.float()
+    sum_c = torch.exp(x_cVl - max_c[:, None]).sum(dim=-1)
+    target_c = x_cVl.gather(1, idx_c[:, None]).squeeze(1)
+    if mine_c is not None:
+        target_c = torch.where(mine_c, target_c, torch.zeros_like(target_c))
+    return sum_c, target_c
+
+
+def _softmax_grad(logits_cVl, lse_c, idx_c, mine_c, g_dtype):
+    """softmax - onehot in g_dtype, elementwise from the logits (one read, one write): the onehot is a
+    comparison with the column index, not a scatter, so the whole gradient is one pointwise kernel."""
+    p_cVl = torch.exp(logits_cVl.float() - lse_c[:, None])
+    hit_cVl = torch.arange(logits_cVl.shape[1], device=logits_cVl.device)[None, :] == idx_c[:, None]
+    if mine_c is not None:
+        hit_cVl = hit_cVl & mine_c[:, None]
+    return torch.where(hit_cVl, p_cVl - 1.0, p_cVl).to(g_dtype)
+
+
+def _chunk_fused(fns, h_cD, w_VlD, idx_c, mine_c, reduce: VocabReduce | None, need_grad: bool):
+    """The same chunk as _chunk_eager from three reads and one write of the logits in their own dtype (a row
+    max, then `fns` = (_softmax_stats, _softmax_grad), each one kernel when compiled): no fp32 copy of the
+    chunk is ever written. The body for bandwidth-bound GPUs."""
+    stats, grad = fns
+    logits_cVl = F.linear(h_cD, w_VlD)
+    max_c = logits_cVl.amax(dim=-1).float()
+    if reduce is not None:
+        reduce.max_(max_c)
+    sum_c, target_c = stats(logits_cVl, max_c, idx_c, mine_c)
+    if reduce is not None:
+        both_2c = torch.stack([target_c, sum_c])
+        reduce.sum_(both_2c)
+        target_c, sum_c = both_2c[0], both_2c[1]
+    lse_c = max_c + sum_c.log()
+    loss_c = (lse_c - target_c).sum()
+    return loss_c, grad(logits_cVl, lse_c, idx_c, mine_c, h_cD.dtype) if need_grad else None
+
+
+@functools.cache
+def _compiled_chunk_fns() -> tuple | None:
+    """(_softmax_stats, _softmax_grad) compiled (dynamic shapes: the last chunk and every step's S differ),
+    or None where inductor cannot generate GPU kernels (no triton)."""
+    from torch.utils._triton import has_triton
+
+    if not has_triton():
+        return None
+    return torch.compile(_softmax_stats, dynamic=True), torch.compile(_softmax_grad, dynamic=True)
+
+
+def chunk_fns(device: torch.device) -> tuple | None:
+    """The fused chunk functions for `device` (CUDA with triton), or None: the eager body (_chunk_eager)."""
+    return _compiled_chunk_fns() if device.type == "cuda" else None
+
+
 class _FusedLinearCrossEntropy(torch.autograd.Function):
     """sum_s CE(h_SD[s] @ w_VlD.T, y_S[s]) with gradients computed chunk by chunk in forward."""
 
@@ -60,37 +152,22 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         grad_h_SD = torch.empty_like(h_SD) if need_h else None
         # fp32 accumulation across chunks, whatever the weight dtype.
         grad_w_VlD = torch.zeros(w_VlD.shape, dtype=torch.float32, device=w_VlD.device) if need_w else None
+        fns = chunk_fns(h_SD.device)
         for s in range(0, S, chunk_size):
             h_cD, y_c = h_SD[s : s + chunk_size], y_S[s : s + chunk_size]
-            rows_c = torch.arange(y_c.numel(), device=y_c.device)
-            logits_cVl = F.linear(h_cD, w_VlD).float()
-            max_c = logits_cVl.amax(dim=-1)
             if reduce is not None:
-                reduce.max_(max_c)
                 local_c = y_c - vocab_start
                 mine_c = (local_c >= 0) & (local_c < Vl)
                 idx_c = torch.where(mine_c, local_c, torch.zeros_like(local_c))
             else:
                 mine_c, idx_c = None, y_c
-            # log-sum-exp by hand, in place: the buffer becomes logits - max, then exp, then the softmax, then
-            # the gradient, with no second c x Vl allocation (torch.logsumexp would make one).
-            p_cVl = logits_cVl.sub_(max_c[:, None])
-            target_c = p_cVl[rows_c, idx_c]
-            if mine_c is not None:
-                target_c = torch.where(mine_c, target_c, torch.zeros_like(target_c))
-            p_cVl = p_cVl.exp_()
-            sum_c = p_cVl.sum(dim=-1)
-            if reduce is not None:
-                both_2c = torch.stack([target_c, sum_c])
-                reduce.sum_(both_2c)
-                target_c, sum_c = both_2c[0], both_2c[1]
-            loss += (sum_c.log() - target_c).sum()
-            if not (need_h or need_w):
+            if fns is None:
+                loss_c, g_cVl = _chunk_eager(h_cD, w_VlD, idx_c, mine_c, reduce, need_h or need_w)
+            else:
+                loss_c, g_cVl = _chunk_fused(fns, h_cD, w_VlD, idx_c, mine_c, reduce, need_h or need_w)
+            loss += loss_c
+            if g_cVl is None:
                 continue
-            # d(loss)/d(logits) = softmax - onehot (the onehot only where this rank holds the target row)
-            g_cVl = p_cVl.div_(sum_c[:, None])
-            g_cVl[rows_c, idx_c] -= 1.0 if mine_c is None else mine_c.to(g_cVl.dtype)
-            g_cVl = g_cVl.to(h_SD.dtype)
             if need_h:
                 grad_h_SD[s : s + chunk_size] = g_cVl @ w_VlD
             if need_w:
@@ -99,7 +176,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
                     torch.addmm(grad_w_VlD, g_cVl.t(), h_cD, out=grad_w_VlD)
                 else:
                     grad_w_VlD += g_cVl.t() @ h_cD
-            del g_cVl, p_cVl, logits_cVl
+            del g_cVl
         ctx.w_dtype = w_VlD.dtype
         ctx.grads = (grad_h_SD, grad_w_VlD)
         return loss

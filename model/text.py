@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model.attention import varlen_attention
+from model.attention import sdpa_heads, varlen_attention
 from model.config import TextConfig
 from model.vision import GatedMLP, Recompute, rotate_half, run_block
 
@@ -122,14 +122,11 @@ def cached_attention(q_THDh: torch.Tensor, k_SHkvDh: torch.Tensor, v_SHkvDh: tor
     """Attention of the T newest tokens over all S cached ones (the T newest are the last T): new token i sees
     keys 0 .. S - T + i. One SDPA call; a single new token (decoding) needs no mask."""
     T, S = q_THDh.shape[0], k_SHkvDh.shape[0]
-    q_1HTD, k_1HSD, v_1HSD = (x.transpose(0, 1).unsqueeze(0) for x in (q_THDh, k_SHkvDh, v_SHkvDh))
     mask_TS = None
     if T > 1:
         keys_S = torch.arange(S, device=q_THDh.device)
         mask_TS = keys_S[None, :] <= torch.arange(S - T, S, device=q_THDh.device)[:, None]
-    o_1HTD = F.scaled_dot_product_attention(q_1HTD, k_1HSD, v_1HSD, attn_mask=mask_TS,
-                                            enable_gqa=q_1HTD.shape[1] != k_1HSD.shape[1])
-    return o_1HTD.squeeze(0).transpose(0, 1)
+    return sdpa_heads(q_THDh, k_SHkvDh, v_SHkvDh, False, None, mask_TS)
 
 
 def apply_rope(x_THDh: torch.Tensor, cos_TDh: torch.Tensor, sin_TDh: torch.Tensor) -> torch.Tensor:

@@ -12,8 +12,10 @@ the region, and per-op selective checkpointing then fails ("... encountered duri
 storage"; tests/parallel/test_engine.py reproduces it). Applied after TP and before FSDP (torchtitan's order).
 
 Per op class ("selective", ac_selective='op'): inside every block, the outputs of matmuls, attention kernels
-and TP collectives are saved; norms, activations, rotary and other elementwise ops are recomputed. This keeps
-most of the memory win of full recomputation for a fraction of its extra FLOPs (Korthikanti et al. 2022).
+(the op each attention backend actually dispatches: SDPA's kernels, torch's varlen custom op, flash-attn's,
+flex_attention's higher-order op) and TP collectives are saved; norms, activations, rotary and other elementwise
+ops are recomputed. This keeps most of the memory win of full recomputation for a fraction of its extra FLOPs
+(Korthikanti et al. 2022).
 """
 
 from __future__ import annotations
@@ -26,26 +28,46 @@ from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selectiv
 
 from parallel.config import ParallelConfig
 
+_ATEN_SAVED = (
+    "mm", "addmm", "bmm", "baddbmm", "linear", "convolution",
+    # SDPA's kernels (model/attention.py's 'sdpa' backend): CUDA flash / efficient / cuDNN, CPU flash, other devices.
+    "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
+    "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu",
+    "_scaled_dot_product_fused_attention_overrideable", "_flash_attention_forward", "_efficient_attention_forward",
+)
+_CUSTOM_SAVED = (
+    # The packed kernels the 'torch_varlen' and 'flash' backends call: the dispatcher (and so the policy) sees the
+    # custom op, never the aten kernel inside it. torch >= 2.10 (torch.nn.attention.varlen); flash-attn >= 2.6
+    # registers its functions through torch.library.
+    ("torch_attn", "_varlen_attn"), ("flash_attn", "_flash_attn_varlen_forward"), ("flash_attn", "_flash_attn_forward"),
+)
+_COLLECTIVES_SAVED = ("all_gather_into_tensor", "reduce_scatter_tensor", "all_reduce")
+
 
 def _op_names() -> set:
-    """Ops whose outputs selective checkpointing saves (looked up by name: some only exist on some builds)."""
+    """Ops whose outputs selective checkpointing saves, looked up by name: an op this build (or an optional
+    package) does not have is left out, without error."""
+    # Importing the backends registers the optional kernels' custom ops (torch's varlen, flash-attn).
+    import model.attention  # noqa: F401
+
     aten = torch.ops.aten
-    names = [
-        (aten, "mm"), (aten, "addmm"), (aten, "bmm"), (aten, "baddbmm"), (aten, "linear"),
-        (aten, "_scaled_dot_product_flash_attention"), (aten, "_scaled_dot_product_efficient_attention"),
-        (aten, "_scaled_dot_product_cudnn_attention"), (aten, "_scaled_dot_product_flash_attention_for_cpu"),
-        (aten, "_flash_attention_forward"), (aten, "_efficient_attention_forward"),
-        (aten, "convolution"),
-    ]
-    out = set()
-    for ns, name in names:
-        op = getattr(ns, name, None)
+    out: set = {getattr(aten, name).default for name in _ATEN_SAVED if hasattr(aten, name)}
+    for ns, name in _CUSTOM_SAVED:
+        op = getattr(getattr(torch.ops, ns), name, None)
         if op is not None:
             out.add(op.default)
-    for name in ("all_gather_into_tensor", "reduce_scatter_tensor", "all_reduce"):
+    for name in _COLLECTIVES_SAVED:
         op = getattr(torch.ops._c10d_functional, name, None)
         if op is not None:
             out.add(op.default)
+    # The 'flex' backend: flex_attention is a higher-order operator, and the policy receives the operator itself
+    # (its kernel's outputs, not the ops inside it).
+    try:
+        from torch._higher_order_ops.flex_attention import flex_attention as flex_hop
+
+        out.add(flex_hop)
+    except ImportError:
+        pass
     return out
 
 

@@ -6,7 +6,9 @@ Every record is one JSON object per line: {"step", "loss", "lr", "grad_norm", "t
 run across restarts. Held-out evaluations add {"event": "eval", ...} records (MetricsLogger.eval, train/eval.py).
 
 MFU = model FLOPs of the step (model.flops: ViT + LLM, forward + backward, attention included, from the
-actual packed lengths) / (step time x devices x peak FLOP/s of one device). The peak comes from
+actual packed lengths: each document's causal pairs, model.flops' 'doc_causal' convention, the head on the
+supervised rows) / (step time x devices x peak FLOP/s of one device). It is below a torchtitan-convention
+figure for the same run, which counts the whole packed row as one sequence ('packed_full'). The peak comes from
 metrics.peak_tflops or a table of dense bf16 peaks by device name; on CPU there is no meaningful peak, so MFU
 is null and the achieved FLOP/s per process is reported instead.
 """

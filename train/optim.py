@@ -22,6 +22,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 from torch.distributed.checkpoint.stateful import Stateful
+from torch.distributed.tensor import DTensor
 
 from model.family import ModelFamily
 from train.config import GROUPS, JobConfig
@@ -75,10 +76,42 @@ def param_groups(named_params: Iterable[tuple[str, nn.Parameter]], cfg: JobConfi
     return groups
 
 
+class ShardLocalAdamW(torch.optim.AdamW):
+    """torch's AdamW that steps DTensor parameters on their local tensors.
+
+    FSDP2 makes every parameter a DTensor, even on a 1-rank dp mesh; AdamW's foreach / fused ops over hundreds
+    of them then each go through DTensor's dispatch (sharding propagation per op) to end up running the same
+    kernel on the local tensors. AdamW is elementwise, so when a parameter, its gradient and its state share one
+    layout (mesh and placements: what FSDP2 gives them), the update of the local tensors is the update: the
+    lists AdamW gathers are swapped for their local tensors (views of the same storage, updated in place) before
+    its math runs. The state itself stays the DTensors AdamW creates, so the optimizer's state_dict and
+    checkpoints (torch.distributed.checkpoint) are unchanged. A group where some layout differs (e.g. a Partial
+    gradient, which DTensor would reduce first) keeps the DTensor path."""
+
+    def _init_group(self, group, params, grads, *state_lists):  # type: ignore[override]
+        has_complex = super()._init_group(group, params, grads, *state_lists)
+        # The per-parameter lists AdamW fills (exp_avg, exp_avg_sq, [max_exp_avg_sq], step) are index-aligned
+        # with params; the step counters are plain tensors.
+        lists = [params, grads, *(lst for lst in state_lists if len(lst) == len(params))]
+        if params and all(_same_layout(p, [lst[i] for lst in lists[1:]]) for i, p in enumerate(params)):
+            for lst in lists:
+                lst[:] = [t.to_local() if isinstance(t, DTensor) else t for t in lst]
+        return has_complex
+
+
+def _same_layout(p: torch.Tensor, others: list[torch.Tensor]) -> bool:
+    """Whether the tensors AdamW uses for parameter p step on their local tensors together with p's: for a
+    DTensor p, DTensors of its mesh and placements (or 0-d step counters, plain tensors); for a plain p, plain."""
+    if not isinstance(p, DTensor):
+        return not any(isinstance(t, DTensor) for t in others)
+    return all((isinstance(t, DTensor) and t.device_mesh == p.device_mesh and t.placements == p.placements)
+               or (not isinstance(t, DTensor) and t.dim() == 0) for t in others)
+
+
 def build_optimizer(named_params: list[tuple[str, nn.Parameter]], cfg: JobConfig,
                     family: ModelFamily) -> torch.optim.AdamW | None:
     """AdamW over the trainable parameters, fused on CUDA, foreach elsewhere (optim.implementation; torch's fused
-    kernel runs on the CPU too).
+    kernel runs on the CPU too), stepping DTensor parameters on their local tensors (ShardLocalAdamW).
 
     None when this rank holds no trainable parameter (e.g. a pipeline stage of only frozen LLM layers in
     stage 1): the rank still runs forward/backward (activation gradients flow through it) but never steps.
@@ -91,7 +124,7 @@ def build_optimizer(named_params: list[tuple[str, nn.Parameter]], cfg: JobConfig
     if impl == "auto":
         impl = "fused" if on_cuda else "foreach"
     kw = {"fused": True} if impl == "fused" else {"foreach": impl == "foreach"}
-    return torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps, **kw)
+    return ShardLocalAdamW(groups, lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps, **kw)
 
 
 def optimizer_step(optimizer: torch.optim.Optimizer, skip: torch.Tensor) -> None:

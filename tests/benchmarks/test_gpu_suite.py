@@ -271,3 +271,23 @@ def test_gpu_tests_on_a_gpu_pass_only_when_every_selected_test_passed(sim, tmp_p
         assert rec["verdict"].startswith("FAIL (1 of 3 passed") and "made to raise" in rec["verdict"]
     else:
         assert set(ids.values()) == {"skipped"} and rec["verdict"].startswith("FAIL (0 of 3 passed")
+
+
+def test_suite_mfu_conventions_count_what_their_names_say():
+    """Config (a)'s microbatch (several packed documents with images): packed_full counts the decoder's attention
+    over the whole packed row (T^2 pairs) and the head on every token, doc_causal each document's causal pairs
+    and the head on the supervised rows, and llm_doc_causal is doc_causal without the ViT and mergers."""
+    import suite_workloads as W
+
+    w = W.workloads(cpu=True)["a"]
+    mcfg = W.model_config(w)
+    mb = W.synth_microbatch(mcfg, w, seed=0)
+    f = W.microbatch_flops(mcfg, mb, ["vision", "merger", "llm"])
+    t, T = mcfg.text, mb.num_tokens
+    lengths = mb.cu_seqlens.diff().tolist()
+    assert sum(lengths) == T and len(lengths) > 1 and mb.num_supervised < T and f["vit"] > 0
+    lhq = t.num_layers * t.num_heads * t.head_dim
+    outside_triangles = T * T - sum(L * (L + 1) // 2 for L in lengths)
+    unsupervised_head = 6 * (T - mb.num_supervised) * t.hidden_size * t.vocab_size
+    assert f["packed_full"] - f["doc_causal"] == 12 * lhq * outside_triangles + unsupervised_head
+    assert f["doc_causal"] == f["llm_doc_causal"] + f["vit"]

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from model.attention import (
     FLEX_BLOCK,
@@ -203,10 +205,13 @@ def test_attention_paths_trace_without_graph_breaks(monkeypatch):
     import model.attention as A
 
     q, k, v, cu = _qkv([30, 17, 50])
-    for backend in ("sdpa", "auto", "flex"):
+    for backend in ("sdpa", "auto", "flex", "sdpa_grouped_view"):
+        if backend == "sdpa_grouped_view":  # CUDA's masked SDPA: the kv heads as the batch (sdpa_heads)
+            monkeypatch.setattr(A, "sdpa_takes_grouped_kv", lambda q, masked: False)
         torch._dynamo.reset()
-        ex = torch._dynamo.explain(lambda q, k, v, cu, b=backend: varlen_attention(q, k, v, cu, 50, causal=True,
-                                                                                  backend=b))(q, k, v, cu)
+        b = backend.removesuffix("_grouped_view")
+        ex = torch._dynamo.explain(lambda q, k, v, cu, b=b: varlen_attention(q, k, v, cu, 50, causal=True,
+                                                                            backend=b))(q, k, v, cu)
         assert ex.graph_break_count == 0, (backend, ex.break_reasons)
     monkeypatch.setitem(A._KERNELS, "torch_varlen", lambda q, k, v, *a, **kw: q * 1.0)
     torch._dynamo.reset()
@@ -218,3 +223,134 @@ def test_attention_paths_trace_without_graph_breaks(monkeypatch):
     ex = torch._dynamo.explain(cuda_path)(q, k, v, cu)
     assert ex.graph_break_count == 0, ex.break_reasons
     torch._dynamo.reset()
+
+
+def _packed_image_batch(cfg):
+    from model.family import get_family
+    from model.parity import SampleBuilder
+
+    b = SampleBuilder(cfg, torch.Generator().manual_seed(0))
+    samples = [b.sample(5, ("image", (1, 8, 8)), 7), b.sample(9), b.sample(3, ("image", (1, 4, 6)), 4)]
+    ids = torch.cat([s.input_ids for s in samples])
+    lengths = [s.input_ids.numel() for s in samples]
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    grids = torch.cat([s.image_grid_thw for s in samples if s.image_grid_thw is not None])
+    pos = get_family(cfg.family).processing(cfg).packed_position_ids(ids, cu, grids, None, [])
+    return dict(input_ids=ids, cu_seqlens=cu, max_seqlen=max(lengths), position_ids=pos, image_grid_thw=grids,
+                pixel_values=torch.cat([s.pixel_values for s in samples if s.pixel_values is not None]))
+
+
+@pytest.mark.parametrize("backend", ["flex", "sdpa_mask"])
+def test_masks_are_built_once_per_forward_not_per_layer(monkeypatch, backend):
+    """A forward builds each distinct mask once: one for the decoder's causal segments (shared by its layers) and
+    one per ViT segmentation (Qwen2.5-VL: window blocks and full blocks), not one per layer; the outputs equal a
+    forward that builds the mask in every layer. sdpa_mask: the SDPA path that takes a T x T mask (accelerators),
+    run on CPU here."""
+    import dataclasses
+
+    import model.attention as A
+    from model.vlm import VLModel
+    from tests.model.conftest import small_vocab_cfg
+
+    cfg = small_vocab_cfg(family="qwen2_5_vl")
+    cfg = dataclasses.replace(cfg, attn_backend="flex" if backend == "flex" else "sdpa")
+    if backend == "sdpa_mask":  # the accelerator strategy on CPU
+        monkeypatch.setattr(A, "sdpa_segment_loop", A.sdpa_block_mask)
+    name = "flex_block_mask" if backend == "flex" else "block_mask"
+    builds = []
+    real = getattr(A, name)
+
+    def counted(cu, total, causal, **kw):
+        builds.append((total, causal))
+        return real(cu, total, causal, **kw)
+
+    monkeypatch.setattr(A, name, counted)
+    torch.manual_seed(0)
+    model = VLModel(cfg).eval()
+    batch = _packed_image_batch(cfg)
+    with torch.no_grad():
+        got = model(**batch)
+        per_forward = list(builds)
+        monkeypatch.setattr(A, "_MASK_CACHE_SIZE", 0)  # every layer builds its own
+        A._mask_cache.clear()
+        builds.clear()
+        want = model(**batch)
+    T = batch["input_ids"].numel()
+    assert [c for t, c in per_forward if t == T].count(True) == 1, per_forward
+    # The ViT's two segmentations (window blocks, full blocks): one mask each, bidirectional.
+    assert sorted(c for t, c in per_forward if t != T) == [False, False], per_forward
+    assert len(builds) == cfg.text.num_layers + cfg.vision.depth > len(per_forward), builds
+    assert torch.equal(got, want)
+
+
+def test_cached_mask_is_keyed_by_the_tensor_and_its_version():
+    """The same cu_seqlens tensor reuses its mask; an in-place change, another tensor (even with equal values: a
+    new microbatch) or another causal flag builds again; a dead microbatch's entry goes with it."""
+    import gc
+
+    import model.attention as A
+
+    cu = torch.tensor([0, 3, 7], dtype=torch.int32)
+    m = A.cached_mask(A.block_mask, cu, 7, True)
+    assert A.cached_mask(A.block_mask, cu, 7, True) is m
+    assert A.cached_mask(A.block_mask, cu, 7, False) is not m
+    assert A.cached_mask(A.block_mask, cu.clone(), 7, True) is not m
+    cu[1] = 2
+    m2 = A.cached_mask(A.block_mask, cu, 7, True)
+    assert m2 is not m and torch.equal(m2, A.block_mask(cu, 7, True))
+    n = len(A._mask_cache)
+    del cu
+    gc.collect()
+    assert len(A._mask_cache) < n
+
+
+class _SdpaArgs(TorchDispatchMode):
+    """The key tensors SDPA's kernels receive, and the forward ops (other than views) that read the keys' storage:
+    a copy of the kv heads would be one."""
+
+    def __init__(self, key_storage: int) -> None:
+        super().__init__()
+        self.key_storage, self.keys, self.readers = key_storage, [], []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func)
+        if "scaled_dot_product" in name:
+            self.keys.append(args[1])
+        elif not func.is_view and any(isinstance(a, torch.Tensor) and a.untyped_storage().data_ptr()
+                                      == self.key_storage for a in args):
+            self.readers.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("path", ["segment_loop", "block_mask", "cached"])
+def test_gqa_grouped_view_equals_enable_gqa(monkeypatch, path):
+    """Where SDPA's kernel does not take fewer kv heads (CUDA's efficient / cuDNN kernels: a mask, or fp32), the
+    call runs with the kv heads as the batch and the keys expanded without a copy; outputs and gradients equal
+    the enable_gqa call's (what CPU and CUDA's flash kernel run), which equals the fp64 reference."""
+    import model.attention as A
+    from model.text import cached_attention
+
+    q, k, v, cu = _qkv([6, 11, 4], H=6, Hkv=2)
+    if path == "cached":
+        fn = lambda q, k, v: cached_attention(q[14:], k, v)  # noqa: E731 - 7 new tokens over 21 cached
+    else:
+        fn = partial({"segment_loop": sdpa_segment_loop, "block_mask": sdpa_block_mask}[path], cu_seqlens=cu,
+                     causal=True)
+    results = []
+    for native in (True, False):
+        monkeypatch.setattr(A, "sdpa_takes_grouped_kv", lambda q, masked, native=native: native)
+        qq, kk, vv = (t.clone().requires_grad_() for t in (q, k, v))
+        with _SdpaArgs(kk.untyped_storage().data_ptr()) as seen:
+            out = fn(qq, kk, vv)
+        out.pow(2).sum().backward()
+        results.append((out, qq.grad, kk.grad, vv.grad))
+        for key in seen.keys:
+            assert key.shape[1] == (2 if native else 3), key.shape
+            # A view of the projection's own storage (zero stride over the query heads of a group): no copy.
+            assert key.untyped_storage().data_ptr() == kk.untyped_storage().data_ptr()
+            assert native or key.stride()[1] == 0
+        assert seen.keys and not seen.readers, seen.readers
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    if path != "cached":
+        torch.testing.assert_close(results[1][0].double(), reference(q, k, v, cu, True), rtol=1e-5, atol=1e-5)

@@ -20,7 +20,13 @@ import model.text as text
 import model.vision as vision
 from core.batch import IGNORE_INDEX
 from model.family import GROUPS, get_family, get_preset
-from model.flops import batch_flops, llm_flops_per_token, llm_forward_flops, vit_flops_per_patch
+from model.flops import (
+    ATTENTION_CONVENTIONS,
+    batch_flops,
+    llm_flops_per_token,
+    llm_forward_flops,
+    vit_flops_per_patch,
+)
 from model.loss import model_loss
 from model.parity import SampleBuilder
 from model.vlm import VLModel
@@ -84,23 +90,52 @@ def test_matches_flop_counter_exactly(monkeypatch, packed_batch, trainable):
         if loss.requires_grad:
             loss.backward()
     want = batch_flops(cfg, batch["cu_seqlens"], [batch["image_grid_thw"], batch["video_grid_thw"]],
-                       n_supervised=int(n), trainable=trainable, causal_halving=False)
+                       n_supervised=int(n), trainable=trainable, attention="doc_full")
     assert counter.get_total_flops() == want["total"]
     assert want["total"] == want["vit"] + want["llm"] and want["vit"] > 0 and want["llm"] > 0
 
 
-def test_causal_halving_and_per_segment_attention(packed_batch):
+def test_attention_conventions_count_what_they_say(packed_batch):
     cfg, batch = packed_batch
     cu = batch["cu_seqlens"]
-    full = llm_forward_flops(cfg, [int(x) for x in cu.diff()], causal_halving=False)
-    half = llm_forward_flops(cfg, [int(x) for x in cu.diff()], causal_halving=True)
     lengths = cu.diff().tolist()
     per_layer = cfg.text.num_layers * 4 * cfg.text.num_heads * cfg.text.head_dim
-    assert full["layers_attention"] == per_layer * sum(L * L for L in lengths)
-    assert half["layers_attention"] == per_layer * sum(L * (L + 1) // 2 for L in lengths)
-    # Packing: attention of 4 samples costs the sum of their squares, not the square of the packed length.
+    got = {a: llm_forward_flops(cfg, lengths, attention=a)["layers_attention"] for a in ATTENTION_CONVENTIONS}
+    assert got["doc_full"] == per_layer * sum(L * L for L in lengths)
+    assert got["doc_causal"] == per_layer * sum(L * (L + 1) // 2 for L in lengths)
+    # Packing: attention of 4 samples costs the sum of their squares, not the square of the packed length, which
+    # is what torchtitan's convention counts.
     T = sum(lengths)
-    assert full["layers_attention"] < per_layer * T * T / 2
+    assert got["packed_full"] == per_layer * T * T
+    assert got["doc_full"] < per_layer * T * T / 2
+    with pytest.raises(ValueError, match="attention='dense'; choose one of"):
+        llm_forward_flops(cfg, lengths, attention="dense")
+
+
+def test_conventions_by_hand_on_a_tiny_decoder():
+    """Two documents of 3 and 5 tokens, 3 supervised, through a 1-layer decoder (width 8, 2 heads of 4, 1 kv
+    head, MLP 16, vocabulary 10), everything trainable, no images: every figure written out by hand."""
+    import dataclasses
+
+    cfg = small_cfg()
+    cfg = dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, num_layers=1, hidden_size=8, num_heads=2,
+                                                            num_kv_heads=1, intermediate_size=16, vocab_size=10))
+    assert cfg.text.head_dim == 4
+    # Forward: q, o (8 x 8 each) and k, v (8 x 4 each) and gate, up, down (8 x 16 each) on 8 tokens.
+    linear = 2 * 8 * (8 * 8 + 8 * 8 + 8 * 4 + 8 * 4 + 3 * 8 * 16)  # 9216
+    head = 2 * 3 * 8 * 10  # supervised rows only: 480
+    # QK^T and PV: 2 matmuls x 2 FLOPs x pairs x (2 heads x 4 dims) = 32 x pairs.
+    pairs = {"doc_causal": 3 * 4 // 2 + 5 * 6 // 2,  # 6 + 15 = 21: each document's causal triangle
+             "doc_full": 3 * 3 + 5 * 5,  # 34: each document's square
+             "packed_full": 8 * 8}  # 64: the packed row as one sequence (torchtitan)
+    for attention, n in pairs.items():
+        f = batch_flops(cfg, [0, 3, 8], [], n_supervised=3, attention=attention)
+        # Forward + backward = 3 x forward: the input and the weight gradient of every matmul.
+        assert f["llm"] == 3 * (linear + 32 * n + head), attention
+        assert f["total"] == f["llm"] and f["vit"] == 0 and f["tokens"] == 8
+    # MFU of a step of 2 such microbatches in 1 ms on a 1 TFLOP/s device (doc_causal): 2 x 31,104 / 1e9.
+    f = batch_flops(cfg, [0, 3, 8], [], n_supervised=3)
+    assert 2 * f["total"] / 1e-3 / 1e12 == pytest.approx(2 * 3 * (9216 + 32 * 21 + 480) / 1e9)
 
 
 @pytest.mark.parametrize("family_preset", [("qwen2_vl", "2b"), ("qwen2_vl", "72b"), ("qwen2_5_vl", "7b"),
@@ -131,3 +166,23 @@ def test_linear_flops_are_six_times_the_real_parameters(family_preset):
 def test_unknown_group_is_an_error():
     with pytest.raises(ValueError, match="unknown trainable groups"):
         batch_flops(small_cfg(), [0, 4], trainable=("vit",))
+
+
+def test_packed_full_is_torchtitans_formula():
+    """A text-only packed row of documents, every token through the head: packed_full gives torchtitan's
+    count, T x (6 N + 12 l h q T) with N the decoder's and head's matmul weights and T the packed length (its
+    seq_len), whatever the documents; doc_causal is smaller by the attention outside each document's triangle."""
+    cfg = small_cfg()
+    with torch.device("meta"):
+        model = VLModel(cfg)
+    n = sum(m.weight.numel() for m in model.layers.modules() if isinstance(m, torch.nn.Linear))
+    n += model.lm_head.weight.numel()
+    t = cfg.text
+    lengths = [37, 5, 120, 2]
+    cu = [0, *torch.tensor(lengths).cumsum(0).tolist()]
+    T = sum(lengths)
+    lhq = t.num_layers * t.num_heads * t.head_dim
+    titan = T * (6 * n + 12 * lhq * T)
+    assert batch_flops(cfg, cu, [], attention="packed_full")["total"] == titan
+    doc = batch_flops(cfg, cu, [])["total"]
+    assert titan - doc == 12 * lhq * (T * T - sum(L * (L + 1) // 2 for L in lengths))

@@ -151,3 +151,134 @@ def test_autocast_bf16_matches_naive_under_autocast():
     torch.testing.assert_close(got[0], ref[0], rtol=1e-5, atol=1e-3)
     torch.testing.assert_close(got[2], ref[2], rtol=2e-2, atol=1e-4)
     torch.testing.assert_close(got[3], ref[3], rtol=2e-2, atol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------ the fused chunk body
+def _plain_fns():
+    """The fused body's two functions run eagerly (CUDA runs them compiled: one kernel each)."""
+    from model.loss import _softmax_grad, _softmax_stats
+
+    return _softmax_stats, _softmax_grad
+
+
+def _compiled_fns():
+    """Traced and lowered through AOT autograd's decompositions (aot_eager: no code generation, fast on CPU)."""
+    from model.loss import _softmax_grad, _softmax_stats
+
+    torch._dynamo.reset()
+    return (torch.compile(_softmax_stats, backend="aot_eager", dynamic=True, fullgraph=True),
+            torch.compile(_softmax_grad, backend="aot_eager", dynamic=True, fullgraph=True))
+
+
+def test_eager_body_on_cpu_fused_body_on_cuda():
+    import model.loss as L
+
+    assert L.chunk_fns(torch.device("cpu")) is None
+    from torch.utils._triton import has_triton
+
+    assert (L.chunk_fns(torch.device("cuda")) is not None) == has_triton()
+
+
+@pytest.mark.parametrize("make_fns", [_plain_fns, _compiled_fns], ids=["eager", "aot_eager"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("chunk_size", [7, 180, 4096])
+def test_fused_body_equals_the_eager_body(monkeypatch, make_fns, dtype, chunk_size):
+    """The GPU body (a row max, then exp-sum and softmax - onehot from the logits in their own dtype) gives the
+    eager body's loss and gradients: fp32 to rounding, bf16 gradients within one bf16 step."""
+    import model.loss as L
+
+    h, w, y = _inputs(dtype=dtype)
+    ref = _loss_and_grads(lm_loss, h, w, y, chunk_size=chunk_size)
+    fns = make_fns()
+    monkeypatch.setattr(L, "chunk_fns", lambda device: fns)
+    got = _loss_and_grads(lm_loss, h, w, y, chunk_size=chunk_size)
+    assert got[2].dtype == got[3].dtype == dtype
+    torch.testing.assert_close(got[0], ref[0], rtol=1e-6, atol=1e-4)
+    tol = dict(rtol=1e-5, atol=1e-7) if dtype == torch.float32 else dict(rtol=8e-3, atol=1e-5)
+    torch.testing.assert_close(got[2], ref[2], **tol)
+    torch.testing.assert_close(got[3], ref[3], **tol)
+    torch.testing.assert_close(got[0], naive_lm_loss(h, w, y)[0], rtol=1e-5, atol=1e-3)
+
+
+class _ThreadGroup:
+    """model.loss.VocabReduce among `n` threads, one per simulated tp rank (in-place, the same on every rank)."""
+
+    def __init__(self, n: int) -> None:
+        import threading
+
+        self.barrier, self.slots = threading.Barrier(n), [None] * n
+
+    def reducer(self, rank: int):
+        group = self
+
+        class _Reduce:
+            def _all(self, t, fn):
+                group.slots[rank] = t.clone()
+                group.barrier.wait()
+                out = fn(torch.stack(group.slots))
+                group.barrier.wait()
+                t.copy_(out)
+
+            def max_(self, t):
+                self._all(t, lambda s: s.amax(0))
+
+            def sum_(self, t):
+                self._all(t, lambda s: s.sum(0))
+
+        return _Reduce()
+
+
+@pytest.mark.parametrize("body", ["eager", "fused"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_vocab_parallel_head_equals_the_whole_head(monkeypatch, body, dtype):
+    """Vocab-parallel (tp = 2 ranks as threads, each holding half the head rows): every rank's loss is the whole
+    head's, the hidden-state gradients sum to its gradient and the row gradients are its rows."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import model.loss as L
+
+    tp, V = 2, 5000
+    h, w, y = _inputs(dtype=dtype, V=V)
+    y[:5] = torch.tensor([0, V // tp - 1, V // tp, V - 1, 17])  # targets at both shards' edges
+    ref = _loss_and_grads(lm_loss, h, w, y, chunk_size=64)
+    if body == "fused":
+        fns = _plain_fns()
+        monkeypatch.setattr(L, "chunk_fns", lambda device: fns)
+    group, Vl = _ThreadGroup(tp), V // tp
+
+    def rank(r):
+        hr = h.detach().clone().requires_grad_()
+        wr = w.detach()[r * Vl : (r + 1) * Vl].clone().requires_grad_()
+        loss, n = lm_loss(hr, wr, y, chunk_size=64, vocab_start=r * Vl, vocab_size=V, vocab_reduce=group.reducer(r))
+        (loss / n).backward()
+        return loss.detach(), hr.grad, wr.grad
+
+    with ThreadPoolExecutor(tp) as pool:
+        outs = list(pool.map(rank, range(tp)))
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-2, atol=1e-4)
+    for loss, _, _ in outs:
+        torch.testing.assert_close(loss, ref[0], rtol=1e-6, atol=1e-4)
+    torch.testing.assert_close(sum(g.float() for _, g, _ in outs), ref[2].float(), **tol)
+    torch.testing.assert_close(torch.cat([g for _, _, g in outs]), ref[3], **tol)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_gpu_compiled_body_equals_the_eager_body(monkeypatch, dtype):
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")  # a gpu-marked test: deselected on CPU machines (pyproject addopts)
+    import model.loss as L
+
+    assert L.chunk_fns(torch.device("cuda")) is not None, "no triton: the CUDA head would run the eager body"
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(3000, 64, generator=g).to("cuda", dtype).requires_grad_()
+    w = (torch.randn(151936, 64, generator=g) * 0.2).to("cuda", dtype).requires_grad_()
+    y = torch.randint(0, 151936, (3000,), generator=g).cuda()
+    y[::3] = IGNORE_INDEX
+    got = _loss_and_grads(lm_loss, h, w, y, chunk_size=1024)
+    monkeypatch.setattr(L, "chunk_fns", lambda device: None)
+    ref = _loss_and_grads(lm_loss, h, w, y, chunk_size=1024)
+    torch.testing.assert_close(got[0], ref[0], rtol=1e-5, atol=1e-3)
+    tol = dict(rtol=1e-5, atol=1e-7) if dtype == torch.float32 else dict(rtol=8e-3, atol=1e-5)
+    torch.testing.assert_close(got[2], ref[2], **tol)
+    torch.testing.assert_close(got[3], ref[3], **tol)

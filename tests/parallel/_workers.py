@@ -17,6 +17,8 @@ import torch
 import torch.distributed as dist
 from _synth import global_batch, reference_step, tiny_config
 from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from model.family import get_family
 from model.lora import LoRAConfig, apply_lora, lora_modules
@@ -853,3 +855,81 @@ def frozen_tp_worker(rank: int, world: int) -> dict:
             out[f"{freeze}_meta" if meta else freeze] = sorted(n for n, p in pm.named_parameters()
                                                                if n in frozen and p.requires_grad)
     return out
+
+
+class _DTensorOps(TorchDispatchMode):
+    """Counts the ops dispatched with a DTensor among their arguments (each one a trip through DTensor's
+    sharding propagation)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if any(isinstance(t, DTensor) for t in tree_leaves((args, kwargs or {}))):
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def shard_local_adamw_worker(rank: int, world: int, tmpdir: str, fused_impl: str) -> dict:
+    """dp = world (FSDP2: DTensor parameters; a 1-rank mesh when world = 1): train/optim.py's ShardLocalAdamW gives
+    bitwise the losses, parameters and checkpointed optimizer state of torch's AdamW over the DTensors while its
+    step dispatches no op on a DTensor; a run resumed from its DCP checkpoint continues bitwise."""
+    import torch.distributed.checkpoint as dcp
+
+    from train.optim import ShardLocalAdamW
+    from train.state import ModelState, OptimizerState
+
+    cfg = ParallelConfig(dp=world, num_microbatches=2)
+    dims = init_distributed(cfg)
+    m = cfg.num_microbatches
+
+    def build(cls, seed: int = 0):
+        torch.manual_seed(seed)
+        pm = parallelize(VLModel(tiny_config()), dims, cfg)
+        ps = [p for p in pm.parameters() if p.requires_grad]
+        groups = [{"params": ps[::2], "weight_decay": 0.1}, {"params": ps[1::2], "weight_decay": 0.0}]
+        return pm, cls(groups, lr=1e-3, eps=1e-6, **{fused_impl: True})
+
+    def state(pm, opt):
+        return {"model": ModelState(pm.modules), "optim": OptimizerState(pm.modules, opt)}
+
+    def train(pm, opt, steps) -> tuple[list[float], int]:
+        """Losses, and the DTensor ops of the optimizer steps after the first (which creates the state: AdamW's
+        zeros_like of each DTensor parameter)."""
+        losses, n = [], 0
+        for step in steps:
+            gb = global_batch(step, dims.dp * m)
+            losses.append(pm.step(gb[dims.dp_rank * m : (dims.dp_rank + 1) * m]).loss)
+            with _DTensorOps() as ops:
+                opt.step()
+            n += ops.count if opt.state and step != steps[0] else 0
+            opt.zero_grad(set_to_none=True)
+        return losses, n
+
+    (a, opt_a), (b, opt_b) = build(torch.optim.AdamW), build(ShardLocalAdamW)
+    assert all(isinstance(p, DTensor) for p in b.parameters())
+    la, ops_a = train(a, opt_a, range(2))
+    lb, ops_b = train(b, opt_b, range(2))
+    assert la == lb, (la, lb)
+    assert ops_a > 0 and ops_b == 0, (ops_a, ops_b)
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters(), strict=True):
+        assert torch.equal(pa.to_local(), pb.to_local()), name
+    sa, sb = OptimizerState(a.modules, opt_a).state_dict(), OptimizerState(b.modules, opt_b).state_dict()
+    assert sa.keys() == sb.keys() and any(k.endswith(".exp_avg") for k in sb)
+    for k in sa:
+        va, vb = sa[k], sb[k]
+        assert type(va) is type(vb), k  # DTensor state, as before: the checkpoint format is unchanged
+        assert (torch.equal(va.to_local(), vb.to_local()) and va.placements == vb.placements
+                if isinstance(va, DTensor) else (torch.equal(va, vb) if torch.is_tensor(va) else va == vb)), k
+    ckpt = os.path.join(tmpdir, "local_adamw")
+    dcp.save(state(b, opt_b), checkpoint_id=ckpt)
+    # Resume into other initial weights: the next steps equal the uninterrupted run's, bitwise.
+    c, opt_c = build(ShardLocalAdamW, seed=123)
+    dcp.load(state(c, opt_c), checkpoint_id=ckpt)
+    lb_next, _ = train(b, opt_b, range(2, 4))
+    lc_next, _ = train(c, opt_c, range(2, 4))
+    assert lb_next == lc_next, (lb_next, lc_next)
+    for (name, pb), pc in zip(b.named_parameters(), c.parameters(), strict=True):
+        assert torch.equal(pb.to_local(), pc.to_local()), name
+    return {"rank": rank, "losses": lb + lb_next, "dtensor_ops_in_step": (ops_a, ops_b)}

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 from _dist import run_distributed
-from _workers import frozen_tp_worker, raising_worker, single_process_worker
+from _workers import frozen_tp_worker, raising_worker, shard_local_adamw_worker, single_process_worker
 
 
 @pytest.mark.distributed
@@ -57,3 +57,14 @@ def test_raising_rank_makes_peers_fail_within_timeout(world, par, victim, where)
         # The peer's blocking collective started at most a few seconds after the step began; it must give up
         # after ~timeout_s (with slack for a loaded 2-core machine), never wait for the victim.
         assert r["elapsed"] <= timeout_s + 12.0, r
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("world", [1, 2], ids=["dp1", "dp2"])
+@pytest.mark.parametrize("impl", ["foreach", "fused"])
+def test_shard_local_adamw_equals_adamw_over_dtensors(tmp_path, world, impl):
+    """AdamW stepping the DTensor parameters' local tensors (train/optim.py ShardLocalAdamW): the same losses,
+    parameters and checkpoint as torch's AdamW over the DTensors, no DTensor dispatch in the step, exact resume."""
+    reports = run_distributed(shard_local_adamw_worker, world, str(tmp_path), impl, timeout=240)
+    assert all(r["dtensor_ops_in_step"][1] == 0 < r["dtensor_ops_in_step"][0] for r in reports), reports

@@ -4,6 +4,7 @@ environments, pipeline split, SP padding and ViT row padding (checked against th
 from __future__ import annotations
 
 import copy
+from functools import partial
 
 import pytest
 import torch
@@ -227,5 +228,112 @@ def test_activation_checkpointing_recomputes_in_backward(mode):
     assert counts[1][silu] - counts[0][silu] == (0 if mode == "none" else layers)
     extra_mm = counts[1].get(mm, 0) - counts[0].get(mm, 0)
     assert (extra_mm > 0) == (mode == "full"), (mode, extra_mm)
+    # The attention kernel (CPU: SDPA's flash kernel) is saved by per-op selective checkpointing, not rerun.
+    attn = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
+    extra_attn = counts[1].get(attn, 0) - counts[0].get(attn, 0)
+    assert counts[0].get(attn, 0) > 0 and (extra_attn > 0) == (mode == "full"), (mode, extra_attn)
     for (n, a), (_, b) in zip(ref.named_parameters(), model.named_parameters()):
         torch.testing.assert_close(b.grad, a.grad, rtol=1e-5, atol=1e-7, msg=n)
+
+
+def _cpu_varlen(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=False, scale=None, window_size=None,
+                enable_gqa=False, seqused_k=None, block_table=None, num_splits=None):
+    """A CPU kernel for torch's varlen custom op (CUDA only): the op's own outputs, computed by SDPA per segment."""
+    from model.attention import sdpa_segment_loop
+
+    out = sdpa_segment_loop(query, key, value, cu_seq_q, causal=is_causal, scale=scale)
+    return out, query.new_zeros(query.shape[1], query.shape[0], dtype=torch.float), torch.zeros(2, dtype=torch.uint64)
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "flex", "torch_varlen"])
+def test_selective_checkpointing_saves_the_op_each_attention_backend_dispatches(backend, monkeypatch):
+    """Per-op selective checkpointing is asked about the op each backend really dispatches (an aten SDPA kernel,
+    flex_attention's higher-order op, torch's varlen custom op, run here through a CPU kernel registered for the
+    test) and answers MUST_SAVE: the attention forward is never recomputed in backward."""
+    from torch.utils.checkpoint import CheckpointPolicy, checkpoint
+
+    import model.attention as attention
+    import parallel.checkpointing as ckpt
+
+    decided: dict = {}
+    policy = ckpt._policy
+
+    def spy(ctx, op, *args, **kwargs):
+        decided[op] = policy(ctx, op, *args, **kwargs)
+        return decided[op]
+
+    monkeypatch.setattr(ckpt, "_policy", spy)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(10, h, 8, generator=g) for h in (4, 2, 2))
+    cu = torch.tensor([0, 4, 10], dtype=torch.int32)
+    want = {"sdpa": torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
+            "torch_varlen": torch.ops.torch_attn._varlen_attn.default}
+    if backend == "flex":  # forward only on CPU (torch has no eager CPU flex backward)
+        from torch._higher_order_ops.flex_attention import flex_attention as want_op
+        fn = partial(attention.flex_varlen, causal=True)
+    else:
+        want_op = want[backend]
+        q, k, v = (t.requires_grad_() for t in (q, k, v))
+        fn = (partial(attention.sdpa_segment_loop, causal=True) if backend == "sdpa"
+              else lambda *a: attention._torch_varlen_call(*a, 6, True, None))
+    with torch.library._scoped_library("torch_attn", "IMPL") as lib:
+        lib.impl("_varlen_attn", _cpu_varlen, "CPU")
+        out = checkpoint(fn, q, k, v, cu, use_reentrant=False, context_fn=ckpt._selective_context)
+    torch.testing.assert_close(out, attention.sdpa_segment_loop(q, k, v, cu, causal=True))
+    assert decided.get(want_op) == CheckpointPolicy.MUST_SAVE, {str(o): d for o, d in decided.items()}
+
+
+def test_save_list_resolves_absent_kernels_without_error(monkeypatch):
+    """The save list names kernels by name; one this build or machine lacks (flash-attn's custom ops here unless
+    installed, CUDA-only aten kernels on a CPU build) is left out instead of failing."""
+    import parallel.checkpointing as ckpt
+
+    monkeypatch.setattr(ckpt, "_CUSTOM_SAVED", (*ckpt._CUSTOM_SAVED, ("no_such_namespace", "no_such_op")))
+    monkeypatch.setattr(ckpt, "_ATEN_SAVED", (*ckpt._ATEN_SAVED, "no_such_aten_op"))
+    ops = ckpt._op_names()
+    names = {str(o) for o in ops}
+    assert {"aten.mm.default", "torch_attn._varlen_attn.default", "flex_attention"} <= names, names
+    assert not any("no_such" in n for n in names)
+    try:
+        import flash_attn  # noqa: F401
+    except ImportError:
+        assert not any(n.startswith("flash_attn.") for n in names)
+    else:
+        assert "flash_attn._flash_attn_varlen_forward.default" in names
+
+
+@pytest.mark.parametrize("mode", ["full", "op"])
+def test_checkpointed_layers_share_one_mask(monkeypatch, mode):
+    """The accelerator SDPA path (one block-diagonal mask per microbatch, model/attention.py cached_mask) under
+    activation checkpointing: the recompute in backward reuses the forward's mask, and the gradients equal those
+    of layers that each build their own."""
+    import model.attention as attention
+
+    monkeypatch.setattr(attention, "sdpa_segment_loop", attention.sdpa_block_mask)
+    builds = []
+    real = attention.block_mask
+
+    def counted(cu, total, causal):
+        builds.append(total)
+        return real(cu, total, causal)
+
+    monkeypatch.setattr(attention, "block_mask", counted)
+    torch.manual_seed(0)
+    model = VLModel(tiny_config())
+    ac = {"full": "full", "op": "selective"}[mode]
+    apply_activation_checkpointing(model, ParallelConfig(activation_checkpoint=ac, ac_selective="op"))
+    mb = global_batch(0, 1)[0]
+    grads, counts = [], []
+    for size in (attention._MASK_CACHE_SIZE, 0):  # shared, then one per layer call
+        monkeypatch.setattr(attention, "_MASK_CACHE_SIZE", size)
+        attention._mask_cache.clear()
+        builds.clear()
+        model.zero_grad(set_to_none=True)
+        model_loss(model, mb.labels, **mb.model_inputs())[0].backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        counts.append(len(builds))
+    # The decoder's packed samples: one mask for all its layers, forward and recompute; uncached, each layer
+    # builds one in forward and one in its recompute.
+    assert counts[0] == 1 and counts[1] == 2 * tiny_config().text.num_layers, counts
+    for n, g in grads[0].items():
+        torch.testing.assert_close(g, grads[1][n], rtol=0, atol=0, msg=n)

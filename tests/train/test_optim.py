@@ -172,3 +172,24 @@ def test_a_flagged_step_changes_nothing_and_an_unflagged_one_updates(impl):
     _, sa = run([False, True, False])
     _, sb = run([False, False])
     assert [float(st["step"]) for st in sa.values()] == [float(st["step"]) for st in sb.values()] == [2.0, 2.0]
+
+
+@pytest.mark.timeout(300)
+def test_trainer_run_with_shard_local_adamw_equals_adamw_over_dtensors(demo_dir, tmp_path, monkeypatch):
+    """The one-process run (dp = 1: FSDP2 DTensor parameters on a 1-rank mesh) with build_optimizer's
+    ShardLocalAdamW has the losses and the checkpoint (weights and optimizer state, bitwise) of the same run
+    with torch's AdamW over the DTensors."""
+    from test_loop import cfg_for, read_ckpt
+    from train_helpers import losses
+
+    import train.optim as optim_mod
+    from train.trainer import run
+
+    common = ["train.steps=3", "checkpoint.every=3"]
+    run(cfg_for(demo_dir, tmp_path / "local", *common))
+    monkeypatch.setattr(optim_mod, "ShardLocalAdamW", torch.optim.AdamW)
+    run(cfg_for(demo_dir, tmp_path / "dtensor", *common))
+    assert losses(tmp_path / "local") == losses(tmp_path / "dtensor")
+    a, b = (read_ckpt(tmp_path / d / "checkpoints" / "step_00000003") for d in ("local", "dtensor"))
+    assert a.keys() == b.keys() and any(k.startswith("optim.state.") for k in a)
+    assert not [k for k in a if not torch.equal(a[k], b[k])]
