@@ -28,7 +28,8 @@ for _p in (str(TREE), str(TREE / "benchmarks")):
         sys.path.insert(0, _p)
 
 SLICE = {"text.num_layers": 2, "vision.depth": 2}
-"""Overrides of the 2b preset: two blocks of each kind (the real vocabulary: the corpus uses Qwen2's token ids)."""
+"""Overrides of the 2b preset: two blocks of each kind, with the corpus's small vocabulary and control-token ids
+(tiny_corpus.MODEL_OVERRIDES), as the golden recipe has them."""
 
 
 def _recipe(model: str, tmp: Path) -> dict:
@@ -37,7 +38,7 @@ def _recipe(model: str, tmp: Path) -> dict:
     raw = golden_recipe(make_tiny_corpus(tmp / "corpus"), tmp / "run", "cpu")
     raw["data"]["num_workers"] = 0
     if model == "2b-slice":
-        raw["model"] = {"preset": "2b", "overrides": dict(SLICE)}
+        raw["model"] = {"preset": "2b", "overrides": {**raw["model"]["overrides"], **SLICE}}
         raw["data"]["max_tokens"] = 512
     return raw
 
