@@ -19,7 +19,7 @@ from train.config import load_config
 from train.trainer import run
 
 # Stages of the per-sample path (names in data.sample); the failing samples rotate over them.
-STAGES = ("parse_sample", "media_bytes", "load_image", "render", "tokenize", "mrope_position_ids", "shift_labels")
+STAGES = ("parse_sample", "media_bytes", "load_image", "render", "tokenize", "position_ids", "shift_labels")
 
 
 def _poison_dataset(root: Path, demo_dir: Path) -> str:
