@@ -152,6 +152,9 @@ def _train(cfg: JobConfig, args: argparse.Namespace) -> int:
     from train.trainer import Trainer, TrainingStopped
 
     _setup_logging(Path(cfg.run_dir))
+    if _rank() == 0:
+        for note in cfg.notes:
+            logging.getLogger("train").warning("%s", note)
     try:
         try:
             trainer = Trainer(cfg)

@@ -15,6 +15,7 @@ from train.config_doc import BEGIN, DOC, END, config_reference
 
 REPO = Path(__file__).resolve().parents[2]
 DATA = ["data.tokenizer=/tok", "data.datasets=[{path: /d}]"]
+RECIPES = REPO / "recipes"
 
 
 def write(tmp_path: Path, text: str, name: str = "r.yaml") -> Path:
@@ -87,8 +88,21 @@ def test_cross_field_validation():
         load_config(None, [*DATA, "train.freeze=[vision, merger, llm]"])
     with pytest.raises(ConfigError, match="unknown group 'vit'"):
         load_config(None, [*DATA, "train.freeze=[vit]"])
-    with pytest.raises(ConfigError, match="warmup_steps=50"):
-        load_config(None, [*DATA, "train.steps=10", "optim.warmup_steps=50"])
+    with pytest.raises(ConfigError, match="warmup_steps=-1"):
+        load_config(None, [*DATA, "optim.warmup_steps=-1"])
+
+
+def test_shortened_run_clamps_the_warmup():
+    """train.steps=3 on a recipe with a 10-step warm-up (issue 23): the warm-up is clamped to the run, said once, and
+    the LR still climbs to its peak at the last step."""
+    from train.optim import lr_multiplier
+
+    cfg = load_config(RECIPES / "learn" / "stage1.yaml", ["train.steps=3"])
+    assert load_config(RECIPES / "learn" / "stage1.yaml").optim.warmup_steps == 10
+    assert cfg.optim.warmup_steps == 3
+    assert cfg.notes == ["optim.warmup_steps=10 is longer than train.steps=3: the warm-up is clamped to 3 steps"]
+    assert [lr_multiplier(s, cfg) for s in range(3)] == pytest.approx([1 / 3, 2 / 3, 1.0])
+    assert load_config(None, [*DATA, "train.steps=10", "optim.warmup_steps=10"]).notes == []
 
 
 def test_stage_defaults_and_group_lrs():
