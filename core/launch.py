@@ -11,7 +11,8 @@ launcher lines. Here the launcher's own main() runs in this process (the process
 reach the launcher exactly as before) with $QWEN2VL_ERROR_FILE pointing at a fresh file that failing ranks append
 their line to (core/cli.py); when the job fails, the lowest rank's line is printed last and the exit code is that
 worker's (2 or 3) instead of the launcher's 1. Failures without such a line (a crash with a traceback) keep the
-launcher's own report.
+launcher's own report. A signal that stops torchrun (Ctrl-C, SIGTERM: it passes it on to the workers, which save a
+checkpoint) ends it with 128 + the signal number instead of a traceback.
 """
 
 from __future__ import annotations
@@ -27,11 +28,16 @@ LAUNCHERS = ("torchrun", "deepspeed")
 
 
 def _torchrun(argv: list[str], error_line: Callable[[], str | None]) -> int:
+    from torch.distributed.elastic.multiprocessing import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main
 
     try:
         main(argv)
+    except SignalException as e:
+        # Ctrl-C, SIGTERM: torchrun passed the signal on to the workers, which saved a checkpoint and said so; its
+        # traceback adds nothing. 128 + the signal, as the trainer's own exit code.
+        return 128 + int(e.sigval)
     except ChildFailedError as e:
         line = error_line()
         if line is None:
