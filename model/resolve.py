@@ -94,11 +94,14 @@ def resolve_model_config(
     else:
         raise ConfigError("model: set model.preset, model.hf_config or model.init_from (an HF directory)")
     mcfg = apply_overrides(mcfg, dict(section.overrides))
-    for what, other in (w for w in (init, resumed) if w is not None):
-        diff = config_diff(mcfg, other)
+    for weights, fix in ((init, INIT_FIX), (resumed, RESUMED_FIX)):
+        diff = config_diff(mcfg, weights[1]) if weights is not None else None
         if diff:
-            raise ConfigError(
-                f"the model of this recipe differs from the {what}: " + "; ".join(diff[:10])
-                + " (set model.preset/overrides to match, or set model.preset: null to take its architecture)"
-            )
+            raise ConfigError(f"the model of this recipe differs from the {weights[0]}: " + "; ".join(diff[:10])
+                              + f" ({fix})")
     return mcfg
+
+
+INIT_FIX = "set model.preset/overrides to match, or set model.preset: null to take its architecture"
+RESUMED_FIX = ("this run_dir belongs to a different run; pick a new run_dir (or checkpoint.dir), or "
+               "checkpoint.resume=never in an empty one")
