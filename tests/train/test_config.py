@@ -164,3 +164,21 @@ def test_all_shipped_recipes_parse(monkeypatch):
         cfg = load_config(r)
         assert cfg.train.stage in (1, 2, 3), r
         assert yaml.safe_load(cfg.to_yaml())["train"]["stage"] == cfg.train.stage
+
+
+def test_each_recipe_family_has_its_own_run_dirs(monkeypatch):
+    """Before: the tiny recipes defaulted to runs/demo/stageN, where the demo keeps its checkpoints of another model
+    (recipes/learn), so `python -m train recipes/tiny/stage1.yaml` after the demo resumed a stranger's checkpoint
+    (issue 23). Every family's stages default to a directory of their own, and each stage starts from its own
+    family's previous stage."""
+    for var in ("DEMO_DIR", "LEARN_DIR", "QWEN2VL_RUNS"):
+        monkeypatch.delenv(var, raising=False)
+    owner: dict[Path, str] = {}
+    for family in sorted(p.name for p in RECIPES.iterdir() if (p / "stage1.yaml").is_file() and p.name != "common"):
+        dirs = [Path(load_config(RECIPES / family / f"stage{n}.yaml").run_dir) for n in (1, 2, 3)]
+        assert [d.name for d in dirs] == ["stage1", "stage2", "stage3"] and len({d.parent for d in dirs}) == 1
+        assert dirs[0].parent.name == family, dirs  # runs/<family>/stageN
+        assert owner.setdefault(dirs[0].parent, family) == family, (family, owner)
+        assert Path("runs/demo") not in dirs[0].parents and dirs[0].parent != Path("runs/demo")  # python -m demo's
+        for n in (2, 3):
+            assert Path(load_config(RECIPES / family / f"stage{n}.yaml").model.init_from) == dirs[n - 2]
