@@ -164,6 +164,10 @@ class MetricsConfig:
     """Flag a rank whose busy time (data wait + compute) per step exceeds this multiple of its peers' median."""
     wandb: WandbConfig = field(default_factory=WandbConfig)
     """W&B settings."""
+    tensorboard: bool = False
+    """Also write every step's and every evaluation's scalars (the ones W&B gets) to RUN_DIR/tensorboard with torch's
+    SummaryWriter (train/tensorboard.py; needs the tensorboard package); view with
+    `tensorboard --logdir RUN_DIR/tensorboard`."""
 
 
 @dataclass
