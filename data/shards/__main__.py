@@ -4,6 +4,7 @@
         [--dataset-info dataset_info.json [--dataset NAME]] [--allow-absolute-media] [--samples-per-shard N]
         [--prefix P] [--tokenizer DIR]
     python -m data.shards index DIR [--tokenizer DIR]      # shards written by other tools (webdataset etc.)
+    python -m data.shards warm --recipe RECIPE.yaml [--data DATASET...] [--cache-dir DIR] [--workers N] [video options]
     python -m data.shards warm --data DATASET... --cache-dir DIR [--workers N] [video options]
 
 Each subcommand prints one summary line; bad input is reported per line / per sample and counted. A mistake
@@ -68,9 +69,16 @@ def _parser() -> argparse.ArgumentParser:
     ix.add_argument("--tokenizer", default=None, help="tokenizer directory: exact text token counts in the index")
     w = sub.add_parser("warm", help="decode a dataset's videos into the decode cache ahead of training",
                        description="Read the datasets as the loader does and decode every video into the cache "
-                                   "under the key the loader looks up, so training never waits for these decodes.")
-    w.add_argument("--data", nargs="+", required=True, help="dataset paths (local folders or s3:// / oss:// prefixes)")
-    w.add_argument("--cache-dir", required=True, help="the cache directory (data.video.cache_dir of the recipe)")
+                                   "under the key the loader looks up, so training never waits for these decodes. "
+                                   "The key depends on the video settings: take them from the training recipe "
+                                   "(--recipe), or give the same values as options.")
+    w.add_argument("--recipe", default=None,
+                   help="the training recipe: its data.video settings (the run's own, so the keys match), "
+                        "data.storage, data.video.cache_dir, and its training and eval datasets unless --data")
+    w.add_argument("--data", nargs="+", default=None,
+                   help="dataset paths (local folders or s3:// / oss:// prefixes); default: the recipe's")
+    w.add_argument("--cache-dir", default=None,
+                   help="the cache directory (default: the recipe's data.video.cache_dir)")
     w.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) // 2),
                    help="processes decoding in parallel, one shard each (default: half the cores)")
     docs, vdef = field_docs(VideoConfig), VideoConfig()
@@ -80,8 +88,8 @@ def _parser() -> argparse.ArgumentParser:
         default = getattr(vdef, f.name)
         kind = (lambda v: v.lower() in ("1", "true", "yes")) if isinstance(default, bool) else type(default)
         help_text = " ".join(docs.get(f.name, "").split()).replace("%", "%%")
-        w.add_argument("--" + f.name.replace("_", "-"), type=kind, default=default,
-                       help=f"{help_text} (data.video.{f.name}; default {default})")
+        w.add_argument("--" + f.name.replace("_", "-"), type=kind, default=None,
+                       help=f"{help_text} (data.video.{f.name}; default: the recipe's, else {default})")
     w.add_argument("--endpoint-url", default=None, help="S3 endpoint for s3:// paths (data.storage.endpoint_url)")
     w.add_argument("--oss-endpoint", default=None, help="OSS endpoint for oss:// paths (data.storage.oss_endpoint)")
     w.add_argument("--region", default=None, help="object-store region (data.storage.region)")
@@ -116,19 +124,38 @@ def _run(args: argparse.Namespace, ap: argparse.ArgumentParser) -> int:
         man = index_dir(args.dir, tok)
         print(f"indexed {man['samples']} samples in {len(man['shards'])} shards under {args.dir}")
     else:
-        from data.media.video import VideoConfig
         from data.shards.warm import warm
-        from data.storage import StorageConfig
 
-        kw = {f.name: getattr(args, f.name) for f in dataclasses.fields(VideoConfig) if f.name != "cache_dir"}
-        vcfg = VideoConfig(cache_dir=args.cache_dir, **kw)
-        scfg = StorageConfig(endpoint_url=args.endpoint_url, oss_endpoint=args.oss_endpoint, region=args.region)
+        paths, vcfg, scfg = _warm_settings(args)
         t0 = time.monotonic()
-        r = warm(args.data, vcfg, scfg, args.workers)
-        print(f"warm: {r['shards']} shards, {r['videos']} videos: {r['decoded']} decoded, {r['cached']} already "
-              f"cached, {sum(r['failed'].values())} failed {r['failed']} in {time.monotonic() - t0:.1f}s "
-              f"-> {args.cache_dir}")
+        r = warm(paths, vcfg, scfg, args.workers)
+        print(f"warm: {r['shards']} shards, {r['videos']} video references to {r['distinct']} distinct videos: "
+              f"{r['decoded']} decoded now, {r['in_cache_before']} were in the cache already, "
+              f"{sum(r['failed'].values())} failed {r['failed']} in {time.monotonic() - t0:.1f}s -> {vcfg.cache_dir}")
     return 0
+
+
+def _warm_settings(args: argparse.Namespace):
+    """(datasets, video settings, storage settings) of a warm: the recipe's (--recipe), then the options given."""
+    from data.media.video import VideoConfig
+    from data.shards.warm import recipe_data
+    from data.storage import StorageConfig
+
+    paths, vcfg, scfg = list(args.data or []), VideoConfig(), StorageConfig()
+    if args.recipe:
+        data, specs = recipe_data(args.recipe)
+        vcfg, scfg = data.resolved_video(), data.storage  # exactly what the run's loader decodes with
+        paths = paths or specs
+    if not paths:
+        raise ValueError("warm: give the datasets (--data DATASET ...) or the training recipe (--recipe RECIPE.yaml)")
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(VideoConfig)
+             if f.name != "cache_dir" and getattr(args, f.name) is not None}
+    cache_dir = args.cache_dir or vcfg.cache_dir
+    if not cache_dir:
+        raise ValueError("warm: no cache directory: pass --cache-dir DIR (or set data.video.cache_dir in the recipe)")
+    store = {k: v for k, v in (("endpoint_url", args.endpoint_url), ("oss_endpoint", args.oss_endpoint),
+                               ("region", args.region)) if v is not None}
+    return paths, dataclasses.replace(vcfg, cache_dir=cache_dir, **given), dataclasses.replace(scfg, **store)
 
 
 def main(argv: list[str] | None = None) -> int:
