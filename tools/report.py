@@ -5,8 +5,9 @@
 The run directories are taken in the order given (a stage chain: stage1 stage2 stage3) and concatenated on one
 x axis ("chain step": each run's steps after the previous runs' last step), with the stage boundaries marked and
 labelled above the plots (staggered where a stage is short); legends sit beside the plots, off the data. Evaluations
-are markers, joined by a line only within a run that evaluated several times. Written (matplotlib's Agg backend:
-no display needed):
+are markers (one shape per dataset, the datasets of one evaluation spread a little along x so none hides another),
+joined by a line only within a run that evaluated several times. Written (matplotlib's Agg backend: no display
+needed):
 
     loss.png        training loss per step (raw and smoothed) and the held-out loss of every eval dataset
     eval.png        held-out generation accuracy (exact match, and "contains" dashed) per eval dataset and step,
@@ -178,13 +179,24 @@ def _series(run: Run, off: int, key: str) -> tuple[list[int], list[float]]:
     return xs, ys
 
 
+EVAL_MARKERS = ("o", "s", "^", "v", "D", "P")
+"""One marker shape per eval dataset, so datasets that score alike stay told apart."""
+DODGE = 0.006
+"""Datasets' markers of one evaluation are spread by this fraction of the chain's steps (else they hide each other)."""
+
+
+def _dodge(runs: list[Run], k: int, n: int) -> float:
+    """The x shift (in chain steps) of the k-th of n datasets' eval markers."""
+    return (k - (n - 1) / 2) * DODGE * max(sum(r.last_step for r in runs), 1)
+
+
 def _plot_evals(ax, runs: list[Run], offs: list[int], dataset: str, key: str, label: str, scale: float = 1.0,
-                dashed: bool = False, **style) -> None:
+                dashed: bool = False, shift: float = 0.0, **style) -> None:
     """One eval figure of one dataset along the chain: a marker per evaluation, joined by a line only within a run
     that has several (a line across a stage boundary would invent a trend between two stages' single points)."""
     first = True
     for r, o in zip(runs, offs):
-        pts = sorted((o + s, scale * float(rec[key])) for (s, d), rec in r.evals.items()
+        pts = sorted((o + s + shift, scale * float(rec[key])) for (s, d), rec in r.evals.items()
                      if d == dataset and _num(rec, key) is not None)
         if not pts:
             continue
@@ -275,8 +287,8 @@ def plot_loss(runs: list[Run], offs: list[int], out: Path) -> Path:
             ax.plot(xs, _smooth(ys), color="#1f77b4", lw=1.6, label="training loss (smoothed)" if first else None)
     names = sorted({d for r in runs for d in r.datasets})
     for k, name in enumerate(names):
-        _plot_evals(ax, runs, offs, name, "loss", f"held-out loss: {name}", color=f"C{k + 1}", marker="o", ms=5,
-                    lw=1.2, zorder=3)
+        _plot_evals(ax, runs, offs, name, "loss", f"held-out loss: {name}", shift=_dodge(runs, k, len(names)),
+                    color=f"C{k + 1}", marker=EVAL_MARKERS[k % len(EVAL_MARKERS)], ms=5, lw=1.2, zorder=3)
     _title(ax, "loss per step (supervised tokens only; held-out loss at each evaluation)", rows)
     _finish(ax, "loss")
     return _save(fig, out / "loss.png")
@@ -290,10 +302,12 @@ def plot_eval(runs: list[Run], offs: list[int], out: Path) -> Path | None:
     fig, (ax, bars) = _figure(2, height=3.6)
     rows = _mark_stages(ax, runs, offs)
     for k, name in enumerate(names):
-        _plot_evals(ax, runs, offs, name, "exact", f"{name}: exact match", scale=100, color=f"C{k}", marker="o",
-                    ms=6, lw=1.4, zorder=3)
-        _plot_evals(ax, runs, offs, name, "contains", f"{name}: contains", scale=100, dashed=True, color=f"C{k}",
-                    marker="D", ms=5, mfc="none", lw=1.0, zorder=3)
+        mk, dx = EVAL_MARKERS[k % len(EVAL_MARKERS)], _dodge(runs, k, len(names))
+        _plot_evals(ax, runs, offs, name, "exact", f"{name}: exact match", scale=100, shift=dx, color=f"C{k}",
+                    marker=mk, ms=6, lw=1.4, zorder=3)
+        # Hollow and larger: a ring around the exact-match marker when both figures are equal.
+        _plot_evals(ax, runs, offs, name, "contains", f"{name}: contains", scale=100, dashed=True, shift=dx,
+                    color=f"C{k}", marker=mk, ms=10, mfc="none", lw=1.0, zorder=3)
     ax.set_ylim(-4, 104)
     _title(ax, "held-out generation accuracy (greedy) at each evaluation", rows)
     _finish(ax, "%")

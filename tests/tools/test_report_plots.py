@@ -54,9 +54,11 @@ def chain(tmp_path: Path, skips: bool = False) -> list[Path]:
             write_run(tmp_path / "stage3", 3, 200, ["vision"], [100, 150, 200])]
 
 
-def spans(dirs: list[Path]) -> list[tuple[int, int]]:
+def spans(dirs: list[Path]) -> list[tuple[float, float]]:
+    """Each run's span along the chain, widened by the few steps the datasets' markers are spread apart."""
     runs = [report.load_run(d) for d in dirs]
-    return [(o, o + r.last_step) for o, r in zip(report.offsets(runs), runs)]
+    pad = report.DODGE * sum(r.last_step for r in runs)
+    return [(o - pad, o + r.last_step + pad) for o, r in zip(report.offsets(runs), runs)]
 
 
 def test_evaluations_are_markers_joined_only_within_a_stage(tmp_path, figures):
