@@ -18,6 +18,26 @@ RECIPE = "recipes/tiny/stage1.yaml"
 LINE = "config error: unknown config key 'optim.lrr' (did you mean 'lr'?)"
 
 
+SLOW_STDERR = """
+import os, sys, time
+
+class _SlowStderr:
+    def __init__(self, f):
+        self.f = f
+
+    def write(self, s):
+        if "config error" in s:
+            time.sleep(6.0)
+        return self.f.write(s)
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+if os.environ.get("RANK") == "0":
+    sys.stderr = _SlowStderr(sys.stderr)
+"""
+
+
 def _run(cmd: list[str], **env: str) -> tuple[int, list[str]]:
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "PYTHON": sys.executable, **env}
     full_env.pop("QWEN2VL_ERROR_FILE", None)
@@ -27,9 +47,16 @@ def _run(cmd: list[str], **env: str) -> tuple[int, list[str]]:
 
 
 @pytest.mark.distributed
-def test_torchrun_two_ranks_print_the_line_once():
+@pytest.mark.parametrize("slow_rank0", [False, True])
+def test_torchrun_two_ranks_print_the_line_once(tmp_path, slow_rank0):
+    """Also when rank 0 prints last: torchrun stops the other workers once one exits, so rank 1 must leave rank 0
+    the time to print (here rank 0's stderr takes 6 s to write the line, through a sitecustomize on PYTHONPATH)."""
+    env = {}
+    if slow_rank0:
+        (tmp_path / "sitecustomize.py").write_text(SLOW_STDERR)
+        env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), str(REPO)])
     rc, lines = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-                      "-m", "train", RECIPE, "optim.lrr=1"])
+                      "-m", "train", RECIPE, "optim.lrr=1"], **env)
     assert rc != 0
     hits = [x for x in lines if LINE in x]
     assert len(hits) == 1 and hits[0].startswith(LINE), lines  # rank 0's line; rank 1 said nothing

@@ -19,6 +19,7 @@ import argparse
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -37,6 +38,10 @@ overrides: dotted keys with YAML values, e.g.
   model.overrides='{text.num_layers: 2}'
 (quote values with spaces, brackets or braces for your shell; a list replaces the recipe's list).
 """
+
+
+PEER_GRACE_S = 10.0
+"""How long a failing rank other than 0 waits before it exits (see _report)."""
 
 
 def _debug(args: argparse.Namespace | None = None) -> bool:
@@ -89,6 +94,11 @@ def _report(line: str) -> None:
         if isinstance(h, logging.FileHandler):  # not the console: a 2-rank job would print it twice
             h.handle(record)
     report_error_line(line, rank)
+    if rank != 0:
+        # torchrun stops the other workers as soon as one exits: give rank 0, which fails the same way (give or
+        # take its start-up), the time to print the line before this rank's exit gets it killed. When rank 0 exits
+        # first, torchrun ends this wait at once.
+        time.sleep(PEER_GRACE_S)
 
 
 def _parser() -> argparse.ArgumentParser:
