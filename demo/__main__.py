@@ -12,18 +12,23 @@ starting from the previous one's final checkpoint and ending with a held-out eva
     stage 3  recipes/learn/stage3.yaml   ViT frozen, ChatML questions
 
 with the short schedule DEMO_STEPS (the learning check, benchmarks/learning_check.py, runs the recipes' full
-one). It prints the held-out accuracy after each stage, exports stage 3 as a Hugging Face directory and writes
-the report (python -m tools.report) of the chain, whose path it prints. No network. The same stages by hand:
+one). It prints the held-out accuracy after each stage, exports stage 3 as a Hugging Face directory, writes
+the report (python -m tools.report) of the chain, whose path it prints, and ends by asking the exported model about
+a held-out digit with python -m tools.chat. No network. The same stages by hand (docs/train.md):
 
-    python -m demo.data runs/demo/data
-    LEARN_DIR=runs/demo python -m train recipes/learn/stage1.yaml train.steps=60
+    python -m demo.data runs/hand/data
+    LEARN_DIR=runs/hand python -m train recipes/learn/stage1.yaml train.steps=10     # -> runs/hand/stage1
+    LEARN_DIR=runs/hand python -m train recipes/learn/stage2.yaml train.steps=150    # from runs/hand/stage1
+    LEARN_DIR=runs/hand python -m train recipes/learn/stage3.yaml train.steps=200    # from runs/hand/stage2
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
+import shlex
 import shutil
 import sys
 import time
@@ -101,10 +106,24 @@ def main(argv: list[str] | None = None) -> int:
 
         hf = work / "hf"
         export(runs[-1].checkpoint, hf, dtype="fp32")
-        print(f"Hugging Face export of stage 3: {hf}  (check: python -m model.parity --hf {hf})")
+        print(f"Hugging Face export of stage 3 (fp32 weights): {hf}  (check: python -m model.parity --hf {hf})")
     print(f"Report (plots + index): {index}")
     print(f"Offline eval: python -m tools.eval {runs[-1].run_dir} --data {data / 'heldout_digits'}")
+    show_chat(runs[-1].run_dir if args.no_export else work / "hf", data)
     return 0
+
+
+def show_chat(model: Path, data: Path) -> None:
+    """Ask the trained model about the first held-out digit with python -m tools.chat, as a user would."""
+    from tools.chat import main as chat
+
+    first = json.loads((data / "heldout_digits.jsonl").read_text().splitlines()[0])["messages"]
+    items = {it["type"]: it for it in first[0]["content"]}
+    image, question, truth = data / "media" / items["image"]["image"], items["text"]["text"], first[1]["content"]
+    print(f"Ask it: python -m tools.chat {model} --image {image} {shlex.quote(question)}")
+    print(f"  {question} ", end="", flush=True)
+    chat([str(model), "--image", str(image), question, "--max-new-tokens", "8", "--device", "cpu"])
+    print(f"  (the answer is {truth}: a digit never trained on)")
 
 
 if __name__ == "__main__":

@@ -67,6 +67,10 @@ def run_chain(work: Path, steps: dict[int, int], extra: list[str] | None = None,
         print_fn(f"\n[chain] stage {stage}: {cmd}  (frozen: {', '.join(cfg.frozen_groups) or 'nothing'})")
         t0, c0 = time.perf_counter(), time.process_time()
         res = run(cfg)
+        if res.stop_signal is not None:  # Ctrl-C / SIGTERM: the stage saved a checkpoint; the next must not start
+            print_fn(f"[chain] stage {stage} stopped by a signal at step {res.final_step} (its checkpoint is saved: "
+                     f"the same command resumes it); the chain stops here")
+            raise SystemExit(128 + int(res.stop_signal))
         rec = load_run(run_dir)
         losses = [rec.steps[s]["loss"] for s in sorted(rec.steps)]
         out.append(StageRun(stage, res.final_step, cmd, run_dir, time.perf_counter() - t0, time.process_time() - c0,

@@ -26,9 +26,13 @@
 # rejoin: start the same command on the repaired or a replacement node (the rendezvous host must survive) and
 # the job resumes from the latest complete checkpoint. If no node comes, they fail with RendezvousTimeoutError.
 # See docs/cluster.md.
+#
+# A mistake in the recipe, the layout or the paths is one line (printed by rank 0), repeated as the last line of
+# the output after torchrun's report, and the exit code is the trainer's (2; 3 for a stopped run): torchrun runs
+# inside `python -m core.launch`, the same process, so signals reach it as before.
 set -euo pipefail
 if [[ $# -lt 1 || "$1" == "-h" || "$1" == "--help" ]]; then
-  sed -n '2,28p' "$0"; [[ $# -ge 1 ]] && exit 0; exit 2
+  sed -n '2,31p' "$0"; [[ $# -ge 1 ]] && exit 0; exit 2
 fi
 source "$(dirname "${BASH_SOURCE[0]}")/gpus.sh"
 NPROC_PER_NODE="${NPROC_PER_NODE:-$(( LOCAL_GPUS > 0 ? LOCAL_GPUS : 1 ))}"
@@ -43,7 +47,7 @@ PYTHON="${PYTHON:-python}"
 
 if [[ "$NNODES" == "1" && -z "${FORCE_RDZV:-}" ]]; then
   # One node: a private rendezvous on a free port, so two jobs on one machine never collide.
-  exec "$PYTHON" -m torch.distributed.run --standalone --nnodes=1 --nproc-per-node="$NPROC_PER_NODE" \
+  exec "$PYTHON" -m core.launch torchrun --standalone --nnodes=1 --nproc-per-node="$NPROC_PER_NODE" \
     --max-restarts="$MAX_RESTARTS" -m train "$@"
 fi
 # NOTE: torch shares the rendezvous host's TCPStore with the workers by default, and a node that joins a running
@@ -52,6 +56,6 @@ fi
 # (pytorch/pytorch#135712). Without sharing, every rendezvous round publishes a fresh address and worker rank 0
 # hosts a new store.
 export TORCH_DISABLE_SHARE_RDZV_TCP_STORE="${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}"
-exec "$PYTHON" -m torch.distributed.run --nnodes="$NNODES" --nproc-per-node="$NPROC_PER_NODE" \
+exec "$PYTHON" -m core.launch torchrun --nnodes="$NNODES" --nproc-per-node="$NPROC_PER_NODE" \
   --rdzv-backend=c10d --rdzv-endpoint="$MASTER_ADDR:$MASTER_PORT" --rdzv-id="$RDZV_ID" \
   --rdzv-conf="join_timeout=${RDZV_TIMEOUT:-600}" --max-restarts="$MAX_RESTARTS" -m train "$@"

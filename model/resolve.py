@@ -91,12 +91,14 @@ def resolve_model_config(
         raise ConfigError("model: set either model.preset or model.hf_config, not both")
     given = hf_config(section.hf_config) if section.hf_config is not None else None
     family = _family(section, given or (init[1] if init is not None else None))
-    for what, other in (w for w in (init, resumed) if w is not None):
-        if other.family != family:
-            raise ConfigError(
-                f"the {what} is a {get_family(other.family).title} model ({other.family}) but this recipe's "
-                f"model.family is {family}: start from weights of the recipe's family, or set model.family: "
-                f"{other.family} (or leave it unset to take the weights' family)")
+    for weights, fix in ((init, None), (resumed, RESUMED_FIX)):
+        if weights is None or weights[1].family == family:
+            continue
+        what, other = weights
+        fix = fix or (f"start from weights of the recipe's family, or set model.family: {other.family} (or leave "
+                      "it unset to take the weights' family)")
+        raise ConfigError(f"the {what} is a {get_family(other.family).title} model ({other.family}) but this "
+                          f"recipe's model.family is {family}: {fix}")
     if section.preset is not None:
         try:
             mcfg = get_preset(family, section.preset)
@@ -109,13 +111,11 @@ def resolve_model_config(
     else:
         raise ConfigError("model: set model.preset, model.hf_config or model.init_from (an HF directory)")
     mcfg = apply_overrides(mcfg, dict(section.overrides))
-    for what, other in (w for w in (init, resumed) if w is not None):
-        diff = config_diff(mcfg, other)
+    for weights, fix in ((init, INIT_FIX), (resumed, RESUMED_FIX)):
+        diff = config_diff(mcfg, weights[1]) if weights is not None else None
         if diff:
-            raise ConfigError(
-                f"the model of this recipe differs from the {what}: " + "; ".join(diff[:10])
-                + " (set model.preset/overrides to match, or set model.preset: null to take its architecture)"
-            )
+            raise ConfigError(f"the model of this recipe differs from the {weights[0]}: " + "; ".join(diff[:10])
+                              + f" ({fix})")
     return mcfg
 
 
@@ -128,3 +128,8 @@ def _family(section: ModelChoice, weights: ModelConfig | None) -> str:
         return get_family(section.family).name
     except ValueError as e:
         raise ConfigError(f"model.family: {e}") from e
+
+
+INIT_FIX = "set model.preset/overrides to match, or set model.preset: null to take its architecture"
+RESUMED_FIX = ("this run_dir belongs to a different run; pick a new run_dir (or checkpoint.dir), or "
+               "checkpoint.resume=never in an empty one")

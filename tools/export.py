@@ -16,6 +16,9 @@ adapter_config.json + adapter_model.safetensors (the groups trained in full as m
 It runs in one process without a process group and streams: one decoder layer / ViT block at a time is read
 from the checkpoint (DCP assembles the full tensors from every rank's shards) and appended to the current
 safetensors shard, so exporting 72B needs about one shard of memory, not the model.
+
+The weights are written in bf16 unless --dtype says otherwise (the checkpoint's fp32 master weights rounded: half
+the bytes); the last line of the output names the dtype. --dtype fp32 keeps them as trained.
 """
 
 from __future__ import annotations
@@ -100,8 +103,8 @@ def export(checkpoint: str | Path, out_dir: str | Path, dtype: str = "bf16", max
     out = Path(out_dir)
     write_hf_config(mcfg, out, tdtype)
     _copy_tokenizer(ck, out, mcfg)
-    log.info("exported %s (step %s) to %s: %d file(s), %.2f GB", ck, meta.get("step"), out, len(files),
-             writer.total_bytes / 1e9)
+    log.info("exported %s (step %s) to %s: %s weights, %d file(s), %.2f GB", ck, meta.get("step"), out, dtype,
+             len(files), writer.total_bytes / 1e9)
     return out
 
 
@@ -193,15 +196,25 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tools.export", description=__doc__.split("\n")[0])
     parser.add_argument("checkpoint", help="a step_* directory, or a checkpoint dir / run dir (latest step)")
     parser.add_argument("out_dir", help="output Hugging Face directory")
-    parser.add_argument("--dtype", default="bf16", choices=sorted(DTYPES), help="weight dtype (default bf16)")
+    parser.add_argument("--dtype", default="bf16", choices=sorted(DTYPES),
+                        help="weight dtype (default bf16: the checkpoint's fp32 weights rounded; fp32 keeps them)")
     parser.add_argument("--max-shard-gb", type=float, default=5.0, help="safetensors shard size (default 5)")
     parser.add_argument("--lora", choices=EXPORT_MODES, default=None,
                         help="a LoRA run's checkpoint: 'merged' = HF directory with the adapters folded in, "
                              "'adapter' = peft adapter_config.json + adapter_model.safetensors")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    print(export(args.checkpoint, args.out_dir, args.dtype, args.max_shard_gb, args.lora))
+    out = export(args.checkpoint, args.out_dir, args.dtype, args.max_shard_gb, args.lora)
+    print(f"{out} ({export_summary(out, args.dtype)})")
     return 0
+
+
+def export_summary(out: Path, dtype: str) -> str:
+    """'bf16 weights, 1 safetensors file, 0.02 GB' (the dtype said, since it is not the checkpoint's)."""
+    files = sorted(out.glob("*.safetensors"))
+    size = sum(f.stat().st_size for f in files) / 1e9
+    keep = "" if dtype == "fp32" else "; --dtype fp32 keeps the checkpoint's fp32 weights"
+    return f"{dtype} weights{keep}, {len(files)} safetensors file(s), {size:.2f} GB"
 
 
 if __name__ == "__main__":

@@ -4,14 +4,18 @@
 
 The run directories are taken in the order given (a stage chain: stage1 stage2 stage3) and concatenated on one
 x axis ("chain step": each run's steps after the previous runs' last step), with the stage boundaries marked and
-labelled. Written (matplotlib's Agg backend: no display needed):
+labelled above the plots (staggered where a stage is short); legends sit beside the plots, off the data. Evaluations
+are markers (one shape per dataset, the datasets of one evaluation spread a little along x so none hides another),
+joined by a line only within a run that evaluated several times. Written (matplotlib's Agg backend: no display
+needed):
 
     loss.png        training loss per step (raw and smoothed) and the held-out loss of every eval dataset
     eval.png        held-out generation accuracy (exact match, and "contains" dashed) per eval dataset and step,
                     and a bar chart of each dataset's exact match at the end of each stage
     lr.png          learning rate of every parameter group (vision, merger, llm)
     throughput.png  tokens/s and MFU (on CPU, where MFU is not defined: the achieved FLOP/s); grad norm
-    data.png        the loader's wait per step and the skipped samples by reason (as the loader counts them)
+    data.png        the loader's wait per step and, when any were skipped, the skipped samples by reason (as the
+                    loader counts them)
     index.md, index.html   a summary table per run (steps, time, losses, restarts, skips), the final held-out
                     figures of each stage, and the plots
 
@@ -175,24 +179,77 @@ def _series(run: Run, off: int, key: str) -> tuple[list[int], list[float]]:
     return xs, ys
 
 
-def _eval_points(runs: list[Run], offs: list[int], dataset: str, key: str) -> list[tuple[int, float]]:
-    """(chain step, value) of one eval figure of one dataset along the chain."""
-    return sorted((o + s, float(rec[key])) for r, o in zip(runs, offs) for (s, d), rec in r.evals.items()
-                  if d == dataset and _num(rec, key) is not None)
+EVAL_MARKERS = ("o", "s", "^", "v", "D", "P")
+"""One marker shape per eval dataset, so datasets that score alike stay told apart."""
+DODGE = 0.006
+"""Datasets' markers of one evaluation are spread by this fraction of the chain's steps (else they hide each other)."""
 
 
-def _mark_stages(ax, runs: list[Run], offs: list[int], label: bool = True) -> None:
-    """Shade each run's span, label it, and mark restarts."""
+def _dodge(runs: list[Run], k: int, n: int) -> float:
+    """The x shift (in chain steps) of the k-th of n datasets' eval markers."""
+    return (k - (n - 1) / 2) * DODGE * max(sum(r.last_step for r in runs), 1)
+
+
+def _plot_evals(ax, runs: list[Run], offs: list[int], dataset: str, key: str, label: str, scale: float = 1.0,
+                dashed: bool = False, shift: float = 0.0, **style) -> None:
+    """One eval figure of one dataset along the chain: a marker per evaluation, joined by a line only within a run
+    that has several (a line across a stage boundary would invent a trend between two stages' single points)."""
+    first = True
+    for r, o in zip(runs, offs):
+        pts = sorted((o + s + shift, scale * float(rec[key])) for (s, d), rec in r.evals.items()
+                     if d == dataset and _num(rec, key) is not None)
+        if not pts:
+            continue
+        ls = ("--" if dashed else "-") if len(pts) > 1 else "none"
+        ax.plot(*zip(*pts), ls=ls, label=label if first else None, **style)
+        first = False
+
+
+LABEL_ROW_PT = 19
+"""Height of one row of stage labels (two lines of 7-pt text) above a plot."""
+LABEL_CHAR_FRACTION = 0.0075
+"""Width of one 7-pt character as a fraction of a plot's width (a 10-inch figure, the legend beside the plot)."""
+
+
+def _label_rows(runs: list[Run], offs: list[int], texts: list[str]) -> list[int]:
+    """A row for each stage label (0 = right above the plot): the first row where it does not run into the label
+    before it, so short stages' labels are staggered instead of printed over each other."""
+    total = max(sum(r.last_step for r in runs), 1)
+    ends: list[float] = []  # per row: where its last label ends, in chain steps
+    rows = []
+    for o, text in zip(offs, texts):
+        width = (max(len(line) for line in text.splitlines()) + 1) * LABEL_CHAR_FRACTION * total
+        row = next((i for i, end in enumerate(ends) if end <= o), len(ends))
+        if row == len(ends):
+            ends.append(0.0)
+        ends[row] = o + width
+        rows.append(row)
+    return rows
+
+
+def _mark_stages(ax, runs: list[Run], offs: list[int], label: bool = True) -> int:
+    """Shade each run's span, mark restarts and, with `label`, name each run (its stage and frozen groups) in a band
+    above the plot, staggered where stages are short. Returns the rows of labels drawn (for the title's pad)."""
     for i, (r, o) in enumerate(zip(runs, offs)):
         ax.axvspan(o, o + max(r.last_step, 1), color=STAGE_COLORS[i % len(STAGE_COLORS)], zorder=0, lw=0)
         if i:
             ax.axvline(o, color="#777777", lw=0.8, zorder=1)
-        if label:
-            frozen = f"\nfrozen: {', '.join(r.frozen)}" if r.frozen else "\nall train"
-            ax.text(o + 0.01 * max(sum(x.last_step for x in runs), 1), 1.0, r.label + frozen,
-                    transform=ax.get_xaxis_transform(), va="top", ha="left", fontsize=7, color="#444444")
         for s in r.restarts:
             ax.axvline(o + s, color="#aa3333", lw=0.8, ls=":", zorder=1)
+    if not label:
+        return 0
+    texts = [r.label + (f"\nfrozen: {', '.join(r.frozen)}" if r.frozen else "\nall train") for r in runs]
+    rows = _label_rows(runs, offs, texts)
+    for o, text, row in zip(offs, texts, rows):
+        ax.annotate(text, xy=(o, 1.0), xycoords=ax.get_xaxis_transform(), xytext=(1, 2 + row * LABEL_ROW_PT),
+                    textcoords="offset points", va="bottom", ha="left", fontsize=7, color="#444444",
+                    annotation_clip=False)
+    return max(rows) + 1
+
+
+def _title(ax, text: str, label_rows: int) -> None:
+    """The plot's title above its band of stage labels."""
+    ax.set_title(text, pad=4 + label_rows * LABEL_ROW_PT)
 
 
 def _figure(rows: int, cols: int = 1, height: float = 3.2):
@@ -205,22 +262,23 @@ def _figure(rows: int, cols: int = 1, height: float = 3.2):
     return fig, [a for row in axes for a in row]
 
 
-def _finish(ax, ylabel: str, legend: bool = True, loc: str = "upper right") -> None:
+def _finish(ax, ylabel: str, legend: bool = True) -> None:
     ax.set_xlabel("chain step")
     ax.set_ylabel(ylabel)
     ax.grid(True, alpha=0.3)
     if legend and ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=8, loc=loc)
+        _legend_beside(ax)
 
 
-def _empty(ax, text: str) -> None:
-    ax.text(0.5, 0.5, text, transform=ax.transAxes, ha="center", va="center", color="#666666")
+def _legend_beside(ax) -> None:
+    """The legend to the right of the plot, never over its data (constrained layout makes the room)."""
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
 
 
 # ------------------------------------------------------------------------------------------ the plots
 def plot_loss(runs: list[Run], offs: list[int], out: Path) -> Path:
     fig, (ax,) = _figure(1, height=4.5)
-    _mark_stages(ax, runs, offs)
+    rows = _mark_stages(ax, runs, offs)
     for r, o in zip(runs, offs):
         xs, ys = _series(r, o, "loss")
         if xs:
@@ -229,10 +287,9 @@ def plot_loss(runs: list[Run], offs: list[int], out: Path) -> Path:
             ax.plot(xs, _smooth(ys), color="#1f77b4", lw=1.6, label="training loss (smoothed)" if first else None)
     names = sorted({d for r in runs for d in r.datasets})
     for k, name in enumerate(names):
-        pts = _eval_points(runs, offs, name, "loss")
-        if pts:
-            ax.plot(*zip(*pts), "o-", color=f"C{k + 1}", ms=4, lw=1.2, label=f"held-out loss: {name}")
-    ax.set_title("loss per step (supervised tokens only)")
+        _plot_evals(ax, runs, offs, name, "loss", f"held-out loss: {name}", shift=_dodge(runs, k, len(names)),
+                    color=f"C{k + 1}", marker=EVAL_MARKERS[k % len(EVAL_MARKERS)], ms=5, lw=1.2, zorder=3)
+    _title(ax, "loss per step (supervised tokens only; held-out loss at each evaluation)", rows)
     _finish(ax, "loss")
     return _save(fig, out / "loss.png")
 
@@ -243,16 +300,17 @@ def plot_eval(runs: list[Run], offs: list[int], out: Path) -> Path | None:
     if not names:
         return None
     fig, (ax, bars) = _figure(2, height=3.6)
-    _mark_stages(ax, runs, offs)
+    rows = _mark_stages(ax, runs, offs)
     for k, name in enumerate(names):
-        for key, style, what in (("exact", "o-", "exact match"), ("contains", "--", "contains")):
-            pts = [(x, 100 * y) for x, y in _eval_points(runs, offs, name, key)]
-            if pts:
-                ax.plot(*zip(*pts), style, color=f"C{k}", ms=4, lw=1.4 if key == "exact" else 1,
-                        label=f"{name}: {what}")
-    ax.set_ylim(-2, 102)
-    ax.set_title("held-out generation accuracy (greedy)")
-    _finish(ax, "%", loc="center right")  # accuracy climbs to the top right: keep the legend off the points
+        mk, dx = EVAL_MARKERS[k % len(EVAL_MARKERS)], _dodge(runs, k, len(names))
+        _plot_evals(ax, runs, offs, name, "exact", f"{name}: exact match", scale=100, shift=dx, color=f"C{k}",
+                    marker=mk, ms=6, lw=1.4, zorder=3)
+        # Hollow and larger: a ring around the exact-match marker when both figures are equal.
+        _plot_evals(ax, runs, offs, name, "contains", f"{name}: contains", scale=100, dashed=True, shift=dx,
+                    color=f"C{k}", marker=mk, ms=10, mfc="none", lw=1.0, zorder=3)
+    ax.set_ylim(-4, 104)
+    _title(ax, "held-out generation accuracy (greedy) at each evaluation", rows)
+    _finish(ax, "%")
     # The end-of-stage figures, one group of bars per run.
     width = 0.8 / len(names)
     for k, name in enumerate(names):
@@ -269,13 +327,13 @@ def plot_eval(runs: list[Run], offs: list[int], out: Path) -> Path | None:
     bars.set_ylim(0, 110)
     bars.set_ylabel("exact match, end of stage (%)")
     bars.grid(True, axis="y", alpha=0.3)
-    bars.legend(fontsize=8, loc="upper left")
+    _legend_beside(bars)
     return _save(fig, out / "eval.png")
 
 
 def plot_lr(runs: list[Run], offs: list[int], out: Path) -> Path:
     fig, (ax,) = _figure(1)
-    _mark_stages(ax, runs, offs)
+    rows = _mark_stages(ax, runs, offs)
     seen: set[str] = set()
     for r, o in zip(runs, offs):
         groups = sorted({g for rec in r.steps.values() for g in (rec.get("lr_groups") or {})},
@@ -292,7 +350,7 @@ def plot_lr(runs: list[Run], offs: list[int], out: Path) -> Path:
             ax.plot(*zip(*pts), color=f"C{k}", lw=(3.0, 1.8, 1.4, 1.0)[k], ls=("-", "--", ":", "-.")[k],
                     label=g if g not in seen else None)
             seen.add(g)
-    ax.set_title("learning rate per trainable group (frozen groups have none)")
+    _title(ax, "learning rate per trainable group (frozen groups have none)", rows)
     _finish(ax, "lr")
     return _save(fig, out / "lr.png")
 
@@ -300,8 +358,7 @@ def plot_lr(runs: list[Run], offs: list[int], out: Path) -> Path:
 def plot_throughput(runs: list[Run], offs: list[int], out: Path) -> Path:
     fig, (tok, util, gn) = _figure(3, height=2.8)
     has_mfu = any(_num(rec, "mfu") is not None for r in runs for rec in r.steps.values())
-    for ax in (tok, util, gn):
-        _mark_stages(ax, runs, offs, label=ax is tok)
+    rows = [_mark_stages(ax, runs, offs, label=ax is tok) for ax in (tok, util, gn)][0]
     for r, o in zip(runs, offs):
         xs, ys = _series(r, o, "tokens_per_s")
         tok.plot(xs, ys, color="C0", alpha=0.35, lw=0.8)
@@ -315,7 +372,7 @@ def plot_throughput(runs: list[Run], offs: list[int], out: Path) -> Path:
             util.plot(xs, _smooth([y / 1e9 for y in ys]), color="C1", lw=1.5)
         xs, ys = _series(r, o, "grad_norm")
         gn.plot(xs, ys, color="C2", lw=1)
-    tok.set_title("throughput")
+    _title(tok, "throughput", rows)
     _finish(tok, "tokens/s", legend=False)
     _finish(util, "MFU (%)" if has_mfu else "model GFLOP/s (no MFU on CPU)", legend=False)
     _finish(gn, "grad norm (before clipping)", legend=False)
@@ -323,10 +380,11 @@ def plot_throughput(runs: list[Run], offs: list[int], out: Path) -> Path:
 
 
 def plot_data(runs: list[Run], offs: list[int], out: Path) -> Path:
-    fig, (wait, skips) = _figure(2, height=3.0)
-    for ax in (wait, skips):
-        _mark_stages(ax, runs, offs, label=ax is wait)
-    reasons = sorted({k for r in runs for rec in r.steps.values() for k in (rec.get("skipped_samples") or {})})
+    """The loader's wait per step, and (only when some sample was skipped) the skipped samples by reason."""
+    reasons = skip_reasons(runs)
+    fig, axes = _figure(2 if reasons else 1, height=3.0)
+    wait = axes[0]
+    rows = [_mark_stages(ax, runs, offs, label=ax is wait) for ax in axes][0]
     labelled: set[str] = set()
     for r, o in zip(runs, offs):
         xs, ys = _series(r, o, "data_wait_s")
@@ -334,16 +392,21 @@ def plot_data(runs: list[Run], offs: list[int], out: Path) -> Path:
         for k, reason in enumerate(reasons):
             pts = [(o + s, (r.steps[s].get("skipped_samples") or {}).get(reason, 0)) for s in sorted(r.steps)]
             if pts:
-                skips.step(*zip(*pts), where="post", color=f"C{k}", lw=1.4,
-                           label=reason if reason not in labelled else None)
+                axes[1].step(*zip(*pts), where="post", color=f"C{k}", lw=1.4,
+                             label=reason if reason not in labelled else None)
                 labelled.add(reason)
-    wait.set_title("data wait per step (slowest rank)")
+    _title(wait, "data wait per step (slowest rank)", rows)
     _finish(wait, "ms", legend=False)
-    skips.set_title("skipped samples by reason (the loader's counts in each run's data pass)")
-    if not reasons:
-        _empty(skips, "no sample was skipped")
-    _finish(skips, "samples")
+    if reasons:
+        axes[1].set_title("skipped samples by reason (the loader's counts in each run's data pass)")
+        _finish(axes[1], "samples")
     return _save(fig, out / "data.png")
+
+
+def skip_reasons(runs: list[Run]) -> list[str]:
+    """Every reason some run's loader skipped samples for (the step records' skipped_samples)."""
+    return sorted({k for r in runs for rec in r.steps.values() for k, v in (rec.get("skipped_samples") or {}).items()
+                   if v})
 
 
 def _save(fig, path: Path) -> Path:
@@ -406,6 +469,8 @@ def write_index(runs: list[Run], plots: list[Path], out: Path, title: str) -> Pa
         notes.append(f"{bad} unreadable metrics.jsonl line(s) skipped (a record cut short by a crash).")
     if not any(r.evals for r in runs):
         notes.append("No eval records: add an `eval:` section to the recipe for held-out figures.")
+    if not skip_reasons(runs):
+        notes.append("No sample was skipped (data.png shows the data wait only).")
     md = [f"# {title}", "", _md_table(SUMMARY_HEAD, summary_rows(runs)), ""]
     h = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>"
          "body{font-family:sans-serif;max-width:1100px;margin:auto}table{border-collapse:collapse;margin:1em 0}"

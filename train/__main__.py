@@ -19,14 +19,17 @@ import argparse
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from core.cli import debug_enabled, one_line
+from core.cli import debug_enabled, one_line, report_error_line
 from parallel.launcher import export_launch_env, resolve_launch_env, strip_local_rank
+from train.formatting import format_duration
 
 if TYPE_CHECKING:
     from train.config import JobConfig
+    from train.trainer import TrainResult
 
 OVERRIDES_HELP = """\
 overrides: dotted keys with YAML values, e.g.
@@ -35,6 +38,10 @@ overrides: dotted keys with YAML values, e.g.
   model.overrides='{text.num_layers: 2}'
 (quote values with spaces, brackets or braces for your shell; a list replaces the recipe's list).
 """
+
+
+PEER_GRACE_S = 10.0
+"""How long a failing rank other than 0 waits before it exits (see _report)."""
 
 
 def _debug(args: argparse.Namespace | None = None) -> bool:
@@ -66,15 +73,32 @@ def _setup_logging(run_dir: Path | None = None) -> None:
 
 
 def _fail(kind: str, e: BaseException, args: argparse.Namespace | None) -> int:
-    """A setup mistake: one line on rank 0 (every rank logs it to train.log), exit 2; the traceback with --debug."""
+    """A setup mistake: one line on rank 0's console (the other ranks stay quiet: every rank of a job hits the same
+    mistake), in every rank's train.log, and for the launch wrapper (core/launch.py) to repeat last; exit 2. The
+    traceback with --debug."""
     if _debug(args):
         raise e
     logging.getLogger("train").debug("%s", e, exc_info=True)
-    if _rank() == 0:
-        print(f"{kind}: {one_line(e)}", file=sys.stderr)
-    else:
-        logging.getLogger("train").error("%s: %s", kind, one_line(e))
+    _report(f"{kind}: {one_line(e)}")
     return 2
+
+
+def _report(line: str) -> None:
+    """The run's one-line outcome: printed by rank 0, written to train.log by every rank (when it is open), and
+    appended to $QWEN2VL_ERROR_FILE for a launch wrapper."""
+    rank = _rank()
+    if rank == 0:
+        print(line, file=sys.stderr, flush=True)
+    record = logging.LogRecord("train", logging.ERROR, __file__, 0, "%s", (line,), None)
+    for h in logging.getLogger().handlers:
+        if isinstance(h, logging.FileHandler):  # not the console: a 2-rank job would print it twice
+            h.handle(record)
+    report_error_line(line, rank)
+    if rank != 0:
+        # torchrun stops the other workers as soon as one exits: give rank 0, which fails the same way (give or
+        # take its start-up), the time to print the line before this rank's exit gets it killed. When rank 0 exits
+        # first, torchrun ends this wait at once.
+        time.sleep(PEER_GRACE_S)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -136,10 +160,12 @@ def _train(cfg: JobConfig, args: argparse.Namespace) -> int:
     from core.config import ConfigError
     from data.storage import StorageError
     from parallel import destroy_distributed
-    from train.formatting import format_duration
     from train.trainer import Trainer, TrainingStopped
 
     _setup_logging(Path(cfg.run_dir))
+    if _rank() == 0:
+        for note in cfg.notes:
+            logging.getLogger("train").warning("%s", note)
     try:
         try:
             trainer = Trainer(cfg)
@@ -154,17 +180,27 @@ def _train(cfg: JobConfig, args: argparse.Namespace) -> int:
         finally:
             trainer.close()
     except TrainingStopped as e:
-        print(f"training stopped: {one_line(e)}", file=sys.stderr)
+        _report(f"training stopped: {one_line(e)}")
         return 3
     finally:
         destroy_distributed()
     if _rank() == 0:
-        print(
-            f"done: {result.stop_reason} at step {result.final_step}, final loss {result.final_loss}, "
-            f"in {format_duration(result.elapsed_s)}; checkpoint {result.checkpoint}, metrics "
-            f"{result.run_dir / 'metrics.jsonl'}, log {result.run_dir / 'train.log'}"
-        )
+        print(_done_line(result))
     return 128 + int(result.stop_signal) if result.stop_signal is not None else 0
+
+
+def _done_line(result: TrainResult) -> str:
+    """The last line of a run: how it ended and where everything went."""
+    where = (f"checkpoint {result.checkpoint}, metrics {result.run_dir / 'metrics.jsonl'}, log "
+             f"{result.run_dir / 'train.log'}")
+    if not result.losses and result.stop_reason == "completed":
+        # A finished run_dir resumed (checkpoint.resume: auto) with nothing left to do.
+        return (f"done: nothing to train: {result.run_dir} already holds the final checkpoint of step "
+                f"{result.final_step} (train.steps={result.final_step}); pick a new run_dir to train again, or "
+                f"raise train.steps to continue it; {where}")
+    loss = "n/a" if result.final_loss is None else f"{result.final_loss:.4f}"
+    return (f"done: {result.stop_reason} at step {result.final_step}, final loss {loss}, in "
+            f"{format_duration(result.elapsed_s)}; {where}")
 
 
 if __name__ == "__main__":

@@ -71,7 +71,8 @@ class OptimConfig:
     eps: float = 1e-8
     """AdamW epsilon."""
     warmup_steps: int = 0
-    """Linear warmup from 0 to the peak learning rate over this many steps."""
+    """Linear warmup from 0 to the peak learning rate over this many steps. A warm-up longer than train.steps is
+    clamped to train.steps (with a warning), so shortening a run takes one key."""
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
     """Decay after warmup, to min_lr_ratio * peak at train.steps."""
     min_lr_ratio: float = 0.1
@@ -170,6 +171,10 @@ class MetricsConfig:
     """Flag a rank whose busy time (data wait + compute) per step exceeds this multiple of its peers' median."""
     wandb: WandbConfig = field(default_factory=WandbConfig)
     """W&B settings."""
+    tensorboard: bool = False
+    """Also write every step's and every evaluation's scalars (the ones W&B gets) to RUN_DIR/tensorboard with torch's
+    SummaryWriter (train/tensorboard.py; needs the tensorboard package); view with
+    `tensorboard --logdir RUN_DIR/tensorboard`."""
 
 
 @dataclass
@@ -249,6 +254,8 @@ class JobConfig:
     env_refs: dict[str, str] = field(default_factory=dict, init=False, repr=False, compare=False)
     # {dotted key: '${VAR}...'} of every value expanded from a credential-like environment variable: the saved
     # config.yaml writes the reference back, so a secret never lands in a run directory or a checkpoint.
+    notes: list[str] = field(default_factory=list, init=False, repr=False, compare=False)
+    # What validate() adjusted (a warm-up clamped to train.steps): python -m train logs each line as a warning.
 
     # -------------------------------------------------------------------------------- derived values
     @property
@@ -301,8 +308,12 @@ class JobConfig:
             raise ConfigError("train.max_skipped_steps must be >= 0 and train.max_consecutive_skips >= 1")
         if not 0.0 <= o.min_lr_ratio <= 1.0:
             raise ConfigError(f"optim.min_lr_ratio={o.min_lr_ratio}: must be in [0, 1]")
-        if o.warmup_steps < 0 or o.warmup_steps > t.steps:
-            raise ConfigError(f"optim.warmup_steps={o.warmup_steps}: must be in [0, train.steps={t.steps}]")
+        if o.warmup_steps < 0:
+            raise ConfigError(f"optim.warmup_steps={o.warmup_steps}: must be >= 0")
+        if o.warmup_steps > t.steps:  # a run shortened with train.steps alone keeps a warm-up of its full length
+            self.notes.append(f"optim.warmup_steps={o.warmup_steps} is longer than train.steps={t.steps}: the "
+                              f"warm-up is clamped to {t.steps} steps")
+            o.warmup_steps = t.steps
         if o.grad_clip < 0:
             raise ConfigError(f"optim.grad_clip={o.grad_clip}: must be >= 0 (0 disables clipping)")
         if o.lr < 0:

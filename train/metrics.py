@@ -1,4 +1,4 @@
-"""Per-step metrics: RUN_DIR/metrics.jsonl, one console line per step on rank 0, and W&B when enabled.
+"""Per-step metrics: RUN_DIR/metrics.jsonl, one console line per step on rank 0, and W&B and TensorBoard when enabled.
 
 Every record is one JSON object per line: {"step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s",
 "tflops_per_device", "mfu", "data_wait_s", "peak_mem_gb", "skipped_steps", "skipped_samples": {reason: n},
@@ -28,6 +28,7 @@ import torch
 
 from train.config import JobConfig
 from train.formatting import format_eval_line, format_line
+from train.tensorboard import TensorBoardWriter, require_tensorboard
 
 log = logging.getLogger(__name__)
 
@@ -111,10 +112,16 @@ class MetricsLogger:
         self._wandb = None
         self._first = True
         self.resumed_from = resumed_from
+        self._tb = None
+        if cfg.metrics.tensorboard:
+            require_tensorboard()  # on every rank: a missing package fails all of them at once
         if not is_main:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._file = open(self.run_dir / "metrics.jsonl", "a", buffering=1)  # noqa: SIM115 - closed in close()
+        if cfg.metrics.tensorboard:
+            self._tb = TensorBoardWriter(self.run_dir, resumed_from)
+            log.info("tensorboard: %s (tensorboard --logdir %s)", self._tb.log_dir, self._tb.log_dir)
         wcfg = cfg.metrics.wandb
         mode = resolve_wandb_mode(wcfg.mode)
         if mode != "disabled":
@@ -147,11 +154,12 @@ class MetricsLogger:
         record = {"time": round(time.time(), 3), **record}
         self._file.write(json.dumps(record) + "\n")
         print(format_line(record, self.cfg.train.steps), flush=True)
-        if self._wandb is not None:
-            flat = {k: v for k, v in record.items() if isinstance(v, (int, float)) and v is not None}
-            for reason, n in (record.get("skipped_samples") or {}).items():
-                flat[f"skipped_samples/{reason}"] = n
-            self._wandb.log(flat, step=record["step"])
+        if self._wandb is not None or self._tb is not None:
+            flat = scalars(record)
+            if self._wandb is not None:
+                self._wandb.log(flat, step=record["step"])
+            if self._tb is not None:
+                self._tb.scalars({k: v for k, v in flat.items() if k not in ("step", "time")}, record["step"])
 
     def event(self, name: str, **fields: Any) -> None:
         """A non-step record (start, checkpoint, stop) in metrics.jsonl."""
@@ -165,18 +173,34 @@ class MetricsLogger:
             return
         self.event("eval", **record)
         print(format_eval_line(record), flush=True)
+        figures = {f"eval/{record['dataset']}/{k}": v for k, v in record.items()
+                   if k in ("loss", "exact", "contains", "n") and v is not None}
         if self._wandb is not None:
-            figures = {f"eval/{record['dataset']}/{k}": v for k, v in record.items()
-                       if k in ("loss", "exact", "contains", "n") and v is not None}
             self._wandb.log(figures, step=record["step"])
+        if self._tb is not None:
+            self._tb.scalars(figures, record["step"])
 
     def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
         if self._wandb is not None:
             self._wandb.finish()
             self._wandb = None
         if self._file is not None:
             self._file.close()
             self._file = None
+
+
+def scalars(record: dict[str, Any]) -> dict[str, float]:
+    """The numbers of a step record by name, for W&B and TensorBoard: every int/float field (nulls left out),
+    skipped_samples/<reason> and lr/<group>."""
+    flat = {k: v for k, v in record.items() if isinstance(v, (int, float))}
+    for reason, n in (record.get("skipped_samples") or {}).items():
+        flat[f"skipped_samples/{reason}"] = n
+    for group, lr in (record.get("lr_groups") or {}).items():
+        flat[f"lr/{group}"] = lr
+    return flat
 
 
 def _wandb_run_id(run_dir: Path) -> str:

@@ -15,6 +15,7 @@ it once the engine has sharded it.
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -55,6 +56,18 @@ and every layout starts from the same weights, so losses compare across layouts.
 shards in place (the init then depends on the layout)."""
 
 
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+"""What a Hugging Face hub id looks like (owner/name); it could also be a relative path that does not exist."""
+
+
+def hub_id_message(src: str) -> str:
+    """model.init_from names no local directory but could be a hub id: say where models come from."""
+    return (f"model.init_from={src!r}: no such directory here ({Path.cwd()}). Models are read from local "
+            f"directories, never downloaded at run time: if {src!r} is a Hugging Face hub id, download it first "
+            f"(`huggingface-cli download {src} --local-dir DIR`, or `hf download {src} --local-dir DIR`) and set "
+            "model.init_from=DIR")
+
+
 @dataclass(frozen=True)
 class Weights:
     """Model weights on disk: one of our checkpoints (a complete step directory), an HF directory of a supported
@@ -72,6 +85,8 @@ class Weights:
             return cls(p, "hf")
         if is_peft_dir(p):
             return cls(p, "peft")
+        if not p.exists() and HUB_ID.fullmatch(str(src)):
+            raise ConfigError(hub_id_message(str(src)))
         try:
             return cls(resolve_checkpoint(p), "checkpoint")
         except FileNotFoundError as e:

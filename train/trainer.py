@@ -385,7 +385,13 @@ class Trainer(Stateful):
         """SIGTERM, SIGUSR1 (SLURM's warning before a time limit) and SIGINT ask for a checkpoint and a stop at the
         end of the step; a second SIGINT (Ctrl-C twice) aborts at once."""
 
+        owner = os.getpid()
+
         def handler(signum, frame):  # noqa: ARG001
+            if os.getpid() != owner:
+                # A loader worker forked after this was installed: a terminal's Ctrl-C signals the whole process
+                # group, and the training process alone stops the run (and says so once).
+                return
             if signum == signal.SIGINT and self._stop_signal is not None:
                 raise KeyboardInterrupt
             self._stop_signal = signum

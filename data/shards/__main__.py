@@ -4,12 +4,13 @@
         [--dataset-info dataset_info.json [--dataset NAME]] [--allow-absolute-media] [--samples-per-shard N]
         [--prefix P] [--tokenizer DIR] [--family qwen2_vl|qwen2_5_vl|qwen3_vl]
     python -m data.shards index DIR [--tokenizer DIR] [--family F]  # shards written by other tools (webdataset etc.)
+    python -m data.shards warm --recipe RECIPE.yaml [--data DATASET...] [--cache-dir DIR] [--workers N] [video options]
     python -m data.shards warm --data DATASET... --cache-dir DIR --family F [--workers N] [video options]
 
 The samples a converter writes are the same for every model family (the loader renders them for the family of the
 run: its chat template's system prompt, its vision blocks and video timestamps); `--family` decides what depends on
 the family's resize factor: make's and index's token estimates in the sidecar indexes, and warm's cache keys and
-frame sizes (warm for the family you will train, or the loader decodes again).
+frame sizes (warm with the run's recipe, or for the family you will train: else the loader decodes again).
 
 Each subcommand prints one summary line; bad input is reported per line / per sample and counted. A mistake
 (a missing file, a wrong directory, a truncated shard) is one line on stderr and exit code 2, no traceback (set
@@ -76,13 +77,21 @@ def _parser() -> argparse.ArgumentParser:
     _family_arg(ix, "the model family whose resize factor the index's image token estimates use")
     w = sub.add_parser("warm", help="decode a dataset's videos into the decode cache ahead of training",
                        description="Read the datasets as the loader does and decode every video into the cache "
-                                   "under the key the loader looks up, so training never waits for these decodes.")
-    w.add_argument("--data", nargs="+", required=True, help="dataset paths (local folders or s3:// / oss:// prefixes)")
-    w.add_argument("--cache-dir", required=True, help="the cache directory (data.video.cache_dir of the recipe)")
+                                   "under the key the loader looks up, so training never waits for these decodes. "
+                                   "The key depends on the video settings: take them from the training recipe "
+                                   "(--recipe), or give the same values as options.")
+    w.add_argument("--recipe", default=None,
+                   help="the training recipe: its data.video settings (the run's own, so the keys match), "
+                        "data.storage, data.video.cache_dir, and its training and eval datasets unless --data")
+    w.add_argument("--data", nargs="+", default=None,
+                   help="dataset paths (local folders or s3:// / oss:// prefixes); default: the recipe's")
+    w.add_argument("--cache-dir", default=None,
+                   help="the cache directory (default: the recipe's data.video.cache_dir)")
     w.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) // 2),
                    help="processes decoding in parallel, one shard each (default: half the cores)")
-    _family_arg(w, "the model family of the training run: its resize factor decides the frames' sizes and the cache "
-                   "keys the loader looks up")
+    w.add_argument("--family", choices=FAMILY_NAMES, default=None,
+                   help="the model family of the training run: its resize factor decides the frames' sizes and the "
+                        "cache keys the loader looks up (default: the recipe's, else " + DEFAULT_FAMILY + ")")
     docs, vdef = field_docs(VideoConfig), VideoConfig()
     for f in dataclasses.fields(VideoConfig):
         if f.name == "cache_dir":
@@ -95,8 +104,8 @@ def _parser() -> argparse.ArgumentParser:
         else:
             kind = type(default)
         help_text = " ".join(docs.get(f.name, "").split()).replace("%", "%%")
-        w.add_argument("--" + f.name.replace("_", "-"), type=kind, default=default,
-                       help=f"{help_text} (data.video.{f.name}; default {default})")
+        w.add_argument("--" + f.name.replace("_", "-"), type=kind, default=None,
+                       help=f"{help_text} (data.video.{f.name}; default: the recipe's, else {default})")
     w.add_argument("--endpoint-url", default=None, help="S3 endpoint for s3:// paths (data.storage.endpoint_url)")
     w.add_argument("--oss-endpoint", default=None, help="OSS endpoint for oss:// paths (data.storage.oss_endpoint)")
     w.add_argument("--region", default=None, help="object-store region (data.storage.region)")
@@ -120,7 +129,12 @@ def _run(args: argparse.Namespace, ap: argparse.ArgumentParser) -> int:
         raise ValueError(f"{args.dir!r} is not a directory: give the directory holding the .tar shards")
     from data.media.vision import family_vision
 
-    vision = family_vision(args.family)
+    family, family_from = args.family, "--family"
+    if family is None:  # warm without --family: the recipe's
+        from data.shards.warm import recipe_family
+
+        family, family_from = recipe_family(args.recipe) if args.recipe else (DEFAULT_FAMILY, "the default family")
+    vision = family_vision(family)
     tok = None
     if getattr(args, "tokenizer", None):
         from data.tokenizer import Tokenizer
@@ -141,19 +155,39 @@ def _run(args: argparse.Namespace, ap: argparse.ArgumentParser) -> int:
         man = index_dir(args.dir, tok, vision)
         print(f"indexed {man['samples']} samples in {len(man['shards'])} shards under {args.dir}")
     else:
-        from data.media.video import VideoConfig
         from data.shards.warm import warm
-        from data.storage import StorageConfig
 
-        kw = {f.name: getattr(args, f.name) for f in dataclasses.fields(VideoConfig) if f.name != "cache_dir"}
-        vcfg = VideoConfig(cache_dir=args.cache_dir, **kw)
-        scfg = StorageConfig(endpoint_url=args.endpoint_url, oss_endpoint=args.oss_endpoint, region=args.region)
+        paths, vcfg, scfg = _warm_settings(args)
         t0 = time.monotonic()
-        r = warm(args.data, vcfg, scfg, args.workers, vision)
-        print(f"warm ({args.family}): {r['shards']} shards, {r['videos']} videos: {r['decoded']} decoded, "
-              f"{r['cached']} already cached, {sum(r['failed'].values())} failed {r['failed']} in "
-              f"{time.monotonic() - t0:.1f}s -> {args.cache_dir}")
+        r = warm(paths, vcfg, scfg, args.workers, vision)
+        print(f"warm ({family}, {family_from}): {r['shards']} shards, {r['videos']} video references to "
+              f"{r['distinct']} distinct videos: {r['decoded']} decoded now, {r['in_cache_before']} were in the "
+              f"cache already, {sum(r['failed'].values())} failed {r['failed']} in {time.monotonic() - t0:.1f}s "
+              f"-> {vcfg.cache_dir}")
     return 0
+
+
+def _warm_settings(args: argparse.Namespace):
+    """(datasets, video settings, storage settings) of a warm: the recipe's (--recipe), then the options given."""
+    from data.media.video import VideoConfig
+    from data.shards.warm import recipe_data
+    from data.storage import StorageConfig
+
+    paths, vcfg, scfg = list(args.data or []), VideoConfig(), StorageConfig()
+    if args.recipe:
+        data, specs = recipe_data(args.recipe)
+        vcfg, scfg = data.resolved_video(), data.storage  # exactly what the run's loader decodes with
+        paths = paths or specs
+    if not paths:
+        raise ValueError("warm: give the datasets (--data DATASET ...) or the training recipe (--recipe RECIPE.yaml)")
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(VideoConfig)
+             if f.name != "cache_dir" and getattr(args, f.name) is not None}
+    cache_dir = args.cache_dir or vcfg.cache_dir
+    if not cache_dir:
+        raise ValueError("warm: no cache directory: pass --cache-dir DIR (or set data.video.cache_dir in the recipe)")
+    store = {k: v for k, v in (("endpoint_url", args.endpoint_url), ("oss_endpoint", args.oss_endpoint),
+                               ("region", args.region)) if v is not None}
+    return paths, dataclasses.replace(vcfg, cache_dir=cache_dir, **given), dataclasses.replace(scfg, **store)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -43,7 +43,8 @@ def test_the_weights_a_run_loads_must_match():
     deeper = dataclasses.replace(tiny(), text=dataclasses.replace(tiny().text, num_layers=6))
     with pytest.raises(ConfigError, match=r"differs from the checkpoint /c: text\.num_layers: 4 vs 6"):
         resolve_model_config(ModelSection(), init=("checkpoint /c", deeper))
-    with pytest.raises(ConfigError, match=r"differs from the resumed checkpoint /r: text\.num_layers: 4 vs 6"):
+    with pytest.raises(ConfigError, match=r"differs from the resumed checkpoint /r: text\.num_layers: 4 vs 6 \(this "
+                                          r"run_dir belongs to a different run; pick a new run_dir"):
         resolve_model_config(ModelSection(), resumed=("resumed checkpoint /r", deeper))
     # preset: null takes the weights' architecture; an override of it must still match the weights (it used to
     # edit the weights' config too, so the comparison could not see it).

@@ -74,6 +74,18 @@ def test_cli_on_hf_dir_equals_transformers_generate(qa_dir, tmp_path, capsys):
 
 
 
+def test_cli_report_goes_into_the_hf_dir_and_prints_the_loss(qa_dir, tmp_path, capsys):
+    hf_dir = make_tiny_checkpoint(tmp_path / "hf", tiny(), seed=4)
+    assert main([str(hf_dir), "--data", qa_dir, "--tokenizer", tokenizer_dir(), "--max-new-tokens", "1",
+                 "--max-samples", "1"]) == 0
+    out = hf_dir / "eval" / "offline.json"
+    printed = capsys.readouterr().out
+    fig = json.loads(out.read_text())["datasets"]["heldout"]
+    assert fig["n"] == 1 and fig["loss"] > 0 and fig["supervised_tokens"] > 0
+    assert f"held-out loss {fig['loss']:.4f} over {fig['supervised_tokens']} supervised tokens" in printed
+    assert f"predictions: {out}" in printed
+
+
 def test_cli_bad_input_is_one_line(tmp_path, capsys):
     rc = main([str(tmp_path / "nothing"), "--data", str(tmp_path)])
     assert rc == 2

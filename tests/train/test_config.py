@@ -15,6 +15,7 @@ from train.config_doc import BEGIN, DOC, END, config_reference
 
 REPO = Path(__file__).resolve().parents[2]
 DATA = ["data.tokenizer=/tok", "data.datasets=[{path: /d}]"]
+RECIPES = REPO / "recipes"
 
 
 def write(tmp_path: Path, text: str, name: str = "r.yaml") -> Path:
@@ -87,8 +88,21 @@ def test_cross_field_validation():
         load_config(None, [*DATA, "train.freeze=[vision, merger, llm]"])
     with pytest.raises(ConfigError, match="unknown group 'vit'"):
         load_config(None, [*DATA, "train.freeze=[vit]"])
-    with pytest.raises(ConfigError, match="warmup_steps=50"):
-        load_config(None, [*DATA, "train.steps=10", "optim.warmup_steps=50"])
+    with pytest.raises(ConfigError, match="warmup_steps=-1"):
+        load_config(None, [*DATA, "optim.warmup_steps=-1"])
+
+
+def test_shortened_run_clamps_the_warmup():
+    """train.steps=3 on a recipe with a 10-step warm-up (issue 23): the warm-up is clamped to the run, said once, and
+    the LR still climbs to its peak at the last step."""
+    from train.optim import lr_multiplier
+
+    cfg = load_config(RECIPES / "learn" / "stage1.yaml", ["train.steps=3"])
+    assert load_config(RECIPES / "learn" / "stage1.yaml").optim.warmup_steps == 10
+    assert cfg.optim.warmup_steps == 3
+    assert cfg.notes == ["optim.warmup_steps=10 is longer than train.steps=3: the warm-up is clamped to 3 steps"]
+    assert [lr_multiplier(s, cfg) for s in range(3)] == pytest.approx([1 / 3, 2 / 3, 1.0])
+    assert load_config(None, [*DATA, "train.steps=10", "optim.warmup_steps=10"]).notes == []
 
 
 def test_stage_defaults_and_group_lrs():
@@ -150,3 +164,21 @@ def test_all_shipped_recipes_parse(monkeypatch):
         cfg = load_config(r)
         assert cfg.train.stage in (1, 2, 3), r
         assert yaml.safe_load(cfg.to_yaml())["train"]["stage"] == cfg.train.stage
+
+
+def test_each_recipe_family_has_its_own_run_dirs(monkeypatch):
+    """Before: the tiny recipes defaulted to runs/demo/stageN, where the demo keeps its checkpoints of another model
+    (recipes/learn), so `python -m train recipes/tiny/stage1.yaml` after the demo resumed a stranger's checkpoint
+    (issue 23). Every family's stages default to a directory of their own, and each stage starts from its own
+    family's previous stage."""
+    for var in ("DEMO_DIR", "LEARN_DIR", "QWEN2VL_RUNS"):
+        monkeypatch.delenv(var, raising=False)
+    owner: dict[Path, str] = {}
+    for family in sorted(p.name for p in RECIPES.iterdir() if (p / "stage1.yaml").is_file() and p.name != "common"):
+        dirs = [Path(load_config(RECIPES / family / f"stage{n}.yaml").run_dir) for n in (1, 2, 3)]
+        assert [d.name for d in dirs] == ["stage1", "stage2", "stage3"] and len({d.parent for d in dirs}) == 1
+        assert dirs[0].parent.name == family, dirs  # runs/<family>/stageN
+        assert owner.setdefault(dirs[0].parent, family) == family, (family, owner)
+        assert Path("runs/demo") not in dirs[0].parents and dirs[0].parent != Path("runs/demo")  # python -m demo's
+        for n in (2, 3):
+            assert Path(load_config(RECIPES / family / f"stage{n}.yaml").model.init_from) == dirs[n - 2]

@@ -170,6 +170,13 @@ def test_in_training_eval_one_process(demo_dir, qa_dir, tmp_path):
     # The final evaluation equals the same checkpoint evaluated offline (one process, no engine).
     assert predictions(run_dir, 2) == offline_predictions(res.checkpoint, qa_dir, tmp_path)
     assert recs[1]["loss"] == pytest.approx(reference_loss(res.checkpoint, qa_dir, cfg.data), rel=1e-5)
+    # The offline CLI's held-out loss is the engine's, and its report goes into the evaluated run (issue 23: it was
+    # written to the working directory), next to the in-training predictions of that step.
+    assert eval_cli([str(run_dir), "--data", qa_dir, "--kind", "chat", "--max-new-tokens", "1", "--max-samples",
+                     "1"]) == 0
+    offline = json.loads((run_dir / "eval" / "step_00000002" / "offline.json").read_text())["datasets"]["heldout"]
+    assert offline["n"] == 1 and offline["supervised_tokens"] == recs[1]["supervised_tokens"]
+    assert offline["loss"] == pytest.approx(recs[1]["loss"], rel=1e-5)
 
 
 @pytest.mark.distributed
