@@ -121,7 +121,9 @@ def test_microbatches_in_flight_are_bounded_by_the_warmup(schedule, v):
                 assert peak == min(bound, v * m), (p, m, r, peak)
 
 
-def test_interleaved_microbatch_count_error_suggests_the_nearest_multiples():
+def test_program_errors_name_the_fix():
+    """The executor's own checks (a step's microbatch count, the schedule's name): the interleaved count error
+    suggests the nearest multiples of p."""
     for m, p, use in ((3, 2, "use 2 or 4,"), (5, 4, "use 4 or 8,"), (1, 2, "use 2,"), (7, 3, "use 6 or 9,")):
         with pytest.raises(ValueError, match=rf"multiple of pp={p}, got {m}; {use} or pp_schedule='1f1b'"):
             check_interleaved_microbatches(m, p)
@@ -129,6 +131,8 @@ def test_interleaved_microbatch_count_error_suggests_the_nearest_multiples():
         check_interleaved_microbatches(0, 2)
     for m in (2, 4, 6):
         check_interleaved_microbatches(m, 2)
+    with pytest.raises(ValueError, match=r"unknown pipeline schedule 'zb'; choose '1f1b' or 'interleaved_1f1b'"):
+        build_program("zb", 2, 1, 0, 2)
 
 
 def test_schedule_config_errors():
