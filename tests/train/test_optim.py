@@ -55,8 +55,13 @@ def test_frozen_groups_have_no_grads_and_no_optimizer_state(stage, frozen):
     cfg = load_config(None, [*DATA, f"train.stage={stage}", "optim.lr=1e-3", "optim.lr_merger=5e-3"])
     model = tiny()
     counts = apply_freeze(model.named_parameters(), cfg.frozen_groups)
-    for g in frozen:
-        assert counts[g] == 0
+    # The trainable parameter count of each group (what the start record and the log report), counted here by the
+    # groups' FQN prefixes: 0 for a frozen group, every parameter of a trained one.
+    sizes = {"merger": 0, "vision": 0, "llm": 0}
+    for name, p in model.named_parameters():
+        sizes["merger" if name.startswith("visual.merger.") else "vision" if name.startswith("visual.") else
+              "llm"] += p.numel()
+    assert counts == {g: 0 if g in frozen else n for g, n in sizes.items()} and min(sizes.values()) > 0
     opt = build_optimizer(list(model.named_parameters()), cfg)
     batch = make_batch(torch.Generator().manual_seed(1))
     loss_sum, n = model_loss(model, batch.labels, **batch.model_inputs())
@@ -75,6 +80,11 @@ def test_frozen_groups_have_no_grads_and_no_optimizer_state(stage, frozen):
         assert by_name["merger"]["peak_lr"] == pytest.approx(5e-3)
         assert by_name["merger_no_decay"]["weight_decay"] == 0.0
     assert all(g["weight_decay"] == cfg.optim.weight_decay for n_, g in by_name.items() if not n_.endswith("no_decay"))
+
+
+def test_unknown_frozen_group_is_an_error_naming_the_groups():
+    with pytest.raises(ValueError, match=r"unknown groups \['text', 'vit'\]; groups are \['vision', 'merger', 'llm'\]"):
+        apply_freeze(tiny().named_parameters(), ["vit", "llm", "text"])
 
 
 def test_resume_template_does_not_move_parameters():
