@@ -6,6 +6,7 @@ docs/tests.md saying why it is equivalent. Not part of CI (a module takes minute
     nice -n 10 python tests/mutation.py loss        # one target (see TARGETS), or several, or `all`
     nice -n 10 python tests/mutation.py all --time-limit 1800   # bounded: each target reports what it finished
     python tests/mutation.py --list                  # the targets: module, functions, tests
+    python tests/mutation.py --recheck loss          # the last run's survivors against today's tests
 
 Each target runs in its own scratch folder, .mutation/TARGET/ (git ignores it): the repository's packages linked in,
 a setup.cfg with the target's mutmut settings; mutmut copies them to .mutation/TARGET/mutants/. It mutates only the
@@ -156,12 +157,17 @@ def _mutants(work: Path, t: Target) -> list[str]:
     return sorted(k for k in meta["exit_code_by_key"] if any(w.match(k) for w in wanted))
 
 
-def run_spawned(work: Path, t: Target, limit: float | None) -> dict[str, str]:
-    """Each mutant against all the target's tests: MUTANT_UNDER_TEST reaches the spawned ranks through the
-    environment (mutmut's trampolines read it at every call)."""
+def run_spawned(work: Path, t: Target, limit: float | None, names: list[str] | None = None) -> dict[str, str]:
+    """Each mutant (all the target's, or `names`) against all the target's tests: MUTANT_UNDER_TEST reaches the
+    spawned ranks through the environment (mutmut's trampolines read it at every call)."""
     out: dict[str, str] = {}
     t_end = None if limit is None else time.monotonic() + limit
-    for name in _mutants(work, t):
+    no_mutant = dict(_env(), MUTANT_UNDER_TEST="", PYTHONPATH=str(work / "mutants"))
+    clean = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:randomly", *t.tests],
+                           cwd=work / "mutants", env=no_mutant, capture_output=True, text=True)
+    if clean.returncode != 0:  # a failure without a mutant would count every mutant killed
+        raise SystemExit(f"the tests fail without a mutant in {work / 'mutants'}:\n{clean.stdout[-3000:]}")
+    for name in names if names is not None else _mutants(work, t):
         left = None if t_end is None else t_end - time.monotonic()
         if left is not None and left <= 0:
             print(f"stopped after the time limit of {limit:.0f} s", flush=True)
@@ -193,17 +199,31 @@ def run_target(name: str, max_children: int, limit: float | None) -> int:
     return rc
 
 
+def recheck(name: str) -> None:
+    """The last run's survivors against the tests as they are now (copied into mutants/ again), one pytest each:
+    after adding a test for a survivor, this shows it killed without a whole run."""
+    t, work = TARGETS[name], REPO / ".mutation" / name
+    survivors = sorted(k for k, v in _statuses(name).items() if v == "survived")
+    shutil.copytree(REPO / "tests", work / "mutants" / "tests", dirs_exist_ok=True,
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    now = run_spawned(work, t, None, survivors)
+    left = sorted(k for k, v in now.items() if v == "survived")
+    print(f"[{name}] recheck: {len(survivors) - len(left)} of {len(survivors)} survivors now killed; "
+          f"still surviving: {left}")
+
+
+def _statuses(name: str) -> dict[str, str]:
+    t, work = TARGETS[name], REPO / ".mutation" / name
+    if (work / "spawned_results.json").is_file():
+        return json.loads((work / "spawned_results.json").read_text())
+    wanted = [re.compile(re.escape(g).replace(r"\*", ".*") + "$") for g in mutant_globs(t)]
+    return {k: v for k, v in results(work).items() if any(w.match(k) for w in wanted)}
+
+
 def report(name: str, spawned: dict[str, str] | None = None, seconds: float | None = None) -> None:
     """The survival rate of the target's last run (in .mutation/NAME/) and its survivors."""
     t, work = TARGETS[name], REPO / ".mutation" / name
-    if spawned is None and (work / "spawned_results.json").is_file():
-        spawned = json.loads((work / "spawned_results.json").read_text())
-    if spawned is not None:
-        mine = spawned
-    else:
-        res = results(work)
-        wanted = [re.compile(re.escape(g).replace(r"\*", ".*") + "$") for g in mutant_globs(t)]
-        mine = {k: v for k, v in res.items() if any(w.match(k) for w in wanted)}
+    mine = spawned if spawned is not None else _statuses(name)
     survived = sorted(k for k, v in mine.items() if v == "survived")
     counted = [k for k, v in mine.items() if v in ("killed", "survived", "timeout", "suspicious")]
     rate = len(survived) / len(counted) if counted else float("nan")
@@ -220,6 +240,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("targets", nargs="*", help=f"any of {', '.join(TARGETS)}, or all")
     ap.add_argument("--list", action="store_true", help="print the targets and exit")
     ap.add_argument("--report", action="store_true", help="only report the targets' last runs")
+    ap.add_argument("--recheck", action="store_true",
+                    help="run the last run's survivors against the tests as they are now")
     ap.add_argument("--max-children", type=int, default=1, help="mutants tested at once (default 1)")
     ap.add_argument("--time-limit", type=float, default=None,
                     help="seconds per target; past it the run stops and reports what it finished")
@@ -233,9 +255,9 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [n for n in names if n not in TARGETS]
     if unknown:
         ap.error(f"unknown target(s) {unknown}; choose from {', '.join(TARGETS)} or all")
-    if args.report:
+    if args.report or args.recheck:
         for n in names:
-            report(n)
+            (recheck if args.recheck else report)(n)
         return 0
     return max(run_target(n, args.max_children, args.time_limit) for n in names)
 
