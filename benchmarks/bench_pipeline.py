@@ -13,7 +13,8 @@ stages. For every schedule and m: one warm-up step, then the median of --repeats
          to latest schedule end on the shared host clock), averaged over the ranks;
   sent   bytes (and P2P messages) this rank sent in the schedule, averaged over the ranks;
   step   the span, and the full step() time (with the length broadcast and loss all-reduce).
-With --json the last line is the result as JSON (tests/parallel/test_bubble.py).
+With --json the last line is the result as JSON (tests/parallel/test_bubble.py); with --sleep-ms it also holds
+each rank's timeline of the last repeat (every compute item's start and end on the host clock).
 
 --sleep-ms S: every decoder layer's forward also sleeps S ms and its backward 2*S ms (an autograd Function
 around the layer's output). Sleeping holds no core, so p processes on fewer cores behave like p devices that
@@ -66,24 +67,46 @@ def _text_microbatch(T: int, seed: int):
                        cu_seqlens=torch.tensor([0, T], dtype=torch.int32), max_seqlen=T)
 
 
-def _add_sleeps(pm, seconds: float) -> None:
-    """Each decoder layer: forward sleeps `seconds`, backward 2 x `seconds` (a device's compute, no CPU)."""
+def _add_sleeps(pm, seconds: float, events: list) -> None:
+    """Each decoder layer: forward sleeps `seconds`, backward 2 x `seconds` (a device's compute, no CPU); every
+    sleep is appended to `events` as ("F" | "B", start, end) on the host clock (time.time())."""
     import torch
+
+    def sleep(kind: str, s: float) -> None:
+        t0 = time.time()
+        time.sleep(s)
+        events.append((kind, t0, time.time()))
 
     class Sleep(torch.autograd.Function):
         @staticmethod
         def forward(ctx, x):
-            time.sleep(seconds)
+            sleep("F", seconds)
             return x.clone()  # (not a view: FSDP2 warns about views returned by its root)
 
         @staticmethod
         def backward(ctx, g):
-            time.sleep(2 * seconds)
+            sleep("B", 2 * seconds)
             return g
 
     for chunk in pm.modules:
         for layer in chunk.layers.values():
             layer.register_forward_hook(lambda mod, args, out: Sleep.apply(out))
+
+
+def _timeline(pm, order: list, events: list) -> list:
+    """[kind, chunk, microbatch, start, end] of each compute item of one step, in execution order: the item's
+    first layer's sleep start to its last layer's sleep end (each chunk's layers sleep one after the other)."""
+    out, i = [], 0
+    for kind, chunk, mb in order:
+        n = len(pm.modules[chunk].layers)
+        mine = events[i : i + n]
+        if len(mine) != n or any(k != kind for k, _, _ in mine):
+            raise RuntimeError(f"sleeps {mine} do not match compute item {(kind, chunk, mb)}")
+        out.append([kind, chunk, mb, mine[0][1], mine[-1][2]])
+        i += n
+    if i != len(events):
+        raise RuntimeError(f"{len(events) - i} sleeps outside the schedule's compute items")
+    return out
 
 
 def _rank(rank: int, world: int, port: int, args: dict, q) -> None:
@@ -107,14 +130,16 @@ def _rank(rank: int, world: int, port: int, args: dict, q) -> None:
                                  num_microbatches=args["microbatches"][0])  # (step() takes any valid count)
             torch.manual_seed(0)
             pm = parallelize(VLModel(_model_config(args["hidden"], lps * p)), dims, cfg)
+            events: list = []
             if args["sleep_ms"] > 0:
-                _add_sleeps(pm, args["sleep_ms"] / 1000)
+                _add_sleeps(pm, args["sleep_ms"] / 1000, events)
             for m in args["microbatches"]:
                 mbs = [_text_microbatch(args["tokens"], seed=i) for i in range(m)]
                 mine = mbs if dims.is_first_stage else None
                 pm.step(mine)  # warm-up: allocator, DTensor/FSDP caches
                 rows = []
                 for _ in range(args["repeats"]):
+                    events.clear()
                     res = pm.step(mine)
                     st = res.schedule
                     spans = [None] * world
@@ -123,7 +148,8 @@ def _rank(rank: int, world: int, port: int, args: dict, q) -> None:
                     rows.append((1.0 - st.compute_s / span, span, res.step_time_s, st.sent_bytes, st.messages))
                 idle, span, step_s, sent, msgs = (statistics.median(c) for c in zip(*rows))
                 out[(schedule, m)] = {"idle": idle, "span_s": span, "step_s": step_s, "sent_bytes": sent,
-                                      "messages": msgs}
+                                      "messages": msgs,
+                                      "timeline": _timeline(pm, st.order, events) if events else None}
         gathered = [None] * world
         dist.all_gather_object(gathered, out)
         if rank == 0:
@@ -183,6 +209,8 @@ def run(stages: int, microbatches: list[int], hidden: int, tokens: int, layers_p
                 "step_s": max(x["step_s"] for x in per),
                 "sent_bytes_per_rank": sum(x["sent_bytes"] for x in per) / stages,
                 "messages_per_rank": sum(x["messages"] for x in per) / stages,
+                # With --sleep-ms: each rank's compute items of the last repeat (kind, chunk, microbatch, start, end).
+                "timeline_per_stage": [x["timeline"] for x in per],
             })
     return result
 

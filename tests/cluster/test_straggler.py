@@ -82,7 +82,9 @@ def test_a_rank_waiting_in_a_gloo_collective_is_not_busy(tmp_path):
     check, flagged = json.loads(out.read_text())
     assert check["event"] == "straggler_check" and check["window_steps"] == 4  # step 1 is warm-up
     r0, r1 = check["ranks"]
-    # Rank 0 spent each step waiting in all_reduce for rank 1: the same wall time, no CPU.
-    assert r0["step_s"] >= 0.3 and r1["step_s"] >= 0.4
-    assert r0["compute_s"] < 0.1 <= 0.4 <= r1["compute_s"]
+    # Rank 0 spent each step waiting in all_reduce for rank 1: the same wall time, little CPU. Compared with the
+    # run's own figures, not an absolute bound: rank 1 burns its 0.4 s of CPU per step (at least that much),
+    # rank 0 computes far less than that and less than half of its step (the rest is the wait).
+    assert r0["step_s"] >= 0.3 and r1["step_s"] >= 0.4 and r1["compute_s"] >= 0.4
+    assert r0["compute_s"] < r1["compute_s"] / 4 and r0["compute_s"] < r0["step_s"] / 2, (r0, r1)
     assert (flagged["event"], flagged["rank"], flagged["cause"]) == ("straggler", 1, "compute")

@@ -669,7 +669,7 @@ def raising_worker(rank: int, world: int, par: dict, victim: int, where: str, ti
             assert "injected failure" in str(e), e
             # Stay alive (and silent) so the peers can only rely on their timeouts, not on a closed socket.
             time.sleep(2.5 * timeout_s)
-        return {"rank": rank, "error": f"{type(e).__name__}: {str(e)[:160]}", "elapsed": elapsed}
+        return {"rank": rank, "error": f"{type(e).__name__}: {str(e)[:400]}", "elapsed": elapsed}
     raise AssertionError(f"rank {rank} finished a step that rank {victim} failed")
 
 

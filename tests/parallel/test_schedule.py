@@ -19,6 +19,7 @@ from parallel.pipeline_schedule import (
     Exchange,
     Msg,
     build_program,
+    check_interleaved_microbatches,
     interleaved_table,
     one_f_one_b_program,
 )
@@ -101,6 +102,37 @@ def test_copy_stage_copies_one_stage_and_merge_keeps_fqns():
     assert merge_stage_modules([c1]) is c1
     with pytest.raises(ValueError, match="layers.1 is in two pipeline chunks"):
         merge_stage_modules([c1, copy_stage(full, 1, ids)])
+
+
+@pytest.mark.parametrize("schedule,v", [("1f1b", 1), ("interleaved_1f1b", 2), ("interleaved_1f1b", 3)])
+def test_microbatches_in_flight_are_bounded_by_the_warmup(schedule, v):
+    """What 1F1B is for (against running every forward first): rank r holds the activations of at most its
+    warm-up forwards + 1 microbatch chunks, p - r for 1F1B and (v-1)p + 2(p-r-1) + 1 interleaved (Megatron's
+    warm-up), whatever m. The idle share alone does not show it: extra warm-up forwards leave it unchanged."""
+    for p in (2, 3, 4):
+        for m in (p, 2 * p, 3 * p):
+            for r in range(p):
+                live = peak = 0
+                for item in build_program(schedule, p, v, r, m):
+                    if isinstance(item, Compute):
+                        live += 1 if item.kind == "F" else -1
+                        peak = max(peak, live)
+                bound = p - r if v == 1 else (v - 1) * p + 2 * (p - r - 1) + 1
+                assert peak == min(bound, v * m), (p, m, r, peak)
+
+
+def test_program_errors_name_the_fix():
+    """The executor's own checks (a step's microbatch count, the schedule's name): the interleaved count error
+    suggests the nearest multiples of p."""
+    for m, p, use in ((3, 2, "use 2 or 4,"), (5, 4, "use 4 or 8,"), (1, 2, "use 2,"), (7, 3, "use 6 or 9,")):
+        with pytest.raises(ValueError, match=rf"multiple of pp={p}, got {m}; {use} or pp_schedule='1f1b'"):
+            check_interleaved_microbatches(m, p)
+    with pytest.raises(ValueError, match=r"got 0; use 2,"):
+        check_interleaved_microbatches(0, 2)
+    for m in (2, 4, 6):
+        check_interleaved_microbatches(m, 2)
+    with pytest.raises(ValueError, match=r"unknown pipeline schedule 'zb'; choose '1f1b' or 'interleaved_1f1b'"):
+        build_program("zb", 2, 1, 0, 2)
 
 
 def test_schedule_config_errors():

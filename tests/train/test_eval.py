@@ -14,13 +14,14 @@ import pytest
 import torch
 from PIL import Image
 from qa_data import IMG_Q, MULTI, VID_Q, data_cfg, write_qa_dataset
-from train_helpers import RECIPES, SHORT, env_for, torchrun
+from train_helpers import RECIPES, SHORT, demo_config, env_for, torchrun
 
 from data.config import DataConfig, DatasetSpec
 from data.loader import build_loader
 from data.sample import SampleProcessor
+from data.tokenizer import Tokenizer
 from model.loss import lm_loss
-from tests.data.datahelpers import hf_processor, small_image
+from tests.data.datahelpers import hf_processor, small_image, tokenizer_dir
 from tools.eval import load_for_eval
 from tools.eval import main as eval_cli
 from train.config import load_config
@@ -149,16 +150,51 @@ def offline_predictions(ckpt: Path, qa_dir: str, tmp_path: Path) -> dict[str, st
     return {p["key"]: p["prediction"] for p in json.loads(out.read_text())["predictions"]}
 
 
-@pytest.mark.timeout(400)
-def test_in_training_eval_one_process(demo_dir, qa_dir, tmp_path):
-    import os
+# Scripted answers (the tiny random model answers nothing right, so its figures are always 0%): by the prompt's
+# media, one exact ("Six." to the text-only chat), one containing its reference ("To the right." inside a longer
+# answer to the video question) and two wrong ("A dog." to the two "A cat." image questions): exact 25%, contains 50%.
+SCRIPTED = {"text": "six", "video": "It moves to the right, I think.", "image": "A dog."}
+SCRIPTED_BY_KEY = {"multi": "six", "vid": "It moves to the right, I think.", "img": "A dog.", "img2": "A dog."}
 
-    os.environ["DEMO_DIR"] = str(demo_dir)
+
+def by_name(preds: dict[str, str]) -> dict[str, str]:
+    """Predictions by sample name (the key's last part)."""
+    return {k.rsplit("/", 1)[-1]: v for k, v in preds.items()}
+
+
+def scripted_generate(monkeypatch, scripted_calls: int | None = None) -> list[str]:
+    """Replace greedy generation (train/eval.py's, which tools/eval.py also calls) by the scripted answers for the
+    first `scripted_calls` prompts (all when None), each ended by <|im_end|>; later prompts are generated for
+    real. Returns the list of answers given (the real ones as None)."""
+    import train.eval as ev
+    from model.generate import Generation, greedy_generate
+
+    tok = Tokenizer.load(tokenizer_dir())
+    given: list[str | None] = []
+
+    def generate(model, input_ids, **kw):
+        if scripted_calls is not None and len(given) >= scripted_calls:
+            given.append(None)
+            return greedy_generate(model, input_ids, **kw)
+        media = "video" if kw["video_grid_thw"].numel() else "image" if kw["image_grid_thw"].numel() else "text"
+        given.append(SCRIPTED[media])
+        return Generation(tok.encode(SCRIPTED[media]) + [tok.special.im_end], finished=True)
+
+    monkeypatch.setattr(ev, "greedy_generate", generate)
+    return given
+
+
+@pytest.mark.timeout(400)
+def test_in_training_eval_one_process(demo_dir, qa_dir, tmp_path, monkeypatch, capsys):
+    """Step 1's evaluation answers from the script: its record says exact 25% and contains 50%. Step 2's is
+    generated for real and equals the same checkpoint evaluated offline; offline with the script, 25% / 50%."""
     run_dir = tmp_path / "run"
-    cfg = load_config(RECIPES / "stage3.yaml", [f"run_dir={run_dir}", "model.init_from=null", "train.steps=2",
-                                                "checkpoint.every=0", "optim.warmup_steps=1", "data.max_tokens=160",
-                                                *eval_overrides(qa_dir, "eval.every=1")])
+    cfg = demo_config(demo_dir, RECIPES / "stage3.yaml", [
+        f"run_dir={run_dir}", "model.init_from=null", "train.steps=2", "checkpoint.every=0", "optim.warmup_steps=1",
+        "data.max_tokens=160", *eval_overrides(qa_dir, "eval.every=1")])
+    given = scripted_generate(monkeypatch, scripted_calls=4)
     res = run(cfg)
+    assert given[:4] != [None] * 4 and given[4:] == [None] * 4  # step 1 scripted, step 2 generated
     recs = eval_records(run_dir)
     assert [r["step"] for r in recs] == [1, 2]  # every step, and not twice at the end
     for r in recs:
@@ -166,8 +202,11 @@ def test_in_training_eval_one_process(demo_dir, qa_dir, tmp_path):
         assert r["skipped"] == {"not_chat": 1, "no_reference": 1}
         assert 0.0 <= r["exact"] <= 1.0 and 0.0 <= r["contains"] <= 1.0
         assert r["loss"] > 0 and r["supervised_tokens"] > 0
+    assert by_name(predictions(run_dir, 1)) == SCRIPTED_BY_KEY
+    assert (recs[0]["exact"], recs[0]["contains"]) == (0.25, 0.5)
     assert recs[0]["loss"] != recs[1]["loss"]  # the weights changed between the two evaluations
     # The final evaluation equals the same checkpoint evaluated offline (one process, no engine).
+    monkeypatch.undo()
     assert predictions(run_dir, 2) == offline_predictions(res.checkpoint, qa_dir, tmp_path)
     assert recs[1]["loss"] == pytest.approx(reference_loss(res.checkpoint, qa_dir, cfg.data), rel=1e-5)
     # The offline CLI's held-out loss is the engine's, and its report goes into the evaluated run (issue 23: it was
@@ -177,6 +216,14 @@ def test_in_training_eval_one_process(demo_dir, qa_dir, tmp_path):
     offline = json.loads((run_dir / "eval" / "step_00000002" / "offline.json").read_text())["datasets"]["heldout"]
     assert offline["n"] == 1 and offline["supervised_tokens"] == recs[1]["supervised_tokens"]
     assert offline["loss"] == pytest.approx(recs[1]["loss"], rel=1e-5)
+    # Offline, scripted: the same figures in its report and its printed line.
+    scripted_generate(monkeypatch)
+    capsys.readouterr()
+    assert by_name(offline_predictions(res.checkpoint, qa_dir, tmp_path)) == SCRIPTED_BY_KEY
+    report = json.loads((tmp_path / "offline.json").read_text())
+    fig = report["datasets"]["heldout"]
+    assert (fig["exact"], fig["contains"], fig["n"]) == (0.25, 0.5, 4)
+    assert "heldout: exact 25.0% contains 50.0% on 4 samples" in capsys.readouterr().out
 
 
 @pytest.mark.distributed

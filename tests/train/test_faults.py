@@ -14,12 +14,13 @@ import shutil
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from train_helpers import RECIPES, REPO, env_for, step_records
+from train_helpers import RECIPES, REPO, demo_config, env_for, step_records
 
 from core.config import ConfigError
 from parallel import ParallelConfig, init_distributed
@@ -36,9 +37,9 @@ from train.trainer import Trainer, TrainingStopped, run
 
 
 def cfg_for(demo_dir: Path, run_dir: Path, *extra: str):
-    os.environ["DEMO_DIR"] = str(demo_dir)
-    return load_config(RECIPES / "stage3.yaml", [f"run_dir={run_dir}", "model.init_from=null", "optim.warmup_steps=1",
-                                                  "data.max_tokens=160", "data.num_workers=0", *extra])
+    return demo_config(demo_dir, RECIPES / "stage3.yaml", [f"run_dir={run_dir}", "model.init_from=null",
+                                                          "optim.warmup_steps=1", "data.max_tokens=160",
+                                                          "data.num_workers=0", *extra])
 
 
 def ckpts(run_dir: Path) -> list[str]:
@@ -254,7 +255,7 @@ def test_setup_mistakes_are_one_line_exit_2(demo_dir, tmp_path):
     cases = [
         ([str(bad_yaml)], r"config error: .*bad.yaml is not valid YAML"),
         ([str(RECIPES / "stage3.yaml"), f"run_dir={tmp_path / 'a'}", "parallel.tp=2", "model.init_from=null"],
-         r"config error: .*pp\*dp\*tp = 1\*-?\d+\*2|world size 1 is not divisible by pp\*tp"),
+         r"config error: .*(pp\*dp\*tp = 1\*-?\d+\*2|world size 1 is not divisible by pp\*tp)"),
         ([str(RECIPES / "stage3.yaml"), f"run_dir={tmp_path / 'b'}", "model.init_from=/nope/nothing"],
          r"config error: model.init_from='/nope/nothing'"),
         ([str(RECIPES / "stage3.yaml"), f"run_dir={tmp_path / 'c'}", "model.init_from=null",
@@ -286,32 +287,78 @@ def test_data_sources_are_checked_before_the_start_and_the_model(demo_dir, tmp_p
 
 
 # ------------------------------------------------------------------------------------------ signals + resume
+# A signal must reach the run while it computes: one that lands while the loader waits for data (polled between
+# samples, and before every microbatch) ends the run at once with nothing to save, which an outside timer cannot
+# rule out. So the run signals itself in a forward after a logged step (the stop flag is read at that step's end);
+# in the second-Ctrl-C case the save this asks for waits (SAVING is touched first) and the test's Ctrl-C lands there.
+_SIGNALLED_RUN = textwrap.dedent("""
+    import os, signal, sys, time
+    from pathlib import Path
+    import torch
+    from model.qwen2_vl import Qwen2VL
+    from train.trainer import Trainer
+
+    sig, saving, metrics = signal.Signals[sys.argv[1]], sys.argv[2], Path(sys.argv[3]) / "metrics.jsonl"
+    sent = []
+
+    def first_signal(module, args, out):
+        if isinstance(module, Qwen2VL) and not sent and metrics.is_file() and '"loss"' in metrics.read_text():
+            sent.append(True)
+            os.kill(os.getpid(), sig)
+
+    torch.nn.modules.module.register_module_forward_hook(first_signal)
+    if saving != "-":
+        save = Trainer.save
+
+        def slow_save(self):
+            Path(saving).touch()
+            time.sleep(30)  # the second Ctrl-C arrives here: an abort never saves
+            save(self)
+
+        Trainer.save = slow_save
+    from train.__main__ import main
+    sys.exit(main(sys.argv[4:]))
+""")
+
+
+def _signalled_run(demo_dir: Path, tmp_path: Path, sig: signal.Signals,
+                   saving: Path | None) -> tuple[Path, subprocess.Popen]:
+    """`python -m train` on the tiny stage 3 for 200 steps (far more than it runs), signalling itself as above."""
+    run_dir, driver = tmp_path / "run", tmp_path / "driver.py"
+    driver.write_text(_SIGNALLED_RUN)
+    cmd = [sys.executable, str(driver), sig.name, str(saving or "-"), str(run_dir), str(RECIPES / "stage3.yaml"),
+           f"run_dir={run_dir}", "model.init_from=null", "train.steps=200", "checkpoint.every=0",
+           "data.max_tokens=160", "data.num_workers=0"]
+    return run_dir, subprocess.Popen(cmd, env=env_for(demo_dir), cwd=REPO, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True)
+
+
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_signal_saves_and_exits_non_zero(demo_dir, tmp_path, sig, code):
     """Before: SIGINT was a KeyboardInterrupt traceback and a signal-stopped run exited 0 like a finished one."""
-    run_dir = tmp_path / "sig"
-    env = env_for(demo_dir)
-    p = subprocess.Popen([sys.executable, "-m", "train", str(RECIPES / "stage3.yaml"), f"run_dir={run_dir}",
-                          "model.init_from=null", "train.steps=200", "checkpoint.every=0", "data.max_tokens=160",
-                          "data.num_workers=0"], env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True)
-    deadline = time.monotonic() + 200
-    while not step_records_safe(run_dir):  # signal once training is running (a step has been logged)
-        assert p.poll() is None and time.monotonic() < deadline, p.communicate()
-        time.sleep(0.3)
-    p.send_signal(sig)
-    out, err = p.communicate(timeout=120)
+    run_dir, p = _signalled_run(demo_dir, tmp_path, sig, None)
+    out, err = p.communicate(timeout=240)
     assert p.returncode == code, (out[-2000:], err[-3000:])
-    assert "Traceback" not in err and ckpts(run_dir), err[-3000:]
-    if sig == signal.SIGINT:  # a second Ctrl-C aborts at once (no save): checked on a fresh process
-        p = subprocess.Popen(p.args, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        time.sleep(8)
-        p.send_signal(sig)
-        time.sleep(0.2)
-        p.send_signal(sig)
-        p.communicate(timeout=60)
-        assert p.returncode != 0
+    assert f"{sig.name} received: saving a checkpoint" in err and "Traceback" not in err, err[-3000:]
+    assert ckpts(run_dir) == ["step_00000002"], err[-3000:]  # the step the signal came in (after step 1's record)
+
+
+@pytest.mark.timeout(300)
+def test_second_ctrl_c_aborts_at_once_without_saving(demo_dir, tmp_path):
+    """The first Ctrl-C asks for a save at the end of the step (exit 130, as above); a second one aborts: not the
+    save-and-130 path (which a lost abort takes) and no checkpoint written."""
+    saving = tmp_path / "saving"
+    run_dir, p = _signalled_run(demo_dir, tmp_path, signal.SIGINT, saving)
+    deadline = time.monotonic() + 200
+    while not saving.exists():  # the first Ctrl-C was taken and its save began
+        assert p.poll() is None and time.monotonic() < deadline, p.communicate()
+        time.sleep(0.05)
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=60)
+    assert "SIGINT received: saving a checkpoint" in err and step_records_safe(run_dir), err[-3000:]
+    assert p.returncode not in (0, 130), (p.returncode, out[-2000:], err[-3000:])
+    assert ckpts(run_dir) == [], err[-3000:]
 
 
 def step_records_safe(run_dir: Path) -> dict:

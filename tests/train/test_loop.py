@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from torch.distributed.checkpoint import FileSystemReader
-from train_helpers import RECIPES, losses, step_records
+from train_helpers import RECIPES, demo_config, losses, step_records
 
 from train.checkpoint import checkpoint_keys
 from train.config import load_config
@@ -20,11 +20,8 @@ from train.trainer import Trainer, TrainingStopped, run
 
 
 def cfg_for(demo_dir: Path, run_dir: Path, *extra: str, stage: int = 3):
-    import os
-
-    os.environ["DEMO_DIR"] = str(demo_dir)
-    return load_config(
-        RECIPES / f"stage{stage}.yaml",
+    return demo_config(
+        demo_dir, RECIPES / f"stage{stage}.yaml",
         [f"run_dir={run_dir}", "model.init_from=null", "checkpoint.keep_last=0", "optim.warmup_steps=1",
          "data.max_tokens=160", *extra],
     )

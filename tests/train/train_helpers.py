@@ -29,6 +29,18 @@ def env_for(demo_dir: Path, **extra: str) -> dict[str, str]:
     return env
 
 
+def demo_config(demo_dir: Path, recipe: str | Path, overrides: list[str]):
+    """load_config(recipe, overrides) with DEMO_DIR=demo_dir for the parse only: the recipes' ${DEMO_DIR} paths are
+    resolved then, and no test leaves DEMO_DIR in this process's environment for the tests after it."""
+    import pytest
+
+    from train.config import load_config
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DEMO_DIR", str(demo_dir))
+        return load_config(recipe, overrides)
+
+
 def run_cmd(cmd: list[str], env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
     res = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
     if res.returncode != 0:

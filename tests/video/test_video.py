@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import math
+import threading
 import time
 import wave
 
@@ -199,38 +200,63 @@ def _broken_videos() -> dict[str, tuple[bytes, set[str]]]:
 @pytest.mark.parametrize("name", list(_broken_videos()))
 def test_broken_videos_are_counted_skips(name, backend):
     data, reasons = _broken_videos()[name]
-    t0 = time.monotonic()
     with pytest.raises(VideoDecodeError) as ei:
         load_video(data, VideoConfig(backend=backend, decode_timeout_s=10))
-    assert ei.value.reason in reasons, (ei.value.reason, str(ei.value))
+    # Classified by what is wrong with it, not cut off by the 10 s deadline (no "timeout" among the reasons).
+    assert ei.value.reason in reasons and ei.value.reason != "timeout", (ei.value.reason, str(ei.value))
     assert isinstance(ei.value, ValueError)
-    assert time.monotonic() - t0 < 10
 
 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("backend", ["pyav", "ffmpeg"])
-def test_decode_timeout(backend):
+def test_decode_timeout(backend, monkeypatch):
+    """The decoder stops itself at its deadline (PyAV: its checks between packets, frames and reads; ffmpeg: the
+    subprocess is killed): its own timeout error, whether or not the watchdog released the caller first."""
+    outcome: list[BaseException | object] = []
+    watched = video_mod._watched
+
+    def spy(fn, cfg):
+        def work(deadline):
+            try:
+                outcome.append(fn(deadline))
+            except BaseException as e:
+                outcome.append(e)
+                raise
+            return outcome[-1]
+
+        return watched(work, cfg)
+
+    monkeypatch.setattr(video_mod, "_watched", spy)
     data = encode_clip(640, 360, 150, 30)
-    t0 = time.monotonic()
     with pytest.raises(VideoDecodeError) as ei:
         load_video(data, VideoConfig(backend=backend, decode_timeout_s=0.02))
     assert ei.value.reason == "timeout"
-    assert time.monotonic() - t0 < 0.02 + 0.5 + 0.5
+    # The decode thread ends at its next deadline check; 30 s only turns a decoder that never stops into a failure
+    # (decoding this whole clip takes well under that).
+    deadline = time.monotonic() + 30
+    while not outcome and time.monotonic() < deadline:
+        time.sleep(0.01)
+    (own,) = outcome
+    assert isinstance(own, VideoDecodeError) and own.reason == "timeout" and "watchdog" not in str(own), own
 
 
 @pytest.mark.timeout(60)
 def test_watchdog_bounds_a_decoder_that_ignores_the_deadline(monkeypatch):
-    """A decoder stuck in native code never checks the deadline; the caller is still released on time."""
+    """A decoder stuck in native code never checks the deadline; the caller is still released, while it is stuck."""
+    release, returned = threading.Event(), threading.Event()
 
     def stuck(data, plan, cfg, deadline):
-        time.sleep(5)  # stands for a native call that never returns control
+        release.wait(30)  # stands for a native call that never returns control (until the test lets it)
+        returned.set()
         raise AssertionError("unreachable in this test")
 
     monkeypatch.setattr(video_mod, "_decode_pyav", stuck)
-    t0 = time.monotonic()
-    with pytest.raises(VideoDecodeError, match="watchdog") as ei:
-        load_video(encode_clip(320, 240, 30, 30), VideoConfig(decode_timeout_s=0.3))
-    assert ei.value.reason == "timeout" and time.monotonic() - t0 < 0.3 + 0.5 + 0.5
+    try:
+        with pytest.raises(VideoDecodeError, match="watchdog") as ei:
+            load_video(encode_clip(320, 240, 30, 30), VideoConfig(decode_timeout_s=0.3))
+        assert ei.value.reason == "timeout" and not returned.is_set()  # released before the decoder returned
+    finally:
+        release.set()
 
 
 def test_backends_decode_the_same_frames():

@@ -176,10 +176,12 @@ def test_waiting_is_bounded_then_decodes_itself(tmp_path):
         f.write(f"{cache._host} {os.getpid()} {time.time()}")
     t0 = time.monotonic()
     sf = cache.get_or_decode(data, cfg)
-    assert 0.4 <= time.monotonic() - t0 < 10
-    assert sf.frames_FHWC.shape[0] == 4
+    # It waited its cache_wait_s for the lock's live holder (a lower bound, which no load breaks), then gave up
+    # and decoded itself.
+    assert time.monotonic() - t0 >= 0.4 and sf.frames_FHWC.shape[0] == 4
     m = vc.cache_metrics()
-    assert m["wait_timeouts"] == 1 and m["decodes"] == 1
+    assert m["waits"] == 1 and m["wait_timeouts"] == 1 and m["decodes"] == 1, m
+    assert os.path.exists(lock)  # the live holder's lock is left alone
 
 
 def test_lock_of_a_dead_process_is_broken(tmp_path):
@@ -194,9 +196,10 @@ def test_lock_of_a_dead_process_is_broken(tmp_path):
     os.makedirs(os.path.dirname(lock), exist_ok=True)
     with open(lock, "w") as f:
         f.write(f"{cache._host} {p.pid} {time.time()}")
-    t0 = time.monotonic()
     cache.get_or_decode(data, cfg)
-    assert time.monotonic() - t0 < 5 and vc.cache_metrics()["stale_locks_broken"] == 1
+    m = vc.cache_metrics()
+    # Broken at once: no wait for the dead holder (cache_wait_s=30), and decoded here.
+    assert m["stale_locks_broken"] == 1 and m["waits"] == 0 and m["wait_timeouts"] == 0 and m["decodes"] == 1, m
 
 
 def test_lru_eviction_keeps_the_cap(tmp_path):
