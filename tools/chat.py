@@ -6,10 +6,11 @@
     python -m tools.chat runs/demo/stage3 --image runs/demo/data/media/digits/d1500.png "Which digit is this?"
 
 The model is one of our checkpoints (a step_* dir, or a checkpoint / run dir: its latest complete step; the tokenizer,
-pixel limits and video sampling come from its config.yaml) or an HF Qwen2-VL directory (its tokenizer unless
---tokenizer; Qwen's default pixel limits), loaded as tools.eval loads it. The question is rendered as in training:
-a ChatML user turn holding the media (in the order given) and the text, Qwen's default system prompt unless
---system, then `<|im_start|>assistant\\n`; images get the run's dynamic resolution, videos its frame sampling.
+pixel limits and video sampling come from its config.yaml) or an HF directory of a supported family (its tokenizer
+unless --tokenizer; the family's default pixel limits), loaded as tools.eval loads it. The question is rendered as
+in training: a ChatML user turn holding the media (in the order given) and the text, the family's default system
+prompt unless --system, then `<|im_start|>assistant\\n`; images get the run's dynamic resolution, videos its frame
+sampling.
 Decoding uses the KV cache of model/generate.py, greedy by default (the answers the evaluation scores), sampled with
 --temperature > 0 (top-p nucleus, --seed repeats an answer); tokens are printed as they come, until <|im_end|> or
 --max-new-tokens.
@@ -34,7 +35,7 @@ from data.chatml import SkipSample
 from data.sample import RawSample, SampleProcessor
 from data.tokenizer import Tokenizer
 from model.generate import Generation, Sampling, generate
-from model.qwen2_vl import Qwen2VL
+from model.vlm import VLModel
 from tools.eval import load_for_eval
 from train.eval import prompt_sample
 
@@ -78,7 +79,7 @@ def user_turn(question: str, images: list[str], videos: list[str]) -> tuple[dict
     return {"role": "user", "content": content}, members
 
 
-def answer(model: Qwen2VL, proc: SampleProcessor, messages: list[dict], members: dict[str, bytes], *,
+def answer(model: VLModel, proc: SampleProcessor, messages: list[dict], members: dict[str, bytes], *,
            max_new_tokens: int, sampling: Sampling | None, write: Callable[[str], None]) -> tuple[str, Generation]:
     """Stream the model's next assistant turn after `messages`; (its text, the generation)."""
     obj = {"messages": [*messages, {"role": "assistant", "content": ""}]}
@@ -118,7 +119,8 @@ def _parser() -> argparse.ArgumentParser:
                     help="the question; without it, every stdin line is the next turn of a conversation")
     ap.add_argument("--image", action="append", default=[], help="an image file (repeat for several)")
     ap.add_argument("--video", action="append", default=[], help="a video file (repeat for several)")
-    ap.add_argument("--system", default=None, help="a system prompt (default: Qwen's 'You are a helpful assistant.')")
+    ap.add_argument("--system", default=None,
+                    help="a system prompt (default: the family's chat template's, as in training)")
     ap.add_argument("--max-new-tokens", type=int, default=256, help="the longest answer in tokens (default 256)")
     ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
     ap.add_argument("--top-p", type=float, default=1.0, help="with --temperature > 0: nucleus mass (default 1.0)")
@@ -141,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise FileNotFoundError(f"--{kind} {path}: no such file")
     model, data_cfg = load_for_eval(args.model, args.device, DTYPES[args.dtype] if args.dtype else None,
                                     args.tokenizer)
-    proc = SampleProcessor(data_cfg)
+    proc = SampleProcessor(data_cfg, vision=model.processing)  # the model family's processor facts
     messages: list[dict] = [{"role": "system", "content": args.system}] if args.system is not None else []
     media: dict[str, bytes] = {}
     first = True

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from model.config import tiny
+from model.family import FAMILY_NAMES, get_preset
 from model.parity import make_tiny_checkpoint
 from tests.data.datahelpers import encode_video, small_image, tokenizer_dir
 from tests.train.qa_data import IMG_Q, VID_Q, write_qa_dataset
@@ -24,7 +24,7 @@ TOKENS = 6
 
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory) -> Path:
-    return make_tiny_checkpoint(tmp_path_factory.mktemp("hf"), tiny(), seed=4)
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("hf"), get_preset("qwen2_vl", "tiny"), seed=4)
 
 
 @pytest.fixture(scope="module")
@@ -40,8 +40,15 @@ def question(msgs: list[dict]) -> str:
     return next(it["text"] for it in msgs[0]["content"] if it["type"] == "text")
 
 
+@pytest.fixture(scope="module", params=FAMILY_NAMES)
+def family_hf_dir(request, tmp_path_factory) -> Path:
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("hf"), get_preset(request.param, "tiny"), seed=4)
+
+
 @pytest.mark.timeout(300)
-def test_greedy_answer_is_the_evaluations_prediction(hf_dir, media, tmp_path, capsys):
+def test_greedy_answer_is_the_evaluations_prediction(family_hf_dir, media, tmp_path, capsys):
+    """Every family: chat renders and processes the question with the model's processor facts."""
+    hf_dir = family_hf_dir
     qa = write_qa_dataset(tmp_path)
     report = tmp_path / "report.json"
     assert evaluate([str(hf_dir), "--data", qa, "--tokenizer", tokenizer_dir(), "--max-new-tokens", str(TOKENS),

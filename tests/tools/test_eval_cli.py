@@ -12,7 +12,7 @@ import torch
 
 from data.config import DataConfig, DatasetSpec
 from data.sample import SampleProcessor
-from model.family import get_family, get_preset
+from model.family import FAMILY_NAMES, get_family, get_preset
 from model.parity import make_tiny_checkpoint, mm_token_type_ids
 from model.vision import normalize_pixel_rows
 from tests.data.datahelpers import tokenizer_dir
@@ -74,8 +74,10 @@ def test_cli_on_hf_dir_equals_transformers_generate(qa_dir, tmp_path, capsys):
 
 
 
-def test_cli_report_goes_into_the_hf_dir_and_prints_the_loss(qa_dir, tmp_path, capsys):
-    hf_dir = make_tiny_checkpoint(tmp_path / "hf", tiny(), seed=4)
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_cli_report_goes_into_the_hf_dir_and_prints_the_loss(qa_dir, tmp_path, capsys, family):
+    """Every family: the held-out loss reads the data with the model's processor facts (not Qwen2-VL's)."""
+    hf_dir = make_tiny_checkpoint(tmp_path / "hf", get_preset(family, "tiny"), seed=4)
     assert main([str(hf_dir), "--data", qa_dir, "--tokenizer", tokenizer_dir(), "--max-new-tokens", "1",
                  "--max-samples", "1"]) == 0
     out = hf_dir / "eval" / "offline.json"
