@@ -33,8 +33,9 @@ if TYPE_CHECKING:
     from model.processing import VisionProcessing
 
 GROUPS = ("vision", "merger", "llm")
-"""Parameter groups, in the order the recipes name them: the ViT (with anything that only feeds the LLM through
-it: position table, DeepStack mergers), the patch merger, the LLM (embeddings, decoder, final norm, head)."""
+"""Parameter groups, in the order the recipes name them: the ViT (with its position table), the mergers that project
+its features into the LLM (the patch merger, Qwen3-VL's DeepStack mergers), the LLM (embeddings, decoder, final
+norm, head)."""
 
 TP_ROLES = ("colwise", "rowwise", "norm", "gather_input", "head_norm")
 """Tensor/sequence-parallel roles a plan may give a submodule (parallel/tensor_parallel.py applies them):

@@ -168,7 +168,8 @@ def batch_flops(
         + vf["blocks_attention"] * (3 if tv else 1)
         # fc1's input is the merger LayerNorm's output: it needs a gradient as soon as that norm trains.
         + (vf["merger_fc1"] + vf["merger_fc2"]) * _bwd_factor(tv or tm, tm)
-        + vf["deepstack"] * _bwd_factor(tv, tv)
+        # The DeepStack mergers (merger group) open with their own norm, like the patch merger.
+        + vf["deepstack"] * _bwd_factor(tv or tm, tm)
     )
     # The LLM input (token + vision embeddings) needs a gradient if the embeddings or anything in vision train.
     llm_in_grad = tv or tm or tl

@@ -114,7 +114,9 @@ def _fuse_qkv(parts: dict[int | None, tuple[torch.Tensor, torch.Tensor]], C: int
 
 
 def covering_modules(model: nn.Module, groups: list[str]) -> list[str]:
-    """The fewest module paths whose parameters are exactly those of `groups` (by the family's group_of)."""
+    """The fewest module paths whose parameters are exactly those of `groups` (by the family's group_of); never a
+    ModuleList / ModuleDict (peft's modules_to_save wraps modules that run, not containers: Qwen3-VL's DeepStack
+    mergers are listed one by one)."""
     from model.family import get_family
 
     family = get_family(model.cfg.family)
@@ -123,6 +125,8 @@ def covering_modules(model: nn.Module, groups: list[str]) -> list[str]:
         if not path or any(path.startswith(p + ".") for p in out):
             continue
         names = [f"{path}.{n}" for n, _ in mod.named_parameters()]
+        if isinstance(mod, (nn.ModuleList, nn.ModuleDict)):
+            continue
         if names and all(family.group_of(n) in groups and not is_adapter_key(n) for n in names):
             out.append(path)
     return out

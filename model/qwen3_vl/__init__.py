@@ -140,4 +140,7 @@ FAMILY = ModelFamily(
     hf_architecture="Qwen3VLForConditionalGeneration", presets=PRESETS, config_to_hf=config_to_hf,
     config_from_hf=config_from_hf, build_vision=build_vision, processing=processing, plan=plan, validate=validate,
     hf_write_layout="transformers5",
+    # The DeepStack mergers project ViT features into the LLM as the patch merger does: the merger group (trained
+    # in stage 3 with the ViT frozen, lr_merger), as Qwen3-VL's own fine-tuning code groups them with the merger.
+    group_prefixes=(("visual.merger.", "merger"), ("visual.deepstack_merger_list.", "merger"), ("visual.", "vision")),
 )

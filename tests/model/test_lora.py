@@ -60,17 +60,18 @@ def test_targets_come_from_the_family(family):
                       ["attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.o_proj",
                        *(f"mlp.{n}" for n in VIT_MLP[family])]}
     merger = {n for n, g in targets.items() if g == "merger"}
-    assert merger and all(n.startswith("visual.merger.") for n in merger)
+    assert merger and all(n.startswith(("visual.merger.", "visual.deepstack_merger_list.")) for n in merger)
+    # merger 'all' includes Qwen3-VL's DeepStack mergers (the merger group); vision 'all' does not (below).
+    assert any(n.startswith("visual.deepstack_merger_list.") for n in merger) == (family == "qwen3_vl")
     assert "lm_head" not in targets
     assert set(lora_modules(model)) == set(targets)
-    # Globs over the dotted suffix, per group; vision 'all' adds Qwen3-VL's DeepStack mergers.
+    # Globs over the dotted suffix, per group; vision 'all' is the ViT's blocks only.
     m2 = _model(family)
     t2 = apply_lora(m2, LoRAConfig(rank=4, llm=["q_proj", "layers.1.mlp.*"], vision=["all"]))
     assert {n for n, g in t2.items() if g == "llm"} == (
         {f"layers.{i}.self_attn.q_proj" for i in range(cfg.text.num_layers)}
         | {f"layers.1.mlp.{p}" for p in ("gate_proj", "up_proj", "down_proj")})
-    deep = {n for n in t2 if n.startswith("visual.deepstack_merger_list.")}
-    assert bool(deep) == (family == "qwen3_vl")
+    assert not {n for n in t2 if n.startswith("visual.deepstack_merger_list.")}
     # 'attn' and 'mlp' alone.
     t3 = apply_lora(_model(family), LoRAConfig(rank=4, llm=["attn"], vision=["mlp"]))
     assert {n.rsplit(".", 2)[-2] for n, g in t3.items() if g == "llm"} == {"self_attn"}

@@ -111,12 +111,15 @@ def test_adapter_dir_loads_in_peft_and_back(tmp_path, hf_tiny, family):
     randomize_b(ours)
     with torch.no_grad():
         for n, p in ours.named_parameters():
-            if n.startswith("visual.merger."):
+            if n.startswith(("visual.merger.", "visual.deepstack_merger_list.")):  # the merger group
                 p.add_(0.05 * torch.randn_like(p))
     files = save_peft_adapter(ours, lcfg, tmp_path / "adapter", base_model="tiny")
     assert sorted(f.name for f in files) == ["adapter_config.json", "adapter_model.safetensors"]
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
-    assert config["use_rslora"] and config["modules_to_save"] == ["model.visual.merger"]
+    levels = len(ours.cfg.vision.deepstack_visual_indexes)
+    deepstack = [f"model.visual.deepstack_merger_list.{j}" for j in range(levels)]
+    merger_modules = ["model.visual.merger", *deepstack]  # the merger group, one module each (peft wraps no lists)
+    assert config["use_rslora"] and sorted(config["modules_to_save"]) == sorted(merger_modules)
     peft_model = PeftModel.from_pretrained(copy.deepcopy(hf_tiny), str(tmp_path / "adapter"))
     diff, _ = _logit_diff(ours, peft_model.get_base_model(), ours.cfg, _sample(ours.cfg))
     print(f"{family}: PeftModel.from_pretrained(our adapter dir) logits max abs diff {diff:.3e}")
