@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from core.batch import IGNORE_INDEX  # noqa: E402
 from model.config import ModelConfig, TextConfig, VisionConfig  # noqa: E402
+from model.family import hf_config_dict
 from model.loss import model_loss  # noqa: E402
 
 
@@ -120,7 +121,7 @@ def worker(side: str, reps: int) -> dict:
 
     cfg = bench_config()
     torch.manual_seed(0)
-    hf = Qwen2VLForConditionalGeneration(Qwen2VLConfig(**cfg.to_hf_dict()))
+    hf = Qwen2VLForConditionalGeneration(Qwen2VLConfig(**hf_config_dict(cfg)))
     samples, labels, pos = build_batch(cfg)
     if side == "ours":
         model = VLModel(cfg)

@@ -145,9 +145,8 @@ class ModelConfig:
     'flash', 'torch_varlen', 'flex' (flex_attention with a block-sparse document mask) or 'sdpa'."""
 
     def validate(self) -> None:
-        """Raise ValueError with the offending numbers if the shapes cannot work (the family adds its own checks)."""
-        from model.family import get_family  # the registry imports the families, which import this module
-
+        """Raise ValueError with the offending numbers if the shapes cannot work. These are the checks every family
+        shares; model.family.check_config adds the family's own (this module names no family)."""
         v, t = self.vision, self.text
         if v.embed_dim % v.num_heads:
             raise ValueError(f"vision.embed_dim={v.embed_dim} is not divisible by vision.num_heads={v.num_heads}")
@@ -164,23 +163,6 @@ class ModelConfig:
             )
         if self.attn_backend not in ("auto", "flash", "torch_varlen", "flex", "sdpa"):
             raise ValueError(f"attn_backend={self.attn_backend!r}; choose auto, flash, torch_varlen, flex or sdpa")
-        get_family(self.family).validate(self)
-
-    # ---------------------------------------------------------------- HF config.json (through the family)
-    def to_hf_dict(self) -> dict[str, Any]:
-        """The family's transformers config.json for this architecture."""
-        from model.family import get_family
-
-        return get_family(self.family).config_to_hf(self)
-
-    @classmethod
-    def from_hf_dict(cls, d: dict[str, Any], source: str = "config.json") -> ModelConfig:
-        """Read a transformers config.json of any supported family (detected from its model_type)."""
-        from model.family import family_of_hf_config
-
-        cfg = family_of_hf_config(d, source).config_from_hf(d)
-        cfg.validate()
-        return cfg
 
     def replace(self, **kw: Any) -> ModelConfig:
         return dataclasses.replace(self, **kw)

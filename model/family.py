@@ -161,6 +161,24 @@ def all_families() -> list[ModelFamily]:
     return [get_family(n) for n in FAMILY_NAMES]
 
 
+def check_config(cfg: ModelConfig) -> None:
+    """Every check of an architecture: the shapes every family shares (ModelConfig.validate), then its family's."""
+    cfg.validate()
+    get_family(cfg.family).validate(cfg)
+
+
+def hf_config_dict(cfg: ModelConfig) -> dict[str, Any]:
+    """The family's transformers config.json for this architecture."""
+    return get_family(cfg.family).config_to_hf(cfg)
+
+
+def config_from_hf_dict(d: Mapping[str, Any], source: str = "config.json") -> ModelConfig:
+    """Read a transformers config.json of any supported family (detected from its model_type), checked."""
+    cfg = family_of_hf_config(d, source).config_from_hf(dict(d))
+    check_config(cfg)
+    return cfg
+
+
 def family_of_hf_config(d: Mapping[str, Any], source: str = "config.json") -> ModelFamily:
     """The family of a transformers config.json (by `model_type`), or a one-line ValueError naming the source, the
     key and the supported families."""
@@ -184,5 +202,5 @@ def get_preset(family: str, name: str) -> ModelConfig:
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise ValueError(f"unknown {fam.title} preset {name!r}{hint}; choose one of {', '.join(fam.presets)}")
     cfg = make()
-    cfg.validate()
+    check_config(cfg)
     return cfg

@@ -40,7 +40,7 @@ import torch
 from core.config import ConfigError
 from core.dtypes import HF_DTYPE_NAMES
 from model.config import ModelConfig
-from model.family import get_family
+from model.family import config_from_hf_dict, get_family, hf_config_dict
 from model.vlm import VLModel
 
 log = logging.getLogger(__name__)
@@ -193,12 +193,12 @@ def read_hf_config(path: str | os.PathLike) -> ModelConfig:
         d = json.loads(f.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{f} is not valid JSON: {e}") from e
-    return ModelConfig.from_hf_dict(d, source=str(f))
+    return config_from_hf_dict(d, source=str(f))
 
 
 def write_hf_config(cfg: ModelConfig, out_dir: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
     """config.json (atomically) for `cfg`, naming the weights' dtype when they have one."""
-    hf_cfg = cfg.to_hf_dict()
+    hf_cfg = hf_config_dict(cfg)
     if dtype is not None and (name := HF_DTYPE_NAMES.get(dtype)):
         hf_cfg["torch_dtype"] = name  # 4.x reads torch_dtype, 5.x dtype
         hf_cfg["dtype"] = name

@@ -38,7 +38,7 @@ import torch
 from core.cli import run_cli
 from core.dtypes import DTYPES
 from model.config import ModelConfig
-from model.family import FAMILY_NAMES, get_family, get_preset
+from model.family import FAMILY_NAMES, get_family, get_preset, hf_config_dict
 from model.hf_adapter import is_hf_dir, load_hf_model, read_hf_config, write_safetensors_shards
 from model.vlm import VLModel
 
@@ -319,7 +319,7 @@ def make_tiny_checkpoint(
         raise ValueError(f"layout={layout!r}; choose 'hub' or 'transformers5'")
     cfg = cfg or get_preset("qwen2_vl", "tiny")
     torch.manual_seed(seed)
-    d = cfg.to_hf_dict()
+    d = hf_config_dict(cfg)
     hf = hf_class(cfg.family)(AutoConfig.for_model(d.pop("model_type"), **d)).eval()
     with torch.no_grad():
         for p in hf.parameters():

@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 from core.config import ConfigError, from_dict, set_dotted, to_dict
 from model.config import ModelConfig
-from model.family import DEFAULT_FAMILY, get_family, get_preset
+from model.family import DEFAULT_FAMILY, check_config, config_from_hf_dict, get_family, get_preset
 from model.hf_adapter import read_hf_config
 
 OVERRIDES = "model.overrides"
@@ -47,7 +47,7 @@ def checkpoint_config(meta: dict[str, Any], where: str | Path) -> ModelConfig:
     if "model_config" not in meta:
         raise ConfigError(f"{where}/meta.json has no model_config")
     try:
-        return ModelConfig.from_hf_dict(meta["model_config"], source=f"{where}/meta.json")
+        return config_from_hf_dict(meta["model_config"], source=f"{where}/meta.json")
     except ValueError as e:
         raise ConfigError(str(e)) from e
 
@@ -59,7 +59,12 @@ def apply_overrides(mcfg: ModelConfig, overrides: dict[str, Any]) -> ModelConfig
     data = to_dict(mcfg)
     for key, value in overrides.items():
         set_dotted(data, key.split("."), value, ModelConfig, root=OVERRIDES)
-    return from_dict(ModelConfig, data, OVERRIDES)
+    out = from_dict(ModelConfig, data, OVERRIDES)  # the shared checks (ModelConfig.validate)
+    try:
+        check_config(out)  # and the family's
+    except ValueError as e:
+        raise ConfigError(f"{OVERRIDES}: {e}") from e
+    return out
 
 
 def config_diff(a: ModelConfig, b: ModelConfig) -> list[str]:

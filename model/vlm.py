@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 
 from model.config import ModelConfig
-from model.family import get_family
+from model.family import check_config, get_family
 from model.lora import LoRALinear
 from model.text import DecoderLayer, KVCache, MRotary, RMSNorm
 from model.vision import VisionPlan, normalize_pixel_rows, pixel_affine, vit_row_padding
@@ -62,7 +62,7 @@ class VLModel(nn.Module):
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        cfg.validate()
+        check_config(cfg)
         self.cfg = cfg
         family = get_family(cfg.family)
         self.processing = family.processing(cfg)

@@ -40,7 +40,7 @@ from torch.distributed.checkpoint.stateful import Stateful
 from core.config import ConfigError
 from data.loader import DataError, Loader, LoaderInterrupted, build_loader, check_sources
 from data.sources import DatasetPlan, plan_dataset
-from model.family import get_family
+from model.family import get_family, hf_config_dict
 from model.flops import batch_flops
 from parallel import ParallelModel, init_distributed, parallelize
 from train.checkpoint import CheckpointManager, Layout
@@ -272,7 +272,7 @@ class Trainer(Stateful):
     def save(self) -> None:
         if self.consecutive_skips == 0:
             self.ckpt.protected = None  # a good checkpoint again: the streak's protection ends with this save
-        meta = {"model_config": self.mcfg.to_hf_dict(), "stage": self.cfg.train.stage,
+        meta = {"model_config": hf_config_dict(self.mcfg), "stage": self.cfg.train.stage,
                 "frozen": list(self.cfg.frozen_groups), "tokens_seen": self.tokens_seen,
                 **data_meta(self.cfg.data, get_family(self.mcfg.family).processing(self.mcfg))}
         self.ckpt.save(self.step, self.checkpoint_state(), self.cfg.to_yaml(), meta)

@@ -187,11 +187,11 @@ def hf_position_ids(family: str, ids, image_grid_thw=None, video_grid_thw=None, 
     import torch
     from transformers import AutoConfig
 
-    from model.family import get_preset
+    from model.family import get_preset, hf_config_dict
     from model.parity import hf_class
 
     if family not in _ROPE_MODELS:
-        d = get_preset(family, "tiny").to_hf_dict()
+        d = hf_config_dict(get_preset(family, "tiny"))
         with torch.device("meta"):
             _ROPE_MODELS[family] = hf_class(family)(AutoConfig.for_model(d.pop("model_type"), **d)).model
     model = _ROPE_MODELS[family]

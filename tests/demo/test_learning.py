@@ -17,8 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from model.config import ModelConfig
-from model.family import get_family
+from model.family import config_from_hf_dict, get_family
 from model.vlm import VLModel
 from tests.train.train_helpers import REPO
 from tools.eval import load_for_eval
@@ -65,7 +64,7 @@ def test_three_stages_learn_heldout_digits_and_directions(tmp_path):
     # Freezing along the chain: stage 1 leaves the LLM at its seeded random init, stage 3 leaves stage 2's ViT.
     w1, w2, w3 = (_weights(work / f"stage{s}") for s in (1, 2, 3))
     torch.manual_seed(0)  # train.seed: the trainer's full random init of stage 1
-    init = VLModel(ModelConfig.from_hf_dict(read_meta(resolve_checkpoint(work / "stage1"))["model_config"]))
+    init = VLModel(config_from_hf_dict(read_meta(resolve_checkpoint(work / "stage1"))["model_config"]))
     init_sd = init.state_dict()
     for k, v in w1.items():
         if _group(k) == "llm":

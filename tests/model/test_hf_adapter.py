@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from model.config import ModelConfig
-from model.family import get_family
+from model.family import config_from_hf_dict, get_family, hf_config_dict
 from model.hf_adapter import (
     CheckpointMismatchError,
     from_hf_state_dict,
@@ -137,7 +137,7 @@ def _write(tmp_path, tensors: dict, cfg: ModelConfig):
     d = tmp_path / "bad"
     d.mkdir(exist_ok=True)
     save_file(tensors, str(d / "model.safetensors"), metadata={"format": "pt"})
-    (d / "config.json").write_text(json.dumps(cfg.to_hf_dict()))
+    (d / "config.json").write_text(json.dumps(hf_config_dict(cfg)))
     return d
 
 
@@ -200,17 +200,17 @@ def test_save_rejects_a_state_dict_that_does_not_fit(tmp_path):
 
 def test_config_round_trip_flat_and_nested(hf_tiny, family):
     cfg = small_cfg(family)
-    assert ModelConfig.from_hf_dict(cfg.to_hf_dict()) == cfg
+    assert config_from_hf_dict(hf_config_dict(cfg)) == cfg
     # transformers 5.x writes a nested text_config (and its own rope_parameters): read it back too.
     nested = hf_tiny.config.to_dict()
     assert "text_config" in nested
-    assert ModelConfig.from_hf_dict(nested) == cfg
+    assert config_from_hf_dict(nested) == cfg
 
 
 def test_config_refusals_name_the_file_the_key_and_the_families(tmp_path):
-    d = small_cfg().to_hf_dict()
+    d = hf_config_dict(small_cfg())
     with pytest.raises(ValueError, match="use_sliding_window"):
-        ModelConfig.from_hf_dict(d | {"use_sliding_window": True})
+        config_from_hf_dict(d | {"use_sliding_window": True})
     from model.hf_adapter import read_hf_config
 
     for model_type, why in [("qwen3_vl_moe", "expert parallelism"), ("qwen3_5", "Qwen3.5"),

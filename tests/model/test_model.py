@@ -8,7 +8,7 @@ import resource
 import pytest
 import torch
 
-from model.family import get_family, get_preset
+from model.family import get_family, get_preset, hf_config_dict
 from model.loss import model_loss
 from model.parity import SampleBuilder, hf_class
 from model.vlm import VLModel
@@ -47,7 +47,7 @@ def test_presets_have_the_published_and_transformers_parameter_counts(family_pre
 
     family, name = family_preset
     cfg = get_preset(family, name)
-    d = cfg.to_hf_dict()
+    d = hf_config_dict(cfg)
     with torch.device("meta"):
         ours = VLModel(cfg)
         theirs = hf_class(family)._from_config(AutoConfig.for_model(d.pop("model_type"), **d))

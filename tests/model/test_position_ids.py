@@ -226,11 +226,11 @@ def test_qwen3_vl_ids_match_transformers_get_rope_index():
     get_rope_index is the reference (it agrees with Qwen's), for every case, packing included."""
     from transformers import Qwen3VLConfig, Qwen3VLModel
 
-    from model.family import get_family, get_preset
+    from model.family import get_family, get_preset, hf_config_dict
     from tests.model.conftest import small_cfg
 
     cfg = small_cfg("qwen3_vl")
-    d = cfg.to_hf_dict()
+    d = hf_config_dict(cfg)
     d.pop("model_type")
     with torch.device("meta"):
         hf = Qwen3VLModel(Qwen3VLConfig(**d))

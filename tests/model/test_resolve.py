@@ -12,7 +12,7 @@ import torch.nn as nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from core.config import ConfigError
-from model.family import get_preset
+from model.family import get_preset, hf_config_dict
 from model.meta import SkipInit, empty_model, meta_model
 from model.resolve import checkpoint_config, config_diff, resolve_model_config
 from model.vlm import VLModel
@@ -37,6 +37,9 @@ def test_overrides_are_set_and_checked_like_recipe_keys():
     with pytest.raises(ConfigError, match=r"model\.overrides: text\.hidden_size=64 is not divisible by "
                                           r"text\.num_heads=5"):
         resolve_model_config(ModelSection(overrides={"text.num_heads": 5}))
+    # The family's own checks too (model.family.check_config): a Qwen2.5-VL window on a Qwen2-VL model.
+    with pytest.raises(ConfigError, match=r"model\.overrides: vision\.window_size is not a Qwen2-VL setting"):
+        resolve_model_config(ModelSection(overrides={"vision.window_size": 112}))
 
 
 def test_the_weights_a_run_loads_must_match():
@@ -68,7 +71,7 @@ def test_where_the_architecture_comes_from_is_one_line_errors(tmp_path):
         resolve_model_config(ModelSection(preset=None, hf_config=str(tmp_path)))
     with pytest.raises(ConfigError, match="/c/meta.json has no model_config"):
         checkpoint_config({"step": 3}, "/c")
-    assert checkpoint_config({"model_config": tiny().to_hf_dict()}, "/c") == tiny()
+    assert checkpoint_config({"model_config": hf_config_dict(tiny())}, "/c") == tiny()
 
 
 class _RandomInits(TorchDispatchMode):

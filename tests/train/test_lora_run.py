@@ -112,12 +112,12 @@ def test_lora_run_resumes_bitwise_trains_only_adapters_and_exports(demo_dir, tmp
     # Export: merged (the adapters folded in, fp32) and peft's adapter format; no --lora is refused.
     export(ck4, tmp_path / "merged", dtype="fp32", lora="merged")
     merged = read_hf_tensors(tmp_path / "merged")
-    from model.config import ModelConfig
+    from model.family import config_from_hf_dict
     from model.hf_adapter import to_hf_state_dict
     from model.lora import merged_state_dict_from
     from train.checkpoint import read_meta
 
-    mcfg = ModelConfig.from_hf_dict(read_meta(ck4)["model_config"])
+    mcfg = config_from_hf_dict(read_meta(ck4)["model_config"])
     want = to_hf_state_dict(merged_state_dict_from(t4, LoRAConfig(rank=4, alpha=8).scaling), False)
     assert merged.keys() == want.keys() and all(torch.equal(merged[k], want[k]) for k in want)
     export(ck4, tmp_path / "adapter", dtype="fp32", lora="adapter")
