@@ -61,7 +61,7 @@ class OptimConfig:
     lr_vision: float | None = None
     """Peak learning rate of the vision group (the ViT; the family's `group_of`, model/family.py); null = lr."""
     lr_merger: float | None = None
-    """Peak learning rate of the merger group (the patch merger); null = lr."""
+    """Peak learning rate of the merger group (the patch merger, and Qwen3-VL's DeepStack mergers); null = lr."""
     lr_llm: float | None = None
     """Peak learning rate of the LLM (embeddings, decoder layers, final norm, LM head); null = lr."""
     weight_decay: float = 0.1
