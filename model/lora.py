@@ -61,10 +61,10 @@ class LoRAConfig:
     """Targets in the LLM: 'attn' (q/k/v/o projections), 'mlp' (gate/up/down), 'all', or globs over the module
     name's dotted suffix (e.g. 'q_proj', 'layers.1*.mlp.*'); [] = no adapters in the LLM."""
     vision: list[str] = field(default_factory=list)
-    """Targets in the ViT (opt in): 'attn', 'mlp' (the family's ViT MLP projections), 'all' (with Qwen3-VL's
-    DeepStack mergers) or globs; [] = none."""
+    """Targets in the ViT (opt in): 'attn', 'mlp' (the family's ViT MLP projections), 'all' or globs; [] = none."""
     merger: list[str] = field(default_factory=list)
-    """Targets in the patch merger (opt in): 'all' or globs (e.g. 'mlp.0'); [] = none."""
+    """Targets in the merger group (opt in: the patch merger, and Qwen3-VL's DeepStack mergers): 'all' or globs
+    (e.g. 'mlp.0'); [] = none."""
     fully_trainable: list[str] = field(default_factory=list)
     """Groups trained in full beside the adapters (e.g. [merger]); every other base weight is frozen."""
 
