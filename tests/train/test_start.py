@@ -5,6 +5,7 @@ CLI: tests/train/test_faults.py; this file is what the mutation check's `resume`
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -52,8 +53,11 @@ def _damage(path: Path) -> Path:
 def test_never_starts_fresh_and_refuses_a_run_with_checkpoints(run_dir, tmp_path):
     empty = tmp_path / "empty"
     assert find_resume(cfg(empty, "never"), manager(empty), True) is None
-    with pytest.raises(ConfigError, match=r"checkpoint.resume=never but .* already holds step_00000003"):
+    with pytest.raises(ConfigError) as e:
         find_resume(cfg(run_dir, "never"), manager(run_dir), True)
+    # The whole line, its fix included (what a user acts on).
+    assert str(e.value) == (f"checkpoint.resume=never but {run_dir / 'checkpoints'} already holds step_00000003: "
+                            "use a new run_dir / checkpoint.dir, or checkpoint.resume=auto to continue it")
 
 
 def test_auto_takes_the_newest_verified_and_warns_for_each_passed_over(run_dir, tmp_path, caplog):
@@ -66,18 +70,26 @@ def test_auto_takes_the_newest_verified_and_warns_for_each_passed_over(run_dir, 
     passed_over = [r.getMessage() for r in caplog.records if "passed over" in r.getMessage()]
     assert len(passed_over) == 2 and v3.name in passed_over[0] and "step_00000003" in passed_over[0]
     assert "step_00000002" in passed_over[1] and v2.name in passed_over[1]
-    assert "resuming from step_00000001, the newest checkpoint that verifies" in caplog.text
+    assert all(re.fullmatch(r"checkpoint \S*step_0000000[23]\S* .* -- it fails verification and is passed over", m,
+                            flags=re.S) for m in passed_over), passed_over
+    assert [r.getMessage() for r in caplog.records if "resuming from" in r.getMessage()] == [
+        "resuming from step_00000001, the newest checkpoint that verifies"]
     caplog.clear()
     assert find_resume(cfg(run_dir), manager(run_dir), False) == step(run_dir, 1)  # only rank 0 warns
     assert caplog.text == ""
 
 
 def test_auto_with_only_damaged_steps_is_an_error(run_dir):
-    for n in (1, 2, 3):
+    manager(run_dir).save(4, {"model.w": torch.full((4, 4), 4.0)}, "")
+    for n in (1, 2, 3, 4):
         _damage(step(run_dir, n))
-    with pytest.raises(ConfigError, match=r"holds step directories \(step_00000001, step_00000002, step_00000003\) "
-                                          r"but none is a complete, verified checkpoint.*checkpoint.resume=never"):
+    with pytest.raises(ConfigError) as e:
         find_resume(cfg(run_dir), manager(run_dir), True)
+    # The newest three are named (a long run's list stays one line), then the two ways out.
+    assert str(e.value) == (
+        f"{run_dir / 'checkpoints'} holds step directories (step_00000002, step_00000003, step_00000004) but none "
+        "is a complete, verified checkpoint: restore the files (each step's meta.json lists them with their "
+        "checksums), or set checkpoint.resume=never to start over from model.init_from")
 
 
 def test_an_explicit_path_must_verify(run_dir):
@@ -87,3 +99,12 @@ def test_an_explicit_path_must_verify(run_dir):
     victim = _damage(step(run_dir, 2))
     with pytest.raises(ConfigError, match=rf"checkpoint.resume=.*step_00000002 is damaged: .*{victim.name}"):
         find_resume(cfg(run_dir, str(step(run_dir, 2))), manager(run_dir), True)
+    # Several problems: each named, '; ' between them, in one line.
+    meta = step(run_dir, 2) / ".metadata"
+    meta.write_bytes(meta.read_bytes()[:2])
+    problems = manager(run_dir).verify(step(run_dir, 2))
+    assert len(problems) == 2
+    with pytest.raises(ConfigError) as e:
+        find_resume(cfg(run_dir, str(step(run_dir, 2))), manager(run_dir), True)
+    s2 = step(run_dir, 2)
+    assert str(e.value) == f"checkpoint.resume={s2}: {s2} is damaged: " + "; ".join(problems)
