@@ -34,6 +34,7 @@ from data.config import DataConfig, DatasetSpec
 from data.loader import build_loader
 from data.sample import SampleProcessor
 from model.hf_adapter import is_hf_dir, load_hf_model
+from model.lora import apply_lora, merge_lora_
 from model.loss import lm_loss
 from model.meta import empty_model
 from model.resolve import checkpoint_config
@@ -58,10 +59,12 @@ def load_for_eval(path: str | Path, device: str = "cpu", dtype: torch.dtype | No
     job = load_config(ck / "config.yaml")
     mcfg = checkpoint_config(read_meta(ck), ck)
     model = empty_model(mcfg, "cpu")
+    if job.lora is not None:  # a LoRA run's checkpoint holds the adapters beside the base weights
+        apply_lora(model, job.lora, job.frozen_groups)
     with warnings.catch_warnings():  # one process by design: DCP's "torch.distributed is disabled" is noise here
         warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
         load_state(ck, {"model": ModelState([model])}, no_dist=True)
-    model = model.to(device=device, dtype=dtype).eval()
+    model = merge_lora_(model).to(device=device, dtype=dtype).eval()  # adapters folded in (none: unchanged)
     return model, dataclasses.replace(job.data, tokenizer=tokenizer or job.data.tokenizer)
 
 

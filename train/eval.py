@@ -52,6 +52,7 @@ from data.tokenizer import Tokenizer
 from model.config import ModelConfig
 from model.family import get_family
 from model.generate import greedy_generate
+from model.lora import merged_state_dict_from
 from model.meta import empty_model
 from model.vlm import VLModel
 from train.checkpoint import Layout
@@ -267,6 +268,8 @@ class Evaluator:
                 full[k] = t
         if not self.generates:
             return None
+        if self.cfg.lora is not None:  # generate from the adapted weights: the adapters folded in (W + s B A)
+            full = merged_state_dict_from(full, self.cfg.lora.scaling)
         # In the engine's compute dtype (bf16 under mixed precision); dropped after the evaluation, so training
         # never holds the extra full copy.
         model = empty_model(self.mcfg, self.device).to(self.engine.compute_dtype).eval()

@@ -226,6 +226,21 @@ def test_in_training_eval_one_process(demo_dir, qa_dir, tmp_path, monkeypatch, c
     assert "heldout: exact 25.0% contains 50.0% on 4 samples" in capsys.readouterr().out
 
 
+@pytest.mark.timeout(300)
+def test_in_training_eval_of_a_lora_run_equals_offline(demo_dir, qa_dir, tmp_path):
+    """A LoRA stage 3 evaluates during training (the gathered weights hold adapters: they are folded in for
+    generation) and its final predictions and held-out loss equal tools.eval of the same LoRA checkpoint."""
+    run_dir = tmp_path / "run"
+    cfg = demo_config(demo_dir, RECIPES / "stage3.yaml", [
+        f"run_dir={run_dir}", "model.init_from=null", "train.steps=2", "checkpoint.every=0", "optim.warmup_steps=1",
+        "data.max_tokens=160", "lora.rank=4", "lora.alpha=8", "optim.lr=5e-2", *eval_overrides(qa_dir)])
+    res = run(cfg)
+    recs = eval_records(run_dir)
+    assert [r["step"] for r in recs] == [2] and recs[0]["n"] == 4
+    assert predictions(run_dir, 2) == offline_predictions(res.checkpoint, qa_dir, tmp_path)
+    assert recs[0]["loss"] == pytest.approx(reference_loss(res.checkpoint, qa_dir, cfg.data), rel=1e-5)
+
+
 @pytest.mark.distributed
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("layout", ["parallel.dp=2", "parallel.tp=2", "parallel.pp=2"])
