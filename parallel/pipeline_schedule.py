@@ -212,7 +212,7 @@ class _Builder:
             self.items.append(Exchange(s, r))
 
 
-def one_f_one_b_program(p: int, r: int, m: int, forward_only: bool = False) -> Program:
+def one_f_one_b_program(p: int, r: int, m: int, forward_only: bool) -> Program:
     """Rank r's 1F1B program (one chunk): Megatron's non-interleaved schedule and communication pairing."""
     b = _Builder(p, 1, r)
     F = [Compute("F", 0, i) for i in range(m)]
@@ -261,7 +261,7 @@ def interleaved_table(m: int, v: int, p: int) -> list[tuple[int, int]]:
     return [(c, i) for start in range(0, m, p) for c in range(v) for i in range(start, start + p)]
 
 
-def interleaved_program(p: int, v: int, r: int, m: int, forward_only: bool = False) -> Program:
+def interleaved_program(p: int, v: int, r: int, m: int, forward_only: bool) -> Program:
     """Rank r's interleaved 1F1B program (Megatron's forward_backward_pipelining_with_interleaving)."""
     check_interleaved_microbatches(m, p)
     table = interleaved_table(m, v, p)

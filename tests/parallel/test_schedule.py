@@ -74,7 +74,7 @@ def test_simulator_catches_deadlock_mismatch_and_missing_input():
     with pytest.raises(RuntimeError, match="matched"):
         simulate([[Exchange((Msg("act", 0, 0),), ())], [Exchange((), (Msg("act", 1, 0),))]], v=1)
     # Rank 1's first receive removed: its first forward has no input.
-    progs = [one_f_one_b_program(2, r, 2) for r in range(2)]
+    progs = [one_f_one_b_program(2, r, 2, False) for r in range(2)]
     progs[1] = progs[1][1:]
     with pytest.raises(RuntimeError, match="before receiving its input"):
         simulate(progs, v=1)
