@@ -6,7 +6,9 @@ so."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -128,6 +130,27 @@ def test_all_skipped_finite_epochs_is_an_error_naming_the_counts(tok_dir, pretra
     with pytest.raises(NoUsableData, match=r"all 12 samples were skipped \(bad_format 12\)") as e:
         list(loader)
     assert "'captions'" in str(e.value) and "use kind: pretrain or auto" in str(e.value)
+
+
+@pytest.mark.timeout(120)
+def test_skips_are_logged_first_few_per_reason_and_counted_all(tok_dir, pretrain_ds, caplog):
+    """data.log_skips lines per reason (each naming the sample, its reason and the running total), every skip
+    counted; with endless epochs, a whole pass without a usable sample stops at the futile-pass limit (one slice of
+    12 samples + the shuffle buffer + 1 + 16 = 29 skips in a row), naming how many."""
+    cfg = DataConfig(datasets=[DatasetSpec(pretrain_ds, kind="chat")], tokenizer=tok_dir, epochs=1, num_workers=0,
+                     log_skips=3, shuffle_buffer=0)
+    with caplog.at_level("WARNING", logger="data.loader"), pytest.raises(NoUsableData, match=r"bad_format 12"):
+        list(build_loader(cfg, 0, 1))
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("skipped sample ")]
+    assert len(lines) == 3, lines
+    for n, line in enumerate(lines, 1):
+        assert re.fullmatch(rf"skipped sample captions/shard-\d+\.tar/p\d{{3}}: .*pretraining sample.* \({n} total "
+                            r"for this reason in worker 0\)", line), line
+    endless = dataclasses.replace(cfg, epochs=None, worker_timeout_s=20.0)  # the count stops it, long before
+    with pytest.raises(DataStalled, match=r"loader worker 0: 30 samples in a row were skipped \(a full pass over "
+                                          r"its data\); since its last usable sample: dataset 'captions': "
+                                          r"bad_format 30;"):
+        next(iter(build_loader(endless, 0, 1)))
 
 
 # ------------------------------------------------------------------------------------------ stalls, signals
