@@ -104,8 +104,43 @@ def test_bad_labels_and_double_backward_are_clear_errors():
     y[3] = 5
     loss, _ = lm_loss(h, w, y)
     loss.backward(retain_graph=True)
-    with pytest.raises(RuntimeError, match="backward ran twice"):
+    with pytest.raises(RuntimeError, match=r"^lm_loss: backward ran twice through the same fused loss head "
+                                            r"\(retain_graph is not supported\); recompute the loss instead$"):
         loss.backward()
+
+
+def test_shapes_edges_and_mixed_dtypes_equal_the_naive_head():
+    """Batched hidden states (B, T, D), one supervised token, chunks of one row, fp32 hidden states into a bf16 head
+    (cast to the head's dtype, as the matmul would need): each equals the naive head on the same inputs."""
+    h, w, y = _inputs(T=60, V=300)
+    ref = _loss_and_grads(naive_lm_loss, h, w, y)
+    h3 = h.detach().reshape(3, 20, -1).requires_grad_()
+    got = _loss_and_grads(lm_loss, h3, w, y.reshape(3, 20), chunk_size=1)
+    torch.testing.assert_close(got[0], ref[0], rtol=1e-6, atol=1e-4)
+    torch.testing.assert_close(got[2].reshape(60, -1), ref[2], rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(got[3], ref[3], rtol=1e-5, atol=1e-7)
+    one = torch.full_like(y, IGNORE_INDEX)
+    one[17] = 5
+    loss, n = lm_loss(h, w, one)
+    assert int(n) == 1
+    torch.testing.assert_close(loss, F.cross_entropy((h[17] @ w.t())[None].float(), one[17:18], reduction="sum"))
+    wb = w.detach().bfloat16().requires_grad_()
+    hb = h.detach().bfloat16().requires_grad_()
+    ref_b = _loss_and_grads(naive_lm_loss, hb, wb, y)
+    got_b = _loss_and_grads(lm_loss, h, wb, y, chunk_size=16)
+    assert got_b[2].dtype == torch.float32 and got_b[3].dtype == torch.bfloat16
+    torch.testing.assert_close(got_b[0], ref_b[0], rtol=1e-5, atol=1e-3)
+    torch.testing.assert_close(got_b[3].float(), ref_b[3].float(), rtol=2e-2, atol=1e-3)  # bf16 rounding
+
+
+def test_wrong_arguments_are_one_line_errors():
+    h, w, y = _inputs(T=10, V=50)
+    with pytest.raises(ValueError, match=r"^chunk_size=0 must be positive$"):
+        lm_loss(h, w, y, chunk_size=0)
+    with pytest.raises(ValueError, match=r"^chunk_size=-3 must be positive$"):
+        lm_loss(h, w, y, chunk_size=-3)
+    with pytest.raises(ValueError, match=r"^labels have 9 positions but hidden states 10$"):
+        lm_loss(h, w, y[:9])
 
 
 class LargestTensor(TorchDispatchMode):
