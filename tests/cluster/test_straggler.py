@@ -84,7 +84,9 @@ def test_a_rank_waiting_in_a_gloo_collective_is_not_busy(tmp_path):
     r0, r1 = check["ranks"]
     # Rank 0 spent each step waiting in all_reduce for rank 1: the same wall time, little CPU. Compared with the
     # run's own figures, not an absolute bound: rank 1 burns its 0.4 s of CPU per step (at least that much),
-    # rank 0 computes far less than that and less than half of its step (the rest is the wait).
-    assert r0["step_s"] >= 0.3 and r1["step_s"] >= 0.4 and r1["compute_s"] >= 0.4
+    # rank 0 computes far less than that and less than half of its step (the rest is the wait). The step's wall
+    # time and the burn's CPU time come from different clocks and windows: a step measured 0.3999 s around a 0.4 s
+    # burn, hence 0.38.
+    assert r0["step_s"] >= 0.3 and r1["step_s"] >= 0.38 and r1["compute_s"] >= 0.4
     assert r0["compute_s"] < r1["compute_s"] / 4 and r0["compute_s"] < r0["step_s"] / 2, (r0, r1)
     assert (flagged["event"], flagged["rank"], flagged["cause"]) == ("straggler", 1, "compute")

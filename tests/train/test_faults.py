@@ -295,14 +295,14 @@ _SIGNALLED_RUN = textwrap.dedent("""
     import os, signal, sys, time
     from pathlib import Path
     import torch
-    from model.qwen2_vl import Qwen2VL
+    from model.vlm import VLModel
     from train.trainer import Trainer
 
     sig, saving, metrics = signal.Signals[sys.argv[1]], sys.argv[2], Path(sys.argv[3]) / "metrics.jsonl"
     sent = []
 
     def first_signal(module, args, out):
-        if isinstance(module, Qwen2VL) and not sent and metrics.is_file() and '"loss"' in metrics.read_text():
+        if isinstance(module, VLModel) and not sent and metrics.is_file() and '"loss"' in metrics.read_text():
             sent.append(True)
             os.kill(os.getpid(), sig)
 
