@@ -39,7 +39,9 @@ def prompts(cfg) -> dict[str, Sample]:
     }
 
 
-def hf_generate(hf, s: Sample, cfg, **kw):
+def hf_inputs(hf, s: Sample, cfg) -> dict:
+    """transformers' generate() inputs for one prompt (the family's video timing included); clears the model's
+    rope state from an earlier call."""
     ids = s.input_ids
     inputs = {"input_ids": ids[None], "attention_mask": torch.ones(1, ids.numel(), dtype=torch.long),
               "mm_token_type_ids": mm_token_type_ids(ids, cfg)[None]}
@@ -49,8 +51,13 @@ def hf_generate(hf, s: Sample, cfg, **kw):
         inputs.update(pixel_values_videos=s.pixel_values_videos, video_grid_thw=s.video_grid_thw,
                       **video_kwargs(s, cfg, "cpu"))
     hf.model.rope_deltas = None  # no state from an earlier call
-    out = hf.generate(**inputs, do_sample=False, output_logits=True, return_dict_in_generate=True, **kw)
-    return out.sequences[0, ids.numel():].tolist(), [lg[0].float() for lg in out.logits]
+    return inputs
+
+
+def hf_generate(hf, s: Sample, cfg, **kw):
+    out = hf.generate(**hf_inputs(hf, s, cfg), do_sample=False, output_logits=True, return_dict_in_generate=True,
+                      **kw)
+    return out.sequences[0, s.input_ids.numel():].tolist(), [lg[0].float() for lg in out.logits]
 
 
 def ours_generate(model, s: Sample, **kw):

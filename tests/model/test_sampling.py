@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_generate import ours_generate, prompts
+from test_generate import hf_inputs, ours_generate, prompts
 
 from model.generate import Sampling, choose, generate
-from model.parity import Sample, mm_token_type_ids
+from model.parity import Sample
 
 NEW_TOKENS = 10
 
@@ -22,16 +22,9 @@ def ours(hf_tiny_dir):
 
 
 def hf_sample(hf, s: Sample, cfg, **kw) -> list[int]:
-    ids = s.input_ids
-    inputs = {"input_ids": ids[None], "attention_mask": torch.ones(1, ids.numel(), dtype=torch.long),
-              "mm_token_type_ids": mm_token_type_ids(ids, cfg)[None]}
-    if s.pixel_values is not None:
-        inputs.update(pixel_values=s.pixel_values, image_grid_thw=s.image_grid_thw)
-    if s.pixel_values_videos is not None:
-        inputs.update(pixel_values_videos=s.pixel_values_videos, video_grid_thw=s.video_grid_thw)
-    hf.model.rope_deltas = None
-    out = hf.generate(**inputs, do_sample=True, top_k=0, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, **kw)
-    return out[0, ids.numel():].tolist()
+    out = hf.generate(**hf_inputs(hf, s, cfg), do_sample=True, top_k=0, max_new_tokens=NEW_TOKENS,
+                      min_new_tokens=NEW_TOKENS, **kw)
+    return out[0, s.input_ids.numel():].tolist()
 
 
 @pytest.mark.parametrize("case,temperature,top_p", [("text", 0.7, 0.9), ("image", 1.3, 0.5), ("video", 1.0, 1.0)])
