@@ -11,18 +11,15 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 from PIL import Image
 from qa_data import IMG_Q, MULTI, VID_Q, data_cfg, write_qa_dataset
 from train_helpers import RECIPES, SHORT, demo_config, env_for, torchrun
 
 from data.config import DataConfig, DatasetSpec
-from data.loader import build_loader
 from data.sample import SampleProcessor
 from data.tokenizer import Tokenizer
-from model.loss import lm_loss
 from tests.data.datahelpers import hf_processor, small_image, tokenizer_dir
-from tools.eval import load_for_eval
+from tools.eval import heldout_loss, load_for_eval
 from tools.eval import main as eval_cli
 from train.config import load_config
 from train.eval import normalize_answer, qa_samples, score
@@ -122,16 +119,12 @@ def eval_records(run_dir: Path) -> list[dict]:
 
 
 def reference_loss(ckpt_dir: Path, root: str, cfg: DataConfig) -> float:
-    """The held-out loss recomputed in this process: the checkpoint in a plain model, the eval data once,
-    summed supervised-token cross-entropies / their count (the training loss's normalization)."""
+    """The held-out loss recomputed in this process, without the engine: the checkpoint in a plain model, the eval
+    data once, summed supervised-token cross-entropies / their count (tools.eval's held-out loss)."""
     model, _ = load_for_eval(ckpt_dir)
-    cfg = dataclasses.replace(cfg, datasets=[DatasetSpec(root, kind="chat")], epochs=1, num_workers=0)
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for mb in build_loader(cfg, 0, 1):
-            s, n = lm_loss(model(**mb.model_inputs()), model.lm_head.weight, mb.labels)
-            total, count = total + float(s), count + int(n)
-    return total / count
+    loss, count = heldout_loss(model, cfg, DatasetSpec(root, kind="chat"))
+    assert count > 0
+    return loss
 
 
 def predictions(run_dir: Path, step: int) -> dict[str, str]:
