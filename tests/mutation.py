@@ -163,14 +163,18 @@ def _mutants(work: Path, t: Target) -> list[str]:
     return sorted(k for k in meta["exit_code_by_key"] if any(w.match(k) for w in wanted))
 
 
+def _selection(t: Target) -> list[str]:
+    """pytest's arguments for the target's tests, its deselected ones left out."""
+    return [*t.tests, *(a for d in t.deselect for a in ("--deselect", d))]
+
+
 def run_spawned(work: Path, t: Target, limit: float | None, names: list[str] | None = None) -> dict[str, str]:
     """Each mutant (all the target's, or `names`) against all the target's tests: MUTANT_UNDER_TEST reaches the
     spawned ranks through the environment (mutmut's trampolines read it at every call)."""
     out: dict[str, str] = {}
     t_end = None if limit is None else time.monotonic() + limit
     no_mutant = dict(_env(), MUTANT_UNDER_TEST="", PYTHONPATH=str(work / "mutants"))
-    clean = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:randomly", *t.tests,
-                            *(a for d in t.deselect for a in ("--deselect", d))],
+    clean = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:randomly", *_selection(t)],
                            cwd=work / "mutants", env=no_mutant, capture_output=True, text=True)
     if clean.returncode != 0:  # a failure without a mutant would count every mutant killed
         raise SystemExit(f"the tests fail without a mutant in {work / 'mutants'}:\n{clean.stdout[-3000:]}")
@@ -181,8 +185,7 @@ def run_spawned(work: Path, t: Target, limit: float | None, names: list[str] | N
             break
         env = dict(_env(), MUTANT_UNDER_TEST=name, PYTHONPATH=str(work / "mutants"))
         try:
-            rc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:randomly", *t.tests,
-                                 *(a for d in t.deselect for a in ("--deselect", d))],
+            rc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:randomly", *_selection(t)],
                                 cwd=work / "mutants", env=env, capture_output=True, timeout=left).returncode
         except subprocess.TimeoutExpired:
             break
